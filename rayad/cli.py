@@ -1,0 +1,161 @@
+"""The `rayad` command line. User mistakes end with one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rayad.errors import RayadError
+
+log = logging.getLogger("rayad")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, instead of argparse's usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rayad", description="Visual anomaly detection with self-supervised autoencoders.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True,
+                                                                        parser_class=_Parser)
+    demo_data = data.add_parser("demo", help="write the demo dataset (MVTec layout, real texture photos)")
+    demo_data.add_argument("--out", required=True, type=Path)
+    demo_data.add_argument("--seed", type=int, default=0)
+    demo_data.set_defaults(func=cmd_data_demo)
+
+    train = sub.add_parser("train", help="train a model and write its artifact to --out")
+    _add_data_args(train)
+    train.add_argument("--out", required=True, type=Path, help="run directory (gets the model artifact)")
+    _add_config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="metrics of a trained model on the test split")
+    evaluate.add_argument("--run", required=True, type=Path)
+    _add_data_args(evaluate)
+    evaluate.add_argument("--json", type=Path, help="also write the metrics as JSON")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="score images (files or folders)")
+    predict.add_argument("--run", required=True, type=Path)
+    predict.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    predict.add_argument("--out", type=Path, help="write one row per image to this Parquet file")
+    predict.add_argument("--heatmaps", type=Path, help="write a heatmap PNG per image to this folder")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.set_defaults(func=cmd_predict)
+
+    demo = sub.add_parser("demo", help="the main job: demo data, train and evaluate every demo category")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    _add_config_args(demo)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="dataset root")
+    p.add_argument("--category", required=True)
+    p.add_argument("--layout", choices=["auto", "mvtec", "mvtec2", "visa", "folder"],
+                   help="dataset layout (default: detected)")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config (sections data, corruption, model, train, scoring)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.skip=add (repeatable)")
+    p.add_argument("--steps", type=int, help="= --set train.steps=N")
+    p.add_argument("--image-size", type=int, help="= --set data.image_size=N")
+    p.add_argument("--seed", type=int, help="= --set train.seed=N")
+
+
+def _config(args):
+    from rayad.config import load_config, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    shortcuts = {"train.steps": args.steps, "data.image_size": args.image_size, "train.seed": args.seed,
+                 "data.layout": getattr(args, "layout", None)}
+    overrides.update({k: v for k, v in shortcuts.items() if v is not None})
+    return load_config(args.config, overrides)
+
+
+def cmd_data_demo(args) -> None:
+    from rayad.data.demo import make_demo_dataset
+
+    root = make_demo_dataset(args.out, seed=args.seed)
+    print(f"demo dataset written to {root}")
+
+
+def cmd_train(args) -> None:
+    from rayad.train import fit
+
+    cfg = _config(args)
+    run = fit(cfg, args.data, args.category, args.out, resume=args.resume)
+    meta = json.loads((run / "model.json").read_text())
+    print(f"model written to {run} (threshold {meta['threshold']:.6g})")
+
+
+def cmd_evaluate(args) -> None:
+    from rayad.artifact import Predictor
+    from rayad.evaluate import evaluate, format_table
+
+    predictor = Predictor.load(args.run)
+    data = predictor.config.data
+    if args.layout:
+        data = predictor.config.replace({"data.layout": args.layout}).data
+    metrics = evaluate(predictor, args.data, args.category, data)
+    print(format_table(metrics))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(metrics, indent=2))
+
+
+def cmd_predict(args) -> None:
+    from rayad.predict import predict_paths
+
+    table = predict_paths(args.run, args.paths, args.out, args.heatmaps, args.batch_size)
+    for row in table.to_pylist():
+        status = row["error"] or ("anomalous" if row["label"] else "good")
+        score = "-" if row["score"] is None else f"{row['score']:.6g}"
+        print(f"{score:>12}  {status:<10} {row['path']}")
+    if args.out:
+        print(f"wrote {table.num_rows} rows to {args.out}")
+
+
+def cmd_demo(args) -> None:
+    from rayad.demo import run_demo
+
+    run_demo(args.out, _config(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except RayadError as e:
+        print(f"rayad {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _one_line(message: str) -> str:
+    """The first line, plus a count of what was listed below it (the full list is logged)."""
+    lines = message.splitlines()
+    if len(lines) > 1:
+        log.error("%s", message)
+        return f"{lines[0].rstrip(':')} — {lines[1].strip()}" + (f" (+{len(lines) - 2} more)" if len(lines) > 2
+                                                                  else "")
+    return message
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Typed configuration: one frozen dataclass per section, loaded strictly from YAML and `key=value` overrides.
+
+The same `Config` object drives the CLI, training, evaluation and the saved artifact (`model.json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rayad.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are prepared."""
+
+    layout: Literal["auto", "mvtec", "mvtec2", "visa", "folder"] = "auto"
+    image_size: int = 128
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    on_bad_image: Literal["error", "skip"] = "error"
+    # Folder layout only: sub-directories of ROOT/<category>.
+    normal_dir: str = "good"
+    abnormal_dir: str = "defect"
+    mask_dir: str | None = None
+    test_fraction: float = 0.2
+
+    def __post_init__(self):
+        _check_range("data.image_size", self.image_size, 8, 4096)
+        _check_range("data.val_fraction", self.val_fraction, 0.0, 0.9)
+        _check_range("data.test_fraction", self.test_fraction, 0.0, 0.9)
+
+
+@dataclass(frozen=True)
+class CorruptionConfig:
+    """Structured corruption of training images (DESIGN §1.1); `kind` switches to the ablation baselines."""
+
+    kind: Literal["structured", "gaussian", "none"] = "structured"
+    p_corrupt: float = 0.85
+    max_shapes: int = 3
+    shapes: tuple[str, ...] = ("stroke", "ellipse", "blob")
+    area_min: float = 0.005
+    area_max: float = 0.08
+    fill_sources: dict[str, float] = field(
+        default_factory=lambda: {"patch": 1.0, "texture": 1.0, "distort": 1.0, "shift": 1.0}
+    )
+    blend_min: float = 0.6
+    edge_sigma: float = 0.75
+    noise_std: float = 0.0
+    gaussian_std: float = 0.1  # only for kind="gaussian": i.i.d. noise on the input, clean target
+
+    def __post_init__(self):
+        _check_range("corruption.p_corrupt", self.p_corrupt, 0.0, 1.0)
+        _check_range("corruption.max_shapes", self.max_shapes, 1, 32)
+        _check_range("corruption.area_min", self.area_min, 0.0, 1.0)
+        _check_range("corruption.area_max", self.area_max, self.area_min, 1.0)
+        _check_range("corruption.blend_min", self.blend_min, 0.0, 1.0)
+        _check_range("corruption.edge_sigma", self.edge_sigma, 0.0, 64.0)
+        _check_range("corruption.noise_std", self.noise_std, 0.0, 1.0)
+        _check_range("corruption.gaussian_std", self.gaussian_std, 0.0, 1.0)
+        if not self.shapes:
+            raise ConfigError("corruption.shapes: needs at least one shape")
+        if not self.fill_sources or min(self.fill_sources.values()) < 0 or sum(self.fill_sources.values()) <= 0:
+            raise ConfigError(f"corruption.fill_sources: weights must be >= 0 and not all 0, got {self.fill_sources}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The SDC-CCM network (DESIGN §1.2); `name` picks a registered model."""
+
+    name: str = "sdc_ccm"
+    encoder: str = "sdc"  # "sdc" or a timm model name
+    widths: tuple[int, ...] = (32, 64, 128)
+    dilations: tuple[int, ...] = (1, 2, 4, 8)
+    skip: Literal["ccm", "add", "none"] = "ccm"
+    norm: Literal["batch", "group", "instance", "none"] = "batch"
+    act: str = "relu"
+    in_chans: int = 3
+    pretrained_file: str | None = None  # timm encoders only: a local weights file, never a download
+
+    def __post_init__(self):
+        if not self.widths or min(self.widths) < 1:
+            raise ConfigError(f"model.widths: needs positive widths, got {self.widths}")
+        if min(self.dilations, default=1) < 1:
+            raise ConfigError(f"model.dilations: must be >= 1, got {self.dilations}")
+
+    @property
+    def depth(self) -> int:
+        return len(self.widths)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser, schedule, step budget and loss weights (DESIGN §1.3)."""
+
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    amp: bool = True  # bf16 autocast, used on GPU only
+    num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    w_corrupt: float = 1.0
+    w_clean: float = 1.0
+    ssim_weight: float = 0.0
+
+    def __post_init__(self):
+        _check_range("train.steps", self.steps, 1, 10**8)
+        _check_range("train.batch_size", self.batch_size, 1, 4096)
+        _check_range("train.lr", self.lr, 0.0, 10.0)
+        _check_range("train.checkpoint_every", self.checkpoint_every, 1, 10**8)
+        _check_range("train.log_every", self.log_every, 1, 10**8)
+        _check_range("train.ssim_weight", self.ssim_weight, 0.0, 100.0)
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Anomaly maps, image scores and threshold calibration (DESIGN §1.4)."""
+
+    sigma: float = 4.0  # Gaussian smoothing of the residual map, in pixels of the model input
+    image_score: Literal["max", "topk"] = "max"
+    topk: float = 0.01  # fraction of pixels averaged when image_score="topk"
+    threshold_quantile: float = 0.99  # quantile of validation good scores
+
+    def __post_init__(self):
+        _check_range("scoring.sigma", self.sigma, 0.0, 64.0)
+        _check_range("scoring.topk", self.topk, 1e-6, 1.0)
+        _check_range("scoring.threshold_quantile", self.threshold_quantile, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
+        """Build from nested dicts; unknown sections or keys are errors naming them and `source`."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; valid: {sorted(sections)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: _build_section(hints[name], raw.get(name) or {}, name, source) for name in sections})
+
+    def replace(self, overrides: dict[str, Any], source: str = "--set") -> Config:
+        """A copy with dotted-key overrides such as {"train.steps": 100}."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            section, _, name = key.partition(".")
+            if section not in raw or not name:
+                raise ConfigError(f"{source}: '{key}' is not of the form section.key; sections: {sorted(raw)}")
+            raw[section][name] = value
+        return Config.from_dict(raw, source)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply `key=value` overrides."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        config = Config.from_dict(raw, str(path))
+    if overrides:
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        config = config.replace(overrides)
+    return config
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse `["train.steps=100", "model.skip=add"]`; values are YAML scalars or lists."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set '{item}': expected key=value, e.g. train.steps=500")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set '{item}': value is not valid YAML ({e})") from e
+    return out
+
+
+def _build_section(cls: type, raw: Any, section: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section '{section}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = set(raw) - set(hints)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {sorted(f'{section}.{k}' for k in unknown)}; "
+                          f"valid: {sorted(hints)}")
+    values = {k: _coerce(v, hints[k], f"{source}: {section}.{k}") for k, v in raw.items()}
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against a field's type annotation, converting YAML lists to tuples and ints to floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} = {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} = {value!r}: expected a list")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} = {value!r}: expected a mapping")
+        return {_coerce(k, args[0], where): _coerce(v, args[1], where) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{where} = {value!r}: expected {tp.__name__}")
+    return value
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name} = {value!r} is out of range [{low}, {high}]")
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_plain(v) for v in obj]
+    return obj

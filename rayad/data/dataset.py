@@ -1,0 +1,116 @@
+"""Decoded, resized images of one split, cached on disk as a single .npy so loading is never the bottleneck."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from rayad.data.images import decode_image, load_mask, to_rgb_array
+from rayad.data.manifest import split_rows
+from rayad.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageSet:
+    """Images of one split: uint8 (N, H, W, 3), masks bool (N, H, W) or None, and their manifest rows."""
+
+    images: np.ndarray
+    masks: np.ndarray | None
+    rows: pa.Table
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.rows["label"].to_numpy().astype(np.int64)
+
+    @property
+    def defect_types(self) -> list[str]:
+        return self.rows["defect_type"].to_pylist()
+
+    def tensor(self) -> torch.Tensor:
+        """Images as float (N, 3, H, W) in [0, 1]."""
+        return to_tensor(self.images)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RAYAD_CACHE_DIR", Path.home() / ".cache" / "rayad"))
+
+
+def load_split(manifest: pa.Table, split: str, size: int, on_bad_image: str = "error") -> ImageSet:
+    """Load (from cache when possible) the images and masks of `split` at `size` x `size`.
+
+    Bad images (unreadable, corrupt, mask of the wrong size) are all listed in one DataError, or with
+    on_bad_image="skip" dropped with a warning that lists them.
+    """
+    rows = split_rows(manifest, split)
+    if rows.num_rows == 0:
+        return ImageSet(np.zeros((0, size, size, 3), np.uint8), None, rows)
+    has_masks = any(m is not None for m in rows["mask_path"].to_pylist())
+    path = cache_dir() / f"{_cache_key(rows, size)}.npz"
+    if path.is_file():
+        with np.load(path) as cached:
+            keep = cached["keep"]
+            return ImageSet(cached["images"], cached["masks"] if has_masks else None, rows.filter(keep))
+    images, masks, errors = _decode_all(rows, size, has_masks)
+    keep = np.array([e is None for e in errors])
+    if not keep.all():
+        listed = "\n  ".join(e for e in errors if e is not None)
+        message = f"{(~keep).sum()} bad image(s) in the {split} split:\n  {listed}"
+        if on_bad_image == "error":
+            raise DataError(message + "\n(set data.on_bad_image=skip to skip them)")
+        log.warning("skipping %s", message)
+    images = np.stack([im for im, k in zip(images, keep, strict=True) if k]) if keep.any() else \
+        np.zeros((0, size, size, 3), np.uint8)
+    masks = np.stack([m for m, k in zip(masks, keep, strict=True) if k]) if has_masks and keep.any() else None
+    _write_cache(path, images, masks, keep)
+    return ImageSet(images, masks, rows.filter(keep))
+
+
+def _decode_all(rows: pa.Table, size: int, has_masks: bool):
+    images, masks, errors = [], [], []
+    for path, mask_path in zip(rows["path"].to_pylist(), rows["mask_path"].to_pylist(), strict=True):
+        try:
+            image = decode_image(path)
+            images.append(to_rgb_array(image, size))
+            if has_masks:
+                hw = (image.height, image.width)
+                masks.append(load_mask(mask_path, size, hw) if mask_path else np.zeros((size, size), bool))
+            errors.append(None)
+        except DataError as e:
+            images.append(None)
+            masks.append(None)
+            errors.append(str(e))
+    return images, masks, errors
+
+
+def _cache_key(rows: pa.Table, size: int) -> str:
+    """Changes when any path, file size or modification time changes, or the image size does."""
+    h = hashlib.sha1(f"v1:{size}".encode())
+    for p in rows["path"].to_pylist() + [m or "" for m in rows["mask_path"].to_pylist()]:
+        stat = os.stat(p) if p and os.path.exists(p) else None
+        h.update(f"{p}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _write_cache(path: Path, images: np.ndarray, masks: np.ndarray | None, keep: np.ndarray) -> None:
+    """Write atomically; a failure to cache (read-only disk, full disk) only costs speed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, images=images, masks=masks if masks is not None else np.zeros(0, bool), keep=keep)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not write image cache %s: %s", path, e)

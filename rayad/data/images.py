@@ -1,0 +1,67 @@
+"""The one pre-processing path: decode, convert to RGB, resize. Train, evaluate, predict and serve all call it."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from rayad.errors import DataError
+
+MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def decode_image(source: str | Path | bytes) -> Image.Image:
+    """Open and fully decode an image from a path or bytes; raises DataError naming the source if it is bad."""
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"{name}: {image.width}x{image.height} pixels is over the limit of "
+                                f"{MAX_IMAGE_PIXELS:,}")
+            image.load()
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{name}: file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{name}: not a readable image ({e})") from None
+    return image
+
+
+def to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
+    """Convert to RGB (grayscale is replicated) and resize to size x size; returns uint8 (H, W, 3)."""
+    if image.mode in ("I;16", "I", "F"):  # 16-bit or float grayscale: scale to 8 bit
+        arr = np.asarray(image, dtype=np.float32)
+        arr = 255.0 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6)
+        image = Image.fromarray(arr.astype(np.uint8))
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_image(source: str | Path | bytes, size: int) -> np.ndarray:
+    """Decode and pre-process one image: uint8 (size, size, 3)."""
+    return to_rgb_array(decode_image(source), size)
+
+
+def load_mask(path: str | Path, size: int, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Load a ground-truth mask as bool (size, size); `expected_hw` checks it matches its image."""
+    image = decode_image(path)
+    if expected_hw is not None and (image.height, image.width) != expected_hw:
+        raise DataError(f"{path}: mask is {image.width}x{image.height} but its image is "
+                        f"{expected_hw[1]}x{expected_hw[0]}")
+    mask = image.convert("L").resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(mask) > 127
+
+
+def list_images(directory: Path) -> list[Path]:
+    """Image files directly inside `directory`, sorted."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

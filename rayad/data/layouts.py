@@ -1,0 +1,122 @@
+"""Dataset layouts (MVTec AD, MVTec AD 2, VisA, plain folders) read into manifest rows.
+
+Each reader returns a list of `Row`s with split "train" or "test"; `manifest.build_manifest` carves the
+validation split and checks the result.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rayad.config import DataConfig
+from rayad.data.images import list_images
+from rayad.errors import DataError
+
+
+@dataclass(frozen=True)
+class Row:
+    path: str
+    split: str  # train | val | test
+    label: int  # 0 good, 1 anomalous
+    defect_type: str
+    mask_path: str | None = None
+
+
+def read_mvtec(root: Path, category: str, cfg: DataConfig) -> list[Row]:
+    """ROOT/<category>/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}."""
+    base = _category_dir(root, category, required=("train/good", "test"))
+    rows = [Row(str(p), "train", 0, "good") for p in list_images(base / "train" / "good")]
+    for defect_dir in sorted(d for d in (base / "test").iterdir() if d.is_dir()):
+        defect = defect_dir.name
+        for p in list_images(defect_dir):
+            mask = None if defect == "good" else _find_mask(base / "ground_truth" / defect, p.stem)
+            rows.append(Row(str(p), "test", int(defect != "good"), defect, mask))
+    return rows
+
+
+def read_mvtec2(root: Path, category: str, cfg: DataConfig) -> list[Row]:
+    """ROOT/<category>/{train/good, validation/good, test_public/{good,bad}, test_public/ground_truth/bad}."""
+    base = _category_dir(root, category, required=("train/good", "validation/good", "test_public"))
+    rows = [Row(str(p), "train", 0, "good") for p in list_images(base / "train" / "good")]
+    rows += [Row(str(p), "val", 0, "good") for p in list_images(base / "validation" / "good")]
+    test = base / "test_public"
+    rows += [Row(str(p), "test", 0, "good") for p in list_images(test / "good")]
+    for p in list_images(test / "bad") if (test / "bad").is_dir() else []:
+        rows.append(Row(str(p), "test", 1, "bad", _find_mask(test / "ground_truth" / "bad", p.stem)))
+    return rows
+
+
+def read_visa(root: Path, category: str, cfg: DataConfig) -> list[Row]:
+    """VisA: ROOT/split_csv/1cls.csv with columns object, split, label, image, mask (paths relative to ROOT)."""
+    split_csv = root / "split_csv" / "1cls.csv"
+    if not split_csv.is_file():
+        raise DataError(f"{split_csv}: VisA split file not found")
+    with split_csv.open(newline="") as f:
+        records = list(csv.DictReader(f))
+    missing = {"object", "split", "label", "image", "mask"} - set(records[0] if records else {})
+    if missing:
+        raise DataError(f"{split_csv}: missing column(s) {sorted(missing)}")
+    categories = sorted({r["object"] for r in records})
+    if category not in categories:
+        raise DataError(f"category '{category}' not in {split_csv}; categories: {', '.join(categories)}")
+    rows = []
+    for r in (r for r in records if r["object"] == category):
+        label = int(r["label"].strip().lower() == "anomaly")
+        mask = str(root / r["mask"]) if label and r["mask"] else None
+        split = "test" if r["split"] == "test" else "train"
+        rows.append(Row(str(root / r["image"]), split, label, "anomaly" if label else "good", mask))
+    return rows
+
+
+def read_folder(root: Path, category: str, cfg: DataConfig) -> list[Row]:
+    """ROOT/<category>/{normal_dir, abnormal_dir, [mask_dir]}; a seeded share of normal images goes to test."""
+    base = _category_dir(root, category, required=(cfg.normal_dir,))
+    normal = list_images(base / cfg.normal_dir)
+    n_test = int(round(cfg.test_fraction * len(normal)))
+    order = np.random.default_rng(cfg.split_seed).permutation(len(normal))
+    test_idx = set(order[:n_test].tolist())
+    rows = [Row(str(p), "test" if i in test_idx else "train", 0, "good") for i, p in enumerate(normal)]
+    abnormal_dir = base / cfg.abnormal_dir
+    for p in list_images(abnormal_dir) if abnormal_dir.is_dir() else []:
+        mask = _find_mask(base / cfg.mask_dir, p.stem) if cfg.mask_dir else None
+        rows.append(Row(str(p), "test", 1, cfg.abnormal_dir, mask))
+    return rows
+
+
+READERS = {"mvtec": read_mvtec, "mvtec2": read_mvtec2, "visa": read_visa, "folder": read_folder}
+
+
+def detect_layout(root: Path, category: str) -> str:
+    """Guess the layout from marker paths; `folder` needs to be asked for explicitly."""
+    if (root / "split_csv" / "1cls.csv").is_file():
+        return "visa"
+    if (root / category / "test_public").is_dir():
+        return "mvtec2"
+    if (root / category / "train" / "good").is_dir() or not (root / category).is_dir():
+        return "mvtec"
+    raise DataError(f"{root / category}: not an MVTec AD, MVTec AD 2 or VisA layout; for plain folders "
+                    "pass --layout folder (or data.layout=folder)")
+
+
+def _category_dir(root: Path, category: str, required: tuple[str, ...]) -> Path:
+    if not root.is_dir():
+        raise DataError(f"{root}: data root not found")
+    base = root / category
+    if not base.is_dir():
+        existing = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        raise DataError(f"category '{category}' not found in {root}; categories: {', '.join(existing) or 'none'}")
+    for sub in required:
+        if not (base / sub).is_dir():
+            raise DataError(f"{base / sub}: folder not found")
+    return base
+
+
+def _find_mask(mask_dir: Path, stem: str) -> str | None:
+    for name in (f"{stem}_mask.png", f"{stem}.png"):
+        if (mask_dir / name).is_file():
+            return str(mask_dir / name)
+    return None

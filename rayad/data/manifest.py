@@ -1,0 +1,65 @@
+"""The manifest: one Arrow row per image (path, split, label, defect_type, mask_path), saved as Parquet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rayad.config import DataConfig
+from rayad.data.layouts import READERS, Row, detect_layout
+from rayad.errors import DataError
+
+SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("split", pa.string()),
+    ("label", pa.int8()),
+    ("defect_type", pa.string()),
+    ("mask_path", pa.string()),
+])
+
+
+def build_manifest(root: str | Path, category: str, cfg: DataConfig | None = None) -> pa.Table:
+    """Read a dataset layout into a manifest with train / val / test splits."""
+    cfg = cfg or DataConfig()
+    root = Path(root)
+    layout = detect_layout(root, category) if cfg.layout == "auto" else cfg.layout
+    rows = READERS[layout](root, category, cfg)
+    if not any(r.split == "train" for r in rows):
+        raise DataError(f"{root / category}: no training images found ({layout} layout)")
+    _check_masks(rows)
+    if not any(r.split == "val" for r in rows):
+        rows = _carve_validation(rows, cfg.val_fraction, cfg.split_seed)
+    return pa.Table.from_pylist([r.__dict__ for r in rows], schema=SCHEMA)
+
+
+def split_rows(manifest: pa.Table, split: str) -> pa.Table:
+    return manifest.filter(pc.equal(manifest["split"], split))
+
+
+def save_manifest(manifest: pa.Table, path: str | Path) -> None:
+    pq.write_table(manifest, path)
+
+
+def load_manifest(path: str | Path) -> pa.Table:
+    return pq.read_table(path, schema=SCHEMA)
+
+
+def _carve_validation(rows: list[Row], fraction: float, seed: int) -> list[Row]:
+    """Move a seeded `fraction` of the training images (at least one when fraction > 0) to "val"."""
+    train = [i for i, r in enumerate(rows) if r.split == "train"]
+    n_val = max(1, int(round(fraction * len(train)))) if fraction > 0 and len(train) > 1 else 0
+    val = {train[i] for i in np.random.default_rng(seed).permutation(len(train))[:n_val]}
+    return [Row(r.path, "val", r.label, r.defect_type, r.mask_path) if i in val else r for i, r in enumerate(rows)]
+
+
+def _check_masks(rows: list[Row]) -> None:
+    """Either no anomalous image has a mask (pixel metrics are skipped) or all have one."""
+    anomalous = [r for r in rows if r.label == 1]
+    missing = [r.path for r in anomalous if r.mask_path is None]
+    if missing and len(missing) < len(anomalous):
+        listed = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
+        raise DataError(f"{len(missing)} anomalous image(s) have no ground-truth mask:\n  {listed}")

@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+
+
+class RayadError(ValueError):
+    """A mistake in user input (path, flag, config value, data); the message names what is wrong."""
+
+
+class ConfigError(RayadError):
+    """A bad configuration key or value."""
+
+
+class DataError(RayadError):
+    """Missing, empty, corrupt or inconsistent data."""

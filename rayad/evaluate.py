@@ -1,0 +1,50 @@
+"""Evaluate a model artifact on a dataset's test split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rayad.artifact import Predictor
+from rayad.config import DataConfig
+from rayad.data.dataset import load_split
+from rayad.data.manifest import build_manifest
+from rayad.errors import DataError
+from rayad.metrics import compute_metrics
+
+METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+
+
+def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category: str,
+             data: DataConfig | None = None, batch_size: int = 32) -> dict[str, Any]:
+    """Metrics of the model on the test split: the keys of METRIC_NAMES, threshold, n_images, per_defect."""
+    if not isinstance(predictor, Predictor):
+        predictor = Predictor.load(predictor)
+    data = data or predictor.config.data
+    manifest = build_manifest(data_root, category, data)
+    test = load_split(manifest, "test", predictor.image_size, data.on_bad_image)
+    if len(test.images) == 0:
+        raise DataError(f"{data_root}/{category}: the test split is empty")
+    preds = predictor.predict_arrays(test.images, batch_size)
+    metrics = compute_metrics(preds.scores, test.labels, test.defect_types, preds.maps, test.masks)
+    return {**metrics, "threshold": predictor.threshold, "scores": preds.scores.tolist(),
+            "paths": test.rows["path"].to_pylist(), "labels": test.labels.tolist(),
+            "accuracy": float(np.mean(preds.labels == test.labels.astype(bool)))}
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Overall and per-defect metrics as an aligned text table."""
+    rows = [("all", metrics), *sorted(metrics["per_defect"].items())]
+    header = f"{'defect':<14}{'images':>7}" + "".join(f"{name:>13}" for name in METRIC_NAMES)
+    lines = [header, "-" * len(header)]
+    for name, m in rows:
+        cells = "".join(f"{_fmt(m.get(k)):>13}" for k in METRIC_NAMES)
+        lines.append(f"{name:<14}{m['n_images']:>7}{cells}")
+    lines.append(f"threshold {metrics['threshold']:.6g}, accuracy at threshold {metrics['accuracy']:.3f}")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

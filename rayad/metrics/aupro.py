@@ -1,0 +1,58 @@
+"""AUPRO as the MVTec AD benchmark defines it.
+
+PRO at a threshold is the mean, over every connected ground-truth region (8-connectivity) of every image,
+of the fraction of that region above the threshold. FPR is over all defect-free pixels of all images.
+The PRO-vs-FPR curve is integrated up to `fpr_limit` (0.3) and divided by it.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect
+
+import numpy as np
+from scipy import ndimage
+
+EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
+
+
+def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, pro) at every distinct anomaly value, from (0, 0) up; maps (N, H, W) float, masks (N, H, W) bool."""
+    maps = np.asarray(maps, dtype=np.float64)
+    masks = np.asarray(masks, dtype=bool)
+    fp_step = np.zeros(maps.shape)
+    pro_step = np.zeros(maps.shape)
+    n_ok = (~masks).sum()
+    regions = [ndimage.label(m, structure=EIGHT_CONNECTED) for m in masks]
+    n_regions = sum(n for _, n in regions)
+    if n_ok == 0 or n_regions == 0:
+        raise ValueError("AUPRO needs both defect-free pixels and at least one defect region")
+    fp_step[~masks] = 1.0 / n_ok
+    for i, (labelled, n) in enumerate(regions):
+        sizes = np.bincount(labelled.ravel(), minlength=n + 1)
+        inside = labelled > 0
+        pro_step[i][inside] = 1.0 / (n_regions * sizes[labelled[inside]])
+    order = np.argsort(-maps.ravel(), kind="mergesort")
+    values = maps.ravel()[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(values)), values.size - 1]
+    fpr = np.cumsum(fp_step.ravel()[order])[last_of_tie]
+    pro = np.cumsum(pro_step.ravel()[order])[last_of_tie]
+    return np.r_[0.0, np.minimum(fpr, 1.0)], np.r_[0.0, np.minimum(pro, 1.0)]
+
+
+def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the PRO curve for FPR in [0, fpr_limit]."""
+    fpr, pro = pro_curve(maps, masks)
+    return trapezoid_area(fpr, pro, fpr_limit) / fpr_limit
+
+
+def trapezoid_area(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under y(x) for x <= x_max, interpolating at x_max (as MVTec's evaluation code does)."""
+    correction = 0.0
+    if x_max not in x:
+        ins = bisect(x, x_max)
+        if 0 < ins < len(x):
+            y_at = y[ins - 1] + (y[ins] - y[ins - 1]) * (x_max - x[ins - 1]) / (x[ins] - x[ins - 1])
+            correction = 0.5 * (y_at + y[ins - 1]) * (x_max - x[ins - 1])
+    keep = x <= x_max
+    x, y = x[keep], y[keep]
+    return float(np.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1])) + correction)

@@ -1,0 +1,32 @@
+"""ROC curve and AUROC, as sklearn's `roc_curve` / `roc_auc_score` define them (ties handled exactly)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def binary_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True and false positives at each distinct threshold, highest first, and those thresholds."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(bool)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    tps = np.cumsum(labels)[last_of_tie]
+    fps = last_of_tie + 1 - tps
+    return tps, fps, scores[last_of_tie]
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds), starting at (0, 0) with threshold +inf."""
+    tps, fps, thresholds = binary_counts(scores, labels)
+    if tps[-1] == 0 or fps[-1] == 0:
+        raise ValueError("ROC needs both good and anomalous samples")
+    fpr = np.r_[0.0, fps / fps[-1]]
+    tpr = np.r_[0.0, tps / tps[-1]]
+    return fpr, tpr, np.r_[np.inf, thresholds]
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    fpr, tpr, _ = roc_curve(scores, labels)
+    return float(np.trapezoid(tpr, fpr))

@@ -1,0 +1,85 @@
+"""Building blocks of SDC-CCM: conv-norm-act, the dilated bottleneck and the skip merges."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import get_act_layer
+from torch import nn
+
+from rayad.errors import ConfigError
+
+
+def make_norm(name: str, channels: int) -> nn.Module:
+    if name == "batch":
+        return nn.BatchNorm2d(channels)
+    if name == "group":
+        return nn.GroupNorm(next(g for g in (8, 4, 2, 1) if channels % g == 0), channels)
+    if name == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if name == "none":
+        return nn.Identity()
+    raise ConfigError(f"model.norm = {name!r}; valid: batch, group, instance, none")
+
+
+def make_act(name: str) -> nn.Module:
+    try:
+        return get_act_layer(name)()
+    except (KeyError, ValueError, TypeError, AssertionError):
+        raise ConfigError(f"model.act = {name!r} is not an activation timm knows (e.g. relu, gelu, silu)") from None
+
+
+class ConvNormAct(nn.Sequential):
+    def __init__(self, cin: int, cout: int, norm: str, act: str, stride: int = 1, dilation: int = 1):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=norm == "none"),
+            make_norm(norm, cout),
+            make_act(act),
+        )
+
+
+class DilatedBottleneck(nn.Module):
+    """Stacked dilated convolutions (SDC), each residual, so the receptive field spans large regions."""
+
+    def __init__(self, channels: int, dilations: tuple[int, ...], norm: str, act: str):
+        super().__init__()
+        self.blocks = nn.ModuleList(ConvNormAct(channels, channels, norm, act, dilation=d) for d in dilations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+class ConvexSkip(nn.Module):
+    """CCM: out = a * enc + (1 - a) * dec, with a per-position, per-channel gate a = sigmoid(conv([enc, dec]))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gate = nn.Conv2d(2 * channels, channels, 1)
+
+    def forward(self, enc: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
+        a = torch.sigmoid(self.gate(torch.cat([enc, dec], dim=1)))
+        return a * enc + (1 - a) * dec
+
+
+class AddSkip(nn.Module):
+    """Plain additive (U-Net-like) skip: leaks the encoder's detail, defects included."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+
+    def forward(self, enc: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
+        return enc + dec
+
+
+class NoSkip(nn.Module):
+    """No skip (SDC-AE): the decoder sees only the bottleneck."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+
+    def forward(self, enc: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
+        return dec
+
+
+SKIPS = {"ccm": ConvexSkip, "add": AddSkip, "none": NoSkip}

@@ -1,0 +1,67 @@
+"""Training checkpoints: weights and optimiser tensors in safetensors, the rest in JSON (no pickle)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rayad.config import Config
+
+KEEP_LAST = 2
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    config: Config) -> Path:
+    """Write `directory` atomically (a temp dir renamed into place)."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    opt_state = optimizer.state_dict()
+    tensors = {f"{index}/{name}": value.detach().cpu().contiguous()
+               for index, state in opt_state["state"].items() for name, value in state.items()}
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    meta = {"step": step, "config": config.to_dict(), "param_groups": opt_state["param_groups"]}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
+def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+                    ) -> dict[str, Any]:
+    """Restore weights (and optimiser state) in place; returns the JSON metadata (step, config)."""
+    directory = Path(directory)
+    meta = json.loads((directory / "state.json").read_text())
+    model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+    if optimizer is not None:
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in load_file(str(directory / "optimizer.safetensors")).items():
+            index, name = key.split("/")
+            state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step under `checkpoints_dir`, or None."""
+    found = sorted(Path(checkpoints_dir).glob("step_*/state.json")) if Path(checkpoints_dir).is_dir() else []
+    return found[-1].parent if found else None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def prune_checkpoints(checkpoints_dir: str | Path, keep: int = KEEP_LAST) -> None:
+    for old in sorted(Path(checkpoints_dir).glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,178 @@
+"""Single-process training, short enough to read in one sitting. Ray Train reuses `train_step` unchanged.
+
+Every random choice of step k (batch and corruption) is seeded from (seed, k), so a run resumed from a
+checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rayad.artifact import Predictor, build_anomaly_model, save_artifact
+from rayad.config import Config, TrainConfig
+from rayad.corruption import Corruptor
+from rayad.data.dataset import ImageSet, load_split, to_tensor
+from rayad.data.manifest import build_manifest, save_manifest
+from rayad.errors import RayadError
+from rayad.models.loss import reconstruction_loss
+from rayad.train.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak learning rate."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def step_generator(seed: int, step: int, device: torch.device | str) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed * 1_000_003 + step)
+    return gen
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Indices of step `step`'s batch: consecutive slices of a fresh seeded permutation per epoch."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(perm[offset:offset + batch_size - len(out)].tolist())
+    return np.asarray(out)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, corruptor: Corruptor,
+               clean: torch.Tensor, gen: torch.Generator, cfg: TrainConfig, step: int) -> torch.Tensor:
+    """One optimisation step on a batch of clean images in [0, 1]; returns the loss (not synchronised)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    corrupted = corruptor(clean, gen)
+    use_amp = cfg.amp and clean.device.type == "cuda"
+    with torch.autocast(device_type=clean.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        output = model(corrupted.inputs.contiguous(memory_format=torch.channels_last))
+    loss = reconstruction_loss(output, corrupted.targets, corrupted.mask, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class TrainData:
+    train: ImageSet
+    val: ImageSet
+
+
+def load_train_data(cfg: Config, data_root: str | Path, category: str, out_dir: Path | None = None) -> TrainData:
+    """Build the manifest (saved to `out_dir` when given) and load the train and validation images."""
+    manifest = build_manifest(data_root, category, cfg.data)
+    if out_dir is not None:
+        save_manifest(manifest, out_dir / "manifest.parquet")
+    size, policy = cfg.data.image_size, cfg.data.on_bad_image
+    data = TrainData(load_split(manifest, "train", size, policy), load_split(manifest, "val", size, policy))
+    if len(data.train.images) == 0:
+        raise RayadError(f"{data_root}/{category}: no usable training images")
+    if len(data.val.images) == 0:
+        raise RayadError(f"{data_root}/{category}: no validation images to calibrate the threshold on "
+                         "(set data.val_fraction > 0)")
+    return data
+
+
+def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, resume: bool = False,
+        device: str | None = None, progress: bool = True) -> Path:
+    """Train, calibrate on the validation split and write the model artifact to `out_dir`."""
+    out_dir = Path(out_dir)
+    checkpoints = out_dir / "checkpoints"
+    latest = latest_checkpoint(checkpoints)
+    if latest is not None and not resume:
+        raise RayadError(f"{out_dir} already holds checkpoints; pass --resume to continue, or pick a new --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    device = torch.device(device) if device else default_device()
+    data = load_train_data(cfg, data_root, category, out_dir)
+
+    torch.manual_seed(tc.seed)
+    model = build_anomaly_model(cfg).network.to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, tc)
+    start = 0
+    if resume and latest is not None:
+        start = _resume(latest, model, optimizer, cfg)
+    corruptor = Corruptor(cfg.corruption)
+    model.train()
+    history = (out_dir / "train_log.jsonl").open("a")
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="train", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    tick, tick_step, loss = time.perf_counter(), start, None
+    for step in bar:
+        idx = batch_indices(len(data.train.images), tc.batch_size, step, tc.seed)
+        clean = to_tensor(data.train.images[idx]).to(device, non_blocking=True)
+        loss = train_step(model, optimizer, corruptor, clean, step_generator(tc.seed, step, device), tc, step)
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            rate = (done - tick_step) * tc.batch_size / (time.perf_counter() - tick)
+            record = {"step": done, "loss": float(loss), "lr": lr_at(step, tc), "images_per_s": rate}
+            history.write(json.dumps(record) + "\n")
+            history.flush()
+            bar.set_postfix(loss=f"{record['loss']:.5f}", img_s=f"{rate:.1f}")
+            tick, tick_step = time.perf_counter(), done
+        if done % tc.checkpoint_every == 0 or done == tc.steps:
+            save_checkpoint(checkpoints / checkpoint_name(done), model, optimizer, done, cfg)
+            prune_checkpoints(checkpoints)
+    history.close()
+    return finalize(model, cfg, data.val, out_dir, device, {"steps": tc.steps, "final_loss":
+                                                             None if loss is None else float(loss)})
+
+
+def finalize(network: torch.nn.Module, cfg: Config, val: ImageSet, out_dir: Path, device, train_info: dict
+             ) -> Path:
+    """Calibrate the threshold on good validation images and save the artifact."""
+    model = build_anomaly_model(cfg)
+    model.network.load_state_dict(network.state_dict())
+    predictor = Predictor(model, cfg, {}, str(device))
+    val_scores = predictor.raw_scores(val.images)
+    model.calibrate(val_scores)
+    log.info("calibrated threshold %.6g on %d validation images", float(model.threshold), len(val_scores))
+    return save_artifact(model, cfg, out_dir, {"train": train_info,
+                                               "validation": {"n_images": len(val_scores),
+                                                              "score_max": float(val_scores.max())}})
+
+
+def _resume(checkpoint: Path, model, optimizer, cfg: Config) -> int:
+    meta = load_checkpoint(checkpoint, model, optimizer)
+    saved = Config.from_dict(meta["config"], str(checkpoint / "state.json"))
+    if saved.replace({"train.steps": cfg.train.steps}) != cfg:
+        raise RayadError(f"{checkpoint}: was trained with a different configuration; only train.steps may "
+                         "change on --resume")
+    log.info("resuming from %s (step %d)", checkpoint, meta["step"])
+    return int(meta["step"])
