@@ -76,7 +76,7 @@ class ModelConfig:
     """The SDC-CCM network (DESIGN §1.2); `name` picks a registered model."""
 
     name: str = "sdc_ccm"
-    encoder: str = "sdc"  # "sdc" or a timm model name
+    encoder: str = "sdc"  # "sdc" or a timm model name (then only len(widths), the level count, is used)
     widths: tuple[int, ...] = (32, 64, 128)
     dilations: tuple[int, ...] = (1, 2, 4, 8)
     skip: Literal["ccm", "add", "none"] = "ccm"

@@ -169,10 +169,11 @@ def finalize(network: torch.nn.Module, cfg: Config, val: ImageSet, out_dir: Path
 
 
 def _resume(checkpoint: Path, model, optimizer, cfg: Config) -> int:
-    meta = load_checkpoint(checkpoint, model, optimizer)
-    saved = Config.from_dict(meta["config"], str(checkpoint / "state.json"))
+    state_file = checkpoint / "state.json"
+    saved = Config.from_dict(json.loads(state_file.read_text())["config"], str(state_file))
     if saved.replace({"train.steps": cfg.train.steps}) != cfg:
         raise RayadError(f"{checkpoint}: was trained with a different configuration; only train.steps may "
                          "change on --resume")
-    log.info("resuming from %s (step %d)", checkpoint, meta["step"])
-    return int(meta["step"])
+    step = int(load_checkpoint(checkpoint, model, optimizer)["step"])
+    log.info("resuming from %s (step %d)", checkpoint, step)
+    return step

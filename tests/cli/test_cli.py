@@ -1,0 +1,51 @@
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from rayad.cli import main
+from tests_helpers import TINY_ARGS
+
+
+def test_train_evaluate_predict(tmp_path, demo_root, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(demo_root), "--category", "grass", "--out", str(run), *TINY_ARGS]) == 0
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--run", str(run), "--data", str(demo_root), "--category", "grass",
+                 "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert {"image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "n_images", "per_defect"} <= set(metrics)
+    assert "image_auroc" in capsys.readouterr().out
+    table = tmp_path / "p.parquet"
+    heatmaps = tmp_path / "heat"
+    assert main(["predict", "--run", str(run), str(demo_root / "grass" / "test" / "crack"),
+                 "--out", str(table), "--heatmaps", str(heatmaps)]) == 0
+    rows = pq.read_table(table).to_pylist()
+    assert len(rows) == 2 and all(r["error"] is None and r["score"] > 0 for r in rows)
+    assert len(list(heatmaps.glob("*.png"))) == 2
+    by_path = dict(zip(metrics["paths"], metrics["scores"], strict=True))
+    for r in rows:
+        assert r["score"] == pytest.approx(by_path[r["path"]], rel=1e-6)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--data", "/nonexistent", "--category", "x", "--out", "/tmp/x"], "/nonexistent"),
+    (["train", "--data", "{demo}", "--category", "marble", "--out", "{tmp}/o"], "brick, grass, gravel"),
+    (["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o", "--set", "model.skip=x"],
+     "model.skip"),
+    (["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o", "--config", "{tmp}/no.yaml"],
+     "no.yaml"),
+    (["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o", "--bogus"], "--bogus"),
+    (["evaluate", "--run", "{tmp}", "--data", "{demo}", "--category", "brick"], "not a rayad model"),
+    (["predict", "--run", "{tmp}", "{tmp}/missing.png"], "not a rayad model"),
+])
+def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, capsys):
+    args = [a.format(demo=demo_root, tmp=tmp_path) for a in args]
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+

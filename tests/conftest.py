@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny demo dataset, a tiny config and a trained tiny model, all made once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rayad.config import Config, load_config
+from rayad.data.demo import make_demo_dataset
+
+TINY = {
+    "data.image_size": 32,
+    "model.widths": [8, 16],
+    "model.dilations": [1, 2],
+    "train.steps": 6,
+    "train.batch_size": 4,
+    "train.warmup_steps": 2,
+    "train.checkpoint_every": 3,
+    "train.log_every": 2,
+    "scoring.sigma": 1.0,
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep the image cache out of the home directory and use few threads, as CI has 2 cores."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAYAD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    torch.set_num_threads(2)
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A miniature demo dataset (MVTec layout): 3 categories, 12 train, 4 good + 2 per defect type in test."""
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), seed=0, n_train=12, n_test_good=4, n_per_defect=2)
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    return load_config(overrides=TINY)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, demo_root):
+    """A tiny model trained on the demo 'brick' category, with its artifact."""
+    from rayad.train import fit
+
+    out = tmp_path_factory.mktemp("run")
+    fit(load_config(overrides=TINY), demo_root, "brick", out, progress=False)
+    return out

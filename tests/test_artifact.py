@@ -1,0 +1,50 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rayad.artifact import Predictor
+from rayad.data.images import list_images
+from rayad.errors import RayadError
+from rayad.evaluate import evaluate
+
+
+def test_artifact_holds_config_threshold_and_normalisation(trained_run):
+    meta = json.loads((trained_run / "model.json").read_text())
+    for key in ("rayad_version", "config", "threshold", "normalization", "image_size", "train", "validation"):
+        assert key in meta
+    assert meta["image_size"] == 32 and meta["threshold"] > 0
+
+
+def test_load_never_unpickles(trained_run, monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("torch.load (pickle) used")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    predictor = Predictor.load(trained_run)
+    assert predictor.threshold == pytest.approx(json.loads((trained_run / "model.json").read_text())["threshold"])
+
+
+def test_evaluate_and_predict_give_identical_scores(trained_run, demo_root):
+    predictor = Predictor.load(trained_run)
+    metrics = evaluate(predictor, demo_root, "brick")
+    preds, errors = predictor.predict_files(metrics["paths"], batch_size=3)
+    assert errors == [None] * len(metrics["paths"])
+    np.testing.assert_allclose(preds.scores, metrics["scores"], rtol=1e-6, atol=0)
+    assert metrics["n_images"] == len(metrics["paths"]) == 4 + 5 * 2
+    assert set(metrics["per_defect"]) == {"crack", "hole", "scratch", "spot", "stain"}
+
+
+def test_predict_reports_bad_files_without_failing(trained_run, demo_root, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    good = list_images(demo_root / "brick" / "test" / "good")[:2]
+    preds, errors = Predictor.load(trained_run).predict_files([good[0], bad, good[1]])
+    assert len(preds.scores) == 2
+    assert errors[0] is None and errors[2] is None and "bad.png" in errors[1]
+
+
+def test_load_rejects_non_artifacts(tmp_path):
+    with pytest.raises(RayadError, match="not a rayad model"):
+        Predictor.load(tmp_path)

@@ -1,0 +1,47 @@
+import pytest
+
+from rayad.config import Config, load_config, parse_overrides
+from rayad.errors import ConfigError
+
+
+def test_defaults_round_trip_through_dict():
+    cfg = Config()
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  skip: add\n  widths: [8, 16]\ntrain:\n  lr: 1\n")
+    cfg = load_config(path, ["train.steps=7", "corruption.shapes=[ellipse]"])
+    assert cfg.model.skip == "add" and cfg.model.widths == (8, 16)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 7 and cfg.corruption.shapes == ("ellipse",)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("modle: {}\n", "modle"),
+    ("model:\n  skpi: add\n", "model.skpi"),
+    ("model:\n  skip: concat\n", "model.skip"),
+    ("train:\n  steps: many\n", "train.steps"),
+    ("train:\n  steps: 0\n", "train.steps"),
+    ("corruption:\n  area_min: 0.5\n  area_max: 0.1\n", "corruption.area_max"),
+    ("model: [1, 2]\n", "model"),
+    ("model: {skip: [unclosed\n", "not valid YAML"),
+])
+def test_bad_config_names_key_and_file(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert needle in str(err.value) and "bad.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("item", ["train.steps", "=3", "steps=3", "train.nope=1"])
+def test_bad_override(item):
+    with pytest.raises(ConfigError):
+        load_config(overrides=parse_overrides([item]))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")

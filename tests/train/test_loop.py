@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rayad.config import TrainConfig
+from rayad.errors import RayadError
+from rayad.train import fit
+from rayad.train import loop as loop_module
+from rayad.train.loop import batch_indices, lr_at
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] >= 0.05
+
+
+def test_batches_cover_each_epoch_once_and_are_deterministic():
+    n, bs = 10, 4
+    seen = np.concatenate([batch_indices(n, bs, step, seed=3) for step in range(5)])  # 20 = two epochs
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert np.array_equal(batch_indices(n, bs, 2, 3), batch_indices(n, bs, 2, 3))
+    assert not np.array_equal(batch_indices(n, bs, 0, 3), batch_indices(n, bs, 0, 4))
+
+
+def _weights(run):
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_same_seed_same_weights(tmp_path, demo_root, tiny_config):
+    a = fit(tiny_config, demo_root, "brick", tmp_path / "a", progress=False)
+    b = fit(tiny_config, demo_root, "brick", tmp_path / "b", progress=False)
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    history = (a / "train_log.jsonl").read_text().splitlines()
+    assert len(history) == tiny_config.train.steps // tiny_config.train.log_every
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, demo_root, tiny_config, monkeypatch):
+    full = fit(tiny_config, demo_root, "brick", tmp_path / "full", progress=False)
+    real_step, calls = loop_module.train_step, []
+
+    def crash_after_checkpoint(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # the checkpoint at step 3 is written, steps 4.. are lost
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_step", crash_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_config, demo_root, "brick", tmp_path / "cut", progress=False)
+    monkeypatch.setattr(loop_module, "train_step", real_step)
+    with pytest.raises(RayadError, match="--resume"):
+        fit(tiny_config, demo_root, "brick", tmp_path / "cut", progress=False)
+    resumed = fit(tiny_config, demo_root, "brick", tmp_path / "cut", resume=True, progress=False)
+    wa, wb = _weights(full), _weights(resumed)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_resume_with_other_config_is_refused(tmp_path, demo_root, tiny_config):
+    fit(tiny_config, demo_root, "brick", tmp_path / "r", progress=False)
+    changed = tiny_config.replace({"model.skip": "add"})
+    with pytest.raises(RayadError, match="different configuration"):
+        fit(changed, demo_root, "brick", tmp_path / "r", resume=True, progress=False)
