@@ -56,61 +56,59 @@ def load_split(manifest: pa.Table, split: str, size: int, on_bad_image: str = "e
     on_bad_image="skip" dropped with a warning that lists them.
     """
     rows = split_rows(manifest, split)
-    if rows.num_rows == 0:
-        return ImageSet(np.zeros((0, size, size, 3), np.uint8), None, rows)
     has_masks = any(m is not None for m in rows["mask_path"].to_pylist())
     path = cache_dir() / f"{_cache_key(rows, size)}.npz"
     if path.is_file():
         with np.load(path) as cached:
-            keep = cached["keep"]
-            return ImageSet(cached["images"], cached["masks"] if has_masks else None, rows.filter(keep))
-    images, masks, errors = _decode_all(rows, size, has_masks)
-    keep = np.array([e is None for e in errors])
+            images, masks, errors = cached["images"], cached["masks"], cached["errors"].tolist()
+    else:
+        images, masks, errors = _decode_all(rows, size)
+        _write_cache(path, images, masks, errors)
+    keep = np.array([not e for e in errors], dtype=bool)
     if not keep.all():
-        listed = "\n  ".join(e for e in errors if e is not None)
+        listed = "\n  ".join(e for e in errors if e)
         message = f"{(~keep).sum()} bad image(s) in the {split} split:\n  {listed}"
         if on_bad_image == "error":
             raise DataError(message + "\n(set data.on_bad_image=skip to skip them)")
         log.warning("skipping %s", message)
-    images = np.stack([im for im, k in zip(images, keep, strict=True) if k]) if keep.any() else \
-        np.zeros((0, size, size, 3), np.uint8)
-    masks = np.stack([m for m, k in zip(masks, keep, strict=True) if k]) if has_masks and keep.any() else None
-    _write_cache(path, images, masks, keep)
-    return ImageSet(images, masks, rows.filter(keep))
+    return ImageSet(images, masks if has_masks else None, rows.filter(keep))
 
 
-def _decode_all(rows: pa.Table, size: int, has_masks: bool):
+def _decode_all(rows: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Stacked images and masks of the readable rows, and per row "" or the error message."""
     images, masks, errors = [], [], []
     for path, mask_path in zip(rows["path"].to_pylist(), rows["mask_path"].to_pylist(), strict=True):
         try:
             image = decode_image(path)
-            images.append(to_rgb_array(image, size))
-            if has_masks:
-                hw = (image.height, image.width)
-                masks.append(load_mask(mask_path, size, hw) if mask_path else np.zeros((size, size), bool))
-            errors.append(None)
+            pixels = to_rgb_array(image, size)
+            mask = np.zeros((size, size), bool)
+            if mask_path:
+                mask = load_mask(mask_path, size, (image.height, image.width))
         except DataError as e:
-            images.append(None)
-            masks.append(None)
             errors.append(str(e))
-    return images, masks, errors
+            continue
+        images.append(pixels)
+        masks.append(mask)
+        errors.append("")
+    return (np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+            np.stack(masks) if masks else np.zeros((0, size, size), bool), errors)
 
 
 def _cache_key(rows: pa.Table, size: int) -> str:
     """Changes when any path, file size or modification time changes, or the image size does."""
-    h = hashlib.sha1(f"v1:{size}".encode())
+    h = hashlib.sha1(f"v2:{size}".encode())
     for p in rows["path"].to_pylist() + [m or "" for m in rows["mask_path"].to_pylist()]:
         stat = os.stat(p) if p and os.path.exists(p) else None
         h.update(f"{p}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}\n".encode())
     return h.hexdigest()[:20]
 
 
-def _write_cache(path: Path, images: np.ndarray, masks: np.ndarray | None, keep: np.ndarray) -> None:
+def _write_cache(path: Path, images: np.ndarray, masks: np.ndarray, errors: list[str]) -> None:
     """Write atomically; a failure to cache (read-only disk, full disk) only costs speed."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, images=images, masks=masks if masks is not None else np.zeros(0, bool), keep=keep)
+        np.savez(tmp, images=images, masks=masks, errors=np.array(errors, dtype=str))
         os.replace(tmp, path)
     except OSError as e:
         log.warning("could not write image cache %s: %s", path, e)

@@ -19,8 +19,10 @@ def paint_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tupl
     """Paint one defect of `kind` on a grayscale uint8 image; returns (defective image, bool mask)."""
     img = image.astype(np.float32)
     alpha, paint = DEFECTS[kind](img, rng)
+    mask = alpha > 0.3
+    alpha = np.where(mask, alpha, 0)  # the mask is exact: no pixel outside it changes
     out = img * (1 - alpha) + paint * alpha
-    return np.clip(out, 0, 255).astype(np.uint8), alpha > 0.3
+    return np.clip(out, 0, 255).astype(np.uint8), mask
 
 
 def _scratch(img, rng):

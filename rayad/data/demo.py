@@ -6,6 +6,7 @@ test defects are painted by `rayad.data.defects`.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,8 @@ def make_demo_dataset(out: str | Path, seed: int = 0, n_train: int = 120, n_test
                       n_per_defect: int = 8, categories: tuple[str, ...] = CATEGORIES) -> Path:
     """Write ROOT/<category>/{train/good, test/<type>, ground_truth/<type>} and return ROOT."""
     out = Path(out)
-    for index, category in enumerate(tqdm(categories, desc="demo data", unit="category")):
-        rng = np.random.default_rng([seed, index])
+    for category in tqdm(categories, desc="demo data", unit="category"):
+        rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
         photo = getattr(skimage.data, category)()
         base = out / category
         for i in range(n_train):

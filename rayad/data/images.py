@@ -37,7 +37,7 @@ def decode_image(source: str | Path | bytes) -> Image.Image:
 
 def to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
     """Convert to RGB (grayscale is replicated) and resize to size x size; returns uint8 (H, W, 3)."""
-    if image.mode in ("I;16", "I", "F"):  # 16-bit or float grayscale: scale to 8 bit
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):  # 16-bit or float grayscale: scale to 8 bit
         arr = np.asarray(image, dtype=np.float32)
         arr = 255.0 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6)
         image = Image.fromarray(arr.astype(np.uint8))

@@ -81,6 +81,8 @@ def read_folder(root: Path, category: str, cfg: DataConfig) -> list[Row]:
     test_idx = set(order[:n_test].tolist())
     rows = [Row(str(p), "test" if i in test_idx else "train", 0, "good") for i, p in enumerate(normal)]
     abnormal_dir = base / cfg.abnormal_dir
+    if cfg.mask_dir and not (base / cfg.mask_dir).is_dir():
+        raise DataError(f"{base / cfg.mask_dir}: mask folder (data.mask_dir) not found")
     for p in list_images(abnormal_dir) if abnormal_dir.is_dir() else []:
         mask = _find_mask(base / cfg.mask_dir, p.stem) if cfg.mask_dir else None
         rows.append(Row(str(p), "test", 1, cfg.abnormal_dir, mask))

@@ -2,9 +2,9 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from tests_helpers import TINY_ARGS
 
 from rayad.cli import main
-from tests_helpers import TINY_ARGS
 
 
 def test_train_evaluate_predict(tmp_path, demo_root, capsys):

@@ -107,12 +107,7 @@ def test_crops_come_from_their_rows(demo_root):
                 assert all(lo <= top and top + CROP <= hi for top, _ in found), (path, found)
 
 
-@pytest.mark.parametrize("kind", [
-    *[k for k in DEFECTS if k != "stain"],
-    pytest.param("stain", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: defects.py _stain/_blob leave faint (alpha <= 0.3) changes up to ~17 px "
-                            "outside the mask, changing pixels by up to ~30 grey levels")),
-])
+@pytest.mark.parametrize("kind", list(DEFECTS))
 def test_paint_defect_only_changes_pixels_near_mask(kind):
     photo = skimage.data.brick()
     image = photo[TEST_ROWS[0]:TEST_ROWS[0] + CROP, 100:100 + CROP].copy()
