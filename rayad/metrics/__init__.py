@@ -29,7 +29,7 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, defect_types: list[s
 
 def _metrics(scores, labels, maps, masks) -> dict:
     both = 0 < labels.sum() < len(labels)
-    pixel = both and maps is not None and masks is not None and masks.any()
+    pixel = both and maps is not None and masks is not None and masks.any() and not masks.all()
     return {
         "image_auroc": auroc(scores, labels) if both else None,
         "pixel_auroc": auroc(maps.ravel(), masks.ravel()) if pixel else None,

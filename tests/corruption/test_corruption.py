@@ -114,7 +114,7 @@ def test_soft_edges_blend_gradually():
     soft = corrupt(x, 2, p_corrupt=1.0, edge_sigma=2.0, blend_min=1.0)
     assert hard.mask.unique().numel() == 2
     partial = (soft.mask > 0) & (soft.mask < 0.99)
-    assert partial.sum() > 4 * partial.new_tensor(1)  # a feathered border with intermediate weights
+    assert int(partial.sum()) > 4  # a feathered border with intermediate weights
     assert (soft.mask > 0).sum() > (hard.mask > 0).sum()  # the blur spreads the mask outwards
 
 
@@ -366,8 +366,10 @@ def test_runs_on_the_tensor_device(device, kind):
     for t in out:
         assert t.device.type == device
     untouched = (out.mask == 0).expand_as(x)
-    assert torch.equal(out.inputs[untouched] - out.targets[untouched],
-                       torch.zeros_like(x[untouched])) or kind == "gaussian"
+    if kind == "gaussian":
+        assert torch.equal(out.targets, x) and not torch.equal(out.inputs, x)
+    else:
+        assert torch.equal(out.inputs[untouched], out.targets[untouched])
     if kind == "structured":
         assert torch.all(out.mask.amax(dim=(1, 2, 3)) > 0)
         again = corrupt(x, 0, kind=kind, p_corrupt=1.0, noise_std=0.01)
