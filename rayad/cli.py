@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, help="run directory (gets the model artifact)")
     _add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    dist = train.add_argument_group("distributed training on Ray Train (used when --workers is given)")
+    dist.add_argument("--workers", type=int, help="number of DDP workers")
+    dist.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    dist.add_argument("--cpus-per-worker", type=float, default=1.0)
+    dist.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    dist.add_argument("--storage", help="checkpoint storage: a path or URI such as file:///shared or s3://b/p")
+    dist.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from")
+    dist.add_argument("--spread", action="store_true", help="place workers on different nodes")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="metrics of a trained model on the test split")
@@ -92,10 +100,20 @@ def cmd_data_demo(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from rayad.train import fit
-
     cfg = _config(args)
-    run = fit(cfg, args.data, args.category, args.out, resume=args.resume)
+    if args.workers is None:
+        from rayad.train import fit
+
+        run = fit(cfg, args.data, args.category, args.out, resume=args.resume)
+    else:
+        from rayad.train.ray_train import Cluster, fit_distributed
+
+        if args.workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0:
+            raise RayadError("--workers must be >= 1, --cpus-per-worker > 0 and --max-failures >= 0")
+        cluster = Cluster(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                          address=args.address, storage=args.storage, max_failures=args.max_failures,
+                          placement="SPREAD" if args.spread else "PACK")
+        run = fit_distributed(cfg, args.data, args.category, args.out, cluster)
     meta = json.loads((run / "model.json").read_text())
     print(f"model written to {run} (threshold {meta['threshold']:.6g})")
 

@@ -50,3 +50,20 @@ def trained_run(tmp_path_factory, demo_root):
     out = tmp_path_factory.mktemp("run")
     fit(load_config(overrides=TINY), demo_root, "brick", out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real 2-node Ray cluster on loopback (a head and a worker node, 1 CPU each, own raylets),
+    shared by every Ray test of the session."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    node_args = {"num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 1024**2}
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+    cluster.add_node(**node_args)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -48,8 +48,10 @@ def ellipse_field(n: int, h: int, w: int, gen: torch.Generator, device) -> torch
 
 
 @register_shape("stroke")
-def stroke_field(n: int, h: int, w: int, gen: torch.Generator, device, vertices: int = 6) -> torch.Tensor:
-    """Free-form brush strokes: a random-walk polyline; 1 on the line, falling with the distance to it."""
+def stroke_field(n: int, h: int, w: int, gen: torch.Generator, device, vertices: int = 8) -> torch.Tensor:
+    """Free-form brush strokes: a random-walk polyline; 1 on the line, falling with the distance to it.
+
+    Thin (1-8 px at 128 px) so that scratch- and crack-like lines are learnt too."""
     ys, xs = _coords(h, w, device)
     start = _uniform(2 * n, 0.15, 0.85, gen, device).view(n, 1, 2)
     angles = _uniform(n, 0, 2 * torch.pi, gen, device).view(n, 1) + torch.cumsum(
@@ -57,7 +59,7 @@ def stroke_field(n: int, h: int, w: int, gen: torch.Generator, device, vertices:
     steps = _uniform(n * (vertices - 1), 0.05, 0.15, gen, device).view(n, vertices - 1, 1)
     deltas = steps * torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1)
     points = torch.cat([start, start + torch.cumsum(deltas, dim=1)], dim=1)  # (n, V, 2) as (y, x)
-    width = _uniform(n, 0.02, 0.08, gen, device).view(n, 1, 1)
+    width = _uniform(n, 0.005, 0.03, gen, device).view(n, 1, 1)
     dist = torch.full((n, h, w), float("inf"), device=device)
     for a, b in zip(points[:, :-1].unbind(1), points[:, 1:].unbind(1), strict=True):
         dist = torch.minimum(dist, _segment_distance(ys, xs, a, b))
