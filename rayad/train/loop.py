@@ -86,6 +86,34 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class Throughput:
+    """Images/s since the last `interval()` and since the first step (which includes warm-up), plus the
+    wall time from `started` (when the command began) to the end of the first step."""
+
+    def __init__(self, images_per_step: int, started: float | None = None):
+        self.images_per_step = images_per_step
+        self.started = started if started is not None else time.time()
+        self.steps, self.first_done, self.tick, self.tick_steps = 0, None, None, 0
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.first_done is None:
+            self.first_done = self.tick = time.time()
+            self.tick_steps = 1
+
+    def interval(self) -> float:
+        now, steps = time.time(), self.steps - self.tick_steps
+        rate = steps * self.images_per_step / (now - self.tick) if steps and now > self.tick else float("nan")
+        self.tick, self.tick_steps = now, self.steps
+        return rate
+
+    def summary(self) -> dict[str, float]:
+        steps = self.steps - 1
+        elapsed = time.time() - self.first_done if self.first_done else 0.0
+        return {"seconds_to_first_step": (self.first_done or time.time()) - self.started,
+                "images_per_s": steps * self.images_per_step / elapsed if steps and elapsed else float("nan")}
+
+
 @dataclass
 class TrainData:
     train: ImageSet
@@ -110,6 +138,7 @@ def load_train_data(cfg: Config, data_root: str | Path, category: str, out_dir: 
 def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, resume: bool = False,
         device: str | None = None, progress: bool = True) -> Path:
     """Train, calibrate on the validation split and write the model artifact to `out_dir`."""
+    meter = Throughput(cfg.train.batch_size)
     out_dir = Path(out_dir)
     checkpoints = out_dir / "checkpoints"
     latest = latest_checkpoint(checkpoints)
@@ -133,25 +162,24 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
     history = (out_dir / "train_log.jsonl").open("a")
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="train", unit="step",
                disable=not progress, dynamic_ncols=True)
-    tick, tick_step, loss = time.perf_counter(), start, None
+    loss = None
     for step in bar:
         idx = batch_indices(len(data.train.images), tc.batch_size, step, tc.seed)
         clean = to_tensor(data.train.images[idx]).to(device, non_blocking=True)
         loss = train_step(model, optimizer, corruptor, clean, step_generator(tc.seed, step, device), tc, step)
+        meter.step()
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:
-            rate = (done - tick_step) * tc.batch_size / (time.perf_counter() - tick)
-            record = {"step": done, "loss": float(loss), "lr": lr_at(step, tc), "images_per_s": rate}
+            record = {"step": done, "loss": float(loss), "lr": lr_at(step, tc), "images_per_s": meter.interval()}
             history.write(json.dumps(record) + "\n")
             history.flush()
-            bar.set_postfix(loss=f"{record['loss']:.5f}", img_s=f"{rate:.1f}")
-            tick, tick_step = time.perf_counter(), done
+            bar.set_postfix(loss=f"{record['loss']:.5f}", img_s=f"{record['images_per_s']:.1f}")
         if done % tc.checkpoint_every == 0 or done == tc.steps:
             save_checkpoint(checkpoints / checkpoint_name(done), model, optimizer, done, cfg)
             prune_checkpoints(checkpoints)
     history.close()
-    return finalize(model, cfg, data.val, out_dir, device, {"steps": tc.steps, "final_loss":
-                                                             None if loss is None else float(loss)})
+    info = {"steps": tc.steps, "final_loss": None if loss is None else float(loss), **meter.summary()}
+    return finalize(model, cfg, data.val, out_dir, device, info)
 
 
 def finalize(network: torch.nn.Module, cfg: Config, val: ImageSet, out_dir: Path, device, train_info: dict

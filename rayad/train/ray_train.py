@@ -29,6 +29,7 @@ from rayad.data.dataset import to_tensor
 from rayad.errors import RayadError
 from rayad.train.checkpoint import load_checkpoint, save_checkpoint
 from rayad.train.loop import (
+    Throughput,
     batch_indices,
     finalize,
     load_train_data,
@@ -83,19 +84,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     nodes = _count_nodes(world)
     corruptor = Corruptor(cfg.corruption)
     model.train()
-    n, tick, tick_step = len(data.train.images), time.perf_counter(), start
+    n, meter = len(data.train.images), Throughput(tc.batch_size * world, loop_config["started"])
     for step in range(start, tc.steps):
         global_batch = batch_indices(n, tc.batch_size * world, step, tc.seed)
         batch = global_batch[rank * tc.batch_size:(rank + 1) * tc.batch_size]
         clean = to_tensor(data.train.images[batch]).to(device, non_blocking=True)
         gen = step_generator(tc.seed + rank * RANK_SEED_STRIDE, step, device)
         loss = train_step(model, optimizer, corruptor, clean, gen, tc, step)
+        meter.step()
         done = step + 1
         if done % tc.checkpoint_every == 0 or done == tc.steps or done % tc.log_every == 0:
-            elapsed = time.perf_counter() - tick
             metrics = {"step": done, "loss": float(loss), "start_step": start, "world_size": world, "nodes": nodes,
-                       "images_per_s": (done - tick_step) * tc.batch_size * world / elapsed}
-            tick, tick_step = time.perf_counter(), done
+                       "interval_images_per_s": meter.interval(), **meter.summary()}
             save = done % tc.checkpoint_every == 0 or done == tc.steps
             _report(metrics, network, optimizer, done, cfg, rank == 0 and save)  # (5)
 
@@ -134,7 +134,7 @@ class ProgressCallback(UserCallback):
         done_since, since = m["step"] - self.first_step[0], time.time() - self.first_step[1]
         eta = (self.total - m["step"]) * since / done_since if done_since else float("nan")
         print(f"[rayad] step {m['step']}/{self.total} loss {m['loss']:.5f} "
-              f"{m['images_per_s']:.1f} img/s ({m['world_size']} workers) ETA {eta:.0f}s"
+              f"{m['interval_images_per_s']:.1f} img/s ({m['world_size']} workers) ETA {eta:.0f}s"
               + (" checkpoint" if checkpoint else ""), flush=True)
 
 
@@ -168,6 +168,7 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
 
     Re-running with the same `out_dir` resumes from the run's latest checkpoint in storage.
     """
+    started = time.time()
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_train_data(cfg, data_root, category, out_dir)  # validates data and fills the cache once
@@ -178,7 +179,7 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data_root": str(Path(data_root).absolute()),
-                           "category": category, "threads": threads},
+                           "category": category, "threads": threads, "started": started},
         scaling_config=ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.use_gpu,
                                      resources_per_worker={"CPU": cluster.cpus_per_worker},
                                      placement_strategy=cluster.placement),
@@ -195,6 +196,8 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
         meta = load_checkpoint(directory, network)
     device = "cuda" if cluster.use_gpu and torch.cuda.is_available() else "cpu"
     info = {"steps": meta["step"], "workers": cluster.workers, "nodes": result.metrics.get("nodes"),
+            "images_per_s": result.metrics.get("images_per_s"),
+            "seconds_to_first_step": result.metrics.get("seconds_to_first_step"),
             "final_loss": result.metrics.get("loss"), "resumed_from_step": result.metrics.get("start_step"),
             "checkpoint": result.checkpoint.path}
     return finalize(network, cfg, data.val, out_dir, device, info)
