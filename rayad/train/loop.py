@@ -24,6 +24,7 @@ from rayad.data.dataset import ImageSet, load_split, to_tensor
 from rayad.data.manifest import build_manifest, save_manifest
 from rayad.errors import RayadError
 from rayad.models.loss import reconstruction_loss
+from rayad.scoring import f1_threshold
 from rayad.train.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -78,6 +79,14 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, corrupt
     return loss.detach()
 
 
+def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 batch -> float tensor on `device`; through pinned memory and a non-blocking copy on GPU."""
+    batch = to_tensor(images)
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -101,17 +110,17 @@ class Throughput:
             self.first_done = self.tick = time.time()
             self.tick_steps = 1
 
-    def interval(self) -> float:
+    def interval(self) -> float | None:
         now, steps = time.time(), self.steps - self.tick_steps
-        rate = steps * self.images_per_step / (now - self.tick) if steps and now > self.tick else float("nan")
+        rate = steps * self.images_per_step / (now - self.tick) if steps and now > self.tick else None
         self.tick, self.tick_steps = now, self.steps
         return rate
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | None]:
         steps = self.steps - 1
         elapsed = time.time() - self.first_done if self.first_done else 0.0
         return {"seconds_to_first_step": (self.first_done or time.time()) - self.started,
-                "images_per_s": steps * self.images_per_step / elapsed if steps and elapsed else float("nan")}
+                "images_per_s": steps * self.images_per_step / elapsed if steps and elapsed else None}
 
 
 @dataclass
@@ -159,41 +168,42 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
         start = _resume(latest, model, optimizer, cfg)
     corruptor = Corruptor(cfg.corruption)
     model.train()
-    history = (out_dir / "train_log.jsonl").open("a")
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="train", unit="step",
                disable=not progress, dynamic_ncols=True)
     loss = None
-    for step in bar:
-        idx = batch_indices(len(data.train.images), tc.batch_size, step, tc.seed)
-        clean = to_tensor(data.train.images[idx]).to(device, non_blocking=True)
-        loss = train_step(model, optimizer, corruptor, clean, step_generator(tc.seed, step, device), tc, step)
-        meter.step()
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
-            record = {"step": done, "loss": float(loss), "lr": lr_at(step, tc), "images_per_s": meter.interval()}
-            history.write(json.dumps(record) + "\n")
-            history.flush()
-            bar.set_postfix(loss=f"{record['loss']:.5f}", img_s=f"{record['images_per_s']:.1f}")
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
-            save_checkpoint(checkpoints / checkpoint_name(done), model, optimizer, done, cfg)
-            prune_checkpoints(checkpoints)
-    history.close()
+    with (out_dir / "train_log.jsonl").open("a") as history:
+        for step in bar:
+            idx = batch_indices(len(data.train.images), tc.batch_size, step, tc.seed)
+            clean = to_device(data.train.images[idx], device)
+            loss = train_step(model, optimizer, corruptor, clean, step_generator(tc.seed, step, device), tc, step)
+            meter.step()
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                record = {"step": done, "loss": float(loss), "lr": lr_at(step, tc), "images_per_s": meter.interval()}
+                history.write(json.dumps(record) + "\n")
+                history.flush()
+                bar.set_postfix(loss=f"{record['loss']:.5f}", img_s=f"{record['images_per_s'] or 0:.1f}")
+            if done % tc.checkpoint_every == 0 or done == tc.steps:
+                save_checkpoint(checkpoints / checkpoint_name(done), model, optimizer, done, cfg)
+                prune_checkpoints(checkpoints)
     info = {"steps": tc.steps, "final_loss": None if loss is None else float(loss), **meter.summary()}
     return finalize(model, cfg, data.val, out_dir, device, info)
 
 
 def finalize(network: torch.nn.Module, cfg: Config, val: ImageSet, out_dir: Path, device, train_info: dict
              ) -> Path:
-    """Calibrate the threshold on good validation images and save the artifact."""
+    """Calibrate on the validation split and save the artifact: the threshold is the configured quantile of
+    good scores, or F1-optimal when the validation split holds labelled anomalies."""
     model = build_anomaly_model(cfg)
     model.network.load_state_dict(network.state_dict())
-    predictor = Predictor(model, cfg, {}, str(device))
-    val_scores = predictor.raw_scores(val.images)
-    model.calibrate(val_scores)
-    log.info("calibrated threshold %.6g on %d validation images", float(model.threshold), len(val_scores))
-    return save_artifact(model, cfg, out_dir, {"train": train_info,
-                                               "validation": {"n_images": len(val_scores),
-                                                              "score_max": float(val_scores.max())}})
+    scores = Predictor(model, cfg, {}, str(device)).raw_scores(val.images)
+    labels = val.labels
+    threshold = f1_threshold(scores, labels) if labels.any() else None
+    model.calibrate(scores[labels == 0], threshold)
+    method = "f1" if labels.any() else f"quantile {cfg.scoring.threshold_quantile}"
+    log.info("threshold %.6g (%s) from %d validation images", float(model.threshold), method, len(scores))
+    validation = {"n_images": len(scores), "n_anomalous": int(labels.sum()), "threshold_method": method}
+    return save_artifact(model, cfg, out_dir, {"train": train_info, "validation": validation})
 
 
 def _resume(checkpoint: Path, model, optimizer, cfg: Config) -> int:

@@ -25,7 +25,6 @@ from ray.train.torch import TorchTrainer, prepare_model
 from rayad.artifact import build_anomaly_model
 from rayad.config import Config
 from rayad.corruption import Corruptor
-from rayad.data.dataset import to_tensor
 from rayad.errors import RayadError
 from rayad.train.checkpoint import load_checkpoint, save_checkpoint
 from rayad.train.loop import (
@@ -35,6 +34,7 @@ from rayad.train.loop import (
     load_train_data,
     make_optimizer,
     step_generator,
+    to_device,
     train_step,
 )
 
@@ -88,7 +88,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for step in range(start, tc.steps):
         global_batch = batch_indices(n, tc.batch_size * world, step, tc.seed)
         batch = global_batch[rank * tc.batch_size:(rank + 1) * tc.batch_size]
-        clean = to_tensor(data.train.images[batch]).to(device, non_blocking=True)
+        clean = to_device(data.train.images[batch], device)
         gen = step_generator(tc.seed + rank * RANK_SEED_STRIDE, step, device)
         loss = train_step(model, optimizer, corruptor, clean, gen, tc, step)
         meter.step()
@@ -134,7 +134,7 @@ class ProgressCallback(UserCallback):
         done_since, since = m["step"] - self.first_step[0], time.time() - self.first_step[1]
         eta = (self.total - m["step"]) * since / done_since if done_since else float("nan")
         print(f"[rayad] step {m['step']}/{self.total} loss {m['loss']:.5f} "
-              f"{m['interval_images_per_s']:.1f} img/s ({m['world_size']} workers) ETA {eta:.0f}s"
+              f"{m['interval_images_per_s'] or 0:.1f} img/s ({m['world_size']} workers) ETA {eta:.0f}s"
               + (" checkpoint" if checkpoint else ""), flush=True)
 
 
@@ -144,8 +144,7 @@ def connect(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True) if address else \
-            ray.init(include_dashboard=False)
+        ray.init(address=address)  # a local start includes the dashboard: Train's cleanup uses its state API
     except ConnectionError as e:
         raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e})") from None
 

@@ -65,3 +65,23 @@ def test_resume_with_other_config_is_refused(tmp_path, demo_root, tiny_config):
     changed = tiny_config.replace({"model.skip": "add"})
     with pytest.raises(RayadError, match="different configuration"):
         fit(changed, demo_root, "brick", tmp_path / "r", resume=True, progress=False)
+
+
+def test_train_step_under_bf16_autocast_keeps_float32_loss_and_learns():
+    """The GPU path runs the network under bf16 autocast; CPU autocast exercises the same dtype handling."""
+    from rayad.config import Config
+    from rayad.corruption import Corruptor
+    from rayad.models import create_model
+    from rayad.train.loop import make_optimizer, step_generator, train_step
+
+    cfg = Config().replace({"model.widths": [8, 16], "model.dilations": [1]})
+    model = create_model(cfg.model)
+    optimizer = make_optimizer(model, cfg.train)
+    before = [p.detach().clone() for p in model.parameters()]
+    clean = torch.rand(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = train_step(model, optimizer, Corruptor(cfg.corruption), clean, step_generator(0, 0, "cpu"),
+                          cfg.train, 0)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
