@@ -42,16 +42,24 @@ def test_two_workers_on_two_nodes_with_file_uri_storage(ray_cluster, tmp_path, d
     assert list(storage.glob("train/checkpoint_*/state.json")), "checkpoints land in the shared storage"
 
 
-def _train_worker_pids() -> list[int]:
-    pids = []
+def _train_worker_pids(started_after: float) -> list[int]:
+    """PIDs of Ray Train worker processes started after `started_after` (wall time), oldest first."""
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime"))
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
+        if not entry.name.isdigit():
+            continue
+        try:
+            if b"RayTrainWorker" not in (entry / "cmdline").read_bytes():
                 continue
-    return pids
+            start = boot + int((entry / "stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+        except (OSError, IndexError, ValueError):
+            continue
+        if start >= started_after:
+            found.append((start, int(entry.name)))
+    return [pid for _, pid in sorted(found)]
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path, demo_root, tiny_config):
@@ -66,15 +74,16 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path, demo_
         except BaseException as e:  # surfaced by the assertion below
             result["error"] = e
 
+    began = time.time() - 1
     thread = threading.Thread(target=train)
     thread.start()
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while len(list(storage.glob("train/checkpoint_*"))) < 2 and time.time() < deadline:  # the first is committed
         time.sleep(0.2)
-    pids = _train_worker_pids()
-    assert pids, "no training worker process found"
+    pids = _train_worker_pids(began)
+    assert pids, "no training worker process of this run found"
     os.kill(pids[-1], signal.SIGKILL)
-    thread.join(timeout=300)
+    thread.join(timeout=600)
     assert "error" not in result, result.get("error")
     train_info = Predictor.load(result["run"]).metadata["train"]
     assert train_info["steps"] == 80
