@@ -8,7 +8,6 @@ disjoint data and one worker reproduces the single-process run exactly.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import tempfile
@@ -38,7 +37,6 @@ from rayad.train.loop import (
     train_step,
 )
 
-log = logging.getLogger(__name__)
 RANK_SEED_STRIDE = 7_919  # separates the corruption streams of different ranks
 
 
@@ -125,7 +123,6 @@ class ProgressCallback(UserCallback):
 
     def __init__(self, total_steps: int):
         self.total = total_steps
-        self.started = time.time()
         self.first_step = None
 
     def after_report(self, run_context, metrics, checkpoint):
