@@ -155,12 +155,11 @@ class Config:
         """Build from nested dicts; unknown sections or keys are errors naming them and `source`."""
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        sections = typing.get_type_hints(cls)
         unknown = set(raw) - set(sections)
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; valid: {sorted(sections)}")
-        hints = typing.get_type_hints(cls)
-        return cls(**{name: _build_section(hints[name], raw.get(name) or {}, name, source) for name in sections})
+        return cls(**{name: _build_section(tp, raw.get(name) or {}, name, source) for name, tp in sections.items()})
 
     def replace(self, overrides: dict[str, Any], source: str = "--set") -> Config:
         """A copy with dotted-key overrides such as {"train.steps": 100}."""
