@@ -45,12 +45,13 @@ def save_artifact(model: AnomalyModel, config: Config, out_dir: str | Path, extr
         "normalization": {"score_mean": float(model.score_mean), "score_std": float(model.score_std)},
         **(extra or {}),
     }
-    _atomic(out_dir / WEIGHTS, lambda p: save_file(state, str(p)))
-    _atomic(out_dir / METADATA, lambda p: p.write_text(json.dumps(metadata, indent=2)))
+    atomic_write(out_dir / WEIGHTS, lambda p: save_file(state, str(p)))
+    atomic_write(out_dir / METADATA, lambda p: p.write_text(json.dumps(metadata, indent=2)))
     return out_dir
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write `path` through a temporary file renamed into place."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)

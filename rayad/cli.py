@@ -11,6 +11,7 @@ from pathlib import Path
 from rayad.errors import RayadError
 
 log = logging.getLogger("rayad")
+DEMO_TRIALS = 6  # per category: the default demo finishes within 15 minutes on 2 cores
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,8 +60,38 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=32)
     predict.set_defaults(func=cmd_predict)
 
-    demo = sub.add_parser("demo", help="the main job: demo data, train and evaluate every demo category")
+    tune = sub.add_parser("tune", help="hyperparameter search (Ray Tune + Optuna + ASHA) into an experiment dir")
+    tune.add_argument("--data", type=Path, help="dataset root")
+    tune.add_argument("--category")
+    tune.add_argument("--layout", choices=["auto", "mvtec", "mvtec2", "visa", "folder"])
+    tune.add_argument("--space", help="search space YAML, or the name of one in tune_spaces/ (quick, paper, ablation)")
+    tune.add_argument("--out", required=True, type=Path, help="experiment directory (the results store)")
+    tune.add_argument("--trials", type=int, default=8)
+    tune.add_argument("--resume", action="store_true", help="continue the experiment in --out (settings from it)")
+    _add_config_args(tune)
+    search = tune.add_argument_group("search")
+    search.add_argument("--metric", help="validation metric to optimise; comma-separated for multi-objective "
+                                         "(default: the space's, else val_image_auroc)")
+    search.add_argument("--mode", help="max or min (comma-separated like --metric; default max)")
+    search.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
+    search.add_argument("--grace-period", type=int, default=1, help="evaluations before ASHA may stop a trial")
+    search.add_argument("--val-data", type=Path, help="labelled validation dataset root (its test split is used); "
+                                                      "default: held-out good images + synthesised defects")
+    res = tune.add_argument_group("resources")
+    res.add_argument("--concurrent", type=int, help="trials at a time (default: as many as the cluster holds)")
+    res.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train DDP workers per trial")
+    res.add_argument("--cpus-per-worker", type=float, default=1.0)
+    res.add_argument("--gpus-per-worker", type=float, default=0.0)
+    res.add_argument("--max-failures", type=int, default=0, help="worker failures each trial recovers from")
+    res.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    res.add_argument("--storage", help="Tune/Train storage every node sees (path or URI; default: --out)")
+    tune.set_defaults(func=cmd_tune)
+
+    demo = sub.add_parser("demo", help="the main job: demo data, then a quick search per demo category")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--trials", type=int, default=DEMO_TRIALS, help="trials per category")
+    demo.add_argument("--space", default="quick", help="search space (default: tune_spaces/quick.yaml)")
+    demo.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     _add_config_args(demo)
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -83,13 +114,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args):
-    from rayad.config import load_config, parse_overrides
+    from rayad.config import load_config
+
+    return load_config(args.config, _overrides(args))
+
+
+def _overrides(args) -> dict:
+    """--set values plus the shortcut flags, as dotted config keys."""
+    from rayad.config import parse_overrides
 
     overrides = parse_overrides(args.overrides)
     shortcuts = {"train.steps": args.steps, "data.image_size": args.image_size, "train.seed": args.seed,
                  "data.layout": getattr(args, "layout", None)}
     overrides.update({k: v for k, v in shortcuts.items() if v is not None})
-    return load_config(args.config, overrides)
+    return overrides
 
 
 def cmd_data_demo(args) -> None:
@@ -145,10 +183,37 @@ def cmd_predict(args) -> None:
         print(f"wrote {table.num_rows} rows to {args.out}")
 
 
+def cmd_tune(args) -> None:
+    from rayad.tune import SearchSettings, format_experiment, load_settings, resolve_space, run_search
+
+    if args.resume:
+        settings = load_settings(args.out)
+    else:
+        missing = [f"--{name}" for name in ("data", "category", "space") if getattr(args, name) is None]
+        if missing:
+            raise RayadError(f"{', '.join(missing)} required (or --resume an experiment)")
+        settings = SearchSettings(
+            data_root=str(args.data.absolute()), category=args.category, space=str(resolve_space(args.space)),
+            trials=args.trials, concurrent=args.concurrent, workers_per_trial=args.workers_per_trial,
+            cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+            metric=_split(args.metric), mode=_split(args.mode), scheduler=args.scheduler,
+            grace_period=args.grace_period, seed=args.seed or 0,
+            val_root=str(args.val_data.absolute()) if args.val_data else None,
+            config_file=str(args.config) if args.config else None, overrides=_overrides(args),
+            storage=args.storage, max_failures=args.max_failures)
+    experiment = run_search(settings, args.out, args.address, resume=args.resume)
+
+    print(format_experiment(experiment))
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",")) if value else ()
+
+
 def cmd_demo(args) -> None:
     from rayad.demo import run_demo
 
-    run_demo(args.out, _config(args))
+    run_demo(args.out, args.space, args.trials, _overrides(args), args.address, args.config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,44 +1,73 @@
-"""The main job on the embedded default: demo data, then train and evaluate each demo category."""
+"""The main job on the embedded default: demo data, then a quick search per demo category on local Ray."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+from typing import Any
 
-from rayad.artifact import METADATA, Predictor
-from rayad.config import Config
 from rayad.data.demo import CATEGORIES, make_demo_dataset
-from rayad.evaluate import METRIC_NAMES, evaluate
-from rayad.train import fit
+from rayad.evaluate import METRIC_NAMES
+from rayad.train.ray_train import connect
+from rayad.tune import SearchSettings, resolve_space, run_search
+from rayad.tune.store import EXPERIMENT
 
 
-def run_demo(out: Path, cfg: Config, categories: tuple[str, ...] = CATEGORIES) -> dict:
-    """Train one model per demo category (reusing any finished one in `out`), evaluate, print a summary."""
+def run_demo(out: str | Path, space: str = "quick", trials: int = 6, overrides: dict[str, Any] | None = None,
+             address: str | None = None, config_file: str | Path | None = None,
+             categories: tuple[str, ...] = CATEGORIES) -> dict[str, Any]:
+    """Search each category (reusing finished experiments, resuming interrupted ones) and print a summary."""
+    out = Path(out).absolute()
     data_root = out / "data"
     if not all((data_root / c).is_dir() for c in categories):
         make_demo_dataset(data_root, categories=categories)
+    connect(address, log_to_driver=False)  # the store prints one line per trial; Tune's tables stay off
     summary = {}
     for category in categories:
-        run = out / category
         start = time.perf_counter()
-        if not (run / METADATA).is_file():
-            fit(cfg, data_root, category, run, resume=True)
-        metrics = evaluate(Predictor.load(run), data_root, category)
-        (run / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
-        summary[category] = {k: metrics[k] for k in METRIC_NAMES} | {"seconds": time.perf_counter() - start}
+        exp = out / category
+        settings = SearchSettings(data_root=str(data_root), category=category, space=str(resolve_space(space)),
+                                  trials=trials, overrides=overrides or {},
+                                  config_file=str(config_file) if config_file else None)
+        experiment = _previous(exp)
+        if experiment is None or experiment["status"] != "finished":
+            experiment = run_search(settings, exp, address, resume=experiment is not None, verbose=0)
+        best = experiment["best"]
+        summary[category] = {"trials": sum(experiment["trials"].values()),
+                             "validation": next(iter(best["validation"].values())), **best["test"],
+                             "seconds": time.perf_counter() - start}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(_summary_table(summary))
-    print(f"\nmodels and metrics in {out}/<category>; score new images with:\n"
-          f"  rayad predict --run {out}/{categories[0]} {data_root}/{categories[0]}/test --out predictions.parquet")
+    print(_next_commands(out, categories[0]))
     return summary
 
 
-def _summary_table(summary: dict) -> str:
-    header = f"{'category':<10}" + "".join(f"{m:>13}" for m in METRIC_NAMES) + f"{'seconds':>9}"
-    lines = [header, "-" * len(header)]
+def _previous(exp: Path) -> dict[str, Any] | None:
+    path = exp / EXPERIMENT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _summary_table(summary: dict[str, Any]) -> str:
+    columns = ("validation", *METRIC_NAMES)
+    header = f"{'category':<10}{'trials':>7}" + "".join(f"{c:>13}" for c in columns) + f"{'seconds':>9}"
+    lines = ["", "best model per category (validation: the search's objective; the rest: test split)", header,
+             "-" * len(header)]
     for category, m in summary.items():
-        lines.append(f"{category:<10}" + "".join(f"{m[k]:>13.4f}" for k in METRIC_NAMES) + f"{m['seconds']:>9.0f}")
-    means = {k: sum(m[k] for m in summary.values()) / len(summary) for k in METRIC_NAMES}
-    lines.append(f"{'mean':<10}" + "".join(f"{means[k]:>13.4f}" for k in METRIC_NAMES))
+        lines.append(f"{category:<10}{m['trials']:>7}" + "".join(f"{_fmt(m[c]):>13}" for c in columns)
+                     + f"{m['seconds']:>9.0f}")
+    means = {c: sum(m[c] or 0 for m in summary.values()) / len(summary) for c in columns}
+    lines.append(f"{'mean':<10}{'':>7}" + "".join(f"{means[c]:>13.4f}" for c in columns))
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _next_commands(out: Path, category: str) -> str:
+    run, data = out / category / "best", out / "data"
+    return (f"\nexperiments in {out}/<category> (trials.parquet, history.parquet, study.db, best/). Next:\n"
+            f"  rayad evaluate --run {run} --data {data} --category {category}\n"
+            f"  rayad predict --run {run} {data}/{category}/test/crack --out predictions.parquet\n"
+            f"  rayad tune --data {data} --category {category} --space paper --trials 40 --out runs/{category}-paper")

@@ -55,12 +55,13 @@ def trained_run(tmp_path_factory, demo_root):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real 2-node Ray cluster on loopback (a head and a worker node, 1 CPU each, own raylets),
-    shared by every Ray test of the session."""
+    shared by every Ray test of the session. The head runs the dashboard: Ray Train's placement-group
+    cleanup, needed when Tune stops a trial, asks its state API."""
     import ray
     from ray.cluster_utils import Cluster
 
     node_args = {"num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 1024**2}
-    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": True})
     cluster.add_node(**node_args)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)

@@ -16,18 +16,22 @@ SUPERSAMPLE = 4  # shapes are drawn at 4x and averaged down, giving anti-aliased
 
 
 def paint_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Paint one defect of `kind` on a grayscale uint8 image; returns (defective image, bool mask)."""
+    """Paint one defect of `kind` on a uint8 image, grayscale (H, W) or colour (H, W, C); returns
+    (defective image, bool mask (H, W))."""
     img = image.astype(np.float32)
     alpha, paint = DEFECTS[kind](img, rng)
     mask = alpha > 0.3
     alpha = np.where(mask, alpha, 0)  # the mask is exact: no pixel outside it changes
+    if img.ndim == 3:
+        alpha = alpha[..., None]
+        paint = paint if paint.ndim == 3 else paint[..., None]
     out = img * (1 - alpha) + paint * alpha
     return np.clip(out, 0, 255).astype(np.uint8), mask
 
 
 def _scratch(img, rng):
     """A thin bright or dark curved line."""
-    h, w = img.shape
+    h, w = img.shape[:2]
     length = rng.uniform(0.2, 0.5) * w
     start = rng.uniform(0.2, 0.8, 2) * (w, h)
     angle = rng.uniform(0, np.pi)
@@ -35,7 +39,7 @@ def _scratch(img, rng):
     bend = (start + end) / 2 + rng.normal(0, 0.15 * length, 2)
     t = np.linspace(0, 1, 40)[:, None]
     curve = (1 - t) ** 2 * start + 2 * (1 - t) * t * bend + t**2 * end
-    alpha = _draw(img.shape, lambda d, s: d.line([tuple(p * s) for p in curve], fill=255,
+    alpha = _draw(img.shape[:2], lambda d, s: d.line([tuple(p * s) for p in curve], fill=255,
                                                  width=int(rng.integers(1, 4) * s)))
     sign = rng.choice([-1, 1])
     return alpha, img + sign * rng.uniform(60, 120)
@@ -43,7 +47,7 @@ def _scratch(img, rng):
 
 def _crack(img, rng):
     """A dark, jagged, branching random walk."""
-    h, w = img.shape
+    h, w = img.shape[:2]
     points = [rng.uniform(0.25, 0.75, 2) * (w, h)]
     heading = rng.uniform(0, 2 * np.pi)
     for _ in range(int(rng.integers(8, 16))):
@@ -59,15 +63,15 @@ def _crack(img, rng):
         d.line([tuple(p * s) for p in points], fill=255, width=width)
         d.line([tuple(p * s) for p in branch], fill=255, width=width)
 
-    return _draw(img.shape, draw), img * rng.uniform(0.15, 0.45)
+    return _draw(img.shape[:2], draw), img * rng.uniform(0.15, 0.45)
 
 
 def _hole(img, rng):
     """A dark elliptical pit, darkest in its centre."""
-    h, w = img.shape
+    h, w = img.shape[:2]
     cx, cy = rng.uniform(0.2, 0.8, 2) * (w, h)
     rx, ry = rng.uniform(4, 12, 2)
-    alpha = _draw(img.shape, lambda d, s: d.ellipse([(cx - rx) * s, (cy - ry) * s, (cx + rx) * s, (cy + ry) * s],
+    alpha = _draw(img.shape[:2], lambda d, s: d.ellipse([(cx - rx) * s, (cy - ry) * s, (cx + rx) * s, (cy + ry) * s],
                                                     fill=255))
     yy, xx = np.mgrid[:h, :w]
     radial = np.clip(np.hypot((xx - cx) / rx, (yy - cy) / ry), 0, 1)
@@ -76,7 +80,7 @@ def _hole(img, rng):
 
 def _stain(img, rng):
     """A soft-edged blotch that darkens or lightens the surface."""
-    blob = _blob(img.shape, rng, radius=rng.uniform(8, 20))
+    blob = _blob(img.shape[:2], rng, radius=rng.uniform(8, 20))
     alpha = np.clip(blob * rng.uniform(0.7, 1.0), 0, 1)
     factor = rng.choice([rng.uniform(0.35, 0.6), rng.uniform(1.5, 1.9)])
     return alpha, img * factor
@@ -84,7 +88,7 @@ def _stain(img, rng):
 
 def _spot(img, rng):
     """A small foreign-material particle of a different, grainy intensity."""
-    blob = _blob(img.shape, rng, radius=rng.uniform(4, 9))
+    blob = _blob(img.shape[:2], rng, radius=rng.uniform(4, 9))
     alpha = (blob > 0.5).astype(np.float32)
     level = 230 if img.mean() < 128 else 25
     return alpha, level + rng.normal(0, 12, img.shape)

@@ -11,11 +11,13 @@ from rayad.metrics.f1 import f1_max, precision_recall_curve
 __all__ = ["aupro", "auroc", "compute_metrics", "f1_max", "precision_recall_curve", "roc_curve"]
 
 
-def compute_metrics(scores: np.ndarray, labels: np.ndarray, defect_types: list[str],
+def compute_metrics(scores: np.ndarray, labels: np.ndarray, defect_types: list[str] | None = None,
                     maps: np.ndarray | None = None, masks: np.ndarray | None = None) -> dict:
-    """Metrics of a test set. Pixel metrics are None without masks; each defect type is scored against
-    all good images, as the MVTec AD benchmark and anomalib do."""
+    """Metrics of a test set. Pixel metrics are None without masks. With `defect_types`, also per defect
+    type, each scored against all good images, as the MVTec AD benchmark and anomalib do."""
     out = _metrics(scores, labels, maps, masks)
+    if defect_types is None:
+        return out
     types = np.asarray(defect_types)
     good = labels == 0
     out["per_defect"] = {}

@@ -36,6 +36,7 @@ from rayad.train.loop import (
     to_device,
     train_step,
 )
+from rayad.validation import load_validation, validation_metrics
 
 RANK_SEED_STRIDE = 7_919  # separates the corruption streams of different ranks
 
@@ -47,6 +48,7 @@ class Cluster:
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # used when use_gpu; fractions share a GPU between workers
     address: str | None = None
     storage: str | None = None  # local path or pyarrow URI (file://, s3://, gs://); default RUN_DIR/ray
     max_failures: int = 0
@@ -80,6 +82,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             start = int(load_checkpoint(directory, network, optimizer)["step"])
     model = prepare_model(network)  # (4) DDP (gloo on CPU, NCCL on GPU)
     nodes = _count_nodes(world)
+    validation = None
+    if loop_config.get("validate") and rank == 0:
+        validation = load_validation(cfg, loop_config["data_root"], loop_config["category"], loop_config["val_root"])
     corruptor = Corruptor(cfg.corruption)
     model.train()
     n, meter = len(data.train.images), Throughput(tc.batch_size * world, loop_config["started"])
@@ -95,6 +100,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics = {"step": done, "loss": float(loss), "start_step": start, "world_size": world, "nodes": nodes,
                        "interval_images_per_s": meter.interval(), **meter.summary()}
             save = done % tc.checkpoint_every == 0 or done == tc.steps
+            if save and validation is not None:  # model selection: scored at every checkpoint
+                metrics |= validation_metrics(network, cfg, validation, device)
             _report(metrics, network, optimizer, done, cfg, rank == 0 and save)  # (5)
 
 
@@ -135,13 +142,14 @@ class ProgressCallback(UserCallback):
               + (" checkpoint" if checkpoint else ""), flush=True)
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None, log_to_driver: bool = True) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray sized to this machine."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     try:
-        ray.init(address=address)  # a local start includes the dashboard: Train's cleanup uses its state API
+        # A local start includes the dashboard: Train's placement-group cleanup uses its state API.
+        ray.init(address=address, log_to_driver=log_to_driver)
     except ConnectionError as e:
         raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e})") from None
 
@@ -150,12 +158,27 @@ def check_resources(cluster: Cluster) -> None:
     """Fail within seconds (Ray Train would wait forever) when the cluster cannot hold the workers."""
     total = ray.cluster_resources()
     need_cpu = cluster.workers * cluster.cpus_per_worker
-    need_gpu = cluster.workers if cluster.use_gpu else 0
+    need_gpu = cluster.workers * cluster.gpus_per_worker if cluster.use_gpu else 0
     have_cpu, have_gpu = total.get("CPU", 0), total.get("GPU", 0)
     if need_cpu > have_cpu or need_gpu > have_gpu:
-        raise RayadError(f"asked for {cluster.workers} worker(s) x {cluster.cpus_per_worker} CPU"
-                         + (" + 1 GPU" if cluster.use_gpu else "")
-                         + f" = {need_cpu:g} CPU, {need_gpu} GPU; the cluster has {have_cpu:g} CPU, {have_gpu:g} GPU")
+        raise RayadError(f"asked for {describe(cluster)} = {need_cpu:g} CPU, {need_gpu:g} GPU; "
+                         f"the cluster has {have_cpu:g} CPU, {have_gpu:g} GPU")
+
+
+def describe(cluster: Cluster) -> str:
+    gpu = f" + {cluster.gpus_per_worker:g} GPU" if cluster.use_gpu else ""
+    return f"{cluster.workers} worker(s) x {cluster.cpus_per_worker:g} CPU{gpu}"
+
+
+def scaling_config(cluster: Cluster) -> ScalingConfig:
+    resources = {"CPU": cluster.cpus_per_worker} | ({"GPU": cluster.gpus_per_worker} if cluster.use_gpu else {})
+    return ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.use_gpu, resources_per_worker=resources,
+                         placement_strategy=cluster.placement)
+
+
+def worker_threads(cluster: Cluster) -> int:
+    """torch threads per worker: its CPU share (Ray sets OMP_NUM_THREADS, torch needs it explicitly)."""
+    return cluster.threads_per_worker or max(1, int(cluster.cpus_per_worker))
 
 
 def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, cluster: Cluster,
@@ -170,15 +193,13 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
     data = load_train_data(cfg, data_root, category, out_dir)  # validates data and fills the cache once
     connect(cluster.address)
     check_resources(cluster)
-    threads = cluster.threads_per_worker or max(1, int(cluster.cpus_per_worker))
+    threads = worker_threads(cluster)
     storage = cluster.storage or str(out_dir / "ray")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data_root": str(Path(data_root).absolute()),
                            "category": category, "threads": threads, "started": started},
-        scaling_config=ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.use_gpu,
-                                     resources_per_worker={"CPU": cluster.cpus_per_worker},
-                                     placement_strategy=cluster.placement),
+        scaling_config=scaling_config(cluster),
         run_config=RunConfig(name="train", storage_path=storage,
                              failure_config=FailureConfig(max_failures=cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -1,0 +1,308 @@
+"""Hyperparameter search: Ray Tune + Optuna (TPE) + ASHA, each trial a Ray Train `TorchTrainer`.
+
+Trials are scored on the validation set of `rayad.validation` (never the test split); only the best
+trial's model is evaluated on test, once, after the search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+import torch
+from ray import tune
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from rayad import __version__
+from rayad.artifact import Predictor, build_anomaly_model
+from rayad.config import Config, load_config
+from rayad.errors import ConfigError, RayadError
+from rayad.evaluate import METRIC_NAMES, evaluate
+from rayad.train.checkpoint import load_checkpoint
+from rayad.train.loop import finalize, load_train_data
+from rayad.train.ray_train import (
+    Cluster,
+    check_resources,
+    connect,
+    describe,
+    scaling_config,
+    train_loop_per_worker,
+    worker_threads,
+)
+from rayad.tune.space import SearchSpace, load_space
+from rayad.tune.store import BEST, EXPERIMENT, STATUSES, STUDY, TRIALS, ResultsStore, read_rows, write_json
+from rayad.validation import PIXEL_METRICS, VAL_METRICS, load_validation
+
+DEFAULT_METRIC = "val_image_auroc"
+TUNE_DIR = "tune"  # Tune's experiment state (for --resume) inside EXP_DIR
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything that defines an experiment; saved in experiment.json and reused by --resume."""
+
+    data_root: str
+    category: str
+    space: str
+    trials: int = 8
+    concurrent: int | None = None  # default: as many trials as the cluster's resources hold
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    metric: tuple[str, ...] = ()  # several = multi-objective (ASHA and the best model use the first)
+    mode: tuple[str, ...] = ()
+    scheduler: str = "asha"  # or "fifo": every trial runs to the end
+    grace_period: int = 1  # evaluations before ASHA may stop a trial
+    reduction_factor: int = 3
+    seed: int = 0
+    val_root: str | None = None
+    config_file: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    storage: str | None = None  # Tune and Train storage (a path or URI all nodes see); default EXP_DIR
+    max_failures: int = 0  # Train worker failures each trial recovers from
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SearchSettings:
+        return cls(**{**raw, "metric": tuple(raw["metric"]), "mode": tuple(raw["mode"])})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved experiment: base config, space, objective and resources."""
+
+    settings: SearchSettings
+    base: Config
+    space: SearchSpace
+    metrics: tuple[str, ...]
+    modes: tuple[str, ...]
+    cluster: Cluster
+    max_iterations: int
+
+
+def plan_search(settings: SearchSettings) -> Plan:
+    """Check the space, objective and settings; fails before any trial starts, naming what is wrong."""
+    s = settings
+    if s.trials < 1 or s.workers_per_trial < 1 or s.cpus_per_worker <= 0 or s.gpus_per_worker < 0:
+        raise ConfigError("--trials and --workers-per-trial must be >= 1, --cpus-per-worker > 0, "
+                          "--gpus-per-worker >= 0")
+    if s.scheduler not in ("asha", "fifo"):
+        raise ConfigError(f"scheduler {s.scheduler!r}: use asha or fifo")
+    base = load_config(s.config_file, s.overrides)
+    space = load_space(s.space, base)
+    base = base.replace(space.fixed, s.space)
+    base = base.replace({"train.log_every": base.train.checkpoint_every})  # every report carries the metrics
+    metrics = s.metric or (space.metric or DEFAULT_METRIC,)
+    for m in metrics:
+        if m not in VAL_METRICS:
+            raise ConfigError(f"metric {m!r}: choose from {list(VAL_METRICS)} (validation metrics only)")
+    modes = s.mode or tuple(space.mode or "max" for _ in metrics)
+    if len(modes) != len(metrics) or set(modes) - {"max", "min"}:
+        raise ConfigError(f"mode {list(modes)}: give max or min for each of {list(metrics)}")
+    cluster = Cluster(workers=s.workers_per_trial, use_gpu=s.gpus_per_worker > 0, cpus_per_worker=s.cpus_per_worker,
+                      gpus_per_worker=s.gpus_per_worker or 1.0, max_failures=s.max_failures)
+    max_iterations = math.ceil(base.train.steps / base.train.checkpoint_every)
+    return Plan(s, base, space, tuple(metrics), tuple(modes), cluster, max_iterations)
+
+
+def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | None = None, resume: bool = False,
+               verbose: int = 1) -> dict[str, Any]:
+    """Run (or resume) an experiment, export the best model to EXP_DIR/best and evaluate it on test."""
+    exp_dir = Path(exp_dir).absolute()
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_search(settings)
+    s = plan.settings
+    _check_data(plan, exp_dir)
+    connect(address)
+    check_resources(plan.cluster)
+    concurrent = s.concurrent or _fitting_trials(plan.cluster)
+    experiment = _experiment_record(plan, concurrent, exp_dir)
+    if resume:
+        previous = json.loads((exp_dir / EXPERIMENT).read_text())
+        experiment = previous | {"status": "running", "resumed_at": [*previous.get("resumed_at", []), time.time()]}
+    write_json(exp_dir / EXPERIMENT, experiment)
+    print(f"[rayad] search {s.category}: {s.trials} trials, {concurrent} at a time, each {describe(plan.cluster)}; "
+          f"objective {'/'.join(plan.metrics)} on the validation set; scheduler {s.scheduler}; "
+          f"cluster {ray.cluster_resources().get('CPU', 0):g} CPU, {ray.cluster_resources().get('GPU', 0):g} GPU",
+          flush=True)
+    tuner = _tuner(plan, exp_dir, concurrent, resume, verbose)
+    tuner.fit()
+    return _finish(plan, exp_dir, experiment)
+
+
+def _check_data(plan: Plan, exp_dir: Path) -> None:
+    """Validate the data (and fill the image cache once) and check the objective can be computed."""
+    s = plan.settings
+    load_train_data(plan.base, s.data_root, s.category, exp_dir)
+    vset = load_validation(plan.base, s.data_root, s.category, s.val_root)
+    missing = [m for m in plan.metrics if m in PIXEL_METRICS and not vset.has_masks]
+    if missing:
+        raise ConfigError(f"metric {missing}: the validation set has no masks; use an image-level metric")
+
+
+def _fitting_trials(cluster: Cluster) -> int:
+    total = ray.cluster_resources()
+    fits = total.get("CPU", 0) // (cluster.workers * cluster.cpus_per_worker)
+    if cluster.use_gpu:
+        fits = min(fits, total.get("GPU", 0) // (cluster.workers * cluster.gpus_per_worker))
+    return max(1, int(fits))
+
+
+def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: int) -> tune.Tuner:
+    s = plan.settings
+    storage = s.storage or str(exp_dir)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, plan=plan, storage=f"{storage.rstrip('/')}/trials"),
+        # The trial's driver only waits for its TorchTrainer: it takes no CPU (a CPU each would deadlock a
+        # small machine). Ray refuses an all-zero request, so it asks for one byte of memory.
+        {"cpu": 0, "memory": 1},
+    )
+    tune_path = f"{storage.rstrip('/')}/{TUNE_DIR}"
+    if resume:
+        if not tune.Tuner.can_restore(tune_path):
+            raise RayadError(f"{exp_dir}: no experiment to resume (no Tune state at {tune_path})")
+        return tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=False)
+    searcher = OptunaSearch(
+        space=plan.space.define_by_run,
+        metric=list(plan.metrics) if len(plan.metrics) > 1 else plan.metrics[0],
+        mode=list(plan.modes) if len(plan.modes) > 1 else plan.modes[0],
+        points_to_evaluate=[plan.space.default_point(plan.base)],
+        storage=optuna.storages.RDBStorage(f"sqlite:///{exp_dir / STUDY}"),
+        study_name=s.category,
+        seed=s.seed,
+    )
+    if s.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=plan.metrics[0], mode=plan.modes[0],
+                                  max_t=plan.max_iterations, grace_period=min(s.grace_period, plan.max_iterations),
+                                  reduction_factor=s.reduction_factor,
+                                  stop_last_trials=False)  # trials at max_t end by themselves, cleanly
+    else:
+        scheduler = FIFOScheduler()
+    store = ResultsStore(exp_dir, plan.metrics[0], plan.modes[0], plan.max_iterations,
+                         [p.key for p in plan.space.searched], plan.space.default_point(plan.base))
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.trials,
+                                    max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=storage, callbacks=[store], verbose=verbose),
+    )
+
+
+def trial_config(plan: Plan, params: dict[str, Any]) -> Config:
+    """A trial's config: the base with the trial's parameters (validation at every checkpoint)."""
+    cfg = plan.base.replace(plan.space.trial_overrides(params), "trial")
+    return cfg.replace({"train.log_every": cfg.train.checkpoint_every})
+
+
+def run_trial(params: dict[str, Any], plan: Plan, storage: str) -> None:
+    """One Tune trial: fit a TorchTrainer; its rank-0 reports reach Tune through TuneReportCallback."""
+    cfg = trial_config(plan, params)
+    trial_id = tune.get_context().get_trial_id()
+    s = plan.settings
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "data_root": str(Path(s.data_root).absolute()),
+                           "category": s.category, "threads": worker_threads(plan.cluster), "started": time.time(),
+                           "validate": True, "val_root": s.val_root},
+        scaling_config=scaling_config(plan.cluster),
+        run_config=RunConfig(
+            name=f"trial_{trial_id}",  # deterministic: a resumed experiment resumes the trial's Train run
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=plan.metrics[0],
+                                               checkpoint_score_order=plan.modes[0]),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def _finish(plan: Plan, exp_dir: Path, experiment: dict[str, Any]) -> dict[str, Any]:
+    """Export the best trial's best checkpoint to EXP_DIR/best and evaluate it once on the test split."""
+    rows = read_rows(exp_dir / TRIALS)
+    scored = [r for r in rows if r["best_value"] is not None and r["checkpoint_path"]]
+    if not scored:
+        raise RayadError(f"{exp_dir}: no trial produced a validation score (see {exp_dir / TRIALS})")
+    sign = 1 if plan.modes[0] == "max" else -1
+    best = max(scored, key=lambda r: sign * r["best_value"])
+    test = export_best(plan, best, exp_dir / BEST)
+    experiment.update(status="finished", finished_at=time.time(), trials=_count_statuses(rows), best={
+        "trial_id": best["trial_id"], "validation": {plan.metrics[0]: best["best_value"]},
+        "step": best["best_step"], "params": {k: v for k, v in best.items() if k.startswith("config/")},
+        "test": {k: test[k] for k in METRIC_NAMES}})
+    write_json(exp_dir / EXPERIMENT, experiment)
+    return experiment
+
+
+def _count_statuses(rows: list[dict[str, Any]]) -> dict[str, int]:
+    return {status: sum(r["status"] == status for r in rows) for status in STATUSES}
+
+
+def format_experiment(experiment: dict[str, Any]) -> str:
+    """A short text summary: trial counts, the best trial's parameters and its test metrics."""
+    counts, best = experiment["trials"], experiment["best"]
+    metric, value = next(iter(best["validation"].items()))
+    lines = [f"experiment {experiment['name']} ({experiment['category']}): "
+             + ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in counts.items() if n),
+             f"best trial {best['trial_id']}: {metric} {value:.4f} at step {best['step']}"]
+    lines += [f"  {key.removeprefix('config/')} = {v}" for key, v in best["params"].items() if v is not None]
+    lines.append("test split, once: " + "  ".join(f"{k} {_fmt(v)}" for k, v in best["test"].items()))
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def export_best(plan: Plan, row: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Turn a trial checkpoint into a model artifact (calibrated on the good validation images) and write
+    its test metrics beside it."""
+    s = plan.settings
+    with Checkpoint(row["checkpoint_path"]).as_directory() as directory:
+        state = json.loads((Path(directory) / "state.json").read_text())
+        cfg = Config.from_dict(state["config"], row["checkpoint_path"])
+        network = build_anomaly_model(cfg).network
+        load_checkpoint(directory, network)
+    data = load_train_data(cfg, s.data_root, s.category)
+    info = {"steps": state["step"], "search_trial": row["trial_id"], "validation": {plan.metrics[0]: row["best_value"]}}
+    finalize(network, cfg, data.val, out, "cpu", info)
+    metrics = evaluate(Predictor.load(out), s.data_root, s.category)
+    write_json(out / "test_metrics.json", metrics)
+    return metrics
+
+
+def _experiment_record(plan: Plan, concurrent: int, exp_dir: Path) -> dict[str, Any]:
+    s = plan.settings
+    return {
+        "name": exp_dir.name, "data_root": str(Path(s.data_root).absolute()), "category": s.category,
+        "space": {"file": str(s.space), "params": {p.key: {"kind": p.kind, "args": list(p.args),
+                                                             "when": {k: list(v) for k, v in p.when.items()}}
+                                                    for p in plan.space.params}},
+        "settings": dataclasses.asdict(s), "objective": {"metrics": list(plan.metrics), "modes": list(plan.modes),
+                                                         "split": "validation"},
+        "resources": {"concurrent_trials": concurrent, "per_trial": describe(plan.cluster)},
+        "max_iterations": plan.max_iterations, "base_config": plan.base.to_dict(),
+        "versions": {"rayad": __version__, "ray": ray.__version__, "torch": torch.__version__,
+                     "optuna": optuna.__version__, "python": platform.python_version()},
+        "command": sys.argv, "status": "running", "started_at": time.time(), "finished_at": None,
+    }
+
+
+def load_settings(exp_dir: str | Path) -> SearchSettings:
+    """The settings of an existing experiment (for --resume)."""
+    path = Path(exp_dir) / EXPERIMENT
+    if not path.is_file():
+        raise RayadError(f"{exp_dir}: not an experiment directory (no {EXPERIMENT})")
+    return SearchSettings.from_dict(json.loads(path.read_text())["settings"])

@@ -1,0 +1,227 @@
+"""Search spaces: YAML files in `tune_spaces/` (schema in tune_spaces/README.md), checked before any trial.
+
+    metric: val_image_auroc        # default for --metric (optional)
+    mode: max                      # max | min (optional)
+    params:
+      train.steps: 300             # a fixed value
+      train.lr: {loguniform: [5.0e-4, 5.0e-3]}
+      corruption.p_corrupt: {uniform: [0.5, 1.0]}
+      corruption.max_shapes: {int: [1, 4]}
+      model.skip: {choice: [ccm, add]}
+      model.encoder: {choice: [sdc, resnet18]}
+      model.pretrained_file: {choice: [null, weights/resnet18.safetensors], when: {model.encoder: resnet18}}
+
+Keys are config keys. `when` makes a parameter conditional on earlier ones. Choices may be lists or
+mappings (e.g. widths); Optuna records those as JSON strings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rayad.config import Config
+from rayad.errors import ConfigError
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "fixed")
+TOP_LEVEL = ("description", "metric", "mode", "params")
+SPACES_DIR = Path(__file__).resolve().parents[2] / "tune_spaces"
+BUDGET_KEYS = ("train.steps", "train.checkpoint_every")  # the trial budget and ASHA's unit: fixed
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str
+    kind: str  # one of DISTRIBUTIONS
+    args: tuple  # (low, high) for ranges, the choices for choice, (value,) for fixed
+    when: dict[str, tuple] = field(default_factory=dict)
+
+    @property
+    def encoded(self) -> bool:
+        """Choices that are not scalars are given to Optuna as JSON strings."""
+        return self.kind == "choice" and any(isinstance(c, list | dict) for c in self.args)
+
+    def suggest(self, trial) -> Any:
+        """Ask an Optuna trial for a value."""
+        if self.kind == "uniform":
+            return trial.suggest_float(self.key, *self.args)
+        if self.kind == "loguniform":
+            return trial.suggest_float(self.key, *self.args, log=True)
+        if self.kind == "int":
+            return trial.suggest_int(self.key, *self.args)
+        return trial.suggest_categorical(self.key, [self.encode(c) for c in self.args])
+
+    def encode(self, value: Any) -> Any:
+        return json.dumps(value) if self.encoded else value
+
+    def decode(self, value: Any) -> Any:
+        return json.loads(value) if self.encoded and isinstance(value, str) else value
+
+    def contains(self, value: Any) -> bool:
+        if self.kind in ("uniform", "loguniform", "int"):
+            return isinstance(value, int | float) and self.args[0] <= value <= self.args[1]
+        return value in self.args
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    params: tuple[Param, ...]
+    metric: str | None = None
+    mode: str | None = None
+    description: str = ""
+    source: str = "space"
+
+    @property
+    def searched(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.kind != "fixed")
+
+    @property
+    def fixed(self) -> dict[str, Any]:
+        return {p.key: p.args[0] for p in self.params if p.kind == "fixed"}
+
+    def define_by_run(self, trial) -> dict[str, Any]:
+        """Optuna's define-by-run function: suggests the active parameters, returns the fixed values."""
+        chosen: dict[str, Any] = {}
+        for p in self.searched:
+            if self._active(p, chosen):
+                chosen[p.key] = p.decode(p.suggest(trial))
+        return self.fixed
+
+    def trial_overrides(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Config overrides of one trial from Tune's config (Optuna's values, JSON choices decoded)."""
+        by_key = {p.key: p for p in self.params}
+        return {key: by_key[key].decode(value) for key, value in params.items() if key in by_key}
+
+    def default_point(self, base: Config) -> dict[str, Any]:
+        """The base config's values of the searched parameters: enqueued as the first trial, so the search
+        always measures the default too. Values outside a parameter's range are left to the sampler."""
+        flat = _flatten(base.to_dict())
+        point: dict[str, Any] = {}
+        for p in self.searched:
+            value = flat[p.key]
+            if self._active(p, point) and p.contains(value):
+                point[p.key] = value
+        return {k: self._param(k).encode(v) for k, v in point.items()}
+
+    def _param(self, key: str) -> Param:
+        return next(p for p in self.params if p.key == key)
+
+    @staticmethod
+    def _active(p: Param, chosen: dict[str, Any]) -> bool:
+        return all(k in chosen and chosen[k] in values for k, values in p.when.items())
+
+
+def resolve_space(name_or_path: str | Path) -> Path:
+    """A space file path, or the name of one in tune_spaces/ ("quick" -> tune_spaces/quick.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.absolute()
+    bundled = SPACES_DIR / f"{name_or_path}.yaml"
+    if bundled.is_file():
+        return bundled
+    names = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+    raise ConfigError(f"search space {str(name_or_path)!r}: no such file, and not one of {names} in {SPACES_DIR}")
+
+
+def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
+    """Read and check a space file against `base` (default: the default config)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read search space ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return parse_space(raw, base or Config(), str(path))
+
+
+def parse_space(raw: Any, base: Config, source: str = "space") -> SearchSpace:
+    if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict) or not raw["params"]:
+        raise ConfigError(f"{source}: expected a mapping with a non-empty 'params' mapping")
+    unknown = set(raw) - set(TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}; valid: {list(TOP_LEVEL)}")
+    if raw.get("mode") not in (None, "max", "min"):
+        raise ConfigError(f"{source}: mode = {raw['mode']!r} must be max or min")
+    params: list[Param] = []
+    for key, spec in raw["params"].items():
+        params.append(_parse_param(str(key), spec, base, [p.key for p in params], f"{source}: params.{key}"))
+    fixed = base.replace({p.key: p.args[0] for p in params if p.kind == "fixed"}, source)
+    for p in params:
+        _check_values(p, fixed, source)
+    return SearchSpace(tuple(params), raw.get("metric"), raw.get("mode"), str(raw.get("description", "")), source)
+
+
+def _parse_param(key: str, spec: Any, base: Config, earlier: list[str], where: str) -> Param:
+    if key not in _flatten(base.to_dict()):
+        raise ConfigError(f"{where}: not a config key (keys look like section.name, e.g. train.lr)")
+    if not isinstance(spec, dict):
+        return Param(key, "fixed", (spec,))
+    kinds = sorted(set(spec) - {"when"})
+    if not set(kinds) <= set(DISTRIBUTIONS):
+        raise ConfigError(f"{where}: unknown distribution {sorted(set(kinds) - set(DISTRIBUTIONS))}; valid: "
+                          f"{list(DISTRIBUTIONS)} (write a fixed mapping as {{fixed: ...}})")
+    if len(kinds) != 1:
+        raise ConfigError(f"{where}: give exactly one distribution, got {kinds}")
+    kind, args = kinds[0], spec[kinds[0]]
+    if key in BUDGET_KEYS and kind != "fixed":
+        raise ConfigError(f"{where}: {key} sets the trial budget and ASHA's unit; give it a fixed value")
+    when = _parse_when(spec.get("when"), earlier, where)
+    return Param(key, kind, _parse_args(kind, args, where), when)
+
+
+def _parse_args(kind: str, args: Any, where: str) -> tuple:
+    if kind == "fixed":
+        return (args,)
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}: choice needs a non-empty list")
+        return tuple(args)
+    if not (isinstance(args, list) and len(args) == 2
+            and all(isinstance(a, int | float) and not isinstance(a, bool) for a in args)):
+        raise ConfigError(f"{where}: {kind} needs [low, high] numbers, got {args!r}")
+    low, high = args
+    if low > high:
+        raise ConfigError(f"{where}: low {low} > high {high}")
+    if kind == "int" and not all(isinstance(a, int) for a in args):
+        raise ConfigError(f"{where}: int needs integer bounds, got {args!r}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}: loguniform needs low > 0, got {low}")
+    return (low, high) if kind == "int" else (float(low), float(high))
+
+
+def _parse_when(when: Any, earlier: list[str], where: str) -> dict[str, tuple]:
+    if when is None:
+        return {}
+    if not isinstance(when, dict) or not when:
+        raise ConfigError(f"{where}: when must map earlier parameters to a value or a list of values")
+    for key in when:
+        if key not in earlier:
+            raise ConfigError(f"{where}: when refers to {key!r}, which is not a parameter listed before it")
+    return {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
+
+
+def _check_values(p: Param, base: Config, source: str) -> None:
+    """Every value a parameter can take must make a valid config (type and range) on top of `base`."""
+    where = f"{source}: params.{p.key}"
+    if p.kind in ("uniform", "loguniform"):
+        if _field_type(base, p.key) is not float:
+            raise ConfigError(f"{where}: {p.kind} gives floats, but {p.key} is not a float (use int or choice)")
+        if not all(math.isfinite(v) for v in p.args):
+            raise ConfigError(f"{where}: bounds must be finite")
+    for value in p.args:
+        base.replace({p.key: value}, where)
+
+
+def _field_type(base: Config, key: str) -> type:
+    section, _, name = key.partition(".")
+    return type(getattr(getattr(base, section), name))
+
+
+def _flatten(raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{section}.{name}": value for section, values in raw.items() for name, value in values.items()}

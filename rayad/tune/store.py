@@ -1,0 +1,131 @@
+"""The results store of an experiment directory, written by a Tune callback while the search runs.
+
+    EXP_DIR/experiment.json   data, category, space, search settings, versions, status, best trial
+    EXP_DIR/trials.parquet    one row per trial: params, final and best validation metrics, status, times
+    EXP_DIR/history.parquet   one row per trial and evaluation
+    EXP_DIR/study.db          the Optuna study (SQLite; optuna-dashboard opens it too)
+    EXP_DIR/best/             the best trial's model artifact and its test metrics
+
+Every file is replaced atomically, so readers never see half a file and a crash loses at most the
+results of the trials that were running.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.tune import Callback
+
+from rayad.artifact import atomic_write
+from rayad.validation import VAL_METRICS
+
+EXPERIMENT, TRIALS, HISTORY, STUDY, BEST = "experiment.json", "trials.parquet", "history.parquet", "study.db", "best"
+PARAM_PREFIX = "config/"
+STATUSES = ("running", "completed", "stopped_early", "error")
+
+
+class ResultsStore(Callback):
+    """Keeps trials.parquet and history.parquet up to date; reloads them when an experiment resumes."""
+
+    def __init__(self, exp_dir: str | Path, metric: str, mode: str, max_iterations: int, param_keys: list[str],
+                 default_point: dict[str, Any]):
+        self.exp_dir = Path(exp_dir)
+        self.metric, self.mode, self.max_iterations = metric, mode, max_iterations
+        self.param_keys, self.default_point = param_keys, default_point
+        self.trials: dict[str, dict[str, Any]] = {}
+        self.history: list[dict[str, Any]] = []
+
+    def setup(self, **info) -> None:
+        self.trials = {row["trial_id"]: row for row in read_rows(self.exp_dir / TRIALS)}
+        self.history = read_rows(self.exp_dir / HISTORY)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        row = self.trials.get(trial.trial_id) or self._new_row(trial)
+        row["status"] = "running"
+        self.trials[trial.trial_id] = row
+        self._write_trials()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        record = {"trial_id": trial.trial_id, "iteration": result["training_iteration"], "step": result.get("step"),
+                  "loss": result.get("loss"), **{m: result.get(m) for m in VAL_METRICS},
+                  "images_per_s": result.get("interval_images_per_s"), "time_total_s": result.get("time_total_s"),
+                  "timestamp": time.time()}
+        self.history = [h for h in self.history
+                        if (h["trial_id"], h["iteration"]) != (record["trial_id"], record["iteration"])]
+        self.history.append(record)
+        row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
+        row.update({f"final_{m}": result.get(m) for m in VAL_METRICS})
+        row.update(iterations=result["training_iteration"], steps=result.get("step"),
+                   duration_s=result.get("time_total_s"))
+        value = result.get(self.metric)
+        if value is not None and (row["best_value"] is None or self._better(value, row["best_value"])):
+            row.update(best_value=value, best_iteration=result["training_iteration"], best_step=result.get("step"),
+                       checkpoint_path=result.get("checkpoint_path"))
+        write_rows(self.history, self.exp_dir / HISTORY)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
+        row["status"] = "completed" if (row["iterations"] or 0) >= self.max_iterations else "stopped_early"
+        row["ended_at"] = time.time()
+        self._write_trials()
+        self._print_progress(row)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
+        row.update(status="error", error=_error_message(trial), ended_at=time.time())
+        self._write_trials()
+        self._print_progress(row)
+
+    def _new_row(self, trial) -> dict[str, Any]:
+        params = {key: trial.config.get(key) for key in self.param_keys}
+        return {"trial_id": trial.trial_id, "status": "running", "is_default": params == {
+                    k: self.default_point.get(k) for k in self.param_keys},
+                **{PARAM_PREFIX + k: v for k, v in params.items()},
+                **{f"final_{m}": None for m in VAL_METRICS}, "metric": self.metric, "best_value": None,
+                "best_iteration": None, "best_step": None, "iterations": 0, "steps": 0, "started_at": time.time(),
+                "ended_at": None, "duration_s": None, "checkpoint_path": None, "error": None}
+
+    def _print_progress(self, row: dict[str, Any]) -> None:
+        done = sum(r["status"] != "running" for r in self.trials.values())
+        best = max((r["best_value"] for r in self.trials.values() if r["best_value"] is not None),
+                   key=lambda v: v if self.mode == "max" else -v, default=None)
+        value = "-" if row["best_value"] is None else f"{row['best_value']:.4f}"
+        print(f"[rayad] trial {row['trial_id']} {row['status']} after {row['iterations']}/{self.max_iterations} "
+              f"evaluations ({row['duration_s'] or 0:.0f}s): {self.metric} {value}; best so far "
+              f"{'-' if best is None else f'{best:.4f}'} ({done} trials done)" + (f"; {row['error']}" if row["error"]
+                                                                                  else ""), flush=True)
+
+    def _better(self, a: float, b: float) -> bool:
+        """On ties the later evaluation wins, as in Ray Train's checkpoint retention (num_to_keep=1)."""
+        return a >= b if self.mode == "max" else a <= b
+
+    def _write_trials(self) -> None:
+        write_rows(list(self.trials.values()), self.exp_dir / TRIALS)
+
+
+def _error_message(trial) -> str:
+    """The last line of the trial's traceback (Tune keeps the full one in the trial's error file)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()] if path else []
+    except OSError:
+        lines = []
+    return lines[-1] if lines else "the trial failed (see the Tune log)"
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return pq.read_table(path).to_pylist() if path.is_file() else []
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    table = pa.Table.from_pylist(rows) if rows else pa.table({})
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))

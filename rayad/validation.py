@@ -1,0 +1,88 @@
+"""The validation set that model selection sees. Never the test split.
+
+By default: the held-out good images of `data.val_fraction`, plus copies of them with defects painted by
+the demo's synthesiser (`rayad.data.defects`, which shares no code with the training corruption). Or a
+labelled validation dataset the user provides: its test split (any supported layout) is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rayad.config import Config
+from rayad.data.dataset import load_split, to_tensor
+from rayad.data.defects import DEFECTS, paint_defect
+from rayad.data.manifest import build_manifest
+from rayad.errors import DataError
+from rayad.evaluate import METRIC_NAMES
+from rayad.inference import AnomalyModel
+from rayad.metrics import compute_metrics
+
+VAL_METRICS = tuple(f"val_{name}" for name in METRIC_NAMES)
+PIXEL_METRICS = ("val_pixel_auroc", "val_aupro")
+
+
+@dataclass
+class ValidationSet:
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    labels: np.ndarray  # int (N,)
+    masks: np.ndarray | None  # bool (N, H, W)
+    defect_types: list[str]
+
+    @property
+    def has_masks(self) -> bool:
+        return self.masks is not None and bool(self.masks.any())
+
+
+def synthesize_validation(good: np.ndarray, seed: int, defects_per_image: int = 2) -> ValidationSet:
+    """The good images, plus `defects_per_image` defective copies of each (defect kinds in turn)."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    kinds = list(DEFECTS)
+    images, masks, types = [*good], [np.zeros(good.shape[1:3], bool)] * len(good), ["good"] * len(good)
+    for i in range(len(good) * defects_per_image):
+        kind = kinds[i % len(kinds)]
+        image, mask = paint_defect(good[i % len(good)], kind, rng)
+        images.append(image)
+        masks.append(mask)
+        types.append(kind)
+    labels = np.array([t != "good" for t in types], dtype=np.int64)
+    return ValidationSet(np.stack(images), labels, np.stack(masks), types)
+
+
+def load_validation(cfg: Config, data_root: str | Path, category: str, val_root: str | Path | None = None
+                    ) -> ValidationSet:
+    """The synthesised validation set of `data_root/category`, or the test split of `val_root/category`."""
+    size, policy = cfg.data.image_size, cfg.data.on_bad_image
+    if val_root is None:
+        good = load_split(build_manifest(data_root, category, cfg.data), "val", size, policy).images
+        if len(good) == 0:
+            raise DataError(f"{data_root}/{category}: no validation images (set data.val_fraction > 0)")
+        return synthesize_validation(good, cfg.data.split_seed)
+    split = load_split(build_manifest(val_root, category, cfg.data), "test", size, policy)
+    if not 0 < split.labels.sum() < len(split.labels):
+        raise DataError(f"{val_root}/{category}: a validation set needs both good and defective images")
+    return ValidationSet(split.images, split.labels, split.masks, split.defect_types)
+
+
+@torch.no_grad()
+def validation_metrics(network: nn.Module, cfg: Config, vset: ValidationSet, device: torch.device | str,
+                       batch_size: int = 32) -> dict[str, float | None]:
+    """`val_<metric>` for every metric of METRIC_NAMES, scored as `rayad evaluate` scores the test split."""
+    model = AnomalyModel(network, cfg.scoring)
+    was_training = network.training
+    network.eval()
+    scores, maps = [], []
+    for start in range(0, len(vset.images), batch_size):
+        batch = to_tensor(vset.images[start:start + batch_size]).to(device, memory_format=torch.channels_last)
+        _, anomaly_maps, image_scores = model.raw(batch)
+        scores.append(image_scores.float().cpu().numpy())
+        maps.append(anomaly_maps[:, 0].float().cpu().numpy())
+    network.train(was_training)
+    metrics = compute_metrics(np.concatenate(scores), vset.labels, None, np.concatenate(maps),
+                              vset.masks if vset.has_masks else None)
+    return {f"val_{name}": metrics[name] for name in METRIC_NAMES}

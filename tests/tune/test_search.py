@@ -1,0 +1,138 @@
+"""Ray Tune + Optuna + ASHA over Ray Train on the real 2-node test cluster: the results store, the best
+model, and resuming after the driver is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+from conftest import TINY
+
+from rayad.artifact import Predictor
+from rayad.cli import main
+from rayad.evaluate import METRIC_NAMES, evaluate
+from rayad.tune import SearchSettings, run_search
+from rayad.validation import VAL_METRICS
+
+pytestmark = pytest.mark.slow
+
+BASE = {k: v for k, v in TINY.items() if not k.startswith(("train.steps", "train.checkpoint_every", "train.log_every"))}
+FINISHED = ("completed", "stopped_early", "error")
+
+
+@pytest.fixture(scope="module")
+def tiny_space(tmp_path_factory):
+    path = tmp_path_factory.mktemp("space") / "tiny.yaml"
+    path.write_text("""\
+params:
+  train.steps: 6
+  train.checkpoint_every: 2
+  train.lr: {loguniform: [1.0e-3, 8.0e-3]}
+  corruption.p_corrupt: {uniform: [0.5, 1.0]}
+  model.skip: {choice: [ccm, add]}
+  corruption.noise_std: {choice: [0.0, 0.02], when: {model.skip: add}}
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def experiment(ray_cluster, demo_root, tiny_space, tmp_path_factory):
+    exp = tmp_path_factory.mktemp("exp") / "brick-tiny"
+    settings = SearchSettings(data_root=str(demo_root), category="brick", space=str(tiny_space), trials=4,
+                              overrides=BASE, seed=0)
+    record = run_search(settings, exp, verbose=0)
+    return exp, record
+
+
+def test_trials_table_has_one_row_per_trial_with_params_metrics_and_status(experiment):
+    exp, record = experiment
+    trials = pq.read_table(exp / "trials.parquet").to_pylist()
+    assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
+    assert {t["status"] for t in trials} <= {"completed", "stopped_early"}
+    assert all((t["status"] == "completed") == (t["iterations"] == 3) for t in trials)
+    default = [t for t in trials if t["is_default"]]
+    assert len(default) == 1 and default[0]["config/train.lr"] == 2e-3 and default[0]["config/model.skip"] == "ccm"
+    for t in trials:
+        assert 0.0 <= t["best_value"] <= 1.0 and t["duration_s"] > 0 and os.path.isdir(t["checkpoint_path"])
+        assert (t["config/corruption.noise_std"] is None) == (t["config/model.skip"] == "ccm")
+        assert all(t[f"final_{m}"] is not None for m in VAL_METRICS)
+    assert record["trials"]["completed"] + record["trials"]["stopped_early"] == 4
+
+
+def test_history_has_every_evaluation(experiment):
+    exp, _ = experiment
+    trials = pq.read_table(exp / "trials.parquet").to_pylist()
+    history = pq.read_table(exp / "history.parquet").to_pylist()
+    assert len(history) == sum(t["iterations"] for t in trials)
+    for t in trials:
+        rows = sorted((h for h in history if h["trial_id"] == t["trial_id"]), key=lambda h: h["iteration"])
+        assert [h["step"] for h in rows] == [2 * (i + 1) for i in range(t["iterations"])]
+        assert max(h["val_image_auroc"] for h in rows) == t["best_value"]
+
+
+def test_optuna_study_is_stored_in_sqlite(experiment):
+    exp, _ = experiment
+    study = optuna.load_study(study_name="brick", storage=f"sqlite:///{exp / 'study.db'}")
+    assert len(study.trials) == 4
+    assert study.trials[0].params["train.lr"] == 2e-3  # the default config ran first
+
+
+def test_best_model_is_the_best_trial_evaluated_once_on_test(experiment, demo_root):
+    exp, record = experiment
+    trials = pq.read_table(exp / "trials.parquet").to_pylist()
+    best = max(trials, key=lambda t: t["best_value"])
+    assert record["best"]["validation"]["val_image_auroc"] == best["best_value"]
+    saved = json.loads((exp / "best" / "test_metrics.json").read_text())
+    again = evaluate(Predictor.load(exp / "best"), demo_root, "brick")
+    for name in METRIC_NAMES:
+        assert saved[name] == pytest.approx(again[name]) and record["best"]["test"][name] == saved[name]
+    meta = json.loads((exp / "best" / "model.json").read_text())
+    assert meta["train"]["validation"]["val_image_auroc"] == best["best_value"]
+    assert meta["train"]["search_trial"] == best["trial_id"] == record["best"]["trial_id"]
+    written = json.loads((exp / "experiment.json").read_text())
+    assert written["status"] == "finished" and written["objective"]["split"] == "validation"
+    assert written["resources"] == {"concurrent_trials": 2, "per_trial": "1 worker(s) x 1 CPU"}
+
+
+def _rows(exp):
+    path = exp / "trials.parquet"
+    try:
+        return pq.read_table(path).to_pylist() if path.is_file() else []
+    except OSError:
+        return []
+
+
+def test_resume_after_the_driver_is_killed(ray_cluster, demo_root, tiny_space, tmp_path):
+    exp = tmp_path / "exp"
+    args = ["tune", "--data", str(demo_root), "--category", "brick", "--space", str(tiny_space), "--trials", "3",
+            "--concurrent", "1", "--scheduler", "fifo", "--out", str(exp), "--address", ray_cluster.address,
+            *[a for k, v in BASE.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
+    driver = subprocess.Popen([sys.executable, "-m", "rayad.cli", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not any(r["status"] in FINISHED for r in _rows(exp)):
+        assert driver.poll() is None and time.time() < deadline, "the first trial did not finish"
+        time.sleep(1)
+    time.sleep(12)  # Tune saves its experiment state at most every 10 s
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = {r["trial_id"]: r for r in _rows(exp) if r["status"] in FINISHED}
+    assert before and len(before) < 3
+
+    assert main(["tune", "--out", str(exp), "--resume", "--address", ray_cluster.address]) == 0
+    after = {r["trial_id"]: r for r in _rows(exp)}
+    assert len(after) == 3 and all(r["status"] == "completed" for r in after.values())
+    for trial_id, row in before.items():  # finished trials were not run again
+        assert after[trial_id]["ended_at"] == row["ended_at"] and after[trial_id]["best_value"] == row["best_value"]
+    study = optuna.load_study(study_name="brick", storage=f"sqlite:///{exp / 'study.db'}")
+    assert len(study.trials) == 3
+    record = json.loads((exp / "experiment.json").read_text())
+    assert record["status"] == "finished" and len(record["resumed_at"]) == 1
+    assert (exp / "best" / "model.json").is_file()

@@ -1,0 +1,125 @@
+"""Search spaces: the shipped files, sampling with Optuna, conditional parameters and every kind of mistake."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from rayad.cli import main
+from rayad.config import Config
+from rayad.errors import ConfigError
+from rayad.tune.space import SPACES_DIR, load_space, parse_space, resolve_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def sample(space, base: Config, n: int, seed: int = 0) -> list[dict]:
+    """Ask Optuna for `n` trials (the first is the enqueued default point); returns each trial's params."""
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.enqueue_trial(space.default_point(base))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        space.define_by_run(trial)
+        study.tell(trial, 0.5)
+        out.append(trial.params)
+    return out
+
+
+@pytest.mark.parametrize("name", ["quick", "paper", "ablation"])
+def test_shipped_spaces_load_and_every_sample_is_a_valid_config(name):
+    space = load_space(resolve_space(name))
+    base = Config().replace(space.fixed)
+    assert space.searched and space.metric == "val_image_auroc"
+    for params in sample(space, base, 12):
+        cfg = base.replace(space.trial_overrides(params))
+        for key, value in space.trial_overrides(params).items():
+            section, _, field = key.partition(".")
+            got = getattr(getattr(cfg, section), field)
+            assert (list(got) if isinstance(got, tuple) else got) == value
+
+
+def test_first_trial_is_the_base_config():
+    space = load_space(resolve_space("paper"))
+    base = Config().replace(space.fixed)
+    first = space.trial_overrides(sample(space, base, 1)[0])
+    assert base.replace(first) == base
+
+
+def test_conditional_parameter_is_sampled_only_when_its_condition_holds():
+    space = parse_space({"params": {
+        "model.encoder": {"choice": ["sdc", "resnet18"]},
+        "model.widths": {"choice": [[8, 16], [16, 32]], "when": {"model.encoder": "sdc"}},
+    }}, Config())
+    seen = {"sdc": 0, "resnet18": 0}
+    for params in sample(space, Config(), 16, seed=1):
+        seen[params["model.encoder"]] += 1
+        assert ("model.widths" in params) == (params["model.encoder"] == "sdc")
+        if "model.widths" in params:
+            assert json.loads(params["model.widths"]) in ([8, 16], [16, 32])
+    assert seen["sdc"] and seen["resnet18"]
+
+
+def test_fixed_values_and_fixed_mappings():
+    space = parse_space({"params": {"train.steps": 50, "train.checkpoint_every": 25,
+                                    "corruption.fill_sources": {"fixed": {"patch": 1.0}},
+                                    "train.lr": {"uniform": [0.001, 0.002]}}}, Config())
+    assert space.fixed == {"train.steps": 50, "train.checkpoint_every": 25, "corruption.fill_sources": {"patch": 1.0}}
+    assert [p.key for p in space.searched] == ["train.lr"]
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"train.lr": {"normal": [0, 1]}}, r"params.train.lr: unknown distribution \['normal'\]"),
+    ({"train.learning_rate": {"uniform": [0.1, 0.2]}}, r"params.train.learning_rate: not a config key"),
+    ({"train.lr": {"uniform": [0.01, 0.001]}}, r"params.train.lr: low 0.01 > high 0.001"),
+    ({"train.lr": {"loguniform": [0, 0.1]}}, r"params.train.lr: loguniform needs low > 0"),
+    ({"train.lr": {"uniform": ["a", 1]}}, r"params.train.lr: uniform needs \[low, high\] numbers"),
+    ({"train.batch_size": {"uniform": [4, 16]}}, r"params.train.batch_size: uniform gives floats"),
+    ({"corruption.max_shapes": {"int": [1.5, 3]}}, r"params.corruption.max_shapes: int needs integer bounds"),
+    ({"model.skip": {"choice": ["ccm", "bogus"]}}, r"params.model.skip.*'bogus' is not one of"),
+    ({"model.skip": {"choice": []}}, r"params.model.skip: choice needs a non-empty list"),
+    ({"corruption.p_corrupt": {"uniform": [0.5, 1.5]}}, r"corruption.p_corrupt = 1.5 is out of range"),
+    ({"train.steps": {"int": [100, 200]}}, r"params.train.steps: train.steps sets the trial budget"),
+    ({"model.widths": {"choice": [[8]], "when": {"model.encoder": "sdc"}}}, r"when refers to 'model.encoder'"),
+    ({"train.lr": {"uniform": [0.1, 0.2], "loguniform": [0.1, 0.2]}}, r"give exactly one distribution"),
+])
+def test_bad_spaces_fail_naming_the_key(params, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_space({"params": params}, Config(), "bad.yaml")
+
+
+def test_bad_top_level_fails():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['metrics'\]"):
+        parse_space({"metrics": "x", "params": {"train.lr": 0.001}}, Config())
+    with pytest.raises(ConfigError, match="non-empty 'params'"):
+        parse_space({"params": {}}, Config())
+    with pytest.raises(ConfigError, match="mode = 'up'"):
+        parse_space({"mode": "up", "params": {"train.lr": 0.001}}, Config())
+
+
+def test_resolve_space_names_the_shipped_ones(tmp_path):
+    assert resolve_space("quick") == SPACES_DIR / "quick.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text("params: {train.lr: 0.001}\n")
+    assert resolve_space(own) == own
+    with pytest.raises(ConfigError, match=r"not one of \['ablation', 'paper', 'quick'\]"):
+        resolve_space("nope")
+
+
+def test_cli_rejects_a_bad_space_before_any_trial(tmp_path, demo_root, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params:\n  train.lr: {uniform: [0.01, 0.001]}\n")
+    code = main(["tune", "--data", str(demo_root), "--category", "brick", "--space", str(bad),
+                 "--out", str(tmp_path / "exp")])
+    assert code == 2
+    assert "params.train.lr: low 0.01 > high 0.001" in capsys.readouterr().err
+    assert not (tmp_path / "exp" / "tune").exists()
+
+
+def test_cli_rejects_a_test_metric(tmp_path, demo_root, capsys):
+    code = main(["tune", "--data", str(demo_root), "--category", "brick", "--space", "quick",
+                 "--metric", "image_auroc", "--out", str(tmp_path / "exp")])
+    assert code == 2
+    assert "validation metrics only" in capsys.readouterr().err
