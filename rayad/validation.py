@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from rayad.config import Config
@@ -24,6 +25,7 @@ from rayad.inference import AnomalyModel
 from rayad.metrics import compute_metrics
 
 VAL_METRICS = tuple(f"val_{name}" for name in METRIC_NAMES)
+DEFECT_CANVAS = 128  # defects are painted at the scale the synthesiser was made for (the demo's 128² crops)
 PIXEL_METRICS = ("val_pixel_auroc", "val_aupro")
 
 
@@ -46,12 +48,31 @@ def synthesize_validation(good: np.ndarray, seed: int, defects_per_image: int = 
     images, masks, types = [*good], [np.zeros(good.shape[1:3], bool)] * len(good), ["good"] * len(good)
     for i in range(len(good) * defects_per_image):
         kind = kinds[i % len(kinds)]
-        image, mask = paint_defect(good[i % len(good)], kind, rng)
+        image, mask = _paint_on_canvas(good[i % len(good)], kind, rng)
         images.append(image)
         masks.append(mask)
         types.append(kind)
     labels = np.array([t != "good" for t in types], dtype=np.int64)
     return ValidationSet(np.stack(images), labels, np.stack(masks), types)
+
+
+def _paint_on_canvas(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paint at DEFECT_CANVAS² and bring the defect back to the image's size the way test images are
+    resized (bilinear, masks nearest). Only the defect's change is resampled: pixels away from it stay
+    exactly as they were, so resampling blur cannot give the defective copies away."""
+    size = image.shape[0]
+    if size == DEFECT_CANVAS:
+        return paint_defect(image, kind, rng)
+    canvas = _resize(image, DEFECT_CANVAS, Image.Resampling.BILINEAR)
+    painted, mask = paint_defect(canvas, kind, rng)
+    change = (_resize(painted, size, Image.Resampling.BILINEAR).astype(np.int16)
+              - _resize(canvas, size, Image.Resampling.BILINEAR).astype(np.int16))
+    small_mask = _resize(mask.astype(np.uint8) * 255, size, Image.Resampling.NEAREST) > 127
+    return np.clip(image.astype(np.int16) + change, 0, 255).astype(np.uint8), small_mask
+
+
+def _resize(array: np.ndarray, size: int, method: Image.Resampling) -> np.ndarray:
+    return np.asarray(Image.fromarray(array).resize((size, size), method))
 
 
 def load_validation(cfg: Config, data_root: str | Path, category: str, val_root: str | Path | None = None

@@ -37,6 +37,26 @@ def demo_root(tmp_path_factory):
     return make_demo_dataset(tmp_path_factory.mktemp("demo"), seed=0, n_train=12, n_test_good=4, n_per_defect=2)
 
 
+# TINY without the budget keys, which a search space fixes
+TINY_BASE = {k: v for k, v in TINY.items() if k not in ("train.steps", "train.checkpoint_every", "train.log_every")}
+
+
+@pytest.fixture(scope="session")
+def tiny_space(tmp_path_factory):
+    """A search space for tests: 6 steps, validation every 2, a conditional parameter."""
+    path = tmp_path_factory.mktemp("space") / "tiny.yaml"
+    path.write_text("""\
+params:
+  train.steps: 6
+  train.checkpoint_every: 2
+  train.lr: {loguniform: [1.0e-3, 8.0e-3]}
+  corruption.p_corrupt: {uniform: [0.5, 1.0]}
+  model.skip: {choice: [ccm, add]}
+  corruption.noise_std: {choice: [0.0, 0.02], when: {model.skip: add}}
+""")
+    return path
+
+
 @pytest.fixture
 def tiny_config() -> Config:
     return load_config(overrides=TINY)

@@ -100,9 +100,12 @@ def plan_search(settings: SearchSettings) -> Plan:
                           "--gpus-per-worker >= 0")
     if s.scheduler not in ("asha", "fifo"):
         raise ConfigError(f"scheduler {s.scheduler!r}: use asha or fifo")
-    base = load_config(s.config_file, s.overrides)
+    base = load_config(s.config_file)
     space = load_space(s.space, base)
-    base = base.replace(space.fixed, s.space)
+    searched = sorted(set(s.overrides) & {p.key for p in space.searched})
+    if searched:
+        raise ConfigError(f"{searched}: searched by {s.space}; drop them from --set or from the space")
+    base = base.replace(space.fixed, s.space).replace(s.overrides)  # --set wins over the space's fixed values
     base = base.replace({"train.log_every": base.train.checkpoint_every})  # every report carries the metrics
     metrics = s.metric or (space.metric or DEFAULT_METRIC,)
     for m in metrics:

@@ -13,7 +13,7 @@ import time
 import optuna
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY
+from conftest import TINY_BASE as BASE
 
 from rayad.artifact import Predictor
 from rayad.cli import main
@@ -23,23 +23,7 @@ from rayad.validation import VAL_METRICS
 
 pytestmark = pytest.mark.slow
 
-BASE = {k: v for k, v in TINY.items() if not k.startswith(("train.steps", "train.checkpoint_every", "train.log_every"))}
 FINISHED = ("completed", "stopped_early", "error")
-
-
-@pytest.fixture(scope="module")
-def tiny_space(tmp_path_factory):
-    path = tmp_path_factory.mktemp("space") / "tiny.yaml"
-    path.write_text("""\
-params:
-  train.steps: 6
-  train.checkpoint_every: 2
-  train.lr: {loguniform: [1.0e-3, 8.0e-3]}
-  corruption.p_corrupt: {uniform: [0.5, 1.0]}
-  model.skip: {choice: [ccm, add]}
-  corruption.noise_std: {choice: [0.0, 0.02], when: {model.skip: add}}
-""")
-    return path
 
 
 @pytest.fixture(scope="module")

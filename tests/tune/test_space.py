@@ -123,3 +123,10 @@ def test_cli_rejects_a_test_metric(tmp_path, demo_root, capsys):
                  "--metric", "image_auroc", "--out", str(tmp_path / "exp")])
     assert code == 2
     assert "validation metrics only" in capsys.readouterr().err
+
+
+def test_cli_rejects_setting_a_searched_parameter(tmp_path, demo_root, capsys):
+    code = main(["tune", "--data", str(demo_root), "--category", "brick", "--space", "quick",
+                 "--set", "train.lr=0.001", "--out", str(tmp_path / "exp")])
+    assert code == 2
+    assert "['train.lr']: searched by" in capsys.readouterr().err

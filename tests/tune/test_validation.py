@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from rayad.artifact import Predictor
 from rayad.data.dataset import load_split
@@ -13,7 +14,7 @@ from rayad.data.defects import DEFECTS, paint_defect
 from rayad.data.manifest import build_manifest
 from rayad.errors import DataError
 from rayad.metrics import compute_metrics
-from rayad.validation import VAL_METRICS, load_validation, synthesize_validation, validation_metrics
+from rayad.validation import DEFECT_CANVAS, VAL_METRICS, load_validation, synthesize_validation, validation_metrics
 
 
 def test_colour_defects_change_only_masked_pixels():
@@ -26,12 +27,17 @@ def test_colour_defects_change_only_masked_pixels():
         assert not np.array_equal(painted[mask], image[mask])
 
 
-def test_synthesized_set_pairs_good_images_with_defective_copies():
-    good = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+@pytest.mark.parametrize("size", [DEFECT_CANVAS, 64])
+def test_synthesized_set_pairs_good_images_with_defective_copies(size):
+    good = np.random.default_rng(1).integers(0, 256, (5, size, size, 3), dtype=np.uint8)
     vset = synthesize_validation(good, seed=3, defects_per_image=2)
     assert len(vset.images) == 15 and vset.labels.tolist() == [0] * 5 + [1] * 10
     assert np.array_equal(vset.images[:5], good) and not vset.masks[:5].any() and vset.masks[5:].any(axis=(1, 2)).all()
     assert set(vset.defect_types[5:]) == set(DEFECTS)
+    for i in range(5, 15):  # a defective copy differs from its good image only at the defect
+        mask = vset.masks[i] if size == DEFECT_CANVAS else ndimage.binary_dilation(vset.masks[i], iterations=3)
+        away = ~mask
+        assert np.array_equal(vset.images[i][away], good[(i - 5) % 5][away])
     again = synthesize_validation(good, seed=3, defects_per_image=2)
     assert np.array_equal(again.images, vset.images)
 

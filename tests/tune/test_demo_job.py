@@ -1,0 +1,32 @@
+"""`rayad demo`, the main job: demo data, a search per category, a summary; a rerun reuses the results."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import TINY_BASE
+
+from rayad.demo import run_demo
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_searches_keeps_the_best_model_and_summarises(ray_cluster, tiny_space, tmp_path, capsys):
+    summary = run_demo(tmp_path, space=str(tiny_space), trials=2, overrides=TINY_BASE, categories=("brick",))
+    out = capsys.readouterr().out
+    assert "best model per category" in out and "rayad evaluate --run" in out
+    exp = tmp_path / "brick"
+    test = json.loads((exp / "best" / "test_metrics.json").read_text())
+    assert summary["brick"]["trials"] == 2 and summary["brick"]["image_auroc"] == test["image_auroc"]
+    assert json.loads((tmp_path / "summary.json").read_text())["brick"]["aupro"] == test["aupro"]
+    assert (tmp_path / "data" / "brick" / "train" / "good").is_dir()
+
+    rows = pq.read_table(exp / "trials.parquet").to_pylist()
+    start = time.perf_counter()
+    again = run_demo(tmp_path, space=str(tiny_space), trials=2, overrides=TINY_BASE, categories=("brick",))
+    assert time.perf_counter() - start < 10  # nothing retrained
+    assert pq.read_table(exp / "trials.parquet").to_pylist() == rows
+    assert again["brick"]["image_auroc"] == summary["brick"]["image_auroc"]
