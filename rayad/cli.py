@@ -11,7 +11,7 @@ from pathlib import Path
 from rayad.errors import RayadError
 
 log = logging.getLogger("rayad")
-DEMO_TRIALS = 6  # per category: the default demo finishes within 15 minutes on 2 cores
+DEMO_TRIALS = 5  # per category: the default demo finishes within 15 minutes on 2 cores
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,11 +54,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="score images (files or folders)")
     predict.add_argument("--run", required=True, type=Path)
-    predict.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    predict.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (URIs with --ray)")
+    predict.add_argument("--input", dest="inputs", action="append", default=[], metavar="DIR_OR_URI",
+                         help="more inputs, e.g. s3://bucket/images/ (repeatable)")
     predict.add_argument("--out", type=Path, help="write one row per image to this Parquet file")
     predict.add_argument("--heatmaps", type=Path, help="write a heatmap PNG per image to this folder")
     predict.add_argument("--batch-size", type=int, default=32)
+    offline = predict.add_argument_group("offline batch scoring on Ray Data (--ray)")
+    offline.add_argument("--ray", action="store_true", help="stream the images through a Ray Data actor pool")
+    offline.add_argument("--actors", type=int, help="scoring actors (default: as many as the cluster's CPUs hold)")
+    offline.add_argument("--cpus-per-actor", type=float, default=1.0)
+    offline.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     predict.set_defaults(func=cmd_predict)
+
+    srv = sub.add_parser("serve", help="serve models over HTTP with Ray Serve (batched, multiplexed)")
+    srv.add_argument("--run", required=True, type=Path,
+                     help="a run, an experiment (serves best/), or a folder of them (e.g. rayad demo's output)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--replicas", type=int, help="fixed number of scorer replicas (= --min/--max-replicas)")
+    srv.add_argument("--min-replicas", type=int, default=1)
+    srv.add_argument("--max-replicas", type=int, default=1, help="autoscaling upper bound")
+    srv.add_argument("--target-ongoing", type=float, default=8.0, help="autoscaling target per replica")
+    srv.add_argument("--max-batch-size", type=int, default=16)
+    srv.add_argument("--batch-wait-ms", type=float, default=5.0)
+    srv.add_argument("--max-queued", type=int, default=64, help="queued requests per replica before 503")
+    srv.add_argument("--max-upload-mb", type=float, default=20.0)
+    srv.add_argument("--replica-cpus", type=float, default=1.0)
+    srv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    srv.set_defaults(func=cmd_serve)
+
+    export = sub.add_parser("export", help="export a model to TorchScript or ONNX (threshold in the metadata)")
+    export.add_argument("--run", required=True, type=Path)
+    export.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    export.add_argument("--out", required=True, type=Path, help="folder for the model file and rayad_export.json")
+    export.set_defaults(func=cmd_export)
 
     tune = sub.add_parser("tune", help="hyperparameter search (Ray Tune + Optuna + ASHA) into an experiment dir")
     tune.add_argument("--data", type=Path, help="dataset root")
@@ -172,15 +202,60 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    inputs = args.paths + args.inputs
+    if not inputs:
+        raise RayadError("give image files or folders to score")
+    if args.ray:
+        from rayad.predict import predict_with_ray
+        from rayad.train.ray_train import connect
+
+        if args.out is None:
+            raise RayadError("--ray writes its rows to --out FILE.parquet")
+        connect(args.address)
+        count = predict_with_ray(args.run, inputs, args.out, args.heatmaps, args.batch_size, args.actors,
+                                 args.cpus_per_actor)
+        print(f"wrote {count} rows to {args.out}")
+        return
     from rayad.predict import predict_paths
 
-    table = predict_paths(args.run, args.paths, args.out, args.heatmaps, args.batch_size)
+    table = predict_paths(args.run, [Path(p) for p in inputs], args.out, args.heatmaps, args.batch_size)
     for row in table.to_pylist():
         status = row["error"] or ("anomalous" if row["label"] else "good")
         score = "-" if row["score"] is None else f"{row['score']:.6g}"
         print(f"{score:>12}  {status:<10} {row['path']}")
     if args.out:
         print(f"wrote {table.num_rows} rows to {args.out}")
+
+
+def cmd_serve(args) -> None:
+    import os
+    import time
+
+    from rayad.serve import ServeSettings, discover_models, start
+    from rayad.train.ray_train import connect
+
+    low, high = (args.replicas, args.replicas) if args.replicas else (args.min_replicas, args.max_replicas)
+    if low < 1 or high < low:
+        raise RayadError(f"replicas: need 1 <= min ({low}) <= max ({high})")
+    settings = ServeSettings(models=discover_models(args.run), min_replicas=low, max_replicas=high,
+                             target_ongoing_requests=args.target_ongoing, max_batch_size=args.max_batch_size,
+                             batch_wait_s=args.batch_wait_ms / 1000, max_queued_requests=args.max_queued,
+                             max_upload_mb=args.max_upload_mb, replica_cpus=args.replica_cpus,
+                             api_key=os.environ.get("RAYAD_API_KEY") or None)
+    connect(args.address)
+    url = start(settings, args.host, args.port)
+    print(f"serving {sorted(settings.models)} at {url} (API docs: {url}/docs"
+          + ("; API key required" if settings.api_key else "") + "). Ctrl-C stops.", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def cmd_export(args) -> None:
+    from rayad.export import export_model
+
+    meta = export_model(args.run, args.format, args.out)
+    print(f"wrote {args.out / meta['file']} (threshold {meta['threshold']:.6g}; max difference to PyTorch "
+          f"{meta['parity']['max_abs_difference']:.2g}, tolerance {meta['parity']['tolerance']:g})")
 
 
 def cmd_tune(args) -> None:

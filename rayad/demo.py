@@ -14,7 +14,7 @@ from rayad.tune import SearchSettings, resolve_space, run_search
 from rayad.tune.store import EXPERIMENT
 
 
-def run_demo(out: str | Path, space: str = "quick", trials: int = 6, overrides: dict[str, Any] | None = None,
+def run_demo(out: str | Path, space: str = "quick", trials: int = 5, overrides: dict[str, Any] | None = None,
              address: str | None = None, config_file: str | Path | None = None,
              categories: tuple[str, ...] = CATEGORIES) -> dict[str, Any]:
     """Search each category (reusing finished experiments, resuming interrupted ones) and print a summary."""

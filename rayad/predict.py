@@ -1,18 +1,26 @@
-"""`rayad predict`: score files and folders, write a Parquet table and optional heatmaps."""
+"""`rayad predict`: score files and folders, write a Parquet table and optional heatmaps.
+
+In one process, or (`--ray`) streamed through Ray Data: files are read as bytes, an actor pool holding the
+`Predictor` scores them in batches, and the driver writes the rows to one Parquet file as they arrive.
+Both paths decode with `load_image` and score with `Predictor.predict_arrays`, so they give the same rows.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from rayad.artifact import Predictor
-from rayad.data.images import IMAGE_SUFFIXES, decode_image
+from rayad.data.images import IMAGE_SUFFIXES, decode_image, load_image
 from rayad.errors import DataError
 from rayad.visualize import heatmap_image
 
+READ_CPUS = 0.25  # reading files is I/O: the read tasks take a small CPU share
 SCHEMA = pa.schema([("path", pa.string()), ("score", pa.float64()), ("normalized_score", pa.float64()),
                     ("label", pa.bool_()), ("heatmap", pa.string()), ("error", pa.string())])
 
@@ -35,18 +43,10 @@ def predict_paths(run: str | Path, paths: list[Path], out: Path | None = None, h
     """One row per image (path, score, normalized_score, label, heatmap, error); bad files get an error."""
     predictor = Predictor.load(run)
     files = expand_paths(paths)
-    preds, errors = predictor.predict_files(files, batch_size)
-    normalized = predictor.model.normalized_score(torch.from_numpy(preds.scores)).numpy()
-    rows, k = [], 0
-    for path, error in zip(files, errors, strict=True):
-        if error is not None:
-            rows.append({"path": str(path), "score": None, "normalized_score": None, "label": None,
-                         "heatmap": None, "error": error})
-            continue
-        heatmap = _write_heatmap(heatmaps, path, preds.maps[k], predictor.threshold) if heatmaps else None
-        rows.append({"path": str(path), "score": float(preds.scores[k]), "normalized_score": float(normalized[k]),
-                     "label": bool(preds.labels[k]), "heatmap": heatmap, "error": None})
-        k += 1
+    rows = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        rows += score_rows(predictor, [str(f) for f in chunk], [_read(f) for f in chunk], heatmaps)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -54,13 +54,88 @@ def predict_paths(run: str | Path, paths: list[Path], out: Path | None = None, h
     return table
 
 
-def _write_heatmap(folder: Path, path: Path, anomaly_map, threshold: float) -> str:
+def _read(path: Path) -> bytes | str:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        return f"{path}: cannot read ({e.strerror})"
+
+
+def score_rows(predictor: Predictor, names: list[str], contents: list[bytes | str], heatmaps: Path | None
+               ) -> list[dict]:
+    """Rows for a batch of encoded images (a str in `contents` is an error already met while reading)."""
+    images, errors = [], []
+    for name, content in zip(names, contents, strict=True):
+        try:
+            if isinstance(content, str):
+                raise DataError(content)
+            images.append(load_image(content, predictor.image_size))
+            errors.append(None)
+        except DataError as e:
+            errors.append(str(e).replace("<bytes>", name))
+    size = predictor.image_size
+    preds = predictor.predict_arrays(np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8))
+    normalized = predictor.model.normalized_score(torch.from_numpy(preds.scores)).numpy()
+    rows, k = [], 0
+    for name, content, error in zip(names, contents, errors, strict=True):
+        if error is not None:
+            rows.append({"path": name, "score": None, "normalized_score": None, "label": None, "heatmap": None,
+                         "error": error})
+            continue
+        heatmap = _write_heatmap(heatmaps, name, content, preds.maps[k], predictor.threshold) if heatmaps else None
+        rows.append({"path": name, "score": float(preds.scores[k]), "normalized_score": float(normalized[k]),
+                     "label": bool(preds.labels[k]), "heatmap": heatmap, "error": None})
+        k += 1
+    return rows
+
+
+def _write_heatmap(folder: Path, name: str, content: bytes, anomaly_map: np.ndarray, threshold: float) -> str:
+    """A heatmap PNG at the image's own size, named after the image and a hash of its full path (so that
+    images with the same name in different folders, or scored by different workers, never collide)."""
     folder.mkdir(parents=True, exist_ok=True)
-    size = decode_image(path).size
-    target = folder / f"{path.stem}_heatmap.png"
-    n = 1
-    while target.exists():  # images with the same name in different folders
-        target = folder / f"{path.stem}_heatmap_{n}.png"
-        n += 1
-    heatmap_image(anomaly_map, threshold, size).save(target)
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    target = folder / f"{Path(name).stem}_{digest}_heatmap.png"
+    heatmap_image(anomaly_map, threshold, decode_image(content).size).save(target)
     return str(target)
+
+
+class ScoringActor:
+    """A Ray Data actor: loads the Predictor once, scores batches of encoded images into rows."""
+
+    def __init__(self, run_dir: str, heatmaps: str | None, threads: int):
+        torch.set_num_threads(threads)
+        self.predictor = Predictor.load(run_dir)
+        self.heatmaps = Path(heatmaps) if heatmaps else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = score_rows(self.predictor, [str(p) for p in batch["path"]], list(batch["bytes"]), self.heatmaps)
+        return {name: [row[name] for row in rows] for name in SCHEMA.names}
+
+
+def predict_with_ray(run: str | Path, inputs: list[str], out: Path, heatmaps: Path | None = None,
+                     batch_size: int = 32, actors: int | None = None, cpus_per_actor: float = 1.0) -> int:
+    """Stream `inputs` (local files and folders, or URIs such as s3://bucket/images/) through an actor pool
+    and write one Parquet file; returns the row count. Every node must reach the inputs and the run."""
+    import ray
+
+    local = [str(p) for p in expand_paths([Path(i) for i in inputs if "://" not in i])]
+    remote = [i for i in inputs if "://" in i]
+    if not local and not remote:
+        raise DataError(f"no images in {inputs}")
+    dataset = ray.data.read_binary_files(local + remote, include_paths=True, num_cpus=READ_CPUS,
+                                         file_extensions=[s.lstrip(".") for s in IMAGE_SUFFIXES])
+    free = ray.cluster_resources().get("CPU", 1) - READ_CPUS  # leave room for the read tasks, or they starve
+    pool = actors or max(1, int(free // cpus_per_actor))
+    scored = dataset.map_batches(
+        ScoringActor, batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+        fn_constructor_kwargs={"run_dir": str(Path(run).absolute()),
+                               "heatmaps": str(heatmaps.absolute()) if heatmaps else None,
+                               "threads": max(1, int(cpus_per_actor))})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with pq.ParquetWriter(out, SCHEMA) as writer:
+        for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.write_table(batch.select(SCHEMA.names).cast(SCHEMA))
+            count += batch.num_rows
+    return count

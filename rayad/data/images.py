@@ -15,16 +15,20 @@ MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as possible decompres
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def decode_image(source: str | Path | bytes) -> Image.Image:
+class ImageTooLarge(DataError):
+    """An image over the pixel limit: a possible decompression bomb, refused before it is decoded."""
+
+
+def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open and fully decode an image from a path or bytes; raises DataError naming the source if it is bad."""
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise DataError(f"{name}: {image.width}x{image.height} pixels is over the limit of "
-                                f"{MAX_IMAGE_PIXELS:,}")
+            if image.width * image.height > max_pixels:
+                raise ImageTooLarge(f"{name}: {image.width}x{image.height} pixels is over the limit of "
+                                    f"{max_pixels:,}")
             image.load()
     except DataError:
         raise
@@ -47,9 +51,9 @@ def to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def load_image(source: str | Path | bytes, size: int) -> np.ndarray:
+def load_image(source: str | Path | bytes, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode and pre-process one image: uint8 (size, size, 3)."""
-    return to_rgb_array(decode_image(source), size)
+    return to_rgb_array(decode_image(source, max_pixels), size)
 
 
 def load_mask(path: str | Path, size: int, expected_hw: tuple[int, int] | None = None) -> np.ndarray:

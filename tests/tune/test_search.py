@@ -30,7 +30,7 @@ FINISHED = ("completed", "stopped_early", "error")
 def experiment(ray_cluster, demo_root, tiny_space, tmp_path_factory):
     exp = tmp_path_factory.mktemp("exp") / "brick-tiny"
     settings = SearchSettings(data_root=str(demo_root), category="brick", space=str(tiny_space), trials=4,
-                              overrides=BASE, seed=0)
+                              overrides=BASE, seed=0, metric=("val_image_auroc", "val_aupro"), mode=("max", "max"))
     record = run_search(settings, exp, verbose=0)
     return exp, record
 
@@ -61,11 +61,15 @@ def test_history_has_every_evaluation(experiment):
         assert max(h["val_image_auroc"] for h in rows) == t["best_value"]
 
 
-def test_optuna_study_is_stored_in_sqlite(experiment):
+def test_optuna_study_is_stored_in_sqlite_and_multi_objective(experiment):
     exp, _ = experiment
     study = optuna.load_study(study_name="brick", storage=f"sqlite:///{exp / 'study.db'}")
-    assert len(study.trials) == 4
+    assert len(study.trials) == 4 and len(study.directions) == 2
     assert study.trials[0].params["train.lr"] == 2e-3  # the default config ran first
+    trials = {t["config/train.lr"]: t for t in pq.read_table(exp / "trials.parquet").to_pylist()}
+    for trial in study.trials:  # Optuna was told both objectives of the trial's last evaluation
+        row = trials[trial.params["train.lr"]]
+        assert trial.values == pytest.approx([row["final_val_image_auroc"], row["final_val_aupro"]])
 
 
 def test_best_model_is_the_best_trial_evaluated_once_on_test(experiment, demo_root):

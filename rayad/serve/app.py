@@ -1,0 +1,345 @@
+"""The Ray Serve application: a FastAPI ingress in front of a batched, multiplexed scorer.
+
+    client --HTTP--> Api (FastAPI: auth, size limits, decoding, JSON errors)
+                      --handle, multiplexed_model_id=<model>--> Scorer (LRU of Predictors, @serve.batch)
+
+Images are decoded with `load_image` and scored with `Predictor.score`, exactly as `rayad predict` and
+`rayad evaluate` do, so a served score equals theirs for the same file.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the route signatures' real types after
+# Serve rewrites the methods of the ingress class. Serve serialises the deployment classes when they are
+# decorated, so everything their methods use is defined above them.
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import logging
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+from starlette.requests import Request as StarletteRequest
+
+from rayad import __version__
+from rayad.artifact import METADATA, WEIGHTS, Predictor
+from rayad.data.images import ImageTooLarge, load_image
+from rayad.errors import DataError, RayadError
+from rayad.visualize import heatmap_image
+
+log = logging.getLogger(__name__)
+API_KEY_HEADER = "x-api-key"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What `rayad serve` and the Serve config file set."""
+
+    models: dict[str, str] = field(default_factory=dict)  # model name -> artifact folder
+    max_batch_size: int = 16
+    batch_wait_s: float = 0.005
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0
+    max_queued_requests: int = 64  # per scorer replica; beyond it requests get 503 at once
+    replica_cpus: float = 1.0
+    ingress_cpus: float = 0.0
+    max_upload_mb: float = 20.0
+    max_pixels: int = 25_000_000
+    max_batch_images: int = 64
+    api_key: str | None = None  # when set, requests need it in the X-API-Key header (or a Bearer token)
+
+
+def discover_models(path: str | Path) -> dict[str, str]:
+    """Models under `path`: a run (model.json), an experiment (best/model.json, named after its category),
+    or a folder of those (e.g. `rayad demo`'s output, one experiment per category)."""
+    path = Path(path)
+    found = _model_at(path)
+    if found:
+        return found
+    models: dict[str, str] = {}
+    for child in sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []:
+        models.update(_model_at(child))
+    if not models:
+        raise RayadError(f"{path}: no model found (a run with {METADATA}, an experiment with best/{METADATA}, "
+                         "or a folder of those)")
+    return models
+
+
+def _model_at(path: Path) -> dict[str, str]:
+    if (path / METADATA).is_file():
+        return {path.name: str(path.absolute())}
+    if (path / "best" / METADATA).is_file():
+        experiment = path / "experiment.json"
+        name = json.loads(experiment.read_text())["category"] if experiment.is_file() else path.name
+        return {name: str((path / "best").absolute())}
+    return {}
+
+
+def model_card(name: str, run_dir: str) -> dict[str, Any]:
+    """What GET /v1/models says about a model (read from its files, without loading the weights)."""
+    run = Path(run_dir)
+    meta = json.loads((run / METADATA).read_text())
+    metrics_file = run / "test_metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return {"name": name, "version": model_version(run), "category": name, "threshold": meta["threshold"],
+            "image_size": meta["image_size"], "normalization": meta["normalization"],
+            "metrics": {k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")}}
+
+
+def model_version(run: Path) -> str:
+    """The first 12 hex digits of the weights' SHA-256: changes whenever the model does."""
+    return hashlib.sha256((run / WEIGHTS).read_bytes()).hexdigest()[:12]
+
+
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").startswith("multipart/form-data")
+
+
+async def _uploads(request: Request, body: bytes, limit: int) -> list[tuple[str, bytes]]:
+    """(filename, content) of the files in a multipart body that was already read."""
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await StarletteRequest(request.scope, replay).form(max_files=limit, max_fields=limit)
+    except Exception as e:  # noqa: BLE001 - malformed multipart bodies raise various parser errors
+        raise HTTPException(400, f"malformed multipart body ({e})") from None
+    return [(item.filename or key, await item.read()) for key, item in form.multi_items() if hasattr(item, "read")]
+
+
+def _png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+MODELS_PER_REPLICA = 4  # the LRU size of loaded models in each scorer replica
+
+
+@serve.deployment
+class Scorer:
+    """Holds an LRU of loaded models (Serve multiplexing) and scores concurrent requests in batches."""
+
+    def __init__(self, settings: dict[str, Any], threads: int):
+        self.settings = ServeSettings(**settings)
+        torch.set_num_threads(threads)
+        self.score_batch.set_max_batch_size(self.settings.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(self.settings.batch_wait_s)
+
+    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+    async def get_model(self, name: str) -> Predictor:
+        return Predictor.load(self.settings.models[name])
+
+    async def score(self, image: np.ndarray, with_map: bool) -> dict[str, Any]:
+        predictor = await self.get_model(serve.get_multiplexed_model_id())
+        return await self.score_batch(predictor, image, with_map)
+
+    @serve.batch
+    async def score_batch(self, predictors: list[Predictor], images: list[np.ndarray], with_maps: list[bool]
+                          ) -> list[dict[str, Any]]:
+        """One forward pass per model present in the batch."""
+        results: list[dict[str, Any] | None] = [None] * len(images)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, predictor in enumerate(predictors):
+            groups[id(predictor)].append(i)
+        for indices in groups.values():
+            predictor = predictors[indices[0]]
+            out = predictor.score(np.stack([images[i] for i in indices]))
+            normalized = predictor.model.normalized_score(out.pred_score.double())  # as rayad predict
+            for row, i in enumerate(indices):
+                results[i] = {"score": float(out.pred_score[row]), "normalized_score": float(normalized[row]),
+                              "label": bool(out.pred_label[row]), "threshold": predictor.threshold,
+                              "map": out.anomaly_map[row].float().numpy() if with_maps[i] else None}
+        return results
+
+
+app = FastAPI(title="rayad", version=__version__, description="Visual anomaly detection: score images.")
+
+
+@app.exception_handler(HTTPException)
+async def _json_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _bad_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"error": f"bad request parameters ({problems})"}, status_code=422)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s", request.url.path)
+    return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+
+@serve.deployment
+@serve.ingress(app)
+class Api:
+    """HTTP routes. Validates everything a client can get wrong before the scorer sees it."""
+
+    def __init__(self, scorer, settings: dict[str, Any]):
+        self.scorer = scorer
+        self.settings = ServeSettings(**settings)
+        self.cards = {name: model_card(name, run) for name, run in self.settings.models.items()}
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> dict[str, Any]:
+        """Ready when the scorer answers for every model (loading them if needed)."""
+        blank = np.zeros((8, 8, 3), np.uint8)
+        try:
+            for name, card in self.cards.items():
+                image = np.resize(blank, (card["image_size"], card["image_size"], 3))
+                await self.scorer.options(multiplexed_model_id=name).score.remote(image, False)
+        except Exception as e:  # noqa: BLE001 - any failure means not ready
+            raise HTTPException(503, f"not ready: {type(e).__name__}") from None
+        return {"status": "ready", "models": sorted(self.cards)}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {"models": list(self.cards.values())}
+
+    @app.post("/v1/predict")
+    async def predict(self, request: Request, model: str | None = None, heatmap: bool = False) -> dict[str, Any]:
+        """One image: the raw request body, or a multipart upload (field `file`)."""
+        self._authorize(request)
+        name = self._model(model)
+        body = await self._read_body(request, self.settings.max_upload_mb)
+        if _is_multipart(request):
+            files = await _uploads(request, body, limit=1)
+            if not files:
+                raise HTTPException(400, "no file in the multipart upload (send it in the field 'file')")
+            body = files[0][1]
+        image = self._decode(body, name)
+        return await self._score(name, image, heatmap)
+
+    @app.post("/v1/predict/batch")
+    async def predict_batch(self, request: Request, model: str | None = None, heatmap: bool = False
+                            ) -> dict[str, Any]:
+        """Several images as a multipart upload (any field names); bad images get an error entry each."""
+        self._authorize(request)
+        name = self._model(model)
+        if not _is_multipart(request):
+            raise HTTPException(400, "send the images as multipart/form-data")
+        body = await self._read_body(request, self.settings.max_upload_mb * self.settings.max_batch_images)
+        files = await _uploads(request, body, limit=self.settings.max_batch_images)
+        if not files:
+            raise HTTPException(400, "no files in the upload")
+        tasks = [self._score_upload(name, filename, content, heatmap) for filename, content in files]
+        return {"model": name, "results": await asyncio.gather(*tasks)}
+
+    async def _score_upload(self, name: str, filename: str, content: bytes, heatmap: bool) -> dict[str, Any]:
+        try:
+            if len(content) > self.settings.max_upload_mb * 2**20:
+                raise HTTPException(413, f"over the upload limit of {self.settings.max_upload_mb:g} MB")
+            return {"file": filename, **await self._score(name, self._decode(content, name), heatmap)}
+        except HTTPException as e:
+            if e.status_code == 503:
+                raise
+            return {"file": filename, "error": e.detail, "status": e.status_code}
+
+    async def _score(self, name: str, image: np.ndarray, heatmap: bool) -> dict[str, Any]:
+        try:
+            result = await self.scorer.options(multiplexed_model_id=name).score.remote(image, heatmap)
+        except BackPressureError:
+            raise HTTPException(503, "overloaded: too many requests queued; retry shortly",
+                                headers={"Retry-After": "1"}) from None
+        except (RayActorError, ActorUnavailableError):  # a replica died; Serve is replacing it
+            raise HTTPException(503, "a scorer replica failed and is restarting; retry shortly",
+                                headers={"Retry-After": "1"}) from None
+        card = self.cards[name]
+        out = {"model": name, "version": card["version"], "score": result["score"],
+               "normalized_score": result["normalized_score"], "label": result["label"],
+               "threshold": result["threshold"]}
+        if heatmap:
+            out["heatmap_png"] = _png_base64(heatmap_image(result["map"], result["threshold"]))
+            out["mask_png"] = _png_base64(Image.fromarray((result["map"] >= result["threshold"]).astype(np.uint8)
+                                                          * 255))
+        return out
+
+    def _authorize(self, request: Request) -> None:
+        key = self.settings.api_key
+        if not key:
+            return
+        given = request.headers.get(API_KEY_HEADER) or request.headers.get("authorization", "").removeprefix(
+            "Bearer ")
+        if given != key:
+            raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header)")
+
+    def _model(self, model: str | None) -> str:
+        if model is None:
+            if len(self.cards) == 1:
+                return next(iter(self.cards))
+            raise HTTPException(400, f"several models are served; pick one with ?model= ({sorted(self.cards)})")
+        if model not in self.cards:
+            raise HTTPException(404, f"unknown model {model!r}; served: {sorted(self.cards)}")
+        return model
+
+    def _decode(self, content: bytes, name: str) -> np.ndarray:
+        if not content:
+            raise HTTPException(400, "empty image")
+        try:
+            return load_image(content, self.cards[name]["image_size"], self.settings.max_pixels)
+        except ImageTooLarge as e:
+            raise HTTPException(413, str(e).replace("<bytes>", "image")) from None
+        except DataError as e:
+            raise HTTPException(400, str(e).replace("<bytes>", "image")) from None
+
+    @staticmethod
+    async def _read_body(request: Request, limit_mb: float) -> bytes:
+        """The body, refused with 413 as soon as it passes the limit (never buffered beyond it)."""
+        limit = int(limit_mb * 2**20)
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"body of {int(declared):,} bytes is over the limit of {limit:,}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"body is over the limit of {limit:,} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if not body:
+            raise HTTPException(400, "empty body: send an image")
+        return body
+
+
+def build_app(settings: ServeSettings):
+    """The Serve application graph for `serve.run` (and `rayad serve`)."""
+    raw = asdict(settings)
+    scorer = Scorer.options(
+        ray_actor_options={"num_cpus": settings.replica_cpus},
+        autoscaling_config={"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
+                            "target_ongoing_requests": settings.target_ongoing_requests},
+        max_ongoing_requests=max(2 * settings.max_batch_size, int(settings.target_ongoing_requests)),
+        max_queued_requests=settings.max_queued_requests,
+    ).bind(raw, max(1, int(settings.replica_cpus)))
+    return Api.options(ray_actor_options={"num_cpus": settings.ingress_cpus}, max_ongoing_requests=1000).bind(
+        scorer, raw)
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry for `serve run` / `serve deploy` configs: args are ServeSettings fields, plus `run` (a
+    folder to discover models in) instead of `models`."""
+    args = dict(args)
+    if "run" in args:
+        args["models"] = discover_models(args.pop("run"))
+    return build_app(ServeSettings(**args))
+

@@ -1,0 +1,189 @@
+"""The Serve application over real HTTP on the 2-node test cluster: the API, score parity with predict and
+evaluate, every kind of bad input, the API key, overload, and a killed replica."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from rayad.artifact import Predictor
+from rayad.evaluate import evaluate
+from rayad.predict import predict_paths
+from rayad.serve import ServeSettings, discover_models, start
+
+pytestmark = pytest.mark.slow
+
+KEY = {"X-API-Key": "secret"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, trained_run, tmp_path_factory):
+    from ray import serve
+
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree(trained_run, models / "brick")
+    shutil.copytree(trained_run, models / "grass")
+    settings = ServeSettings(models=discover_models(models), max_batch_size=4, batch_wait_s=0.02,
+                             max_queued_requests=2, replica_cpus=0.5, max_upload_mb=0.25, max_pixels=1_000_000,
+                             api_key="secret")
+    url = start(settings, port=_free_port())
+    yield url
+    serve.shutdown()
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_health_and_models(server):
+    assert requests.get(f"{server}/healthz").json() == {"status": "ok"}
+    assert requests.get(f"{server}/readyz", timeout=60).json()["models"] == ["brick", "grass"]
+    models = requests.get(f"{server}/v1/models", headers=KEY).json()["models"]
+    assert [m["name"] for m in models] == ["brick", "grass"]
+    assert models[0]["image_size"] == 32 and models[0]["threshold"] > 0 and len(models[0]["version"]) == 12
+
+
+def test_served_score_equals_predict_and_evaluate(server, trained_run, demo_root):
+    files = sorted((demo_root / "brick" / "test").rglob("*.png"))[:6]
+    plain = {r["path"]: r for r in predict_paths(trained_run, files).to_pylist()}
+    evaluated = evaluate(Predictor.load(trained_run), demo_root, "brick")
+    by_path = dict(zip(evaluated["paths"], evaluated["scores"], strict=True))
+    for path in files:
+        raw = requests.post(f"{server}/v1/predict?model=brick", data=path.read_bytes(), headers=KEY).json()
+        upload = requests.post(f"{server}/v1/predict?model=grass", headers=KEY,
+                               files={"file": (path.name, path.read_bytes(), "image/png")}).json()
+        assert raw["score"] == pytest.approx(plain[str(path)]["score"], abs=1e-6)
+        assert raw["score"] == pytest.approx(by_path[str(path)], abs=1e-6)
+        assert upload["score"] == pytest.approx(raw["score"], abs=1e-6)
+        assert raw["label"] == plain[str(path)]["label"] and raw["model"] == "brick"
+        assert raw["normalized_score"] == pytest.approx(plain[str(path)]["normalized_score"], rel=1e-6)
+
+
+def test_heatmap_and_mask(server, demo_root):
+    path = next((demo_root / "brick" / "test" / "hole").glob("*.png"))
+    out = requests.post(f"{server}/v1/predict?model=brick&heatmap=true", data=path.read_bytes(), headers=KEY).json()
+    heatmap = Image.open(io.BytesIO(base64.b64decode(out["heatmap_png"])))
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["mask_png"]))))
+    assert heatmap.size == (32, 32) and heatmap.mode == "RGB" and set(np.unique(mask)) <= {0, 255}
+    assert mask.any() == out["label"]  # the map reaches the threshold exactly where the score does
+
+
+def test_batch_with_a_bad_image(server, demo_root):
+    paths = sorted((demo_root / "brick" / "test" / "good").glob("*.png"))[:2]
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    files.append(("files", ("bad.png", b"not an image", "image/png")))
+    out = requests.post(f"{server}/v1/predict/batch?model=brick", files=files, headers=KEY).json()
+    results = out["results"]
+    assert [r["file"] for r in results] == [paths[0].name, paths[1].name, "bad.png"]
+    assert all("score" in r for r in results[:2])
+    assert results[2]["status"] == 400 and "not a readable image" in results[2]["error"]
+
+
+def test_bad_input_never_gives_500(server, demo_root):
+    good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
+    gray = _png(np.random.default_rng(0).integers(0, 256, (40, 50), dtype=np.uint8))
+    bomb = _png(np.zeros((1500, 1500), np.uint8))  # 2.25 M pixels in a few KB
+    cases = [
+        ("non-image bytes", b"hello, world", 400, "not a readable image"),
+        ("truncated PNG", good[: len(good) // 2], 400, "not a readable image"),
+        ("empty body", b"", 400, "empty body"),
+        ("oversize upload", b"\0" * 300_000, 413, "over the limit"),
+        ("decompression bomb", bomb, 413, "pixels is over the limit"),
+    ]
+    for what, body, status, message in cases:
+        response = requests.post(f"{server}/v1/predict?model=brick", data=body, headers=KEY)
+        assert response.status_code == status, what
+        assert message in response.json()["error"], what
+    unknown = requests.post(f"{server}/v1/predict?model=nope", data=good, headers=KEY)
+    assert unknown.status_code == 404 and "unknown model 'nope'" in unknown.json()["error"]
+    ambiguous = requests.post(f"{server}/v1/predict", data=good, headers=KEY)
+    assert ambiguous.status_code == 400 and "pick one with ?model=" in ambiguous.json()["error"]
+    bad_param = requests.post(f"{server}/v1/predict?model=brick&heatmap=maybe", data=good, headers=KEY)
+    assert bad_param.status_code == 422 and "heatmap" in bad_param.json()["error"]
+    assert requests.post(f"{server}/v1/predict?model=brick", data=gray, headers=KEY).status_code == 200
+    assert requests.post(f"{server}/v1/predict?model=brick", data=good, headers=KEY).json()["score"] > 0
+
+
+def test_api_key(server, demo_root):
+    good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
+    assert requests.post(f"{server}/v1/predict?model=brick", data=good).status_code == 401
+    wrong = requests.post(f"{server}/v1/predict?model=brick", data=good, headers={"X-API-Key": "guess"})
+    assert wrong.status_code == 401 and "API key" in wrong.json()["error"]
+    bearer = requests.post(f"{server}/v1/predict?model=brick", data=good, headers={"Authorization": "Bearer secret"})
+    assert bearer.status_code == 200
+    assert requests.get(f"{server}/healthz").status_code == 200  # probes need no key
+
+
+def test_overload_answers_503_quickly(server, demo_root):
+    good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
+    statuses: list[int] = []
+
+    def send():
+        start = time.perf_counter()
+        response = requests.post(f"{server}/v1/predict?model=brick", data=good, headers=KEY, timeout=60)
+        statuses.append(response.status_code)
+        if response.status_code == 503:
+            assert time.perf_counter() - start < 5 and response.headers["Retry-After"] == "1"
+
+    threads = [threading.Thread(target=send) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) > 0
+    assert requests.post(f"{server}/v1/predict?model=brick", data=good, headers=KEY).status_code == 200
+
+
+def test_killed_replica_recovers_without_restart(server, demo_root):
+    from ray.util.state import list_actors
+
+    good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
+    replicas = list_actors(filters=[("class_name", "=", "ServeReplica:rayad:Scorer"), ("state", "=", "ALIVE")])
+    assert len(replicas) == 1
+    outcomes: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                code = requests.post(f"{server}/v1/predict?model=brick", data=good, headers=KEY, timeout=30).status_code
+            except requests.RequestException:
+                code = -1
+            outcomes.append((time.time(), code))
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    time.sleep(2)
+    killed_at = time.time()
+    os.kill(replicas[0]["pid"], signal.SIGKILL)
+    deadline = killed_at + 90
+    while not any(t > killed_at + 1 and code == 200 for t, code in outcomes[-5:]) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    stop.set()
+    thread.join()
+    after = [(t, c) for t, c in outcomes if t > killed_at]
+    failed = sum(c != 200 for _, c in after)
+    recovered = next(t for t, c in after if c == 200 and t > killed_at + 1) - killed_at
+    print(f"\nreplica killed: {failed} of {len(after)} requests failed; recovered after {recovered:.1f}s")
+    assert {c for _, c in after} <= {200, 503}  # failures are clean 503s, never 500 or a dropped connection
+    assert after[-1][1] == 200 and recovered < 90

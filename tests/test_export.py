@@ -1,0 +1,56 @@
+"""Export to TorchScript and ONNX: same scores and maps as the PyTorch model, calibration in the metadata."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rayad.artifact import Predictor
+from rayad.cli import main
+from rayad.data.dataset import load_split
+from rayad.data.manifest import build_manifest
+from rayad.errors import RayadError
+from rayad.export import FORMATS, METADATA, TOLERANCE, export_model, run_exported
+
+
+@pytest.fixture(scope="module")
+def test_images(trained_run, demo_root):
+    predictor = Predictor.load(trained_run)
+    manifest = build_manifest(demo_root, "brick", predictor.config.data)
+    return load_split(manifest, "test", predictor.image_size).images
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_export_matches_pytorch_on_test_images(fmt, trained_run, test_images, tmp_path):
+    meta = export_model(trained_run, fmt, tmp_path, check_images=test_images[:4])
+    predictor = Predictor.load(trained_run, device="cpu")
+    expected = predictor.predict_arrays(test_images)
+    batch = test_images.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    scores, maps = run_exported(tmp_path / FORMATS[fmt], fmt, batch)  # a batch size never traced with
+    assert np.abs(scores - expected.scores).max() <= TOLERANCE[fmt]
+    assert np.abs(maps - expected.maps).max() <= TOLERANCE[fmt]
+    assert np.array_equal(scores >= meta["threshold"], expected.labels)
+    written = json.loads((tmp_path / METADATA).read_text())
+    model_json = json.loads((trained_run / "model.json").read_text())
+    assert written["threshold"] == model_json["threshold"] == predictor.threshold
+    assert written["normalization"] == model_json["normalization"]
+    assert written["parity"]["max_abs_difference"] <= TOLERANCE[fmt]
+
+
+def test_onnx_file_carries_its_metadata(trained_run, tmp_path):
+    import onnx
+
+    export_model(trained_run, "onnx", tmp_path)
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert json.loads(props["rayad"])["threshold"] == float(props["threshold"])
+
+
+def test_cli_export_and_errors(trained_run, tmp_path, capsys):
+    assert main(["export", "--run", str(trained_run), "--format", "torchscript", "--out", str(tmp_path)]) == 0
+    assert "max difference to PyTorch" in capsys.readouterr().out and (tmp_path / "model.pt").is_file()
+    assert main(["export", "--run", str(tmp_path / "nope"), "--format", "onnx", "--out", str(tmp_path)]) == 2
+    assert "not a rayad model" in capsys.readouterr().err
+    with pytest.raises(RayadError, match="choose from"):
+        export_model(trained_run, "tflite", tmp_path)

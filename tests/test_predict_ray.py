@@ -1,0 +1,39 @@
+"""`rayad predict --ray`: Ray Data streams the files through an actor pool; same rows as the plain path."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from rayad.cli import main
+from rayad.predict import predict_paths
+
+pytestmark = pytest.mark.slow
+
+
+def test_ray_data_scoring_matches_single_process(ray_cluster, trained_run, demo_root, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(demo_root / "brick" / "test", images)
+    (images / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "scores.parquet"
+    code = main(["predict", "--run", str(trained_run), "--ray", "--input", str(images), "--out", str(out),
+                 "--heatmaps", str(tmp_path / "heat"), "--actors", "2", "--cpus-per-actor", "0.5",
+                 "--batch-size", "4"])
+    assert code == 0 and "wrote" in capsys.readouterr().out
+    rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    plain = {r["path"]: r for r in predict_paths(trained_run, [images]).to_pylist()}
+    assert rows.keys() == plain.keys() and len(rows) == 15
+    for path, row in rows.items():
+        if plain[path]["error"]:
+            assert row["score"] is None and "not a readable image" in row["error"] and path in row["error"]
+            continue
+        assert row["score"] == pytest.approx(plain[path]["score"], abs=1e-6)
+        assert row["label"] == plain[path]["label"] and row["heatmap"].endswith("_heatmap.png")
+    assert len(list((tmp_path / "heat").glob("*.png"))) == 14
+
+
+def test_ray_predict_needs_out(trained_run, demo_root, capsys):
+    assert main(["predict", "--run", str(trained_run), "--ray", str(demo_root / "brick" / "test")]) == 2
+    assert "--out" in capsys.readouterr().err
