@@ -1,0 +1,28 @@
+"""Which models `rayad serve --run` finds: a run, an experiment's best model, or a folder of them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from rayad.errors import RayadError
+from rayad.serve import discover_models
+from rayad.serve.app import model_card
+
+
+def test_run_experiment_and_folder(trained_run, tmp_path):
+    assert discover_models(trained_run) == {trained_run.name: str(trained_run.absolute())}
+    exp = tmp_path / "demo" / "exp-a"
+    shutil.copytree(trained_run, exp / "best")
+    (exp / "experiment.json").write_text(json.dumps({"category": "brick"}))
+    (exp / "best" / "test_metrics.json").write_text(json.dumps({"image_auroc": 0.75}))
+    shutil.copytree(trained_run, tmp_path / "demo" / "grass")
+    (tmp_path / "demo" / "data").mkdir()  # not a model: ignored
+    models = discover_models(tmp_path / "demo")
+    assert models == {"brick": str((exp / "best").absolute()), "grass": str((tmp_path / "demo" / "grass").absolute())}
+    card = model_card("brick", models["brick"])
+    assert card["metrics"]["image_auroc"] == 0.75 and card["image_size"] == 32
+    with pytest.raises(RayadError, match="no model found"):
+        discover_models(tmp_path / "demo" / "data")
