@@ -47,6 +47,7 @@ from rayad.tune.store import BEST, EXPERIMENT, STATUSES, STUDY, TRIALS, ResultsS
 from rayad.validation import PIXEL_METRICS, VAL_METRICS, load_validation
 
 DEFAULT_METRIC = "val_image_auroc"
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # rayad prints one line per trial instead
 TUNE_DIR = "tune"  # Tune's experiment state (for --resume) inside EXP_DIR
 
 
