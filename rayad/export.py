@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from rayad.artifact import Predictor, atomic_write
+from rayad.data.dataset import to_tensor
 from rayad.errors import RayadError
 from rayad.inference import AnomalyModel
 
@@ -69,7 +70,7 @@ def _check_inputs(images: np.ndarray | None, size: int) -> torch.Tensor:
     """Real images when given (uint8 N, H, W, 3), else seeded noise, as a float batch in [0, 1]."""
     if images is None:
         images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).contiguous()
+    return to_tensor(images).contiguous()
 
 
 def _export_torchscript(graph: nn.Module, inputs: torch.Tensor, path: Path) -> None:

@@ -132,10 +132,11 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
     connect(address)
     check_resources(plan.cluster)
     concurrent = s.concurrent or _fitting_trials(plan.cluster)
-    experiment = _experiment_record(plan, concurrent, exp_dir)
     if resume:
         previous = json.loads((exp_dir / EXPERIMENT).read_text())
         experiment = previous | {"status": "running", "resumed_at": [*previous.get("resumed_at", []), time.time()]}
+    else:
+        experiment = _experiment_record(plan, concurrent, exp_dir)
     write_json(exp_dir / EXPERIMENT, experiment)
     print(f"[rayad] search {s.category}: {s.trials} trials, {concurrent} at a time, each {describe(plan.cluster)}; "
           f"objective {'/'.join(plan.metrics)} on the validation set; scheduler {s.scheduler}; "
@@ -178,11 +179,12 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
         if not tune.Tuner.can_restore(tune_path):
             raise RayadError(f"{exp_dir}: no experiment to resume (no Tune state at {tune_path})")
         return tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=False)
+    default_point = plan.space.default_point(plan.base)
     searcher = OptunaSearch(
         space=plan.space.define_by_run,
         metric=list(plan.metrics) if len(plan.metrics) > 1 else plan.metrics[0],
         mode=list(plan.modes) if len(plan.modes) > 1 else plan.modes[0],
-        points_to_evaluate=[plan.space.default_point(plan.base)],
+        points_to_evaluate=[default_point],
         storage=optuna.storages.RDBStorage(f"sqlite:///{exp_dir / STUDY}"),
         study_name=s.category,
         seed=s.seed,
@@ -195,7 +197,7 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
     else:
         scheduler = FIFOScheduler()
     store = ResultsStore(exp_dir, plan.metrics[0], plan.modes[0], plan.max_iterations,
-                         [p.key for p in plan.space.searched], plan.space.default_point(plan.base))
+                         [p.key for p in plan.space.searched], default_point)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.trials,
@@ -205,9 +207,8 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
 
 
 def trial_config(plan: Plan, params: dict[str, Any]) -> Config:
-    """A trial's config: the base with the trial's parameters (validation at every checkpoint)."""
-    cfg = plan.base.replace(plan.space.trial_overrides(params), "trial")
-    return cfg.replace({"train.log_every": cfg.train.checkpoint_every})
+    """A trial's config: the base (validating at every checkpoint) with the trial's parameters."""
+    return plan.base.replace(plan.space.trial_overrides(params), "trial")
 
 
 def run_trial(params: dict[str, Any], plan: Plan, storage: str) -> None:
