@@ -124,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     _add_config_args(demo)
     demo.set_defaults(func=cmd_demo)
+
+    dash = sub.add_parser("dashboard", help="browse experiments, trials, metrics and heatmaps (Streamlit)")
+    dash.add_argument("--runs", type=Path, default=Path("runs"), help="folder of experiments (default: runs)")
+    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, local only)")
+    dash.add_argument("--port", type=int, default=8501)
+    dash.add_argument("--serve-url", help="score uploads on the Try-it page with this Serve endpoint, e.g. "
+                      "http://127.0.0.1:8000 (default: a model loaded in the dashboard)")
+    dash.set_defaults(func=cmd_dashboard)
     return parser
 
 
@@ -289,6 +297,12 @@ def cmd_demo(args) -> None:
     from rayad.demo import run_demo
 
     run_demo(args.out, args.space, args.trials, _overrides(args), args.address, args.config)
+
+
+def cmd_dashboard(args) -> None:
+    from rayad.dashboard import run_dashboard
+
+    run_dashboard(args.runs, args.host, args.port, args.serve_url)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,14 +12,15 @@ from rayad.config import DataConfig
 from rayad.data.dataset import load_split
 from rayad.data.manifest import build_manifest
 from rayad.errors import DataError
-from rayad.metrics import compute_metrics
+from rayad.metrics import compute_metrics, pixel_curves
 
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
 
 def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category: str,
              data: DataConfig | None = None, batch_size: int = 32) -> dict[str, Any]:
-    """Metrics of the model on the test split: the keys of METRIC_NAMES, threshold, n_images, per_defect."""
+    """Metrics of the model on the test split: the keys of METRIC_NAMES, threshold, n_images, per_defect, the
+    per-image scores (with paths, labels, defect types, mask paths) and pixel ROC/PR curves where masks exist."""
     if not isinstance(predictor, Predictor):
         predictor = Predictor.load(predictor)
     data = data or predictor.config.data
@@ -31,7 +32,9 @@ def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category:
     metrics = compute_metrics(preds.scores, test.labels, test.defect_types, preds.maps, test.masks)
     return {**metrics, "threshold": predictor.threshold, "scores": preds.scores.tolist(),
             "paths": test.rows["path"].to_pylist(), "labels": test.labels.tolist(),
-            "accuracy": float(np.mean(preds.labels == test.labels.astype(bool)))}
+            "defect_types": test.defect_types, "mask_paths": test.rows["mask_path"].to_pylist(),
+            "accuracy": float(np.mean(preds.labels == test.labels.astype(bool))),
+            "pixel_curves": pixel_curves(preds.maps, test.masks)}
 
 
 def format_table(metrics: dict[str, Any]) -> str:

@@ -88,3 +88,16 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(ray_cluster, demo_root, tiny_space, tmp_path_factory):
+    """A real search on the test cluster: 4 trials of the tiny space on brick, two objectives; returns
+    (experiment dir, the record `run_search` returned)."""
+    from rayad.tune import SearchSettings, run_search
+
+    exp = tmp_path_factory.mktemp("exp") / "brick-tiny"
+    settings = SearchSettings(data_root=str(demo_root), category="brick", space=str(tiny_space), trials=4,
+                              overrides=TINY_BASE, seed=0, metric=("val_image_auroc", "val_aupro"),
+                              mode=("max", "max"))
+    return exp, run_search(settings, exp, verbose=0)

@@ -48,7 +48,7 @@ def to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
     image = image.convert("RGB")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+    return np.array(image, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
 
 
 def load_image(source: str | Path | bytes, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:

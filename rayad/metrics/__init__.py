@@ -8,7 +8,9 @@ from rayad.metrics.aupro import aupro
 from rayad.metrics.auroc import auroc, roc_curve
 from rayad.metrics.f1 import f1_max, precision_recall_curve
 
-__all__ = ["aupro", "auroc", "compute_metrics", "f1_max", "precision_recall_curve", "roc_curve"]
+__all__ = ["aupro", "auroc", "compute_metrics", "f1_max", "pixel_curves", "precision_recall_curve", "roc_curve"]
+
+CURVE_POINTS = 400  # stored curves keep at most this many of their exact points
 
 
 def compute_metrics(scores: np.ndarray, labels: np.ndarray, defect_types: list[str] | None = None,
@@ -39,3 +41,20 @@ def _metrics(scores, labels, maps, masks) -> dict:
         "f1_max": f1_max(scores, labels)[0] if both else None,
         "n_images": int(len(labels)),
     }
+
+
+def pixel_curves(maps: np.ndarray, masks: np.ndarray | None, points: int = CURVE_POINTS) -> dict | None:
+    """Pixel-level ROC and PR curves, thinned to at most `points` exact points each (for plots), or None
+    without both good and defective pixels."""
+    if masks is None or not masks.any() or masks.all():
+        return None
+    fpr, tpr, _ = roc_curve(maps.ravel(), masks.ravel())
+    precision, recall, _ = precision_recall_curve(maps.ravel(), masks.ravel())
+    roc, pr = _thin(len(fpr), points), _thin(len(recall), points)
+    return {"roc": {"fpr": fpr[roc].tolist(), "tpr": tpr[roc].tolist()},
+            "pr": {"recall": recall[pr].tolist(), "precision": precision[pr].tolist()}}
+
+
+def _thin(n: int, points: int) -> np.ndarray:
+    """Indices of `points` evenly spaced points out of n, both ends included."""
+    return np.unique(np.linspace(0, n - 1, min(n, points)).round().astype(int))

@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,22 @@ def test_killed_replica_recovers_without_restart(server, demo_root):
     print(f"\nreplica killed: {failed} of {len(after)} requests failed; recovered after {recovered:.1f}s")
     assert {c for _, c in after} <= {200, 503}  # failures are clean 503s, never 500 or a dropped connection
     assert after[-1][1] == 200 and recovered < 90
+
+
+def test_dashboard_try_it_page_scores_through_serve(server, tiny_experiment, trained_run, demo_root, tmp_path,
+                                                    monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    exp, _ = tiny_experiment
+    shutil.copytree(exp, tmp_path / exp.name)  # category brick, which the server serves (trained_run)
+    for name, value in {"RAYAD_RUNS": str(tmp_path), "RAYAD_SERVE_URL": server, "RAYAD_API_KEY": "secret"}.items():
+        monkeypatch.setenv(name, value)
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("app_pages/try_it.py").run()
+    image = demo_root / "brick" / "test" / "hole" / "001.png"
+    at.file_uploader[0].set_value(("hole.png", image.read_bytes(), "image/png")).run()
+    assert not at.exception and server in at.caption[0].value
+    expected = Predictor.load(trained_run).predict_files([image])[0]
+    assert {m.label: m.value for m in at.metric}["Score"] == f"{expected.scores[0]:.6f}"
+    assert len(at.image) == 3

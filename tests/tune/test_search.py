@@ -18,7 +18,6 @@ from conftest import TINY_BASE as BASE
 from rayad.artifact import Predictor
 from rayad.cli import main
 from rayad.evaluate import METRIC_NAMES, evaluate
-from rayad.tune import SearchSettings, run_search
 from rayad.validation import VAL_METRICS
 
 pytestmark = pytest.mark.slow
@@ -26,17 +25,8 @@ pytestmark = pytest.mark.slow
 FINISHED = ("completed", "stopped_early", "error")
 
 
-@pytest.fixture(scope="module")
-def experiment(ray_cluster, demo_root, tiny_space, tmp_path_factory):
-    exp = tmp_path_factory.mktemp("exp") / "brick-tiny"
-    settings = SearchSettings(data_root=str(demo_root), category="brick", space=str(tiny_space), trials=4,
-                              overrides=BASE, seed=0, metric=("val_image_auroc", "val_aupro"), mode=("max", "max"))
-    record = run_search(settings, exp, verbose=0)
-    return exp, record
-
-
-def test_trials_table_has_one_row_per_trial_with_params_metrics_and_status(experiment):
-    exp, record = experiment
+def test_trials_table_has_one_row_per_trial_with_params_metrics_and_status(tiny_experiment):
+    exp, record = tiny_experiment
     trials = pq.read_table(exp / "trials.parquet").to_pylist()
     assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
     assert {t["status"] for t in trials} <= {"completed", "stopped_early"}
@@ -50,8 +40,8 @@ def test_trials_table_has_one_row_per_trial_with_params_metrics_and_status(exper
     assert record["trials"]["completed"] + record["trials"]["stopped_early"] == 4
 
 
-def test_history_has_every_evaluation(experiment):
-    exp, _ = experiment
+def test_history_has_every_evaluation(tiny_experiment):
+    exp, _ = tiny_experiment
     trials = pq.read_table(exp / "trials.parquet").to_pylist()
     history = pq.read_table(exp / "history.parquet").to_pylist()
     assert len(history) == sum(t["iterations"] for t in trials)
@@ -61,8 +51,8 @@ def test_history_has_every_evaluation(experiment):
         assert max(h["val_image_auroc"] for h in rows) == t["best_value"]
 
 
-def test_optuna_study_is_stored_in_sqlite_and_multi_objective(experiment):
-    exp, _ = experiment
+def test_optuna_study_is_stored_in_sqlite_and_multi_objective(tiny_experiment):
+    exp, _ = tiny_experiment
     study = optuna.load_study(study_name="brick", storage=f"sqlite:///{exp / 'study.db'}")
     assert len(study.trials) == 4 and len(study.directions) == 2
     assert study.trials[0].params["train.lr"] == 2e-3  # the default config ran first
@@ -72,8 +62,8 @@ def test_optuna_study_is_stored_in_sqlite_and_multi_objective(experiment):
         assert trial.values == pytest.approx([row["final_val_image_auroc"], row["final_val_aupro"]])
 
 
-def test_best_model_is_the_best_trial_evaluated_once_on_test(experiment, demo_root):
-    exp, record = experiment
+def test_best_model_is_the_best_trial_evaluated_once_on_test(tiny_experiment, demo_root):
+    exp, record = tiny_experiment
     trials = pq.read_table(exp / "trials.parquet").to_pylist()
     best = max(trials, key=lambda t: t["best_value"])
     assert record["best"]["validation"]["val_image_auroc"] == best["best_value"]

@@ -1,0 +1,68 @@
+"""Test images of the best model: input, reconstruction, heatmap overlay, ground truth and predicted mask."""
+
+import math
+
+import numpy as np
+import streamlit as st
+
+from rayad import results
+from rayad.tune.store import BEST
+from rayad.visualize import heatmap_image
+
+import loaders
+from widgets import threshold_slider
+
+PER_PAGE = 12
+VIEWS = {  # view -> (outcomes shown, worst first means highest score first)
+    "All": (None, True),
+    "Misses": (("false negative", "false positive"), True),
+    "False negatives": (("false negative",), False),
+    "False positives": (("false positive",), True),
+}
+OVERLAY_ALPHA = 0.5
+
+exp = loaders.selected_experiment()
+test = loaders.or_stop(loaders.test_results, str(exp), loaders.best_versions(exp))
+st.title(f"Gallery: {exp.name}")
+
+threshold = threshold_slider(str(exp), test.images["score"].to_numpy(), test.threshold, "gallery")
+images = test.images.assign(outcome=results.outcome(test.images, threshold))
+left, middle, right = st.columns([2, 2, 1])
+view = left.segmented_control("Show", list(VIEWS), default="All", key="gallery_view",
+                              help="Misses are sorted worst first: false negatives by lowest score, false "
+                                   "positives by highest.") or "All"
+types = middle.multiselect("Defect types", sorted(images["defect_type"].unique()), key="gallery_types",
+                           placeholder="all types")
+order = right.selectbox("Order", ["worst first", "score high to low", "score low to high"], key="gallery_order")
+
+outcomes, high_first = VIEWS[view]
+shown = images if outcomes is None else images[images["outcome"].isin(outcomes)]
+shown = shown[shown["defect_type"].isin(types)] if types else shown
+descending = high_first if order == "worst first" else order == "score high to low"
+shown = shown.sort_values("score", ascending=not descending, kind="stable")
+counts = images["outcome"].value_counts()
+st.caption(f"{len(shown)} of {len(images)} images · false negatives {counts.get('false negative', 0)} · "
+           f"false positives {counts.get('false positive', 0)} at threshold {threshold:.6f}")
+if shown.empty:
+    st.info("No image matches these filters.")
+    st.stop()
+
+pages = math.ceil(len(shown) / PER_PAGE)
+page = st.columns(6)[0].number_input(f"Page (of {pages})", 1, pages, 1, key="gallery_page") if pages > 1 else 1
+artifact, versions = str(exp / BEST), loaders.best_versions(exp)
+header = st.columns(5)
+for col, title in zip(header, ["Input", "Reconstruction", "Anomaly heatmap", "Ground truth", "Predicted mask"],
+                      strict=True):
+    col.markdown(f"**{title}**")
+for row in shown.iloc[(page - 1) * PER_PAGE: page * PER_PAGE].itertuples():
+    mask_path = row.mask_path if isinstance(row.mask_path, str) else None  # pandas shows a missing path as NaN
+    item = loaders.scored_image(artifact, versions, row.path, mask_path)
+    heat = np.asarray(heatmap_image(item["map"], test.threshold), dtype=np.float32)
+    overlay = (OVERLAY_ALPHA * heat + (1 - OVERLAY_ALPHA) * item["image"]).astype(np.uint8)
+    cols = st.columns(5)
+    cols[0].image(item["image"], width="stretch", caption=f"{row.defect_type} · score {row.score:.6f}")
+    cols[1].image(item["reconstruction"], width="stretch", caption=row.outcome)
+    cols[2].image(overlay, width="stretch")
+    cols[3].image(item["mask"].astype(np.uint8) * 255, width="stretch",
+                  caption=None if mask_path else "no mask (good image)")
+    cols[4].image((item["map"] >= threshold).astype(np.uint8) * 255, width="stretch")

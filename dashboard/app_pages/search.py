@@ -1,0 +1,78 @@
+"""The search of one experiment: trials, optimisation history, parameters, importance, learning curves."""
+
+import streamlit as st
+
+from rayad import results
+from rayad.tune.store import HISTORY
+
+import charts
+import loaders
+
+LIVE_REFRESH_S = 10
+CURVES_DEFAULT = 5
+
+exp = loaders.selected_experiment()
+experiment = loaders.or_stop(loaders.experiment, str(exp), loaders.experiment_versions(exp))
+metric, mode = results.objective(experiment)
+st.title(f"Search: {exp.name}")
+st.caption(f"Category `{experiment['category']}` · objective {mode} `{metric}` on the validation split · "
+           f"status {experiment.get('status', '?')}")
+
+
+@st.fragment(run_every=LIVE_REFRESH_S if experiment.get("status") == "running" else None)
+def trials_section() -> None:
+    table = loaders.or_stop(loaders.trials, str(exp), loaders.experiment_versions(exp))
+    if table.empty:
+        st.info("No trial has started yet.")
+        return
+    params = [p for p in results.searched_params(experiment) if p in table]
+    counts = table["status"].value_counts()
+    best = results.best_value(table, metric, mode)
+    cols = st.columns(6)
+    cols[0].metric(f"Best {metric}", "-" if best is None else f"{best:.4f}")
+    cols[1].metric("Trials", len(table))
+    for col, status in zip(cols[2:], results.TRIAL_STATUSES, strict=True):
+        col.metric(status.replace("_", " ").capitalize(), int(counts.get(status, 0)))
+    shown = ["number", "trial_id", "status", "best_value", "best_step", *params,
+             *[c for c in table if c.startswith("final_")], "duration_s", "error"]
+    st.dataframe(table, hide_index=True, column_order=[c for c in shown if c in table], column_config={
+        "best_value": st.column_config.NumberColumn(f"best {metric}", format="%.4f"),
+        "duration_s": st.column_config.NumberColumn("duration (s)", format="%.0f")})
+    history = results.optimisation_history(table, mode)
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Optimisation history")
+        st.altair_chart(charts.optimisation_history(history, metric), width="stretch")
+    with right:
+        st.subheader("Parallel coordinates")
+        if params and len(history) > 1:
+            st.altair_chart(charts.parallel_coordinates(table, params, metric), width="stretch")
+        else:
+            st.caption("Needs two scored trials and a searched parameter.")
+
+
+trials_section()
+
+st.subheader("Hyperparameter importance")
+try:
+    values = loaders.importances(str(exp), experiment["category"], loaders.study_versions(exp))
+except results.StoreError as e:
+    st.warning(f"Importance unavailable: {e}", icon=":material/warning:")
+else:
+    if values:
+        st.altair_chart(charts.importances(values), width="stretch")
+    else:
+        st.caption("Needs at least two finished trials.")
+
+st.subheader("Learning curves")
+table = loaders.or_stop(loaders.trials, str(exp), loaders.experiment_versions(exp))
+history = loaders.or_stop(loaders.history, str(exp), loaders.version(exp, HISTORY))
+if history.empty or table.empty:
+    st.caption("No evaluations yet.")
+else:
+    ranked = table.dropna(subset=["best_value"]).sort_values("best_value", ascending=mode == "min")
+    default = ranked["trial_id"].head(CURVES_DEFAULT).tolist()
+    chosen = st.multiselect("Trials", table["trial_id"].tolist(), default=default,
+                            help=f"By default the {CURVES_DEFAULT} best trials.")
+    curves = history[history["trial_id"].isin(chosen)].sort_values(["trial_id", "step"])
+    st.altair_chart(charts.learning_curves(curves, metric), width="stretch")

@@ -1,0 +1,75 @@
+"""Upload an image and score it: through the Serve endpoint when the dashboard was given one, otherwise with
+the experiment's best model loaded here."""
+
+import base64
+import io
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+
+from rayad.data.images import IMAGE_SUFFIXES, load_image
+from rayad.errors import DataError
+from rayad.tune.store import BEST
+from rayad.visualize import heatmap_image
+
+import loaders
+
+REQUEST_TIMEOUT_S = 30
+
+exp = loaders.selected_experiment()
+experiment = loaders.or_stop(loaders.experiment, str(exp), loaders.experiment_versions(exp))
+url = loaders.serve_url()
+st.title(f"Try it: {exp.name}")
+st.caption(f"Scored by the Serve endpoint {url}" if url else "Scored here with the experiment's best model "
+           "(start the dashboard with `--serve-url` to use a Serve deployment).")
+upload = st.file_uploader("Image", type=[s.lstrip(".") for s in IMAGE_SUFFIXES])
+
+
+def score_remote(content: bytes, model: str) -> dict:
+    """POST /v1/predict?heatmap=true, as documented in the README's Serve API."""
+    query = urllib.parse.urlencode({"model": model, "heatmap": "true"})
+    request = urllib.request.Request(f"{url.rstrip('/')}/v1/predict?{query}", data=content, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+    if os.environ.get("RAYAD_API_KEY"):
+        request.add_header("X-API-Key", os.environ["RAYAD_API_KEY"])
+    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+        out = json.loads(response.read())
+    return {**out, "heatmap": np.asarray(Image.open(io.BytesIO(base64.b64decode(out["heatmap_png"])))),
+            "mask": np.asarray(Image.open(io.BytesIO(base64.b64decode(out["mask_png"]))))}
+
+
+def score_local(content: bytes) -> dict:
+    model = loaders.predictor(str(exp / BEST), loaders.best_versions(exp))
+    out = model.predict_arrays(load_image(content, model.image_size)[None])
+    return {"score": float(out.scores[0]), "label": bool(out.labels[0]), "threshold": model.threshold,
+            "heatmap": np.asarray(heatmap_image(out.maps[0], model.threshold)),
+            "mask": (out.maps[0] >= model.threshold).astype(np.uint8) * 255}
+
+
+if upload is not None:
+    content = upload.getvalue()
+    try:
+        result = score_remote(content, experiment["category"]) if url else score_local(content)
+    except DataError as e:
+        st.error(f"Not a usable image: {e}")
+        st.stop()
+    except urllib.error.HTTPError as e:
+        st.error(f"The Serve endpoint answered {e.code}: {e.read().decode(errors='replace')}")
+        st.stop()
+    except (urllib.error.URLError, TimeoutError) as e:
+        st.error(f"Cannot reach the Serve endpoint {url}: {e}")
+        st.stop()
+    cols = st.columns(3)
+    cols[0].metric("Score", f"{result['score']:.6f}")
+    cols[1].metric("Label", "defective" if result["label"] else "good")
+    cols[2].metric("Threshold", f"{result['threshold']:.6f}")
+    cols = st.columns(3)
+    cols[0].image(upload.getvalue(), caption="input")
+    cols[1].image(result["heatmap"], caption="anomaly heatmap")
+    cols[2].image(result["mask"], caption="predicted mask")

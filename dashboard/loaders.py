@@ -1,0 +1,107 @@
+"""Cached readers for the pages. Each takes the versions (mtimes) of the files it reads, so the cache
+refreshes when a running search rewrites them; pages call `rayad.results` only through here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from rayad import results
+from rayad.artifact import Predictor
+from rayad.data.images import load_image, load_mask
+from rayad.tune.store import BEST, EXPERIMENT, HISTORY, STUDY, TRIALS
+
+CACHE_TTL_S = 3600
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("RAYAD_RUNS", "runs"))
+
+
+def serve_url() -> str | None:
+    return os.environ.get("RAYAD_SERVE_URL") or None
+
+
+def version(exp: Path, *names: str) -> tuple[float, ...]:
+    return tuple(results.file_version(exp / name) for name in names)
+
+
+def selected_experiment() -> Path:
+    """The experiment picked in the sidebar; stops the page with a hint when there is none."""
+    name = st.session_state.get("experiment")
+    if name is None:
+        st.info(f"No experiment found under `{runs_dir()}`. Run `rayad tune` or `rayad demo`, then reload.")
+        st.stop()
+    return runs_dir() / name
+
+
+def or_stop(read, *args):
+    """Call a reader; on a broken store file, show the problem on this experiment and stop the page."""
+    try:
+        return read(*args)
+    except results.StoreError as e:
+        st.error(f"Experiment `{args[0]}`: {e}", icon=":material/error:")
+        st.stop()
+
+
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, max_entries=1024)
+def overview(exp: str, versions: tuple[float, ...]) -> dict:
+    return results.overview(Path(exp))
+
+
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, max_entries=64)
+def experiment(exp: str, versions: tuple[float, ...]) -> dict:
+    return results.read_experiment(Path(exp))
+
+
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, max_entries=64)
+def trials(exp: str, versions: tuple[float, ...]) -> pd.DataFrame:
+    return results.trial_table(results.read_table(Path(exp) / TRIALS))
+
+
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, max_entries=64)
+def history(exp: str, versions: tuple[float, ...]) -> pd.DataFrame:
+    return results.read_table(Path(exp) / HISTORY)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner="Computing hyperparameter importance…", max_entries=64)
+def importances(exp: str, study_name: str, versions: tuple[float, ...]) -> dict[str, float]:
+    return results.param_importances(Path(exp), study_name)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, max_entries=64)
+def test_results(exp: str, versions: tuple[float, ...]) -> results.TestResults:
+    return results.read_test_results(Path(exp))
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+def predictor(artifact: str, versions: tuple[float, ...]) -> Predictor:
+    return Predictor.load(artifact, device="cpu")
+
+
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, max_entries=2048)
+def scored_image(artifact: str, versions: tuple[float, ...], path: str, mask_path: str | None) -> dict:
+    """Input, reconstruction, anomaly map and ground-truth mask of one test image, at the model's size."""
+    model = predictor(artifact, versions)
+    image = load_image(path, model.image_size)
+    out = model.score(image[None])
+    reconstruction = out.reconstruction[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    mask = load_mask(mask_path, model.image_size) if mask_path else np.zeros(image.shape[:2], bool)
+    return {"image": image, "reconstruction": reconstruction, "map": out.anomaly_map[0].float().cpu().numpy(),
+            "mask": mask}
+
+
+def experiment_versions(exp: Path) -> tuple[float, ...]:
+    return version(exp, EXPERIMENT, TRIALS)
+
+
+def best_versions(exp: Path) -> tuple[float, ...]:
+    return version(exp, f"{BEST}/model.safetensors", f"{BEST}/{results.TEST_METRICS}")
+
+
+def study_versions(exp: Path) -> tuple[float, ...]:
+    return version(exp, STUDY, TRIALS)

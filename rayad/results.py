@@ -1,0 +1,223 @@
+"""Read-only views of the results store (see rayad.tune.store), for the dashboard and reports.
+
+Every reader raises StoreError naming the file when it is missing or unreadable, so that a caller can show
+the problem on that experiment and go on with the others. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import pyarrow.parquet as pq
+
+from rayad.errors import RayadError
+from rayad.evaluate import METRIC_NAMES
+from rayad.metrics import precision_recall_curve, roc_curve
+from rayad.tune.store import BEST, EXPERIMENT, PARAM_PREFIX, STUDY, TRIALS
+
+TEST_METRICS = "test_metrics.json"
+TRIAL_STATUSES = ("completed", "running", "stopped_early", "error")
+
+
+class StoreError(RayadError):
+    """A file of an experiment is missing, partial or corrupt."""
+
+
+def find_experiments(runs_dir: str | Path) -> list[Path]:
+    """Experiment directories: `runs_dir` itself, or its children and grandchildren (e.g. `rayad demo`'s
+    output, one experiment per category) that hold an experiment.json or a trials.parquet."""
+    runs_dir = Path(runs_dir)
+    if _is_experiment(runs_dir):
+        return [runs_dir]
+    found = []
+    for child in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []:
+        found += [child] if _is_experiment(child) else [g for g in sorted(child.iterdir()) if _is_experiment(g)]
+    return found
+
+
+def _is_experiment(path: Path) -> bool:
+    return (path / EXPERIMENT).is_file() or (path / TRIALS).is_file()
+
+
+def file_version(path: Path) -> float:
+    """The modification time, or 0 for a missing file: the cache key that makes readers see new results."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path.name} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path.name} is unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path.name} is not a JSON object")
+    return data
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A Parquet file of the store as a DataFrame; missing means no rows yet (a search that just started)."""
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        return pq.read_table(path).to_pandas()
+    except Exception as e:  # pyarrow raises several types for truncated or foreign files
+        raise StoreError(f"{path.name} is unreadable ({e})") from None
+
+
+def read_experiment(exp_dir: Path) -> dict[str, Any]:
+    experiment = read_json(exp_dir / EXPERIMENT)
+    missing = [k for k in ("category", "objective", "settings", "space") if k not in experiment]
+    if missing:
+        raise StoreError(f"{EXPERIMENT} lacks {', '.join(missing)}")
+    return experiment
+
+
+def objective(experiment: dict[str, Any]) -> tuple[str, str]:
+    """(metric, mode) of the search's first objective."""
+    return experiment["objective"]["metrics"][0], experiment["objective"]["modes"][0]
+
+
+def overview(exp_dir: Path) -> dict[str, Any]:
+    """One row of the experiments table. Never raises: a broken file shows up in the `problem` column."""
+    row: dict[str, Any] = {"experiment": exp_dir.name, "path": str(exp_dir), "problem": None}
+    try:
+        experiment = read_experiment(exp_dir)
+        trials = read_table(exp_dir / TRIALS)
+    except StoreError as e:
+        return {**row, "problem": str(e)}
+    metric, _ = objective(experiment)
+    counts = trials["status"].value_counts() if "status" in trials else pd.Series(dtype=int)
+    best = experiment.get("best") or {}
+    row.update(category=experiment["category"], dataset=experiment.get("data_root"), status=experiment.get("status"),
+               started=pd.to_datetime(experiment.get("started_at"), unit="s"), objective=metric,
+               **{f"trials {s.replace('_', ' ')}": int(counts.get(s, 0)) for s in TRIAL_STATUSES},
+               best_validation=best_value(trials, *objective(experiment)),
+               **{f"test {m}": (best.get("test") or {}).get(m) for m in METRIC_NAMES})
+    return row
+
+
+def best_value(trials: pd.DataFrame, metric: str, mode: str) -> float | None:
+    if "best_value" not in trials or trials["best_value"].isna().all():
+        return None
+    return float(trials["best_value"].max() if mode == "max" else trials["best_value"].min())
+
+
+def trial_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials as shown: order of start, params without their prefix, durations in seconds."""
+    if trials.empty:
+        return trials
+    table = trials.sort_values("started_at").reset_index(drop=True)
+    table.insert(0, "number", range(len(table)))
+    return table.rename(columns=lambda c: c.removeprefix(PARAM_PREFIX))
+
+
+def searched_params(experiment: dict[str, Any]) -> list[str]:
+    """The parameters the search samples (the space's non-fixed entries), in the space's order."""
+    return [key for key, spec in experiment["space"]["params"].items() if spec["kind"] != "fixed"]
+
+
+def optimisation_history(table: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Per trial in start order: its best validation value and the best so far."""
+    values = table[["number", "trial_id", "status", "best_value"]].dropna(subset=["best_value"])
+    running = values["best_value"].cummax() if mode == "max" else values["best_value"].cummin()
+    return values.assign(best_so_far=running)
+
+
+def param_importances(exp_dir: Path, study_name: str) -> dict[str, float]:
+    """Optuna's default evaluator (PED-ANOVA) on the stored study, for the first objective. The SQLite file
+    is opened read-only."""
+    path = exp_dir / STUDY
+    if not path.is_file():
+        raise StoreError(f"{STUDY} is missing")
+    storage = optuna.storages.RDBStorage(f"sqlite:///file:{path.absolute()}?mode=ro&uri=true",
+                                         skip_compatibility_check=True, skip_table_creation=True)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if len(done) < 2:
+            return {}
+        with warnings.catch_warnings():  # Optuna warns that a target means "lower is better": that is meant here
+            warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve low")
+            return optuna.importance.get_param_importances(study, target=_first_objective_lower_is_better(study))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise StoreError(f"{STUDY}: {e}") from None
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()
+
+
+def _first_objective_lower_is_better(study: optuna.Study):
+    """PED-ANOVA ranks params by how they reach *low* target values; with several objectives, a target is
+    needed and must be negated when the first is maximised (one objective: None, the study's direction)."""
+    if len(study.directions) == 1:
+        return None
+    sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    return lambda trial: sign * trial.values[0]
+
+
+@dataclass
+class TestResults:
+    """The best model's scores on the test split, per image, as written beside it by the search."""
+
+    metrics: dict[str, Any]
+    images: pd.DataFrame  # path, label, defect_type, mask_path, score
+    threshold: float
+
+    @property
+    def has_masks(self) -> bool:
+        return bool(self.images["mask_path"].notna().any())
+
+
+def read_test_results(exp_dir: Path) -> TestResults:
+    metrics = read_json(exp_dir / BEST / TEST_METRICS)
+    required = ("scores", "labels", "paths", "threshold")
+    if any(k not in metrics for k in required):
+        raise StoreError(f"{BEST}/{TEST_METRICS} lacks per-image scores (needs {', '.join(required)})")
+    n = len(metrics["scores"])
+    images = pd.DataFrame({
+        "path": metrics["paths"], "label": np.asarray(metrics["labels"], dtype=int),
+        "defect_type": metrics.get("defect_types") or ["good" if y == 0 else "defect" for y in metrics["labels"]],
+        "mask_path": metrics.get("mask_paths") or [None] * n, "score": np.asarray(metrics["scores"], float)})
+    return TestResults(metrics, images, float(metrics["threshold"]))
+
+
+def threshold_stats(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float | int]:
+    """Confusion counts, precision, recall and F1 when images scoring >= threshold are called defective."""
+    predicted, actual = np.asarray(scores) >= threshold, np.asarray(labels).astype(bool)
+    tp, fp = int(np.sum(predicted & actual)), int(np.sum(predicted & ~actual))
+    fn, tn = int(np.sum(~predicted & actual)), int(np.sum(~predicted & ~actual))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "precision": precision, "recall": recall, "f1": f1}
+
+
+def image_curves(images: pd.DataFrame) -> dict[str, pd.DataFrame] | None:
+    """Image-level ROC and PR curves, or None unless the test split has good and defective images."""
+    labels = images["label"].to_numpy()
+    if not 0 < labels.sum() < len(labels):
+        return None
+    fpr, tpr, _ = roc_curve(images["score"].to_numpy(), labels)
+    precision, recall, _ = precision_recall_curve(images["score"].to_numpy(), labels)
+    return {"roc": pd.DataFrame({"fpr": fpr, "tpr": tpr}),
+            "pr": pd.DataFrame({"recall": recall, "precision": precision})}
+
+
+def outcome(images: pd.DataFrame, threshold: float) -> pd.Series:
+    """Per image: 'true positive', 'false positive', 'false negative' or 'true negative'."""
+    predicted, actual = images["score"] >= threshold, images["label"] == 1
+    names = np.select([predicted & actual, predicted & ~actual, ~predicted & actual],
+                      ["true positive", "false positive", "false negative"], "true negative")
+    return pd.Series(names, index=images.index)

@@ -1,0 +1,167 @@
+"""Every dashboard page in Streamlit's AppTest on a real search experiment: what is shown matches the store,
+broken store files give a message instead of a crash, and the store is never written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from rayad.artifact import Predictor
+from rayad.results import threshold_stats
+
+pytestmark = pytest.mark.slow  # uses the session's real search experiment
+
+APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+
+
+@pytest.fixture
+def runs(tiny_experiment, tmp_path):
+    """A runs directory holding a copy of the search experiment."""
+    exp, _ = tiny_experiment
+    shutil.copytree(exp, tmp_path / exp.name)
+    return tmp_path
+
+
+def open_page(runs: Path, monkeypatch, page: str | None = None) -> AppTest:
+    monkeypatch.setenv("RAYAD_RUNS", str(runs))
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.run()
+    if page:
+        at.switch_page(f"app_pages/{page}.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def store(exp: Path) -> tuple[dict, list[dict], dict]:
+    trials = pq.read_table(exp / "trials.parquet").to_pylist()
+    return json.loads((exp / "experiment.json").read_text()), trials, json.loads(
+        (exp / "best" / "test_metrics.json").read_text())
+
+
+def test_experiments_page_lists_the_experiment_with_its_counts_and_metrics(runs, monkeypatch):
+    at = open_page(runs, monkeypatch)
+    experiment, trials, test = store(runs / "brick-tiny")
+    table = at.dataframe[0].value
+    assert table["experiment"].tolist() == ["brick-tiny"]
+    row = table.iloc[0]
+    done = sum(t["status"] == "completed" for t in trials)
+    assert row["trials completed"] == done and row["trials stopped early"] == len(trials) - done
+    assert row["best_validation"] == max(t["best_value"] for t in trials)
+    assert row["test image_auroc"] == experiment["best"]["test"]["image_auroc"] == test["image_auroc"]
+    assert at.sidebar.selectbox[0].value == "brick-tiny"
+
+
+def test_search_page_shows_every_trial_and_the_best_params(runs, monkeypatch):
+    at = open_page(runs, monkeypatch, "search")
+    experiment, trials, _ = store(runs / "brick-tiny")
+    assert at.title[0].value == "Search: brick-tiny"
+    assert next(m for m in at.metric if m.label == "Trials").value == str(len(trials))
+    shown = at.dataframe[0].value
+    assert sorted(shown["trial_id"]) == sorted(t["trial_id"] for t in trials)
+    best = shown.loc[shown["trial_id"] == experiment["best"]["trial_id"]].iloc[0]
+    for key, value in experiment["best"]["params"].items():
+        name = key.removeprefix("config/")
+        assert (best[name] == value) or (value is None and best[name] != best[name]), name
+    best_metric = next(m for m in at.metric if m.label.startswith("Best "))
+    assert best_metric.value == f"{max(t['best_value'] for t in trials):.4f}"
+    assert len(at.get("vega_lite_chart")) == 4  # history, parallel coordinates, importance, learning curves
+    assert len(at.multiselect[0].value) == min(5, len(trials))
+
+
+def test_model_page_metrics_and_live_threshold(runs, monkeypatch):
+    at = open_page(runs, monkeypatch, "model")
+    _, _, test = store(runs / "brick-tiny")
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["image auroc"] == f"{test['image_auroc']:.4f}" and shown["aupro"] == f"{test['aupro']:.4f}"
+    per_defect = at.dataframe[0].value.set_index("defect type")
+    assert set(per_defect.index) == {"all", *test["per_defect"]}
+    assert per_defect.loc["hole", "image_auroc"] == test["per_defect"]["hole"]["image_auroc"]
+    slider = at.slider[0]
+    assert slider.value == pytest.approx(test["threshold"])
+    scores, labels = np.array(test["scores"]), np.array(test["labels"])
+    chosen = float(np.median(scores))
+    slider.set_value(chosen).run()
+    expected = threshold_stats(scores, labels, at.slider[0].value)
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Precision"] == f"{expected['precision']:.3f}" and shown["F1"] == f"{expected['f1']:.3f}"
+    confusion = at.table[0].value
+    assert confusion.loc["defective", "predicted defective"] == expected["tp"]
+    assert confusion.loc["good", "predicted defective"] == expected["fp"]
+
+
+def test_gallery_shows_the_worst_misses_first(runs, monkeypatch):
+    at = open_page(runs, monkeypatch, "gallery")
+    _, _, test = store(runs / "brick-tiny")
+    scores, labels = np.array(test["scores"]), np.array(test["labels"])
+    assert len(at.image) == 5 * min(12, len(scores))
+    at.slider[0].set_value(float(np.median(scores))).run()
+    threshold = at.slider[0].value
+    misses = (scores >= threshold) != labels.astype(bool)
+    at.segmented_control[0].set_value("Misses").run()
+    assert not at.exception
+    assert f"{misses.sum()} of {len(scores)} images" in at.caption[0].value
+    captions = [c for image in at.image for c in image.captions if " · score " in c]
+    shown_scores = [float(c.rsplit(" ", 1)[1]) for c in captions]
+    assert shown_scores == sorted(shown_scores, reverse=True) and len(shown_scores) == min(12, misses.sum())
+
+
+def test_try_it_scores_an_upload_like_predict(runs, monkeypatch, demo_root):
+    monkeypatch.delenv("RAYAD_SERVE_URL", raising=False)
+    at = open_page(runs, monkeypatch, "try_it")
+    assert "best model" in at.caption[0].value
+    image = demo_root / "brick" / "test" / "crack" / "000.png"
+    at.file_uploader[0].set_value(("crack.png", image.read_bytes(), "image/png")).run()
+    assert not at.exception
+    expected = Predictor.load(runs / "brick-tiny" / "best").predict_files([image])[0]
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Score"] == f"{expected.scores[0]:.6f}"
+    assert shown["Label"] == ("defective" if expected.labels[0] else "good")
+    assert len(at.image[0].value) == 1 and len(at.image) == 3
+
+
+def test_try_it_reports_bad_uploads_and_an_unreachable_serve_endpoint(runs, monkeypatch):
+    at = open_page(runs, monkeypatch, "try_it")
+    at.file_uploader[0].set_value(("broken.png", b"not an image", "image/png")).run()
+    assert not at.exception and "Not a usable image" in at.error[0].value
+    monkeypatch.setenv("RAYAD_SERVE_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
+    at = open_page(runs, monkeypatch, "try_it")
+    at.file_uploader[0].set_value(("a.png", b"bytes", "image/png")).run()
+    assert not at.exception and "Cannot reach the Serve endpoint" in at.error[0].value
+
+
+def test_broken_files_give_a_message_not_a_crash(runs, monkeypatch, tiny_experiment):
+    shutil.copytree(runs / "brick-tiny", runs / "broken")
+    (runs / "broken" / "trials.parquet").write_bytes(b"PAR1 truncated")
+    (runs / "broken" / "best" / "test_metrics.json").write_text("{")
+    at = open_page(runs, monkeypatch)
+    assert at.dataframe[0].value["experiment"].tolist() == ["brick-tiny"]
+    assert "`broken`" in at.warning[0].value and "trials.parquet is unreadable" in at.warning[0].value
+    at.sidebar.selectbox[0].set_value("broken").run()
+    for page, message in [("search", "trials.parquet is unreadable"), ("model", "test_metrics.json is unreadable"),
+                          ("gallery", "test_metrics.json is unreadable")]:
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert not at.exception and message in at.error[0].value, page
+
+
+def test_an_empty_runs_directory_explains_what_to_do(tmp_path, monkeypatch):
+    at = open_page(tmp_path, monkeypatch)
+    assert "No experiments" in at.info[0].value
+
+
+def test_the_dashboard_never_writes_to_the_store(runs, monkeypatch):
+    def snapshot():
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(runs.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    at = open_page(runs, monkeypatch)
+    for page in ("search", "model", "gallery", "try_it"):
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert not at.exception
+    assert snapshot() == before
