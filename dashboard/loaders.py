@@ -11,9 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from rayad import results
-from rayad.artifact import Predictor
-from rayad.data.images import load_image, load_mask
-from rayad.tune.store import BEST, EXPERIMENT, HISTORY, STUDY, TRIALS
+from rayad.results import BEST, EXPERIMENT, HISTORY, STUDY, TRIALS
 
 CACHE_TTL_S = 3600
 
@@ -79,13 +77,17 @@ def test_results(exp: str, versions: tuple[float, ...]) -> results.TestResults:
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
-def predictor(artifact: str, versions: tuple[float, ...]) -> Predictor:
+def predictor(artifact: str, versions: tuple[float, ...]):
+    from rayad.artifact import Predictor  # torch: imported by the pages that score, not by the others
+
     return Predictor.load(artifact, device="cpu")
 
 
 @st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, max_entries=2048)
 def scored_image(artifact: str, versions: tuple[float, ...], path: str, mask_path: str | None) -> dict:
     """Input, reconstruction, anomaly map and ground-truth mask of one test image, at the model's size."""
+    from rayad.data.images import load_image, load_mask
+
     model = predictor(artifact, versions)
     image = load_image(path, model.image_size)
     out = model.score(image[None])

@@ -68,6 +68,7 @@ def _fmt(value: float | None) -> str:
 def _next_commands(out: Path, category: str) -> str:
     run, data = out / category / "best", out / "data"
     return (f"\nexperiments in {out}/<category> (trials.parquet, history.parquet, study.db, best/). Next:\n"
+            f"  rayad dashboard --runs {out}   # browse trials, metrics and heatmaps at http://127.0.0.1:8501\n"
             f"  rayad serve --run {out}        # HTTP API for every category: POST /v1/predict?model={category}\n"
             f"  rayad evaluate --run {run} --data {data} --category {category}\n"
             f"  rayad predict --run {run} {data}/{category}/test/crack --out predictions.parquet\n"

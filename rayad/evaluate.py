@@ -12,9 +12,7 @@ from rayad.config import DataConfig
 from rayad.data.dataset import load_split
 from rayad.data.manifest import build_manifest
 from rayad.errors import DataError
-from rayad.metrics import compute_metrics, pixel_curves
-
-METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+from rayad.metrics import METRIC_NAMES, compute_metrics, pixel_curves
 
 
 def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category: str,

@@ -1,4 +1,4 @@
-"""Read-only views of the results store (see rayad.tune.store), for the dashboard and reports.
+"""Read-only views of the results store (written by rayad.tune.store), for the dashboard and reports.
 
 Every reader raises StoreError naming the file when it is missing or unreadable, so that a caller can show
 the problem on that experiment and go on with the others. Nothing here writes.
@@ -18,12 +18,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from rayad.errors import RayadError
-from rayad.evaluate import METRIC_NAMES
-from rayad.metrics import precision_recall_curve, roc_curve
-from rayad.tune.store import BEST, EXPERIMENT, PARAM_PREFIX, STUDY, TRIALS
+from rayad.metrics import METRIC_NAMES, precision_recall_curve, roc_curve
 
-TEST_METRICS = "test_metrics.json"
-TRIAL_STATUSES = ("completed", "running", "stopped_early", "error")
+# The layout of an experiment directory (see rayad.tune.store, its writer).
+EXPERIMENT, TRIALS, HISTORY, STUDY, BEST = "experiment.json", "trials.parquet", "history.parquet", "study.db", "best"
+TEST_METRICS = "test_metrics.json"  # in BEST, beside the model artifact
+PARAM_PREFIX = "config/"  # trials.parquet names a parameter's column config/<key>
+TRIAL_STATUSES = ("running", "completed", "stopped_early", "error")
 
 
 class StoreError(RayadError):

@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from rayad import results
-from rayad.tune.store import BEST
+from rayad.results import BEST
 from rayad.visualize import heatmap_image
 
 import loaders

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from rayad import results
-from rayad.evaluate import METRIC_NAMES
+from rayad.metrics import METRIC_NAMES
 
 import charts
 import loaders

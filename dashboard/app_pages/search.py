@@ -3,7 +3,7 @@
 import streamlit as st
 
 from rayad import results
-from rayad.tune.store import HISTORY
+from rayad.results import HISTORY
 
 import charts
 import loaders

@@ -15,7 +15,7 @@ from PIL import Image
 
 from rayad.data.images import IMAGE_SUFFIXES, load_image
 from rayad.errors import DataError
-from rayad.tune.store import BEST
+from rayad.results import BEST
 from rayad.visualize import heatmap_image
 
 import loaders

@@ -8,8 +8,10 @@ from rayad.metrics.aupro import aupro
 from rayad.metrics.auroc import auroc, roc_curve
 from rayad.metrics.f1 import f1_max, precision_recall_curve
 
-__all__ = ["aupro", "auroc", "compute_metrics", "f1_max", "pixel_curves", "precision_recall_curve", "roc_curve"]
+__all__ = ["METRIC_NAMES", "aupro", "auroc", "compute_metrics", "f1_max", "pixel_curves", "precision_recall_curve",
+           "roc_curve"]
 
+METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 CURVE_POINTS = 400  # stored curves keep at most this many of their exact points
 
 

@@ -43,7 +43,17 @@ from rayad.train.ray_train import (
     worker_threads,
 )
 from rayad.tune.space import SearchSpace, load_space
-from rayad.tune.store import BEST, EXPERIMENT, STATUSES, STUDY, TRIALS, ResultsStore, read_rows, write_json
+from rayad.tune.store import (
+    BEST,
+    EXPERIMENT,
+    STATUSES,
+    STUDY,
+    TEST_METRICS,
+    TRIALS,
+    ResultsStore,
+    read_rows,
+    write_json,
+)
 from rayad.validation import PIXEL_METRICS, VAL_METRICS, load_validation
 
 DEFAULT_METRIC = "val_image_auroc"
@@ -136,7 +146,7 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
         previous = json.loads((exp_dir / EXPERIMENT).read_text())
         experiment = previous | {"status": "running", "resumed_at": [*previous.get("resumed_at", []), time.time()]}
     else:
-        experiment = _experiment_record(plan, concurrent, exp_dir)
+        experiment = experiment_record(plan, concurrent, exp_dir)
     write_json(exp_dir / EXPERIMENT, experiment)
     print(f"[rayad] search {s.category}: {s.trials} trials, {concurrent} at a time, each {describe(plan.cluster)}; "
           f"objective {'/'.join(plan.metrics)} on the validation set; scheduler {s.scheduler}; "
@@ -284,11 +294,11 @@ def export_best(plan: Plan, row: dict[str, Any], out: Path) -> dict[str, Any]:
     info = {"steps": state["step"], "search_trial": row["trial_id"], "validation": {plan.metrics[0]: row["best_value"]}}
     finalize(network, cfg, data.val, out, "cpu", info)
     metrics = evaluate(Predictor.load(out), s.data_root, s.category)
-    write_json(out / "test_metrics.json", metrics)
+    write_json(out / TEST_METRICS, metrics)
     return metrics
 
 
-def _experiment_record(plan: Plan, concurrent: int, exp_dir: Path) -> dict[str, Any]:
+def experiment_record(plan: Plan, concurrent: int, exp_dir: Path) -> dict[str, Any]:
     s = plan.settings
     return {
         "name": exp_dir.name, "data_root": str(Path(s.data_root).absolute()), "category": s.category,

@@ -22,11 +22,12 @@ import pyarrow.parquet as pq
 from ray.tune import Callback
 
 from rayad.artifact import atomic_write
+from rayad.results import BEST, EXPERIMENT, HISTORY, PARAM_PREFIX, STUDY, TEST_METRICS, TRIALS
+from rayad.results import TRIAL_STATUSES as STATUSES
 from rayad.validation import VAL_METRICS
 
-EXPERIMENT, TRIALS, HISTORY, STUDY, BEST = "experiment.json", "trials.parquet", "history.parquet", "study.db", "best"
-PARAM_PREFIX = "config/"
-STATUSES = ("running", "completed", "stopped_early", "error")
+__all__ = ["BEST", "EXPERIMENT", "HISTORY", "PARAM_PREFIX", "STATUSES", "STUDY", "TEST_METRICS", "TRIALS",
+           "ResultsStore", "read_rows", "write_json", "write_rows"]
 
 
 class ResultsStore(Callback):

@@ -1,0 +1,94 @@
+"""The read-only results store views behind the dashboard, checked against sklearn and broken files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_curve
+
+from rayad import results
+from rayad.cli import main
+from rayad.dashboard import streamlit_command
+from rayad.metrics import pixel_curves
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_threshold_stats_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    scores, labels = rng.random(50).round(2), rng.integers(0, 2, 50)
+    threshold = float(np.quantile(scores, rng.random()))
+    stats = results.threshold_stats(scores, labels, threshold)
+    predicted = (scores >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    assert (stats["tn"], stats["fp"], stats["fn"], stats["tp"]) == (tn, fp, fn, tp)
+    assert stats["precision"] == pytest.approx(precision_score(labels, predicted, zero_division=0))
+    assert stats["recall"] == pytest.approx(recall_score(labels, predicted, zero_division=0))
+    assert stats["f1"] == pytest.approx(f1_score(labels, predicted, zero_division=0))
+
+
+def test_outcome_names_each_image():
+    images = pd.DataFrame({"score": [0.9, 0.9, 0.1, 0.1], "label": [1, 0, 1, 0]})
+    assert results.outcome(images, 0.5).tolist() == ["true positive", "false positive", "false negative",
+                                                     "true negative"]
+
+
+def test_pixel_curves_are_thinned_points_of_sklearns_curve():
+    rng = np.random.default_rng(0)
+    masks = rng.random((4, 32, 32)) < 0.2
+    maps = rng.random((4, 32, 32)).astype(np.float32) + masks * 0.5
+    curves = pixel_curves(maps, masks, points=50)
+    fpr, tpr, _ = roc_curve(masks.ravel(), maps.ravel(), drop_intermediate=False)
+    exact = set(zip(fpr.round(12), tpr.round(12), strict=True))
+    shown = list(zip(np.round(curves["roc"]["fpr"], 12), np.round(curves["roc"]["tpr"], 12), strict=True))
+    assert len(shown) <= 50 and shown[0] == (0, 0) and shown[-1] == (1, 1) and set(shown) <= exact
+    assert pixel_curves(maps, None) is None and pixel_curves(maps, np.zeros_like(masks)) is None
+
+
+def test_find_experiments_at_one_or_two_levels(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "experiment.json").write_text("{}")
+    (tmp_path / "demo" / "brick").mkdir(parents=True)
+    (tmp_path / "demo" / "brick" / "trials.parquet").write_bytes(b"")
+    (tmp_path / "data" / "x").mkdir(parents=True)
+    assert results.find_experiments(tmp_path) == [tmp_path / "a", tmp_path / "demo" / "brick"]
+    assert results.find_experiments(tmp_path / "a") == [tmp_path / "a"]
+    assert results.find_experiments(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("experiment.json", None, "experiment.json is missing"),
+    ("experiment.json", "{not json", "experiment.json is unreadable"),
+    ("experiment.json", "[1, 2]", "not a JSON object"),
+    ("experiment.json", json.dumps({"category": "x"}), "lacks objective, settings, space"),
+    ("trials.parquet", "PAR1garbage", "trials.parquet is unreadable"),
+])
+def test_a_broken_file_becomes_the_experiments_problem(tmp_path, name, content, message):
+    good = {"category": "x", "objective": {"metrics": ["val_image_auroc"], "modes": ["max"]}, "settings": {},
+            "space": {"params": {}}}
+    (tmp_path / "experiment.json").write_text(json.dumps(good))
+    if content is None:
+        (tmp_path / name).unlink()
+    else:
+        (tmp_path / name).write_text(content)
+    assert message in results.overview(tmp_path)["problem"]
+
+
+def test_test_results_need_per_image_scores(tmp_path):
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "test_metrics.json").write_text(json.dumps({"image_auroc": 0.9}))
+    with pytest.raises(results.StoreError, match="lacks per-image scores"):
+        results.read_test_results(tmp_path)
+
+
+def test_dashboard_command_checks_its_flags(tmp_path, capsys):
+    argv, env = streamlit_command(tmp_path, "127.0.0.1", 8600, "http://127.0.0.1:8000")
+    assert argv[1:4] == ["-m", "streamlit", "run"] and argv[argv.index("--server.address") + 1] == "127.0.0.1"
+    assert env["RAYAD_RUNS"] == str(tmp_path) and env["RAYAD_SERVE_URL"] == "http://127.0.0.1:8000"
+    for flags, message in [(["--runs", str(tmp_path / "nope")], "no such directory"),
+                           (["--runs", str(tmp_path), "--port", "0"], "not a TCP port"),
+                           (["--runs", str(tmp_path), "--serve-url", "localhost:8000"], "needs http://")]:
+        assert main(["dashboard", *flags]) == 2
+        assert message in capsys.readouterr().err
