@@ -165,3 +165,14 @@ def test_the_dashboard_never_writes_to_the_store(runs, monkeypatch):
         at.switch_page(f"app_pages/{page}.py").run()
         assert not at.exception
     assert snapshot() == before
+
+
+def test_a_running_search_is_shown_live(runs, monkeypatch):
+    exp = runs / "brick-tiny"
+    record = json.loads((exp / "experiment.json").read_text())
+    (exp / "experiment.json").write_text(json.dumps({**record, "status": "running", "best": None}))
+    at = open_page(runs, monkeypatch)
+    assert at.dataframe[0].value.iloc[0]["status"] == "running"
+    assert "refreshes every 5 s" in at.caption[0].value
+    at.switch_page("app_pages/search.py").run()
+    assert not at.exception and "status running" in at.caption[0].value
