@@ -8,7 +8,9 @@
 The model is the default SDC-CCM at 128², calibrated but untrained: throughput depends on the network's
 size, not on its weights.
 
-    python benchmarks/serve_load.py [--requests 400] [--seconds 30] [--images 256]
+    python benchmarks/serve_load.py [--requests 400] [--seconds 30] [--images 256] [--ingress python|haproxy]
+
+`--ingress haproxy` measures Ray Serve's experimental HAProxy ingress (`rayad serve --ingress haproxy`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from PIL import Image
 from rayad.artifact import Predictor, build_anomaly_model, save_artifact
 from rayad.config import Config
 from rayad.predict import predict_paths, predict_with_ray
-from rayad.serve import ServeSettings, start
+from rayad.serve import ServeSettings, start, use_haproxy_ingress
 from rayad.train.ray_train import connect
 
 THREADS = 2
@@ -131,7 +133,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30, help="per load level")
     parser.add_argument("--images", type=int, default=256, help="for batch scoring")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--ingress", choices=["python", "haproxy"], default="python")
     args = parser.parse_args()
+    if args.ingress == "haproxy":
+        use_haproxy_ingress(None)
     work = Path(tempfile.mkdtemp(prefix="rayad-serve-bench-"))
     run = make_model(work / "model")
     paths = make_images(work / "images", args.images)
@@ -143,7 +148,7 @@ def main() -> None:
     plain, with_ray = batch_scoring(run, paths, work / "scores.parquet")
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; model: default SDC-CCM "
-          f"at 128², {THREADS} torch threads in the Predictor and the scorer replica")
+          f"at 128², {THREADS} torch threads in the Predictor and the scorer replica; {args.ingress} ingress")
     print("\nraw Predictor images/s by batch size: " + ", ".join(f"{b}: {r:.1f}" for b, r in raw.items()))
     print(f"\n{'batching':<9}{'clients':>8}{'req/s':>8}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'n':>6}{'err':>5}"
           f"{'served/raw':>12}")

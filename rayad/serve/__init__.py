@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import os
+
 from ray import serve
 
+from rayad.errors import RayadError
 from rayad.serve.app import ServeSettings, app_builder, build_app, discover_models
 
 APP_NAME = "rayad"
+# Ray 2.60's experimental HTTP path: HAProxy (C) in front of the ingress replicas instead of Ray's Python
+# proxy actor. The cluster's processes read these when they start.
+HAPROXY_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 
-__all__ = ["APP_NAME", "ServeSettings", "app_builder", "build_app", "discover_models", "start"]
+__all__ = ["APP_NAME", "HAPROXY_INGRESS_ENV", "ServeSettings", "app_builder", "build_app", "discover_models",
+           "start", "use_haproxy_ingress"]
+
+
+def use_haproxy_ingress(address: str | None) -> None:
+    """Select the HAProxy ingress for the local Ray that rayad is about to start; a running cluster must have
+    been started with the variables set."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        if any(os.environ.get(k) != v for k, v in HAPROXY_INGRESS_ENV.items()):
+            raise RayadError("--ingress haproxy on an existing cluster: start its nodes with "
+                             + " ".join(f"{k}={v}" for k, v in HAPROXY_INGRESS_ENV.items()))
+        return
+    os.environ.update(HAPROXY_INGRESS_ENV)
 
 
 def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, proxy_location: str = "HeadOnly"
