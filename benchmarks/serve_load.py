@@ -135,15 +135,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--ingress", choices=["python", "haproxy"], default="python")
     args = parser.parse_args()
-    if args.ingress == "haproxy":
-        use_haproxy_ingress(None)
     work = Path(tempfile.mkdtemp(prefix="rayad-serve-bench-"))
     run = make_model(work / "model")
     paths = make_images(work / "images", args.images)
     images = np.stack([np.asarray(Image.open(p)) for p in paths[:32]])
     raw = raw_throughput(run, images, 3)
     best_batch = max(raw, key=raw.get)
-    connect(None, log_to_driver=False)
+    connect(use_haproxy_ingress(None) if args.ingress == "haproxy" else None, log_to_driver=False)
     served = serve_runs(run, paths[0].read_bytes(), args)
     plain, with_ray = batch_scoring(run, paths, work / "scores.parquet")
 

@@ -253,9 +253,8 @@ def cmd_serve(args) -> None:
                              batch_wait_s=args.batch_wait_ms / 1000, max_queued_requests=args.max_queued,
                              max_upload_mb=args.max_upload_mb, replica_cpus=args.replica_cpus,
                              api_key=os.environ.get("RAYAD_API_KEY") or None)
-    if args.ingress == "haproxy":
-        use_haproxy_ingress(args.address)
-    connect(args.address)
+    address = use_haproxy_ingress(args.address) if args.ingress == "haproxy" else args.address
+    connect(address)
     url = start(settings, args.host, args.port)
     print(f"serving {sorted(settings.models)} at {url} (API docs: {url}/docs"
           + ("; API key required" if settings.api_key else "") + "). Ctrl-C stops.", flush=True)

@@ -18,15 +18,18 @@ __all__ = ["APP_NAME", "HAPROXY_INGRESS_ENV", "ServeSettings", "app_builder", "b
            "start", "use_haproxy_ingress"]
 
 
-def use_haproxy_ingress(address: str | None) -> None:
-    """Select the HAProxy ingress for the local Ray that rayad is about to start; a running cluster must have
-    been started with the variables set."""
-    if address or os.environ.get("RAY_ADDRESS"):
+def use_haproxy_ingress(address: str | None) -> str:
+    """Select the HAProxy ingress; returns the address to connect to. Without an address this is a new local
+    Ray ("local": not one already running here) whose processes inherit the variables; a given cluster
+    must have been started with them."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
         if any(os.environ.get(k) != v for k, v in HAPROXY_INGRESS_ENV.items()):
             raise RayadError("--ingress haproxy on an existing cluster: start its nodes with "
                              + " ".join(f"{k}={v}" for k, v in HAPROXY_INGRESS_ENV.items()))
-        return
+        return address
     os.environ.update(HAPROXY_INGRESS_ENV)
+    return "local"
 
 
 def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, proxy_location: str = "HeadOnly"
