@@ -128,7 +128,7 @@ class TrainConfig:
 class ScoringConfig:
     """Anomaly maps, image scores and threshold calibration (DESIGN §1.4)."""
 
-    sigma: float = 4.0  # Gaussian smoothing of the residual map, in pixels of the model input
+    sigma: float = 2.0  # Gaussian smoothing of the residual map, in input pixels (chosen on validation)
     image_score: Literal["max", "topk"] = "max"
     topk: float = 0.01  # fraction of pixels averaged when image_score="topk"
     threshold_quantile: float = 0.99  # quantile of validation good scores
