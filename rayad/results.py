@@ -98,25 +98,25 @@ def overview(exp_dir: Path) -> dict[str, Any]:
         trials = read_table(exp_dir / TRIALS)
     except StoreError as e:
         return {**row, "problem": str(e)}
-    metric, _ = objective(experiment)
+    metric, mode = objective(experiment)
     counts = trials["status"].value_counts() if "status" in trials else pd.Series(dtype=int)
     best = experiment.get("best") or {}
     row.update(category=experiment["category"], dataset=experiment.get("data_root"), status=experiment.get("status"),
                started=pd.to_datetime(experiment.get("started_at"), unit="s"), objective=metric,
                **{f"trials {s.replace('_', ' ')}": int(counts.get(s, 0)) for s in TRIAL_STATUSES},
-               best_validation=best_value(trials, *objective(experiment)),
+               best_validation=best_value(trials, mode),
                **{f"test {m}": (best.get("test") or {}).get(m) for m in METRIC_NAMES})
     return row
 
 
-def best_value(trials: pd.DataFrame, metric: str, mode: str) -> float | None:
+def best_value(trials: pd.DataFrame, mode: str) -> float | None:
     if "best_value" not in trials or trials["best_value"].isna().all():
         return None
     return float(trials["best_value"].max() if mode == "max" else trials["best_value"].min())
 
 
 def trial_table(trials: pd.DataFrame) -> pd.DataFrame:
-    """The trials as shown: order of start, params without their prefix, durations in seconds."""
+    """The trials as shown: in order of start, numbered, params without their prefix."""
     if trials.empty:
         return trials
     table = trials.sort_values("started_at").reset_index(drop=True)
@@ -175,10 +175,6 @@ class TestResults:
     metrics: dict[str, Any]
     images: pd.DataFrame  # path, label, defect_type, mask_path, score
     threshold: float
-
-    @property
-    def has_masks(self) -> bool:
-        return bool(self.images["mask_path"].notna().any())
 
 
 def read_test_results(exp_dir: Path) -> TestResults:

@@ -27,7 +27,7 @@ def trials_section() -> None:
         return
     params = [p for p in results.searched_params(experiment) if p in table]
     counts = table["status"].value_counts()
-    best = results.best_value(table, metric, mode)
+    best = results.best_value(table, mode)
     cols = st.columns(6)
     cols[0].metric(f"Best {metric}", "-" if best is None else f"{best:.4f}")
     cols[1].metric("Trials", len(table))
