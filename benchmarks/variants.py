@@ -19,9 +19,7 @@ import numpy as np
 
 from rayad.artifact import METADATA, Predictor
 from rayad.config import load_config, parse_overrides
-from rayad.data.dataset import load_split
 from rayad.data.demo import CATEGORIES, make_demo_dataset
-from rayad.data.manifest import load_manifest
 from rayad.evaluate import evaluate
 from rayad.train import fit
 from rayad.validation import load_validation, validation_metrics
@@ -35,10 +33,10 @@ def study(name: str, overrides: dict, category: str, data_root: Path, out: Path)
         fit(load_config(overrides=overrides), data_root, category, run, resume=True, progress=False)
     predictor = Predictor.load(run)
     cfg = predictor.config
-    val = validation_metrics(predictor.model.network, cfg, load_validation(cfg, data_root, category), "cpu")
+    vset = load_validation(cfg, data_root, category)
+    val = validation_metrics(predictor.model.network, cfg, vset, "cpu")
     test = evaluate(predictor, data_root, category)
-    val_good = load_split(load_manifest(run / "manifest.parquet"), "val", cfg.data.image_size,
-                          cfg.data.on_bad_image).images
+    val_good = vset.images[vset.labels == 0]
     test_good = np.asarray(test["scores"])[np.asarray(test["labels"]) == 0]
     return {"val_image_auroc": val["val_image_auroc"], "val_aupro": val["val_aupro"],
             **{k: test[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
