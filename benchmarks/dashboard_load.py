@@ -43,10 +43,10 @@ from rayad.artifact import build_anomaly_model, save_artifact
 from rayad.data.defects import DEFECTS
 from rayad.data.demo import make_demo_dataset
 from rayad.evaluate import METRIC_NAMES, evaluate
+from rayad.layout import BEST, EXPERIMENT, STUDY, TEST_METRICS, TRIALS, VAL_METRICS
 from rayad.tune import SearchSettings, resolve_space
 from rayad.tune.search import experiment_record, plan_search
-from rayad.tune.store import BEST, EXPERIMENT, STUDY, ResultsStore, read_rows, write_json
-from rayad.validation import VAL_METRICS
+from rayad.tune.store import ResultsStore, read_rows, write_json
 
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
@@ -79,8 +79,8 @@ def build_experiment(root: Path, n_trials: int, n_images: int) -> Path:
     model.calibrate(rng.uniform(0.001, 0.01, 64))
     save_artifact(model, plan.base, exp / BEST)
     test = evaluate(exp / BEST, data, "brick")
-    write_json(exp / BEST / "test_metrics.json", test)
-    rows = read_rows(exp / "trials.parquet")
+    write_json(exp / BEST / TEST_METRICS, test)
+    rows = read_rows(exp / TRIALS)
     best = max(rows, key=lambda r: r["best_value"])
     record.update(status="finished", finished_at=time.time(), best={
         "trial_id": best["trial_id"], "validation": {plan.metrics[0]: best["best_value"]}, "step": best["best_step"],

@@ -30,10 +30,10 @@ import torch
 from PIL import Image
 
 from rayad.artifact import Predictor, build_anomaly_model, save_artifact
+from rayad.cluster import connect
 from rayad.config import Config
 from rayad.predict import predict_paths, predict_with_ray
 from rayad.serve import ServeSettings, start, use_haproxy_ingress
-from rayad.train.ray_train import connect
 
 THREADS = 2
 
@@ -61,10 +61,10 @@ def raw_throughput(run: Path, images: np.ndarray, seconds: float) -> dict[int, f
     predictor = Predictor.load(run, device="cpu")
     rates = {}
     for batch in (1, 4, 8, 16, 32):
-        predictor.score(images[:batch])
+        predictor.predict_arrays(images[:batch], batch)
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            predictor.score(images[:batch])
+            predictor.predict_arrays(images[:batch], batch)
             done += batch
         rates[batch] = done / (time.perf_counter() - start)
     return rates

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from rayad.cluster import connect
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.evaluate import METRIC_NAMES
-from rayad.train.ray_train import connect
 from rayad.tune import SearchSettings, resolve_space, run_search
 from rayad.tune.search import export_best, plan_search
 

@@ -6,7 +6,7 @@ set). The app only reads the results store.
 
 import streamlit as st
 
-from rayad import results
+from rayad import layout
 
 import loaders
 
@@ -22,7 +22,7 @@ PAGES = [
 
 page = st.navigation(PAGES)
 runs = loaders.runs_dir()
-names = [str(p.relative_to(runs)) if p != runs else p.name for p in results.find_experiments(runs)]
+names = [str(p.relative_to(runs)) if p != runs else p.name for p in layout.find_experiments(runs)]
 with st.sidebar:
     st.selectbox("Experiment", names, key="experiment", placeholder="no experiments yet")
     st.caption(f"Runs directory: `{runs}`")

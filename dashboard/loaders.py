@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from rayad import results
-from rayad.results import BEST, EXPERIMENT, HISTORY, STUDY, TRIALS
+from rayad.layout import BEST, EXPERIMENT, HISTORY, STUDY, TEST_METRICS, TRIALS, WEIGHTS
 
 CACHE_TTL_S = 3600
 
@@ -90,11 +90,9 @@ def scored_image(artifact: str, versions: tuple[float, ...], path: str, mask_pat
 
     model = predictor(artifact, versions)
     image = load_image(path, model.image_size)
-    out = model.score(image[None])
-    reconstruction = out.reconstruction[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    out = model.predict_arrays(image[None], reconstructions=True)
     mask = load_mask(mask_path, model.image_size) if mask_path else np.zeros(image.shape[:2], bool)
-    return {"image": image, "reconstruction": reconstruction, "map": out.anomaly_map[0].float().cpu().numpy(),
-            "mask": mask}
+    return {"image": image, "reconstruction": out.reconstructions[0], "map": out.maps[0], "mask": mask}
 
 
 def experiment_versions(exp: Path) -> tuple[float, ...]:
@@ -102,7 +100,7 @@ def experiment_versions(exp: Path) -> tuple[float, ...]:
 
 
 def best_versions(exp: Path) -> tuple[float, ...]:
-    return version(exp, f"{BEST}/model.safetensors", f"{BEST}/{results.TEST_METRICS}")
+    return version(exp, f"{BEST}/{WEIGHTS}", f"{BEST}/{TEST_METRICS}")
 
 
 def study_versions(exp: Path) -> tuple[float, ...]:

@@ -1,8 +1,10 @@
-"""Model artifacts (`model.safetensors` + `model.json`) and the `Predictor` that loads them without pickle."""
+"""Model artifacts (`model.safetensors` + `model.json`), their calibration, and the `Predictor` that loads
+them without pickle. `Predictor.predict_arrays` is the one batch-scoring path (docs/design.md, "Scoring")."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +16,16 @@ from safetensors.torch import load_file, save_file
 
 from rayad import __version__
 from rayad.config import Config
-from rayad.data.dataset import to_tensor
+from rayad.data.dataset import ImageSet, to_tensor
 from rayad.data.images import load_image
 from rayad.errors import DataError, RayadError
-from rayad.inference import AnomalyModel, InferenceBatch
+from rayad.inference import AnomalyModel
+from rayad.layout import METADATA, WEIGHTS
 from rayad.models import create_model
+from rayad.scoring import f1_threshold
+from rayad.settings import PREDICT_BATCH
 
-WEIGHTS, METADATA = "model.safetensors", "model.json"
+log = logging.getLogger(__name__)
 
 
 def build_anomaly_model(config: Config) -> AnomalyModel:
@@ -50,6 +55,22 @@ def save_artifact(model: AnomalyModel, config: Config, out_dir: str | Path, extr
     return out_dir
 
 
+def calibrate_and_save(network: torch.nn.Module, cfg: Config, val: ImageSet, out_dir: str | Path,
+                       device: torch.device | str, train_info: dict[str, Any]) -> Path:
+    """Calibrate trained weights on the validation split and write the artifact to `out_dir`. The threshold
+    is the configured quantile of good scores, or F1-optimal when the split holds labelled anomalies."""
+    model = build_anomaly_model(cfg)
+    model.network.load_state_dict(network.state_dict())
+    scores = Predictor(model, cfg, {}, str(device)).predict_arrays(val.images).scores
+    labels = val.labels
+    threshold = f1_threshold(scores, labels) if labels.any() else None
+    model.calibrate(scores[labels == 0], threshold)
+    method = "f1" if labels.any() else f"quantile {cfg.scoring.threshold_quantile}"
+    log.info("threshold %.6g (%s) from %d validation images", float(model.threshold), method, len(scores))
+    validation = {"n_images": len(scores), "n_anomalous": int(labels.sum()), "threshold_method": method}
+    return save_artifact(model, cfg, out_dir, {"train": train_info, "validation": validation})
+
+
 def atomic_write(path: Path, write) -> None:
     """Write `path` through a temporary file renamed into place."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -59,13 +80,25 @@ def atomic_write(path: Path, write) -> None:
 
 @dataclass
 class Predictions:
-    scores: np.ndarray  # (N,) float
-    labels: np.ndarray  # (N,) bool
-    maps: np.ndarray  # (N, H, W) float32 at the model's input size
+    """Scores of a set of images, on the CPU. Labels and normalised scores need a calibrated model."""
+
+    scores: np.ndarray  # (N,) float64 image scores
+    maps: np.ndarray  # (N, H, W) float32 anomaly maps at the model's input size
+    threshold: float | None  # None for an uncalibrated model
+    labels: np.ndarray | None  # (N,) bool: score >= threshold
+    normalized: np.ndarray | None  # (N,) in standard deviations above the mean good validation score
+    reconstructions: np.ndarray | None = None  # (N, H, W, 3) uint8, when asked for
+
+    def masks(self) -> np.ndarray:
+        """(N, H, W) bool: the pixels whose anomaly map reaches the threshold."""
+        if self.threshold is None:
+            raise RuntimeError("the model is not calibrated: masks need a threshold")
+        return self.maps >= self.threshold
 
 
 class Predictor:
-    """Scores images with a saved model; evaluate, predict and serve all go through `score`."""
+    """Scores images with a model; training-time validation, evaluate, predict, Ray Data, Serve and the
+    dashboard all score through `predict_arrays`."""
 
     def __init__(self, model: AnomalyModel, config: Config, metadata: dict[str, Any], device: str = "cpu"):
         self.model = model.to(device).eval().to(memory_format=torch.channels_last)
@@ -98,42 +131,40 @@ class Predictor:
         return float(self.model.threshold)
 
     @torch.no_grad()
-    def score(self, images: np.ndarray) -> InferenceBatch:
-        """Score one batch of pre-processed uint8 images (N, H, W, 3)."""
-        return self.model(self._to_device(images))
-
-    def predict_arrays(self, images: np.ndarray, batch_size: int = 32) -> Predictions:
-        """Score pre-processed uint8 images (N, H, W, 3) in batches."""
-        size = self.image_size
-        scores, labels, maps = [np.zeros(0)], [np.zeros(0, bool)], [np.zeros((0, size, size), np.float32)]
+    def predict_arrays(self, images: np.ndarray, batch_size: int = PREDICT_BATCH, reconstructions: bool = False
+                       ) -> Predictions:
+        """Score pre-processed uint8 images (N, H, W, 3) in batches; outputs reach the CPU once per batch."""
+        scores, maps, recons = [np.zeros(0, np.float32)], [np.zeros((0, *images.shape[1:3]), np.float32)], []
         for start in range(0, len(images), batch_size):
-            out = self.score(images[start:start + batch_size])
+            batch = to_tensor(images[start:start + batch_size]).to(self.device, memory_format=torch.channels_last)
+            out = self.model(batch)
             scores.append(out.pred_score.float().cpu().numpy())
-            labels.append(out.pred_label.cpu().numpy())
             maps.append(out.anomaly_map.float().cpu().numpy())
-        return Predictions(np.concatenate(scores), np.concatenate(labels), np.concatenate(maps))
+            if reconstructions:
+                recons.append(out.reconstruction.float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1)
+                              .cpu().numpy())
+        return self._calibrated(np.concatenate(scores).astype(np.float64), np.concatenate(maps),
+                                np.concatenate(recons) if reconstructions else None)
 
-    @torch.no_grad()
-    def raw_scores(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Image scores before calibration (used to calibrate)."""
-        chunks = [self.model.raw(self._to_device(images[s:s + batch_size]))[2].float().cpu().numpy()
-                  for s in range(0, len(images), batch_size)]
-        return np.concatenate([np.zeros(0), *chunks])
+    def _calibrated(self, scores: np.ndarray, maps: np.ndarray, recons: np.ndarray | None) -> Predictions:
+        if not self.model.is_calibrated:
+            return Predictions(scores, maps, None, None, None, recons)
+        threshold = self.threshold
+        mean, std = float(self.model.score_mean), float(self.model.score_std)
+        return Predictions(scores, maps, threshold, scores >= threshold, (scores - mean) / std, recons)
 
-    def _to_device(self, images: np.ndarray) -> torch.Tensor:
-        return to_tensor(images).to(self.device, memory_format=torch.channels_last)
-
-    def predict_files(self, paths: list[str | Path], batch_size: int = 32
-                      ) -> tuple[Predictions, list[str | None]]:
-        """Score image files. Unreadable files do not stop the run: predictions cover the readable ones,
-        and the second value holds, per path, None or the error message."""
+    def predict_files(self, sources: list[str | Path | bytes], names: list[str] | None = None,
+                      batch_size: int = PREDICT_BATCH) -> tuple[Predictions, list[str | None]]:
+        """Decode and score image files (paths or encoded bytes, named by `names` in messages). Unreadable
+        ones do not stop the run: predictions cover the readable ones, in order, and the second value holds,
+        per source, None or the error message."""
         images, errors = [], []
-        for p in paths:
+        for i, source in enumerate(sources):
             try:
-                images.append(load_image(p, self.image_size))
+                images.append(load_image(source, self.image_size, self.config.data.max_pixels))
                 errors.append(None)
             except DataError as e:
-                errors.append(str(e))
+                errors.append(str(e).replace("<bytes>", names[i]) if names else str(e))
         size = self.image_size
         stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
         return self.predict_arrays(stacked, batch_size), errors

@@ -9,9 +9,18 @@ import sys
 from pathlib import Path
 
 from rayad.errors import RayadError
+from rayad.settings import (
+    DASHBOARD_PORT,
+    DEMO_TRIALS,
+    LOCAL_HOST,
+    PREDICT_BATCH,
+    SERVE_PORT,
+    Cluster,
+    SearchSettings,
+    ServeSettings,
+)
 
 log = logging.getLogger("rayad")
-DEMO_TRIALS = 5  # per category: the default demo finishes within 15 minutes on 2 cores
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     dist = train.add_argument_group("distributed training on Ray Train (used when --workers is given)")
     dist.add_argument("--workers", type=int, help="number of DDP workers")
     dist.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
-    dist.add_argument("--cpus-per-worker", type=float, default=1.0)
+    dist.add_argument("--cpus-per-worker", type=float, default=Cluster.cpus_per_worker)
     dist.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     dist.add_argument("--storage", help="checkpoint storage: a path or URI such as file:///shared or s3://b/p")
-    dist.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from")
+    dist.add_argument("--max-failures", type=int, default=Cluster.max_failures, help="worker failures to recover from")
     dist.add_argument("--spread", action="store_true", help="place workers on different nodes")
     train.set_defaults(func=cmd_train)
 
@@ -59,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="more inputs, e.g. s3://bucket/images/ (repeatable)")
     predict.add_argument("--out", type=Path, help="write one row per image to this Parquet file")
     predict.add_argument("--heatmaps", type=Path, help="write a heatmap PNG per image to this folder")
-    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--batch-size", type=int, default=PREDICT_BATCH)
     offline = predict.add_argument_group("offline batch scoring on Ray Data (--ray)")
     offline.add_argument("--ray", action="store_true", help="stream the images through a Ray Data actor pool")
     offline.add_argument("--actors", type=int, help="scoring actors (default: as many as the cluster's CPUs hold)")
@@ -70,17 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve models over HTTP with Ray Serve (batched, multiplexed)")
     srv.add_argument("--run", required=True, type=Path,
                      help="a run, an experiment (serves best/), or a folder of them (e.g. rayad demo's output)")
-    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--host", default=LOCAL_HOST, help="bind address (default: loopback only)")
+    srv.add_argument("--port", type=int, default=SERVE_PORT)
     srv.add_argument("--replicas", type=int, help="fixed number of scorer replicas (= --min/--max-replicas)")
-    srv.add_argument("--min-replicas", type=int, default=1)
-    srv.add_argument("--max-replicas", type=int, default=1, help="autoscaling upper bound")
-    srv.add_argument("--target-ongoing", type=float, default=8.0, help="autoscaling target per replica")
-    srv.add_argument("--max-batch-size", type=int, default=16)
-    srv.add_argument("--batch-wait-ms", type=float, default=5.0)
-    srv.add_argument("--max-queued", type=int, default=64, help="queued requests per replica before 503")
-    srv.add_argument("--max-upload-mb", type=float, default=20.0)
-    srv.add_argument("--replica-cpus", type=float, default=1.0)
+    defaults = ServeSettings()
+    srv.add_argument("--min-replicas", type=int, default=defaults.min_replicas)
+    srv.add_argument("--max-replicas", type=int, default=defaults.max_replicas, help="autoscaling upper bound")
+    srv.add_argument("--target-ongoing", type=float, default=defaults.target_ongoing_requests,
+                     help="autoscaling target per replica")
+    srv.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    srv.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_s * 1000)
+    srv.add_argument("--max-queued", type=int, default=defaults.max_queued_requests,
+                     help="queued requests per replica before 503")
+    srv.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb)
+    srv.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                     help="larger images are refused with 413 before they are decoded")
+    srv.add_argument("--replica-cpus", type=float, default=defaults.replica_cpus)
     srv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     srv.add_argument("--ingress", choices=["python", "haproxy"], default="python",
                      help="HTTP path: Ray's Python proxy (default), or Ray 2.60's experimental HAProxy ingress "
@@ -99,23 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--layout", choices=["auto", "mvtec", "mvtec2", "visa", "folder"])
     tune.add_argument("--space", help="search space YAML, or the name of one in tune_spaces/ (quick, paper, ablation)")
     tune.add_argument("--out", required=True, type=Path, help="experiment directory (the results store)")
-    tune.add_argument("--trials", type=int, default=8)
+    tune.add_argument("--trials", type=int, default=SearchSettings.trials)
     tune.add_argument("--resume", action="store_true", help="continue the experiment in --out (settings from it)")
     _add_config_args(tune)
     search = tune.add_argument_group("search")
     search.add_argument("--metric", help="validation metric to optimise; comma-separated for multi-objective "
                                          "(default: the space's, else val_image_auroc)")
     search.add_argument("--mode", help="max or min (comma-separated like --metric; default max)")
-    search.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
-    search.add_argument("--grace-period", type=int, default=1, help="evaluations before ASHA may stop a trial")
+    search.add_argument("--scheduler", choices=["asha", "fifo"], default=SearchSettings.scheduler)
+    search.add_argument("--grace-period", type=int, default=SearchSettings.grace_period,
+                        help="evaluations before ASHA may stop a trial")
+    search.add_argument("--search-seed", type=int, default=SearchSettings.search_seed,
+                        help="seed of Optuna's sampler (--seed seeds the trials' training)")
     search.add_argument("--val-data", type=Path, help="labelled validation dataset root (its test split is used); "
                                                       "default: held-out good images + synthesised defects")
     res = tune.add_argument_group("resources")
     res.add_argument("--concurrent", type=int, help="trials at a time (default: as many as the cluster holds)")
-    res.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train DDP workers per trial")
-    res.add_argument("--cpus-per-worker", type=float, default=1.0)
-    res.add_argument("--gpus-per-worker", type=float, default=0.0)
-    res.add_argument("--max-failures", type=int, default=0, help="worker failures each trial recovers from")
+    res.add_argument("--workers-per-trial", type=int, default=SearchSettings.workers_per_trial,
+                     help="Ray Train DDP workers per trial")
+    res.add_argument("--cpus-per-worker", type=float, default=SearchSettings.cpus_per_worker)
+    res.add_argument("--gpus-per-worker", type=float, default=SearchSettings.gpus_per_worker)
+    res.add_argument("--max-failures", type=int, default=SearchSettings.max_failures,
+                     help="worker failures each trial recovers from")
     res.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     res.add_argument("--storage", help="Tune/Train storage every node sees (path or URI; default: --out)")
     tune.set_defaults(func=cmd_tune)
@@ -130,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dash = sub.add_parser("dashboard", help="browse experiments, trials, metrics and heatmaps (Streamlit)")
     dash.add_argument("--runs", type=Path, default=Path("runs"), help="folder of experiments (default: runs)")
-    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, local only)")
-    dash.add_argument("--port", type=int, default=8501)
+    dash.add_argument("--host", default=LOCAL_HOST, help=f"address to bind (default: {LOCAL_HOST}, local only)")
+    dash.add_argument("--port", type=int, default=DASHBOARD_PORT)
     dash.add_argument("--serve-url", help="score uploads on the Try-it page with this Serve endpoint, e.g. "
                       "http://127.0.0.1:8000 (default: a model loaded in the dashboard)")
     dash.set_defaults(func=cmd_dashboard)
@@ -185,7 +204,7 @@ def cmd_train(args) -> None:
 
         run = fit(cfg, args.data, args.category, args.out, resume=args.resume)
     else:
-        from rayad.train.ray_train import Cluster, fit_distributed
+        from rayad.train.ray_train import fit_distributed
 
         if args.workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0:
             raise RayadError("--workers must be >= 1, --cpus-per-worker > 0 and --max-failures >= 0")
@@ -217,8 +236,8 @@ def cmd_predict(args) -> None:
     if not inputs:
         raise RayadError("give image files or folders to score")
     if args.ray:
+        from rayad.cluster import connect
         from rayad.predict import predict_with_ray
-        from rayad.train.ray_train import connect
 
         if args.out is None:
             raise RayadError("--ray writes its rows to --out FILE.parquet")
@@ -242,8 +261,8 @@ def cmd_serve(args) -> None:
     import os
     import time
 
-    from rayad.serve import ServeSettings, discover_models, start, use_haproxy_ingress
-    from rayad.train.ray_train import connect
+    from rayad.cluster import connect
+    from rayad.serve import discover_models, start, use_haproxy_ingress
 
     low, high = (args.replicas, args.replicas) if args.replicas else (args.min_replicas, args.max_replicas)
     if low < 1 or high < low:
@@ -251,7 +270,8 @@ def cmd_serve(args) -> None:
     settings = ServeSettings(models=discover_models(args.run), min_replicas=low, max_replicas=high,
                              target_ongoing_requests=args.target_ongoing, max_batch_size=args.max_batch_size,
                              batch_wait_s=args.batch_wait_ms / 1000, max_queued_requests=args.max_queued,
-                             max_upload_mb=args.max_upload_mb, replica_cpus=args.replica_cpus,
+                             max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+                             replica_cpus=args.replica_cpus,
                              api_key=os.environ.get("RAYAD_API_KEY") or None)
     address = use_haproxy_ingress(args.address) if args.ingress == "haproxy" else args.address
     connect(address)
@@ -271,7 +291,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from rayad.tune import SearchSettings, format_experiment, load_settings, resolve_space, run_search
+    from rayad.tune import format_experiment, load_settings, resolve_space, run_search
 
     if args.resume:
         settings = load_settings(args.out)
@@ -284,7 +304,7 @@ def cmd_tune(args) -> None:
             trials=args.trials, concurrent=args.concurrent, workers_per_trial=args.workers_per_trial,
             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
             metric=_split(args.metric), mode=_split(args.mode), scheduler=args.scheduler,
-            grace_period=args.grace_period, seed=args.seed or 0,
+            grace_period=args.grace_period, search_seed=args.search_seed,
             val_root=str(args.val_data.absolute()) if args.val_data else None,
             config_file=str(args.config) if args.config else None, overrides=_overrides(args),
             storage=args.storage, max_failures=args.max_failures)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
+from rayad.data.images import MAX_IMAGE_PIXELS
 from rayad.errors import ConfigError
 
 
@@ -26,6 +27,7 @@ class DataConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     on_bad_image: Literal["error", "skip"] = "error"
+    max_pixels: int = MAX_IMAGE_PIXELS  # larger images are refused unread (possible decompression bombs)
     # Folder layout only: sub-directories of ROOT/<category>.
     normal_dir: str = "good"
     abnormal_dir: str = "defect"
@@ -36,11 +38,12 @@ class DataConfig:
         _check_range("data.image_size", self.image_size, 8, 4096)
         _check_range("data.val_fraction", self.val_fraction, 0.0, 0.9)
         _check_range("data.test_fraction", self.test_fraction, 0.0, 0.9)
+        _check_range("data.max_pixels", self.max_pixels, 1, 10**10)
 
 
 @dataclass(frozen=True)
 class CorruptionConfig:
-    """Structured corruption of training images (DESIGN §1.1); `kind` switches to the ablation baselines."""
+    """Structured corruption of training images; `kind` switches to the ablation baselines."""
 
     kind: Literal["structured", "gaussian", "none"] = "structured"
     p_corrupt: float = 0.85
@@ -73,7 +76,7 @@ class CorruptionConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The SDC-CCM network (DESIGN §1.2); `name` picks a registered model."""
+    """The SDC-CCM network; `name` picks a registered model."""
 
     name: str = "sdc_ccm"
     encoder: str = "sdc"  # "sdc" or a timm model name (then only len(widths), the level count, is used)
@@ -98,7 +101,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimiser, schedule, step budget and loss weights (DESIGN §1.3)."""
+    """Optimiser, schedule, step budget and loss weights."""
 
     steps: int = 600  # about 9 minutes at 128² on 2 CPU cores
     batch_size: int = 16
@@ -126,7 +129,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """Anomaly maps, image scores and threshold calibration (DESIGN §1.4)."""
+    """Anomaly maps, image scores and threshold calibration."""
 
     sigma: float = 2.0  # Gaussian smoothing of the residual map, in input pixels (chosen on validation)
     image_score: Literal["max", "topk"] = "max"

@@ -7,14 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rayad.cluster import connect
 from rayad.data.demo import CATEGORIES, make_demo_dataset
-from rayad.evaluate import METRIC_NAMES
-from rayad.train.ray_train import connect
+from rayad.layout import BEST, EXPERIMENT, HISTORY, METRIC_NAMES, STUDY, SUMMARY, TRIALS
+from rayad.settings import DEMO_TRIALS
 from rayad.tune import SearchSettings, resolve_space, run_search
-from rayad.tune.store import EXPERIMENT
 
 
-def run_demo(out: str | Path, space: str = "quick", trials: int = 5, overrides: dict[str, Any] | None = None,
+def run_demo(out: str | Path, space: str = "quick", trials: int = DEMO_TRIALS, overrides: dict[str, Any] | None = None,
              address: str | None = None, config_file: str | Path | None = None,
              categories: tuple[str, ...] = CATEGORIES) -> dict[str, Any]:
     """Search each category (reusing finished experiments, resuming interrupted ones) and print a summary."""
@@ -37,7 +37,7 @@ def run_demo(out: str | Path, space: str = "quick", trials: int = 5, overrides: 
         summary[category] = {"trials": sum(experiment["trials"].values()),
                              "validation": next(iter(best["validation"].values())), **best["test"],
                              "seconds": time.perf_counter() - start}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     print(_summary_table(summary))
     print(_next_commands(out, categories[0]))
     return summary
@@ -66,8 +66,8 @@ def _fmt(value: float | None) -> str:
 
 
 def _next_commands(out: Path, category: str) -> str:
-    run, data = out / category / "best", out / "data"
-    return (f"\nexperiments in {out}/<category> (trials.parquet, history.parquet, study.db, best/). Next:\n"
+    run, data = out / category / BEST, out / "data"
+    return (f"\nexperiments in {out}/<category> ({TRIALS}, {HISTORY}, {STUDY}, {BEST}/). Next:\n"
             f"  rayad dashboard --runs {out}   # browse trials, metrics and heatmaps at http://127.0.0.1:8501\n"
             f"  rayad serve --run {out}        # HTTP API for every category: POST /v1/predict?model={category}\n"
             f"  rayad evaluate --run {run} --data {data} --category {category}\n"

@@ -13,17 +13,18 @@ from rayad.data.dataset import load_split
 from rayad.data.manifest import build_manifest
 from rayad.errors import DataError
 from rayad.metrics import METRIC_NAMES, compute_metrics, pixel_curves
+from rayad.settings import PREDICT_BATCH
 
 
 def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category: str,
-             data: DataConfig | None = None, batch_size: int = 32) -> dict[str, Any]:
+             data: DataConfig | None = None, batch_size: int = PREDICT_BATCH) -> dict[str, Any]:
     """Metrics of the model on the test split: the keys of METRIC_NAMES, threshold, n_images, per_defect, the
     per-image scores (with paths, labels, defect types, mask paths) and pixel ROC/PR curves where masks exist."""
     if not isinstance(predictor, Predictor):
         predictor = Predictor.load(predictor)
     data = data or predictor.config.data
     manifest = build_manifest(data_root, category, data)
-    test = load_split(manifest, "test", predictor.image_size, data.on_bad_image)
+    test = load_split(manifest, "test", predictor.image_size, data.on_bad_image, data.max_pixels)
     if len(test.images) == 0:
         raise DataError(f"{data_root}/{category}: the test split is empty")
     preds = predictor.predict_arrays(test.images, batch_size)
@@ -43,6 +44,10 @@ def format_table(metrics: dict[str, Any]) -> str:
     for name, m in rows:
         cells = "".join(f"{_fmt(m.get(k)):>13}" for k in METRIC_NAMES)
         lines.append(f"{name:<14}{m['n_images']:>7}{cells}")
+    intervals = [f"{name} 95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" for name, ci in
+                 (("image AUROC", metrics.get("image_auroc_ci")), ("pixel AUROC", metrics.get("pixel_auroc_ci"))) if ci]
+    if intervals:
+        lines.append(", ".join(intervals) + " (bootstrap over images)")
     lines.append(f"threshold {metrics['threshold']:.6g}, accuracy at threshold {metrics['accuracy']:.3f}")
     return "\n".join(lines)
 

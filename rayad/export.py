@@ -36,8 +36,8 @@ class ScoringGraph(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, maps, scores = self.model.raw(images)
-        return scores, maps[:, 0]
+        out = self.model(images)
+        return out.pred_score, out.anomaly_map
 
 
 def export_model(run_dir: str | Path, fmt: str, out_dir: str | Path, check_images: np.ndarray | None = None

@@ -1,4 +1,9 @@
-"""The scoring model: network + anomaly maps + calibration, the one path every consumer scores through."""
+"""The scoring model: network + anomaly map + image score, with the calibration held in buffers.
+
+`AnomalyModel(x)` is a pure function of the pixels (no calibration), the graph that training-time
+validation, `Predictor` and the exports all run. Labels, normalised scores and masks are applied to its
+outputs by `rayad.artifact.Predictions` (docs/design.md, "Scoring").
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,7 @@ from rayad.scoring import anomaly_map, image_score, quantile_threshold
 
 class InferenceBatch(NamedTuple):
     pred_score: torch.Tensor  # (B,) image anomaly score
-    pred_label: torch.Tensor  # (B,) bool, score >= threshold
     anomaly_map: torch.Tensor  # (B, H, W) at the model's input size
-    pred_mask: torch.Tensor  # (B, H, W) bool, map >= threshold
     reconstruction: torch.Tensor  # (B, C, H, W)
 
 
@@ -31,26 +34,15 @@ class AnomalyModel(nn.Module):
         self.register_buffer("score_mean", torch.tensor(float("nan")))
         self.register_buffer("score_std", torch.tensor(float("nan")))
 
-    def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction, anomaly map (B, 1, H, W), image score) without any calibration."""
+    def forward(self, x: torch.Tensor) -> InferenceBatch:
         reconstruction = self.network(x)
         maps = anomaly_map(x, reconstruction, self.scoring.sigma)
-        return reconstruction, maps, image_score(maps, self.scoring.image_score, self.scoring.topk)
-
-    def forward(self, x: torch.Tensor) -> InferenceBatch:
-        if torch.isnan(self.threshold):
-            raise RuntimeError("the model is not calibrated: call calibrate() on good validation images first")
-        reconstruction, maps, scores = self.raw(x)
-        return InferenceBatch(scores, scores >= self.threshold, maps[:, 0], maps[:, 0] >= self.threshold,
+        return InferenceBatch(image_score(maps, self.scoring.image_score, self.scoring.topk), maps[:, 0],
                               reconstruction)
 
     @property
     def is_calibrated(self) -> bool:
         return not bool(torch.isnan(self.threshold))
-
-    def normalized_score(self, scores: torch.Tensor) -> torch.Tensor:
-        """Scores in standard deviations above the mean good validation score."""
-        return (scores - self.score_mean) / self.score_std
 
     @torch.no_grad()
     def calibrate(self, good_scores: np.ndarray, threshold: float | None = None) -> None:

@@ -2,7 +2,7 @@
 
 In one process, or (`--ray`) streamed through Ray Data: files are read as bytes, an actor pool holding the
 `Predictor` scores them in batches, and the driver writes the rows to one Parquet file as they arrive.
-Both paths decode with `load_image` and score with `Predictor.predict_arrays`, so they give the same rows.
+Both paths score through `Predictor.predict_files`, so they give the same rows.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import torch
 
 from rayad.artifact import Predictor
-from rayad.data.images import IMAGE_SUFFIXES, decode_image, load_image
+from rayad.data.images import IMAGE_SUFFIXES, decode_image
 from rayad.errors import DataError
+from rayad.settings import PREDICT_BATCH
 from rayad.visualize import heatmap_image
 
 READ_CPUS = 0.25  # reading files is I/O: the read tasks take a small CPU share
@@ -39,7 +40,7 @@ def expand_paths(paths: list[Path]) -> list[Path]:
 
 
 def predict_paths(run: str | Path, paths: list[Path], out: Path | None = None, heatmaps: Path | None = None,
-                  batch_size: int = 32) -> pa.Table:
+                  batch_size: int = PREDICT_BATCH) -> pa.Table:
     """One row per image (path, score, normalized_score, label, heatmap, error); bad files get an error."""
     predictor = Predictor.load(run)
     files = expand_paths(paths)
@@ -54,36 +55,29 @@ def predict_paths(run: str | Path, paths: list[Path], out: Path | None = None, h
     return table
 
 
-def _read(path: Path) -> bytes | str:
+def _read(path: Path) -> bytes | DataError:
     try:
         return path.read_bytes()
     except OSError as e:
-        return f"{path}: cannot read ({e.strerror})"
+        return DataError(f"{path}: cannot read ({e.strerror})")
 
 
-def score_rows(predictor: Predictor, names: list[str], contents: list[bytes | str], heatmaps: Path | None
+def score_rows(predictor: Predictor, names: list[str], contents: list[bytes | DataError], heatmaps: Path | None
                ) -> list[dict]:
-    """Rows for a batch of encoded images (a str in `contents` is an error already met while reading)."""
-    images, errors = [], []
-    for name, content in zip(names, contents, strict=True):
-        try:
-            if isinstance(content, str):
-                raise DataError(content)
-            images.append(load_image(content, predictor.image_size))
-            errors.append(None)
-        except DataError as e:
-            errors.append(str(e).replace("<bytes>", name))
-    size = predictor.image_size
-    preds = predictor.predict_arrays(np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8))
-    normalized = predictor.model.normalized_score(torch.from_numpy(preds.scores)).numpy()
+    """Rows for a batch of encoded images (a DataError in `contents` was met while reading the file)."""
+    readable = [i for i, c in enumerate(contents) if not isinstance(c, DataError)]
+    preds, errors = predictor.predict_files([contents[i] for i in readable], [names[i] for i in readable])
+    row_errors: list[str | None] = [str(c) if isinstance(c, DataError) else None for c in contents]
+    for i, error in zip(readable, errors, strict=True):
+        row_errors[i] = error
     rows, k = [], 0
-    for name, content, error in zip(names, contents, errors, strict=True):
+    for name, content, error in zip(names, contents, row_errors, strict=True):
         if error is not None:
             rows.append({"path": name, "score": None, "normalized_score": None, "label": None, "heatmap": None,
                          "error": error})
             continue
         heatmap = _write_heatmap(heatmaps, name, content, preds.maps[k], predictor.threshold) if heatmaps else None
-        rows.append({"path": name, "score": float(preds.scores[k]), "normalized_score": float(normalized[k]),
+        rows.append({"path": name, "score": float(preds.scores[k]), "normalized_score": float(preds.normalized[k]),
                      "label": bool(preds.labels[k]), "heatmap": heatmap, "error": None})
         k += 1
     return rows
@@ -113,7 +107,7 @@ class ScoringActor:
 
 
 def predict_with_ray(run: str | Path, inputs: list[str], out: Path, heatmaps: Path | None = None,
-                     batch_size: int = 32, actors: int | None = None, cpus_per_actor: float = 1.0) -> int:
+                     batch_size: int = PREDICT_BATCH, actors: int | None = None, cpus_per_actor: float = 1.0) -> int:
     """Stream `inputs` (local files and folders, or URIs such as s3://bucket/images/) through an actor pool
     and write one Parquet file; returns the row count. Every node must reach the inputs and the run."""
     import ray

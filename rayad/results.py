@@ -1,4 +1,4 @@
-"""Read-only views of the results store (written by rayad.tune.store), for the dashboard and reports.
+"""Read-only views of the results store (layout: rayad.layout; writer: rayad.tune.store), for the dashboard.
 
 Every reader raises StoreError naming the file when it is missing or unreadable, so that a caller can show
 the problem on that experiment and go on with the others. Nothing here writes.
@@ -18,33 +18,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from rayad.errors import RayadError
-from rayad.metrics import METRIC_NAMES, precision_recall_curve, roc_curve
-
-# The layout of an experiment directory (see rayad.tune.store, its writer).
-EXPERIMENT, TRIALS, HISTORY, STUDY, BEST = "experiment.json", "trials.parquet", "history.parquet", "study.db", "best"
-TEST_METRICS = "test_metrics.json"  # in BEST, beside the model artifact
-PARAM_PREFIX = "config/"  # trials.parquet names a parameter's column config/<key>
-TRIAL_STATUSES = ("running", "completed", "stopped_early", "error")
+from rayad.layout import BEST, EXPERIMENT, METRIC_NAMES, PARAM_PREFIX, STUDY, TEST_METRICS, TRIAL_STATUSES, TRIALS
+from rayad.metrics import precision_recall_curve, roc_curve
 
 
 class StoreError(RayadError):
     """A file of an experiment is missing, partial or corrupt."""
-
-
-def find_experiments(runs_dir: str | Path) -> list[Path]:
-    """Experiment directories: `runs_dir` itself, or its children and grandchildren (e.g. `rayad demo`'s
-    output, one experiment per category) that hold an experiment.json or a trials.parquet."""
-    runs_dir = Path(runs_dir)
-    if _is_experiment(runs_dir):
-        return [runs_dir]
-    found = []
-    for child in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []:
-        found += [child] if _is_experiment(child) else [g for g in sorted(child.iterdir()) if _is_experiment(g)]
-    return found
-
-
-def _is_experiment(path: Path) -> bool:
-    return (path / EXPERIMENT).is_file() or (path / TRIALS).is_file()
 
 
 def file_version(path: Path) -> float:

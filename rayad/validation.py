@@ -15,18 +15,18 @@ import torch
 from PIL import Image
 from torch import nn
 
+from rayad.artifact import Predictor
 from rayad.config import Config
-from rayad.data.dataset import load_split, to_tensor
+from rayad.data.dataset import load_split
 from rayad.data.defects import DEFECTS, paint_defect
 from rayad.data.manifest import build_manifest
 from rayad.errors import DataError
-from rayad.evaluate import METRIC_NAMES
 from rayad.inference import AnomalyModel
+from rayad.layout import METRIC_NAMES
 from rayad.metrics import compute_metrics
+from rayad.settings import PREDICT_BATCH
 
-VAL_METRICS = tuple(f"val_{name}" for name in METRIC_NAMES)
 DEFECT_CANVAS = 128  # defects are painted at the scale the synthesiser was made for (the demo's 128² crops)
-PIXEL_METRICS = ("val_pixel_auroc", "val_aupro")
 
 
 @dataclass
@@ -78,32 +78,25 @@ def _resize(array: np.ndarray, size: int, method: Image.Resampling) -> np.ndarra
 def load_validation(cfg: Config, data_root: str | Path, category: str, val_root: str | Path | None = None
                     ) -> ValidationSet:
     """The synthesised validation set of `data_root/category`, or the test split of `val_root/category`."""
-    size, policy = cfg.data.image_size, cfg.data.on_bad_image
+    size, policy, limit = cfg.data.image_size, cfg.data.on_bad_image, cfg.data.max_pixels
     if val_root is None:
-        good = load_split(build_manifest(data_root, category, cfg.data), "val", size, policy).images
+        good = load_split(build_manifest(data_root, category, cfg.data), "val", size, policy, limit).images
         if len(good) == 0:
             raise DataError(f"{data_root}/{category}: no validation images (set data.val_fraction > 0)")
         return synthesize_validation(good, cfg.data.split_seed)
-    split = load_split(build_manifest(val_root, category, cfg.data), "test", size, policy)
+    split = load_split(build_manifest(val_root, category, cfg.data), "test", size, policy, limit)
     if not 0 < split.labels.sum() < len(split.labels):
         raise DataError(f"{val_root}/{category}: a validation set needs both good and defective images")
     return ValidationSet(split.images, split.labels, split.masks, split.defect_types)
 
 
-@torch.no_grad()
 def validation_metrics(network: nn.Module, cfg: Config, vset: ValidationSet, device: torch.device | str,
-                       batch_size: int = 32) -> dict[str, float | None]:
-    """`val_<metric>` for every metric of METRIC_NAMES, scored as `rayad evaluate` scores the test split."""
-    model = AnomalyModel(network, cfg.scoring)
+                       batch_size: int = PREDICT_BATCH) -> dict[str, float | None]:
+    """`val_<metric>` for every metric of METRIC_NAMES, scored as `rayad evaluate` scores the test split
+    (the network is scored in eval mode, then put back in the mode it was in)."""
     was_training = network.training
-    network.eval()
-    scores, maps = [], []
-    for start in range(0, len(vset.images), batch_size):
-        batch = to_tensor(vset.images[start:start + batch_size]).to(device, memory_format=torch.channels_last)
-        _, anomaly_maps, image_scores = model.raw(batch)
-        scores.append(image_scores.float().cpu().numpy())
-        maps.append(anomaly_maps[:, 0].float().cpu().numpy())
+    preds = Predictor(AnomalyModel(network, cfg.scoring), cfg, {}, str(device)).predict_arrays(vset.images,
+                                                                                               batch_size)
     network.train(was_training)
-    metrics = compute_metrics(np.concatenate(scores), vset.labels, None, np.concatenate(maps),
-                              vset.masks if vset.has_masks else None)
+    metrics = compute_metrics(preds.scores, vset.labels, None, preds.maps, vset.masks if vset.has_masks else None)
     return {f"val_{name}": metrics[name] for name in METRIC_NAMES}

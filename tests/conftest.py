@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import TINY, TINY_BASE
 
 from rayad.config import Config, load_config
 from rayad.data.demo import make_demo_dataset
-
-TINY = {
-    "data.image_size": 32,
-    "model.widths": [8, 16],
-    "model.dilations": [1, 2],
-    "train.steps": 6,
-    "train.batch_size": 4,
-    "train.warmup_steps": 2,
-    "train.checkpoint_every": 3,
-    "train.log_every": 2,
-    "scoring.sigma": 1.0,
-}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,10 +24,6 @@ def _isolated_cache(tmp_path_factory):
 def demo_root(tmp_path_factory):
     """A miniature demo dataset (MVTec layout): 3 categories, 12 train, 4 good + 2 per defect type in test."""
     return make_demo_dataset(tmp_path_factory.mktemp("demo"), seed=0, n_train=12, n_test_good=4, n_per_defect=2)
-
-
-# TINY without the budget keys, which a search space fixes
-TINY_BASE = {k: v for k, v in TINY.items() if k not in ("train.steps", "train.checkpoint_every", "train.log_every")}
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +83,6 @@ def tiny_experiment(ray_cluster, demo_root, tiny_space, tmp_path_factory):
 
     exp = tmp_path_factory.mktemp("exp") / "brick-tiny"
     settings = SearchSettings(data_root=str(demo_root), category="brick", space=str(tiny_space), trials=4,
-                              overrides=TINY_BASE, seed=0, metric=("val_image_auroc", "val_aupro"),
+                              overrides=TINY_BASE, search_seed=0, metric=("val_image_auroc", "val_aupro"),
                               mode=("max", "max"))
     return exp, run_search(settings, exp, verbose=0)

@@ -4,7 +4,10 @@ import re
 from pathlib import Path
 
 import yaml
-from conftest import TINY
+from tiny import TINY
+
+from rayad.artifact import Predictor
+from rayad.evaluate import evaluate
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -28,5 +31,8 @@ def test_python_api_snippet_runs(tmp_path, demo_root, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo_data").symlink_to(demo_root)
     exec(_blocks("python")[0], {})
-    assert "[" in capsys.readouterr().out
-    assert (tmp_path / "runs" / "grass" / "model.safetensors").is_file()
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    predictor = Predictor.load(tmp_path / "runs" / "grass")  # the snippet's model, scored again here
+    preds, errors = predictor.predict_files([tmp_path / "demo_data/grass/test/crack/000.png"])
+    assert errors == [None]
+    assert printed == f"{preds.scores} {preds.labels} {evaluate(predictor, demo_root, 'grass')['image_auroc']}"

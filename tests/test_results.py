@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_curve
 
-from rayad import results
+from rayad import layout, results
 from rayad.cli import main
 from rayad.dashboard import streamlit_command
 from rayad.metrics import pixel_curves
@@ -53,9 +53,9 @@ def test_find_experiments_at_one_or_two_levels(tmp_path):
     (tmp_path / "demo" / "brick").mkdir(parents=True)
     (tmp_path / "demo" / "brick" / "trials.parquet").write_bytes(b"")
     (tmp_path / "data" / "x").mkdir(parents=True)
-    assert results.find_experiments(tmp_path) == [tmp_path / "a", tmp_path / "demo" / "brick"]
-    assert results.find_experiments(tmp_path / "a") == [tmp_path / "a"]
-    assert results.find_experiments(tmp_path / "missing") == []
+    assert layout.find_experiments(tmp_path) == [tmp_path / "a", tmp_path / "demo" / "brick"]
+    assert layout.find_experiments(tmp_path / "a") == [tmp_path / "a"]
+    assert layout.find_experiments(tmp_path / "missing") == []
 
 
 @pytest.mark.parametrize(("name", "content", "message"), [

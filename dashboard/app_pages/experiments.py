@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from rayad import results
+from rayad import layout
 
 import loaders
 
@@ -11,7 +11,7 @@ REFRESH_S = 5
 
 st.title("Experiments")
 runs = loaders.runs_dir()
-paths = results.find_experiments(runs)
+paths = layout.find_experiments(runs)
 if not paths:
     st.info(f"No experiments under `{runs}` yet. Start one with `rayad tune` or `rayad demo`.")
     st.stop()

@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from rayad import results
-from rayad.results import BEST
+from rayad.layout import BEST
 from rayad.visualize import heatmap_image
 
 import loaders

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from rayad import results
-from rayad.results import HISTORY
+from rayad.layout import HISTORY
 
 import charts
 import loaders

@@ -15,7 +15,7 @@ from PIL import Image
 
 from rayad.data.images import IMAGE_SUFFIXES, load_image
 from rayad.errors import DataError
-from rayad.results import BEST
+from rayad.layout import BEST
 from rayad.visualize import heatmap_image
 
 import loaders
@@ -49,7 +49,7 @@ def score_local(content: bytes) -> dict:
     out = model.predict_arrays(load_image(content, model.image_size)[None])
     return {"score": float(out.scores[0]), "label": bool(out.labels[0]), "threshold": model.threshold,
             "heatmap": np.asarray(heatmap_image(out.maps[0], model.threshold)),
-            "mask": (out.maps[0] >= model.threshold).astype(np.uint8) * 255}
+            "mask": out.masks()[0].astype(np.uint8) * 255}
 
 
 if upload is not None:

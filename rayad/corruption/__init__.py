@@ -1,4 +1,4 @@
-"""Structured corruption (DESIGN §1.1): the self-supervision signal of the autoencoder.
+"""Structured corruption, the self-supervision signal of the autoencoder (docs/design.md, "The method").
 
 `Corruptor(cfg)(x, generator)` takes clean images in [0, 1] and returns the network input, the target
 and the blend mask, batched on x's device and deterministic given the generator's seed.

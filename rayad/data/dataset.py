@@ -1,4 +1,4 @@
-"""Decoded, resized images of one split, cached on disk as a single .npy so loading is never the bottleneck."""
+"""Decoded, resized images of one split, cached on disk as one .npz file so loading is never the bottleneck."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rayad.data.images import decode_image, load_mask, to_rgb_array
+from rayad.data.images import MAX_IMAGE_PIXELS, decode_image, load_mask, to_rgb_array
 from rayad.data.manifest import split_rows
 from rayad.errors import DataError
 
@@ -49,7 +49,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAYAD_CACHE_DIR", Path.home() / ".cache" / "rayad"))
 
 
-def load_split(manifest: pa.Table, split: str, size: int, on_bad_image: str = "error") -> ImageSet:
+def load_split(manifest: pa.Table, split: str, size: int, on_bad_image: str = "error",
+               max_pixels: int = MAX_IMAGE_PIXELS) -> ImageSet:
     """Load (from cache when possible) the images and masks of `split` at `size` x `size`.
 
     Bad images (unreadable, corrupt, mask of the wrong size) are all listed in one DataError, or with
@@ -57,12 +58,12 @@ def load_split(manifest: pa.Table, split: str, size: int, on_bad_image: str = "e
     """
     rows = split_rows(manifest, split)
     has_masks = any(m is not None for m in rows["mask_path"].to_pylist())
-    path = cache_dir() / f"{_cache_key(rows, size)}.npz"
+    path = cache_dir() / f"{_cache_key(rows, size, max_pixels)}.npz"
     if path.is_file():
         with np.load(path) as cached:
             images, masks, errors = cached["images"], cached["masks"], cached["errors"].tolist()
     else:
-        images, masks, errors = _decode_all(rows, size)
+        images, masks, errors = _decode_all(rows, size, max_pixels)
         _write_cache(path, images, masks, errors)
     keep = np.array([not e for e in errors], dtype=bool)
     if not keep.all():
@@ -74,12 +75,12 @@ def load_split(manifest: pa.Table, split: str, size: int, on_bad_image: str = "e
     return ImageSet(images, masks if has_masks else None, rows.filter(keep))
 
 
-def _decode_all(rows: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _decode_all(rows: pa.Table, size: int, max_pixels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Stacked images and masks of the readable rows, and per row "" or the error message."""
     images, masks, errors = [], [], []
     for path, mask_path in zip(rows["path"].to_pylist(), rows["mask_path"].to_pylist(), strict=True):
         try:
-            image = decode_image(path)
+            image = decode_image(path, max_pixels)
             pixels = to_rgb_array(image, size)
             mask = np.zeros((size, size), bool)
             if mask_path:
@@ -94,9 +95,9 @@ def _decode_all(rows: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray, list
             np.stack(masks) if masks else np.zeros((0, size, size), bool), errors)
 
 
-def _cache_key(rows: pa.Table, size: int) -> str:
-    """Changes when any path, file size or modification time changes, or the image size does."""
-    h = hashlib.sha1(f"v2:{size}".encode())
+def _cache_key(rows: pa.Table, size: int, max_pixels: int) -> str:
+    """Changes when any path, file size or modification time changes, or the image size or pixel limit does."""
+    h = hashlib.sha1(f"v2:{size}:{max_pixels}".encode())
     for p in rows["path"].to_pylist() + [m or "" for m in rows["mask_path"].to_pylist()]:
         stat = os.stat(p) if p and os.path.exists(p) else None
         h.update(f"{p}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}\n".encode())

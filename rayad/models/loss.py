@@ -1,4 +1,4 @@
-"""Reconstruction loss (DESIGN §1.3): weighted per-pixel squared error plus an optional SSIM term."""
+"""Reconstruction loss: weighted per-pixel squared error plus an optional SSIM term."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SDC-CCM (DESIGN §1.2): encoder, stacked dilated bottleneck, decoder with convex-combination skips.
+"""SDC-CCM (docs/design.md, "The method"): encoder, stacked dilated bottleneck, decoder with convex-combination skips.
 
 `forward(x)` returns the reconstruction; scoring lives in `rayad.scoring`.
 """

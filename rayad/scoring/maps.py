@@ -1,4 +1,4 @@
-"""Anomaly maps and image scores (DESIGN §1.4) as plain tensor functions."""
+"""Anomaly maps and image scores as plain tensor functions (docs/design.md, "The method")."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ import os
 from ray import serve
 
 from rayad.errors import RayadError
-from rayad.serve.app import ServeSettings, app_builder, build_app, discover_models
+from rayad.serve.app import app_builder, build_app, discover_models
+from rayad.settings import LOCAL_HOST, SERVE_PORT, ServeSettings
 
 APP_NAME = "rayad"
 # Ray 2.60's experimental HTTP path: HAProxy (C) in front of the ingress replicas instead of Ray's Python
@@ -32,7 +33,7 @@ def use_haproxy_ingress(address: str | None) -> str:
     return "local"
 
 
-def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, proxy_location: str = "HeadOnly"
+def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_PORT, proxy_location: str = "HeadOnly"
           ) -> str:
     """Deploy the application on the connected Ray cluster, serving HTTP on host:port; returns its URL.
     One HTTP proxy, on the head node, by default (`serve deploy serve/config.yaml` runs one per node)."""

@@ -17,7 +17,7 @@ import io
 import json
 import logging
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,70 +32,36 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request as StarletteRequest
 
-from rayad import __version__
-from rayad.artifact import METADATA, WEIGHTS, Predictor
+from rayad import __version__, layout
+from rayad.artifact import Predictor
 from rayad.data.images import ImageTooLarge, load_image
 from rayad.errors import DataError, RayadError
+from rayad.layout import BEST, METADATA, METRIC_NAMES, TEST_METRICS, WEIGHTS
+from rayad.settings import ServeSettings
 from rayad.visualize import heatmap_image
 
 log = logging.getLogger(__name__)
 API_KEY_HEADER = "x-api-key"
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    """What `rayad serve` and the Serve config file set."""
-
-    models: dict[str, str] = field(default_factory=dict)  # model name -> artifact folder
-    max_batch_size: int = 16
-    batch_wait_s: float = 0.005
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 8.0
-    max_queued_requests: int = 64  # per scorer replica; beyond it requests get 503 at once
-    replica_cpus: float = 1.0
-    ingress_cpus: float = 0.0
-    max_upload_mb: float = 20.0
-    max_pixels: int = 25_000_000
-    max_batch_images: int = 64
-    api_key: str | None = None  # when set, requests need it in the X-API-Key header (or a Bearer token)
-
-
 def discover_models(path: str | Path) -> dict[str, str]:
-    """Models under `path`: a run (model.json), an experiment (best/model.json, named after its category),
-    or a folder of those (e.g. `rayad demo`'s output, one experiment per category)."""
-    path = Path(path)
-    found = _model_at(path)
-    if found:
-        return found
-    models: dict[str, str] = {}
-    for child in sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []:
-        models.update(_model_at(child))
+    """Models under `path` (see `rayad.layout.discover_models`); an error when there is none."""
+    models = layout.discover_models(path)
     if not models:
-        raise RayadError(f"{path}: no model found (a run with {METADATA}, an experiment with best/{METADATA}, "
+        raise RayadError(f"{path}: no model found (a run with {METADATA}, an experiment with {BEST}/{METADATA}, "
                          "or a folder of those)")
     return models
-
-
-def _model_at(path: Path) -> dict[str, str]:
-    if (path / METADATA).is_file():
-        return {path.name: str(path.absolute())}
-    if (path / "best" / METADATA).is_file():
-        experiment = path / "experiment.json"
-        name = json.loads(experiment.read_text())["category"] if experiment.is_file() else path.name
-        return {name: str((path / "best").absolute())}
-    return {}
 
 
 def model_card(name: str, run_dir: str) -> dict[str, Any]:
     """What GET /v1/models says about a model (read from its files, without loading the weights)."""
     run = Path(run_dir)
     meta = json.loads((run / METADATA).read_text())
-    metrics_file = run / "test_metrics.json"
+    metrics_file = run / TEST_METRICS
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return {"name": name, "version": model_version(run), "category": name, "threshold": meta["threshold"],
             "image_size": meta["image_size"], "normalization": meta["normalization"],
-            "metrics": {k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")}}
+            "metrics": {k: metrics.get(k) for k in METRIC_NAMES}}
 
 
 def model_version(run: Path) -> str:
@@ -156,12 +122,13 @@ class Scorer:
             groups[id(predictor)].append(i)
         for indices in groups.values():
             predictor = predictors[indices[0]]
-            out = predictor.score(np.stack([images[i] for i in indices]))
-            normalized = predictor.model.normalized_score(out.pred_score.double())  # as rayad predict
+            preds = predictor.predict_arrays(np.stack([images[i] for i in indices]), len(indices))
+            masks = preds.masks() if any(with_maps[i] for i in indices) else None
             for row, i in enumerate(indices):
-                results[i] = {"score": float(out.pred_score[row]), "normalized_score": float(normalized[row]),
-                              "label": bool(out.pred_label[row]), "threshold": predictor.threshold,
-                              "map": out.anomaly_map[row].float().numpy() if with_maps[i] else None}
+                results[i] = {"score": float(preds.scores[row]), "normalized_score": float(preds.normalized[row]),
+                              "label": bool(preds.labels[row]), "threshold": preds.threshold,
+                              "map": preds.maps[row] if with_maps[i] else None,
+                              "mask": masks[row] if with_maps[i] else None}
         return results
 
 
@@ -270,8 +237,7 @@ class Api:
                "threshold": result["threshold"]}
         if heatmap:
             out["heatmap_png"] = _png_base64(heatmap_image(result["map"], result["threshold"]))
-            out["mask_png"] = _png_base64(Image.fromarray((result["map"] >= result["threshold"]).astype(np.uint8)
-                                                          * 255))
+            out["mask_png"] = _png_base64(Image.fromarray(result["mask"].astype(np.uint8) * 255))
         return out
 
     def _authorize(self, request: Request) -> None:

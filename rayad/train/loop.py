@@ -1,30 +1,38 @@
-"""Single-process training, short enough to read in one sitting. Ray Train reuses `train_step` unchanged.
+"""The training loop: one function, `train_loop`, for every way rayad trains (docs/design.md, "Training").
+
+`rayad train` runs it in this process as a world of one (`LocalSession`); `rayad train --workers N` and
+every Tune trial run it in each Ray Train worker (`rayad.train.ray_train.RaySession`). A session supplies
+what differs: rank and world size, the device, where checkpoints come from and where reports go.
 
 Every random choice of step k (batch and corruption) is seeded from (seed, k), so a run resumed from a
-checkpoint continues exactly as the uninterrupted run would have.
+checkpoint continues exactly as the uninterrupted run would have. Step k's global batch is the batch of
+`world_size x batch_size` images; rank r trains on its r-th slice, so ranks see disjoint data and one
+worker reproduces the single-process run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from rayad.artifact import Predictor, build_anomaly_model, save_artifact
+from rayad.artifact import build_anomaly_model, calibrate_and_save
 from rayad.config import Config, TrainConfig
 from rayad.corruption import Corruptor
 from rayad.data.dataset import ImageSet, load_split, to_tensor
 from rayad.data.manifest import build_manifest, save_manifest
 from rayad.errors import RayadError
 from rayad.models.loss import reconstruction_loss
-from rayad.scoring import f1_threshold
 from rayad.train.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -32,8 +40,42 @@ from rayad.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from rayad.validation import load_validation, validation_metrics
 
 log = logging.getLogger(__name__)
+RANK_SEED_STRIDE = 7_919  # separates the corruption streams of different ranks
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the loop needs besides the model config; Ray Train passes it to every worker as it is."""
+
+    config: Config
+    data_root: str
+    category: str
+    threads: int | None = None  # torch intra-op threads of the process; None keeps torch's default
+    started: float = field(default_factory=time.time)  # when the command began (for time to first step)
+    validate: bool = False  # score the validation set at every checkpoint (model selection in a search)
+    val_root: str | None = None  # a labelled validation dataset instead of the synthesised one
+
+
+class Session(Protocol):
+    """What differs between running the loop in this process and in a Ray Train worker."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def steps(self, start: int, total: int) -> Iterable[int]: ...
+
+    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int: ...
+
+    def prepare(self, network: torch.nn.Module) -> torch.nn.Module: ...
+
+    def count_nodes(self) -> int: ...
+
+    def report(self, metrics: dict[str, Any], network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               checkpoint: bool) -> None: ...
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -42,6 +84,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def scaled_lr(lr: float, workers: int) -> float:
+    """`train.lr` is tuned for one worker's batch; the global batch is `workers` times larger and the
+    learning rate grows with its square root (the usual rule for Adam-type optimisers)."""
+    return lr * math.sqrt(workers)
 
 
 def step_generator(seed: int, step: int, device: torch.device | str) -> torch.Generator:
@@ -59,6 +107,11 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
         perm = np.random.default_rng([seed, epoch]).permutation(n)
         out.extend(perm[offset:offset + batch_size - len(out)].tolist())
     return np.asarray(out)
+
+
+def is_due(done: int, every: int, total: int) -> bool:
+    """Whether step `done` (1-based) ends an interval of `every` steps, or the run."""
+    return done % every == 0 or done == total
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, corruptor: Corruptor,
@@ -134,8 +187,9 @@ def load_train_data(cfg: Config, data_root: str | Path, category: str, out_dir: 
     manifest = build_manifest(data_root, category, cfg.data)
     if out_dir is not None:
         save_manifest(manifest, out_dir / "manifest.parquet")
-    size, policy = cfg.data.image_size, cfg.data.on_bad_image
-    data = TrainData(load_split(manifest, "train", size, policy), load_split(manifest, "val", size, policy))
+    d = cfg.data
+    data = TrainData(*(load_split(manifest, split, d.image_size, d.on_bad_image, d.max_pixels)
+                       for split in ("train", "val")))
     if len(data.train.images) == 0:
         raise RayadError(f"{data_root}/{category}: no usable training images")
     if len(data.val.images) == 0:
@@ -144,74 +198,105 @@ def load_train_data(cfg: Config, data_root: str | Path, category: str, out_dir: 
     return data
 
 
-def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, resume: bool = False,
-        device: str | None = None, progress: bool = True) -> Path:
-    """Train, calibrate on the validation split and write the model artifact to `out_dir`."""
-    meter = Throughput(cfg.train.batch_size)
-    out_dir = Path(out_dir)
-    checkpoints = out_dir / "checkpoints"
-    latest = latest_checkpoint(checkpoints)
-    if latest is not None and not resume:
-        raise RayadError(f"{out_dir} already holds checkpoints; pass --resume to continue, or pick a new --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tc = cfg.train
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    device = torch.device(device) if device else default_device()
-    data = load_train_data(cfg, data_root, category, out_dir)
+def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train `loop.config` on this session's share of every batch; returns the (unwrapped) network and
+    the last report's metrics."""
+    cfg, rank, world = loop.config, session.rank, session.world_size
+    if loop.threads:
+        torch.set_num_threads(loop.threads)
+    tc = dataclasses.replace(cfg.train, lr=scaled_lr(cfg.train.lr, world))
+    data = load_train_data(cfg, loop.data_root, loop.category)
+    validation = load_validation(cfg, loop.data_root, loop.category, loop.val_root) \
+        if loop.validate and rank == 0 else None
 
     torch.manual_seed(tc.seed)
-    model = build_anomaly_model(cfg).network.to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, tc)
-    start = 0
-    if resume and latest is not None:
-        start = _resume(latest, model, optimizer, cfg)
+    network = build_anomaly_model(cfg).network.to(session.device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(network, tc)
+    start = session.restore(network, optimizer)
+    model = session.prepare(network)
+    nodes = session.count_nodes()
     corruptor = Corruptor(cfg.corruption)
     model.train()
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="train", unit="step",
-               disable=not progress, dynamic_ncols=True)
-    loss = None
-    with (out_dir / "train_log.jsonl").open("a") as history:
-        for step in bar:
-            idx = batch_indices(len(data.train.images), tc.batch_size, step, tc.seed)
-            clean = to_device(data.train.images[idx], device)
-            loss = train_step(model, optimizer, corruptor, clean, step_generator(tc.seed, step, device), tc, step)
-            meter.step()
-            done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
-                record = {"step": done, "loss": float(loss), "lr": lr_at(step, tc), "images_per_s": meter.interval()}
-                history.write(json.dumps(record) + "\n")
-                history.flush()
-                bar.set_postfix(loss=f"{record['loss']:.5f}", img_s=f"{record['images_per_s'] or 0:.1f}")
-            if done % tc.checkpoint_every == 0 or done == tc.steps:
-                save_checkpoint(checkpoints / checkpoint_name(done), model, optimizer, done, cfg)
-                prune_checkpoints(checkpoints)
-    info = {"steps": tc.steps, "final_loss": None if loss is None else float(loss), **meter.summary()}
-    return finalize(model, cfg, data.val, out_dir, device, info)
+    n, meter = len(data.train.images), Throughput(tc.batch_size * world, loop.started)
+    metrics: dict[str, Any] = {"step": start, "loss": None, "start_step": start}
+    for step in session.steps(start, tc.steps):
+        global_batch = batch_indices(n, tc.batch_size * world, step, tc.seed)
+        batch = global_batch[rank * tc.batch_size:(rank + 1) * tc.batch_size]
+        clean = to_device(data.train.images[batch], session.device)
+        gen = step_generator(tc.seed + rank * RANK_SEED_STRIDE, step, session.device)
+        loss = train_step(model, optimizer, corruptor, clean, gen, tc, step)
+        meter.step()
+        done = step + 1
+        save = is_due(done, tc.checkpoint_every, tc.steps)
+        if save or is_due(done, tc.log_every, tc.steps):
+            metrics = {"step": done, "loss": float(loss), "lr": lr_at(step, tc), "start_step": start,
+                       "world_size": world, "nodes": nodes, "interval_images_per_s": meter.interval(),
+                       **meter.summary()}
+            if save and validation is not None:  # model selection: scored at every checkpoint
+                metrics |= validation_metrics(network, cfg, validation, session.device)
+            session.report(metrics, network, optimizer, save)
+    return network, metrics
 
 
-def finalize(network: torch.nn.Module, cfg: Config, val: ImageSet, out_dir: Path, device, train_info: dict
-             ) -> Path:
-    """Calibrate on the validation split and save the artifact: the threshold is the configured quantile of
-    good scores, or F1-optimal when the validation split holds labelled anomalies."""
-    model = build_anomaly_model(cfg)
-    model.network.load_state_dict(network.state_dict())
-    scores = Predictor(model, cfg, {}, str(device)).raw_scores(val.images)
-    labels = val.labels
-    threshold = f1_threshold(scores, labels) if labels.any() else None
-    model.calibrate(scores[labels == 0], threshold)
-    method = "f1" if labels.any() else f"quantile {cfg.scoring.threshold_quantile}"
-    log.info("threshold %.6g (%s) from %d validation images", float(model.threshold), method, len(scores))
-    validation = {"n_images": len(scores), "n_anomalous": int(labels.sum()), "threshold_method": method}
-    return save_artifact(model, cfg, out_dir, {"train": train_info, "validation": validation})
+class LocalSession:
+    """The loop in this process: checkpoints in RUN_DIR/checkpoints, reports in RUN_DIR/train_log.jsonl."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, cfg: Config, out_dir: Path, device: torch.device, progress: bool):
+        self.cfg, self.device, self.progress = cfg, device, progress
+        self.checkpoints, self.log_file = out_dir / "checkpoints", out_dir / "train_log.jsonl"
+        self.bar: tqdm | None = None
+
+    def steps(self, start: int, total: int) -> Iterable[int]:
+        self.bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step",
+                        disable=not self.progress, dynamic_ncols=True)
+        return self.bar
+
+    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """Continue from the latest checkpoint, if any; only train.steps may differ from its config."""
+        latest = latest_checkpoint(self.checkpoints)
+        if latest is None:
+            return 0
+        state_file = latest / "state.json"
+        saved = Config.from_dict(json.loads(state_file.read_text())["config"], str(state_file))
+        if saved.replace({"train.steps": self.cfg.train.steps}) != self.cfg:
+            raise RayadError(f"{latest}: was trained with a different configuration; only train.steps may "
+                             "change on --resume")
+        step = int(load_checkpoint(latest, network, optimizer)["step"])
+        log.info("resuming from %s (step %d)", latest, step)
+        return step
+
+    def prepare(self, network: torch.nn.Module) -> torch.nn.Module:
+        return network
+
+    def count_nodes(self) -> int:
+        return 1
+
+    def report(self, metrics: dict[str, Any], network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               checkpoint: bool) -> None:
+        with self.log_file.open("a") as history:
+            history.write(json.dumps(metrics) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.5f}", img_s=f"{metrics['interval_images_per_s'] or 0:.1f}")
+        if checkpoint:
+            save_checkpoint(self.checkpoints / checkpoint_name(metrics["step"]), network, optimizer,
+                            metrics["step"], self.cfg)
+            prune_checkpoints(self.checkpoints)
 
 
-def _resume(checkpoint: Path, model, optimizer, cfg: Config) -> int:
-    state_file = checkpoint / "state.json"
-    saved = Config.from_dict(json.loads(state_file.read_text())["config"], str(state_file))
-    if saved.replace({"train.steps": cfg.train.steps}) != cfg:
-        raise RayadError(f"{checkpoint}: was trained with a different configuration; only train.steps may "
-                         "change on --resume")
-    step = int(load_checkpoint(checkpoint, model, optimizer)["step"])
-    log.info("resuming from %s (step %d)", checkpoint, step)
-    return step
+def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, resume: bool = False,
+        device: str | None = None, progress: bool = True) -> Path:
+    """Train in this process, calibrate on the validation split and write the model artifact to `out_dir`."""
+    started = time.time()
+    out_dir = Path(out_dir)
+    if latest_checkpoint(out_dir / "checkpoints") is not None and not resume:
+        raise RayadError(f"{out_dir} already holds checkpoints; pass --resume to continue, or pick a new --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load_train_data(cfg, data_root, category, out_dir)  # validates the data, fills the cache once
+    session = LocalSession(cfg, out_dir, torch.device(device) if device else default_device(), progress)
+    loop = LoopConfig(cfg, str(data_root), category, threads=cfg.train.num_threads, started=started)
+    network, metrics = train_loop(loop, session)
+    info = {"steps": cfg.train.steps, "final_loss": metrics["loss"],
+            **{k: metrics.get(k) for k in ("seconds_to_first_step", "images_per_s")}}
+    return calibrate_and_save(network, cfg, data.val, out_dir, session.device, info)

@@ -1,19 +1,16 @@
 """Distributed training on Ray Train (V2): DDP over workers and nodes, checkpointed, fault tolerant.
 
-The per-worker loop reuses `train_step` of the single-process loop unchanged. Step k's global batch is
-the single-process batch of `workers x batch_size` images; rank r trains on its r-th slice, so ranks see
-disjoint data and one worker reproduces the single-process run exactly.
+Each worker runs `rayad.train.loop.train_loop` with a `RaySession`; `build_trainer` makes the
+`TorchTrainer` for `rayad train --workers` and for every Tune trial. Numbered comments mark the Ray APIs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import os
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import ray
 import ray.train
@@ -21,108 +18,60 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer, prepare_model
 
-from rayad.artifact import build_anomaly_model
+from rayad.artifact import build_anomaly_model, calibrate_and_save
+from rayad.cluster import Cluster, check_resources, connect
 from rayad.config import Config
-from rayad.corruption import Corruptor
 from rayad.errors import RayadError
 from rayad.train.checkpoint import load_checkpoint, save_checkpoint
-from rayad.train.loop import (
-    Throughput,
-    batch_indices,
-    finalize,
-    load_train_data,
-    make_optimizer,
-    step_generator,
-    to_device,
-    train_step,
-)
-from rayad.validation import load_validation, validation_metrics
-
-RANK_SEED_STRIDE = 7_919  # separates the corruption streams of different ranks
+from rayad.train.loop import LoopConfig, load_train_data, train_loop
 
 
-@dataclass(frozen=True)
-class Cluster:
-    """How to run: worker count and resources, where Ray is, where checkpoints go."""
+class RaySession:
+    """The loop inside a Ray Train worker: rank, device and checkpoints from Ray; reports to Ray."""
 
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0  # used when use_gpu; fractions share a GPU between workers
-    address: str | None = None
-    storage: str | None = None  # local path or pyarrow URI (file://, s3://, gs://); default RUN_DIR/ray
-    max_failures: int = 0
-    placement: str = "PACK"  # or SPREAD: one worker per node where possible
-    threads_per_worker: int | None = None
+    def __init__(self, cfg: Config):
+        ctx = ray.train.get_context()  # (1) rank and world size
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()  # (2) this worker's device (a GPU when use_gpu)
+        self.cfg = cfg
 
+    def steps(self, start: int, total: int) -> Iterable[int]:
+        return range(start, total)
 
-def scaled_lr(lr: float, workers: int) -> float:
-    """`train.lr` is tuned for one worker's batch; the global batch is `workers` times larger and the
-    learning rate grows with its square root (the usual rule for Adam-type optimisers)."""
-    return lr * math.sqrt(workers)
-
-
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train's per-worker function. Numbered comments mark the Ray-specific lines."""
-    cfg = Config.from_dict(loop_config["config"])
-    ctx = ray.train.get_context()  # (1) rank and world size
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(loop_config["threads"])
-    tc = dataclasses.replace(cfg.train, lr=scaled_lr(cfg.train.lr, world))
-    data = load_train_data(cfg, loop_config["data_root"], loop_config["category"])
-    device = ray.train.torch.get_device()  # (2) this worker's device (a GPU when use_gpu)
-
-    torch.manual_seed(tc.seed)
-    network = build_anomaly_model(cfg).network.to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(network, tc)
-    start = 0
-    checkpoint = ray.train.get_checkpoint()  # (3) set after a restart: resume from it
-    if checkpoint:
+    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        checkpoint = ray.train.get_checkpoint()  # (3) set after a restart: resume from it
+        if not checkpoint:
+            return 0
         with checkpoint.as_directory() as directory:
-            start = int(load_checkpoint(directory, network, optimizer)["step"])
-    model = prepare_model(network)  # (4) DDP (gloo on CPU, NCCL on GPU)
-    nodes = _count_nodes(world)
-    validation = None
-    if loop_config.get("validate") and rank == 0:
-        validation = load_validation(cfg, loop_config["data_root"], loop_config["category"], loop_config["val_root"])
-    corruptor = Corruptor(cfg.corruption)
-    model.train()
-    n, meter = len(data.train.images), Throughput(tc.batch_size * world, loop_config["started"])
-    for step in range(start, tc.steps):
-        global_batch = batch_indices(n, tc.batch_size * world, step, tc.seed)
-        batch = global_batch[rank * tc.batch_size:(rank + 1) * tc.batch_size]
-        clean = to_device(data.train.images[batch], device)
-        gen = step_generator(tc.seed + rank * RANK_SEED_STRIDE, step, device)
-        loss = train_step(model, optimizer, corruptor, clean, gen, tc, step)
-        meter.step()
-        done = step + 1
-        if done % tc.checkpoint_every == 0 or done == tc.steps or done % tc.log_every == 0:
-            metrics = {"step": done, "loss": float(loss), "start_step": start, "world_size": world, "nodes": nodes,
-                       "interval_images_per_s": meter.interval(), **meter.summary()}
-            save = done % tc.checkpoint_every == 0 or done == tc.steps
-            if save and validation is not None:  # model selection: scored at every checkpoint
-                metrics |= validation_metrics(network, cfg, validation, device)
-            _report(metrics, network, optimizer, done, cfg, rank == 0 and save)  # (5)
+            return int(load_checkpoint(directory, network, optimizer)["step"])
+
+    def prepare(self, network: torch.nn.Module) -> torch.nn.Module:
+        return prepare_model(network)  # (4) DDP (gloo on CPU, NCCL on GPU)
+
+    def count_nodes(self) -> int:
+        """How many distinct Ray nodes the workers run on (gathered over the process group)."""
+        node = ray.get_runtime_context().get_node_id()
+        if self.world_size == 1:
+            return 1
+        nodes = [None] * self.world_size
+        torch.distributed.all_gather_object(nodes, node)
+        return len(set(nodes))
+
+    def report(self, metrics: dict[str, Any], network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               checkpoint: bool) -> None:
+        """Every worker reports; rank 0 attaches the checkpoint (unwrapped weights, optimiser, step, config)."""
+        if not (checkpoint and self.rank == 0):
+            ray.train.report(metrics)  # (5)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(Path(tmp) / "ckpt", network, optimizer, metrics["step"], self.cfg)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(Path(tmp) / "ckpt")))
 
 
-def _count_nodes(world: int) -> int:
-    """How many distinct Ray nodes the workers run on (gathered over the process group)."""
-    node = ray.get_runtime_context().get_node_id()
-    if world == 1:
-        return 1
-    nodes = [None] * world
-    torch.distributed.all_gather_object(nodes, node)
-    return len(set(nodes))
-
-
-def _report(metrics: dict, network, optimizer, step: int, cfg: Config, with_checkpoint: bool) -> None:
-    """Every worker reports; rank 0 attaches the checkpoint (unwrapped weights, optimiser, step, config)."""
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp) / "ckpt", network, optimizer, step, cfg)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(Path(tmp) / "ckpt")))
+def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
+    """Ray Train's per-worker function."""
+    loop = train_loop_config["loop"]
+    train_loop(loop, RaySession(loop.config))
 
 
 class ProgressCallback(UserCallback):
@@ -142,43 +91,18 @@ class ProgressCallback(UserCallback):
               + (" checkpoint" if checkpoint else ""), flush=True)
 
 
-def connect(address: str | None, log_to_driver: bool = True) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray sized to this machine."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    try:
-        # A local start includes the dashboard: Train's placement-group cleanup uses its state API.
-        ray.init(address=address, log_to_driver=log_to_driver)
-    except ConnectionError as e:
-        raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e})") from None
-
-
-def check_resources(cluster: Cluster) -> None:
-    """Fail within seconds (Ray Train would wait forever) when the cluster cannot hold the workers."""
-    total = ray.cluster_resources()
-    need_cpu = cluster.workers * cluster.cpus_per_worker
-    need_gpu = cluster.workers * cluster.gpus_per_worker if cluster.use_gpu else 0
-    have_cpu, have_gpu = total.get("CPU", 0), total.get("GPU", 0)
-    if need_cpu > have_cpu or need_gpu > have_gpu:
-        raise RayadError(f"asked for {describe(cluster)} = {need_cpu:g} CPU, {need_gpu:g} GPU; "
-                         f"the cluster has {have_cpu:g} CPU, {have_gpu:g} GPU")
-
-
-def describe(cluster: Cluster) -> str:
-    gpu = f" + {cluster.gpus_per_worker:g} GPU" if cluster.use_gpu else ""
-    return f"{cluster.workers} worker(s) x {cluster.cpus_per_worker:g} CPU{gpu}"
-
-
-def scaling_config(cluster: Cluster) -> ScalingConfig:
+def build_trainer(loop: LoopConfig, cluster: Cluster, name: str, storage: str,
+                  checkpoint_config: CheckpointConfig, callbacks: list | None = None) -> TorchTrainer:
+    """The `TorchTrainer` of one training run: `cluster.workers` workers, each running the loop."""
     resources = {"CPU": cluster.cpus_per_worker} | ({"GPU": cluster.gpus_per_worker} if cluster.use_gpu else {})
-    return ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.use_gpu, resources_per_worker=resources,
-                         placement_strategy=cluster.placement)
-
-
-def worker_threads(cluster: Cluster) -> int:
-    """torch threads per worker: its CPU share (Ray sets OMP_NUM_THREADS, torch needs it explicitly)."""
-    return cluster.threads_per_worker or max(1, int(cluster.cpus_per_worker))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"loop": loop},
+        scaling_config=ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=cluster.placement),
+        run_config=RunConfig(name=name, storage_path=storage, checkpoint_config=checkpoint_config,
+                             failure_config=FailureConfig(max_failures=cluster.max_failures), callbacks=callbacks),
+    )
 
 
 def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, cluster: Cluster,
@@ -193,18 +117,11 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
     data = load_train_data(cfg, data_root, category, out_dir)  # validates data and fills the cache once
     connect(cluster.address)
     check_resources(cluster)
-    threads = worker_threads(cluster)
-    storage = cluster.storage or str(out_dir / "ray")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "data_root": str(Path(data_root).absolute()),
-                           "category": category, "threads": threads, "started": started},
-        scaling_config=scaling_config(cluster),
-        run_config=RunConfig(name="train", storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cluster.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=[ProgressCallback(cfg.train.steps)] if progress else None),
-    )
+    loop = LoopConfig(cfg, str(Path(data_root).absolute()), category, threads=cluster.worker_threads,
+                      started=started)
+    trainer = build_trainer(loop, cluster, "train", cluster.storage or str(out_dir / "ray"),
+                            CheckpointConfig(num_to_keep=2),
+                            [ProgressCallback(cfg.train.steps)] if progress else None)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RayadError("training finished without a checkpoint")
@@ -217,4 +134,4 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
             "seconds_to_first_step": result.metrics.get("seconds_to_first_step"),
             "final_loss": result.metrics.get("loss"), "resumed_from_step": result.metrics.get("start_step"),
             "checkpoint": result.checkpoint.path}
-    return finalize(network, cfg, data.val, out_dir, device, info)
+    return calibrate_and_save(network, cfg, data.val, out_dir, device, info)

@@ -12,7 +12,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,74 +20,40 @@ import optuna
 import ray
 import torch
 from ray import tune
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
-from ray.train.torch import TorchTrainer
+from ray.train import Checkpoint, CheckpointConfig
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from rayad import __version__
-from rayad.artifact import Predictor, build_anomaly_model
+from rayad.artifact import Predictor, build_anomaly_model, calibrate_and_save
+from rayad.cluster import Cluster, check_resources, connect, fitting_groups
 from rayad.config import Config, load_config
 from rayad.errors import ConfigError, RayadError
-from rayad.evaluate import METRIC_NAMES, evaluate
-from rayad.train.checkpoint import load_checkpoint
-from rayad.train.loop import finalize, load_train_data
-from rayad.train.ray_train import (
-    Cluster,
-    check_resources,
-    connect,
-    describe,
-    scaling_config,
-    train_loop_per_worker,
-    worker_threads,
-)
-from rayad.tune.space import SearchSpace, load_space
-from rayad.tune.store import (
+from rayad.evaluate import evaluate
+from rayad.layout import (
     BEST,
     EXPERIMENT,
-    STATUSES,
+    METRIC_NAMES,
+    PIXEL_METRICS,
     STUDY,
     TEST_METRICS,
+    TRIAL_STATUSES,
     TRIALS,
-    ResultsStore,
-    read_rows,
-    write_json,
+    TRIALS_DIR,
+    TUNE_DIR,
+    VAL_METRICS,
 )
-from rayad.validation import PIXEL_METRICS, VAL_METRICS, load_validation
+from rayad.settings import SearchSettings
+from rayad.train.checkpoint import load_checkpoint
+from rayad.train.loop import LoopConfig, load_train_data
+from rayad.train.ray_train import build_trainer
+from rayad.tune.space import SearchSpace, load_space
+from rayad.tune.store import ResultsStore, read_rows, write_json
+from rayad.validation import load_validation
 
 DEFAULT_METRIC = "val_image_auroc"
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # rayad prints one line per trial instead
-TUNE_DIR = "tune"  # Tune's experiment state (for --resume) inside EXP_DIR
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """Everything that defines an experiment; saved in experiment.json and reused by --resume."""
-
-    data_root: str
-    category: str
-    space: str
-    trials: int = 8
-    concurrent: int | None = None  # default: as many trials as the cluster's resources hold
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    metric: tuple[str, ...] = ()  # several = multi-objective (ASHA and the best model use the first)
-    mode: tuple[str, ...] = ()
-    scheduler: str = "asha"  # or "fifo": every trial runs to the end
-    grace_period: int = 1  # evaluations before ASHA may stop a trial
-    reduction_factor: int = 3
-    seed: int = 0
-    val_root: str | None = None
-    config_file: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    storage: str | None = None  # Tune and Train storage (a path or URI all nodes see); default EXP_DIR
-    max_failures: int = 0  # Train worker failures each trial recovers from
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> SearchSettings:
-        return cls(**{**raw, "metric": tuple(raw["metric"]), "mode": tuple(raw["mode"])})
 
 
 @dataclass(frozen=True)
@@ -141,14 +107,14 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
     _check_data(plan, exp_dir)
     connect(address)
     check_resources(plan.cluster)
-    concurrent = s.concurrent or _fitting_trials(plan.cluster)
+    concurrent = s.concurrent or fitting_groups(plan.cluster)
     if resume:
         previous = json.loads((exp_dir / EXPERIMENT).read_text())
         experiment = previous | {"status": "running", "resumed_at": [*previous.get("resumed_at", []), time.time()]}
     else:
         experiment = experiment_record(plan, concurrent, exp_dir)
     write_json(exp_dir / EXPERIMENT, experiment)
-    print(f"[rayad] search {s.category}: {s.trials} trials, {concurrent} at a time, each {describe(plan.cluster)}; "
+    print(f"[rayad] search {s.category}: {s.trials} trials, {concurrent} at a time, each {plan.cluster.describe()}; "
           f"objective {'/'.join(plan.metrics)} on the validation set; scheduler {s.scheduler}; "
           f"cluster {ray.cluster_resources().get('CPU', 0):g} CPU, {ray.cluster_resources().get('GPU', 0):g} GPU",
           flush=True)
@@ -167,19 +133,11 @@ def _check_data(plan: Plan, exp_dir: Path) -> None:
         raise ConfigError(f"metric {missing}: the validation set has no masks; use an image-level metric")
 
 
-def _fitting_trials(cluster: Cluster) -> int:
-    total = ray.cluster_resources()
-    fits = total.get("CPU", 0) // (cluster.workers * cluster.cpus_per_worker)
-    if cluster.use_gpu:
-        fits = min(fits, total.get("GPU", 0) // (cluster.workers * cluster.gpus_per_worker))
-    return max(1, int(fits))
-
-
 def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: int) -> tune.Tuner:
     s = plan.settings
     storage = s.storage or str(exp_dir)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, plan=plan, storage=f"{storage.rstrip('/')}/trials"),
+        tune.with_parameters(run_trial, plan=plan, storage=f"{storage.rstrip('/')}/{TRIALS_DIR}"),
         # The trial's driver only waits for its TorchTrainer: it takes no CPU (a CPU each would deadlock a
         # small machine). Ray refuses an all-zero request, so it asks for one byte of memory.
         {"cpu": 0, "memory": 1},
@@ -197,7 +155,7 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
         points_to_evaluate=[default_point],
         storage=optuna.storages.RDBStorage(f"sqlite:///{exp_dir / STUDY}"),
         study_name=s.category,
-        seed=s.seed,
+        seed=s.search_seed,
     )
     if s.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=plan.metrics[0], mode=plan.modes[0],
@@ -223,25 +181,14 @@ def trial_config(plan: Plan, params: dict[str, Any]) -> Config:
 
 def run_trial(params: dict[str, Any], plan: Plan, storage: str) -> None:
     """One Tune trial: fit a TorchTrainer; its rank-0 reports reach Tune through TuneReportCallback."""
-    cfg = trial_config(plan, params)
-    trial_id = tune.get_context().get_trial_id()
     s = plan.settings
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "data_root": str(Path(s.data_root).absolute()),
-                           "category": s.category, "threads": worker_threads(plan.cluster), "started": time.time(),
-                           "validate": True, "val_root": s.val_root},
-        scaling_config=scaling_config(plan.cluster),
-        run_config=RunConfig(
-            name=f"trial_{trial_id}",  # deterministic: a resumed experiment resumes the trial's Train run
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=plan.metrics[0],
-                                               checkpoint_score_order=plan.modes[0]),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
-    trainer.fit()
+    loop = LoopConfig(trial_config(plan, params), str(Path(s.data_root).absolute()), s.category,
+                      threads=plan.cluster.worker_threads, validate=True, val_root=s.val_root)
+    checkpoints = CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=plan.metrics[0],
+                                   checkpoint_score_order=plan.modes[0])
+    # The run's name is deterministic: a resumed experiment resumes the trial's Train run.
+    trial_id = tune.get_context().get_trial_id()
+    build_trainer(loop, plan.cluster, f"trial_{trial_id}", storage, checkpoints, [TuneReportCallback()]).fit()
 
 
 def _finish(plan: Plan, exp_dir: Path, experiment: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +209,7 @@ def _finish(plan: Plan, exp_dir: Path, experiment: dict[str, Any]) -> dict[str, 
 
 
 def _count_statuses(rows: list[dict[str, Any]]) -> dict[str, int]:
-    return {status: sum(r["status"] == status for r in rows) for status in STATUSES}
+    return {status: sum(r["status"] == status for r in rows) for status in TRIAL_STATUSES}
 
 
 def format_experiment(experiment: dict[str, Any]) -> str:
@@ -292,7 +239,7 @@ def export_best(plan: Plan, row: dict[str, Any], out: Path) -> dict[str, Any]:
         load_checkpoint(directory, network)
     data = load_train_data(cfg, s.data_root, s.category)
     info = {"steps": state["step"], "search_trial": row["trial_id"], "validation": {plan.metrics[0]: row["best_value"]}}
-    finalize(network, cfg, data.val, out, "cpu", info)
+    calibrate_and_save(network, cfg, data.val, out, "cpu", info)
     metrics = evaluate(Predictor.load(out), s.data_root, s.category)
     write_json(out / TEST_METRICS, metrics)
     return metrics
@@ -307,7 +254,7 @@ def experiment_record(plan: Plan, concurrent: int, exp_dir: Path) -> dict[str, A
                                                     for p in plan.space.params}},
         "settings": dataclasses.asdict(s), "objective": {"metrics": list(plan.metrics), "modes": list(plan.modes),
                                                          "split": "validation"},
-        "resources": {"concurrent_trials": concurrent, "per_trial": describe(plan.cluster)},
+        "resources": {"concurrent_trials": concurrent, "per_trial": plan.cluster.describe()},
         "max_iterations": plan.max_iterations, "base_config": plan.base.to_dict(),
         "versions": {"rayad": __version__, "ray": ray.__version__, "torch": torch.__version__,
                      "optuna": optuna.__version__, "python": platform.python_version()},

@@ -1,13 +1,8 @@
-"""The results store of an experiment directory, written by a Tune callback while the search runs.
+"""The writer of an experiment's results store (layout: rayad.layout), a Tune callback run as trials go.
 
-    EXP_DIR/experiment.json   data, category, space, search settings, versions, status, best trial
-    EXP_DIR/trials.parquet    one row per trial: params, final and best validation metrics, status, times
-    EXP_DIR/history.parquet   one row per trial and evaluation
-    EXP_DIR/study.db          the Optuna study (SQLite; optuna-dashboard opens it too)
-    EXP_DIR/best/             the best trial's model artifact and its test metrics
-
-Every file is replaced atomically, so readers never see half a file and a crash loses at most the
-results of the trials that were running.
+trials.parquet has one row per trial (params, final and best validation metrics, status, times, best
+checkpoint); history.parquet one row per trial and evaluation. Every file is replaced atomically, so
+readers never see half a file and a crash loses at most the results of the trials that were running.
 """
 
 from __future__ import annotations
@@ -22,12 +17,7 @@ import pyarrow.parquet as pq
 from ray.tune import Callback
 
 from rayad.artifact import atomic_write
-from rayad.results import BEST, EXPERIMENT, HISTORY, PARAM_PREFIX, STUDY, TEST_METRICS, TRIALS
-from rayad.results import TRIAL_STATUSES as STATUSES
-from rayad.validation import VAL_METRICS
-
-__all__ = ["BEST", "EXPERIMENT", "HISTORY", "PARAM_PREFIX", "STATUSES", "STUDY", "TEST_METRICS", "TRIALS",
-           "ResultsStore", "read_rows", "write_json", "write_rows"]
+from rayad.layout import HISTORY, PARAM_PREFIX, TRIALS, VAL_METRICS
 
 
 class ResultsStore(Callback):

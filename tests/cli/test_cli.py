@@ -2,7 +2,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from tests_helpers import TINY_ARGS
+from tiny import TINY_ARGS
 
 from rayad.cli import main
 

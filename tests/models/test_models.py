@@ -26,19 +26,46 @@ def test_variants(skip, norm):
     assert model(torch.rand(2, 3, 16, 16)).shape == (2, 3, 16, 16)
 
 
-def test_ccm_gate_is_convex_combination():
+def test_ccm_gate_is_a_learned_convex_combination():
+    """out = a * enc + (1 - a) * dec with a = sigmoid(gate([enc, dec])), computed independently here."""
     from rayad.models.layers import ConvexSkip
 
+    torch.manual_seed(0)
     skip = ConvexSkip(4)
-    enc, dec = torch.zeros(1, 4, 5, 5), torch.ones(1, 4, 5, 5)
-    out = skip(enc, dec)
-    assert torch.all((out > 0) & (out < 1))
+    enc, dec = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    a = torch.sigmoid(torch.nn.functional.conv2d(torch.cat([enc, dec], 1), skip.gate.weight, skip.gate.bias))
+    torch.testing.assert_close(skip(enc, dec), a * enc + (1 - a) * dec)
+    lo, hi = torch.minimum(enc, dec), torch.maximum(enc, dec)
+    assert torch.all((skip(enc, dec) >= lo - 1e-6) & (skip(enc, dec) <= hi + 1e-6)), "between enc and dec"
+    with torch.no_grad():  # the gate decides: saturated towards enc, the skip passes the encoder through
+        skip.gate.weight.zero_()
+        skip.gate.bias.fill_(20.0)
+    torch.testing.assert_close(skip(enc, dec), enc, atol=1e-6, rtol=0)
 
 
+def _output_with_shallow_features_perturbed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's output when every encoder level but the deepest (the bottleneck's input) gets noise."""
+    def perturb(module, inputs, features):
+        return [f + torch.randn_like(f) for f in features[:-1]] + [features[-1]]
+
+    handle = model.encoder.register_forward_hook(perturb)
+    try:
+        return model(x)
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
 def test_skip_none_ignores_encoder_detail():
-    """Without skips the output depends on the input only through the bottleneck."""
-    model = create_model(ModelConfig(name="sdc_ae", **TINY)).eval()
-    assert all(type(s).__name__ == "NoSkip" for s in model.skips)
+    """Without skips the output depends on the input only through the bottleneck: changing the shallower
+    encoder features leaves it as it was; with skips (ccm, add) the same change reaches the output."""
+    x = torch.rand(1, 3, 32, 32)
+    for name, skip, reaches in (("sdc_ae", "ccm", False), ("sdc_ccm", "none", False), ("sdc_ccm", "ccm", True),
+                                ("sdc_ccm", "add", True)):
+        torch.manual_seed(0)
+        model = create_model(ModelConfig(name=name, skip=skip, **TINY)).eval()
+        changed = not torch.allclose(model(x), _output_with_shallow_features_perturbed(model, x))
+        assert changed == reaches, (name, skip)
 
 
 def test_timm_encoder_reads_channels_from_feature_info():

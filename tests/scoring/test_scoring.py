@@ -48,19 +48,25 @@ def test_thresholds():
         quantile_threshold(np.array([]), 0.99)
 
 
-def test_anomaly_model_refuses_to_score_until_calibrated():
+def test_predictor_labels_only_once_calibrated():
+    from rayad.artifact import Predictor
+    from rayad.config import Config
+
     model = AnomalyModel(Darken(), ScoringConfig(sigma=0))
-    x = torch.rand(3, 3, 8, 8)
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    predictor = Predictor(model, Config(), {})
+    raw = predictor.predict_arrays(images)
+    assert raw.threshold is None and raw.labels is None and raw.normalized is None
     with pytest.raises(RuntimeError, match="not calibrated"):
-        model(x)
-    scores = model.raw(x)[2].numpy()
-    model.calibrate(scores[:2])
-    assert model.is_calibrated and float(model.threshold) == pytest.approx(np.quantile(scores[:2], 0.99))
-    out = model(x)
-    assert torch.equal(out.pred_label, out.pred_score >= model.threshold)
-    assert torch.equal(out.pred_mask, out.anomaly_map >= model.threshold)
-    z = model.normalized_score(torch.tensor(scores[:2], dtype=torch.float64)).numpy()
-    np.testing.assert_allclose(z, (scores[:2] - scores[:2].mean()) / scores[:2].std(), rtol=1e-5)
+        raw.masks()
+    model.calibrate(raw.scores[:2])
+    assert model.is_calibrated and predictor.threshold == pytest.approx(np.quantile(raw.scores[:2], 0.99))
+    out = predictor.predict_arrays(images, batch_size=2)
+    np.testing.assert_array_equal(out.scores, raw.scores)
+    np.testing.assert_array_equal(out.labels, out.scores >= predictor.threshold)
+    np.testing.assert_array_equal(out.masks(), out.maps >= predictor.threshold)
+    good = raw.scores[:2]
+    np.testing.assert_allclose(out.normalized[:2], (good - good.mean()) / good.std(), rtol=1e-5)
 
 
 def test_explicit_threshold_overrides_quantile():

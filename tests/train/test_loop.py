@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -35,8 +37,11 @@ def test_same_seed_same_weights(tmp_path, demo_root, tiny_config):
     b = fit(tiny_config, demo_root, "brick", tmp_path / "b", progress=False)
     wa, wb = _weights(a), _weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    history = (a / "train_log.jsonl").read_text().splitlines()
-    assert len(history) == tiny_config.train.steps // tiny_config.train.log_every
+    history = [json.loads(line) for line in (a / "train_log.jsonl").read_text().splitlines()]
+    tc = tiny_config.train
+    logged = [s for s in range(1, tc.steps + 1) if s % tc.log_every == 0 or s % tc.checkpoint_every == 0]
+    assert [h["step"] for h in history] == logged  # every log interval and every checkpoint
+    assert all(h["world_size"] == 1 and h["loss"] > 0 for h in history)
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, demo_root, tiny_config, monkeypatch):

@@ -1,4 +1,5 @@
-from rayad.train.ray_train import ProgressCallback, scaled_lr
+from rayad.train.loop import scaled_lr
+from rayad.train.ray_train import ProgressCallback
 
 
 def test_progress_line_has_step_loss_rate_and_eta(capsys):

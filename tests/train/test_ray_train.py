@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from rayad.artifact import Predictor
+from rayad.cluster import Cluster
 from rayad.errors import RayadError
 from rayad.train import fit
-from rayad.train.ray_train import Cluster, fit_distributed
+from rayad.train.ray_train import fit_distributed
 
 pytestmark = pytest.mark.slow
 
@@ -92,10 +93,10 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path, demo_
     assert errors == [None] and preds.scores[0] > 0
 
 
-def test_too_many_workers_fails_fast(ray_cluster, tmp_path, demo_root, tiny_config):
-    start = time.time()
+def test_too_many_workers_fails_before_training(ray_cluster, tmp_path, demo_root, tiny_config):
+    """Ray Train would wait forever for the workers: the check refuses before a trainer starts."""
     with pytest.raises(RayadError, match=r"asked for 8 worker\(s\).*the cluster has 2 CPU"):
         fit_distributed(tiny_config, demo_root, "brick", tmp_path / "run", Cluster(workers=8))
     with pytest.raises(RayadError, match="GPU"):
         fit_distributed(tiny_config, demo_root, "brick", tmp_path / "run", Cluster(workers=1, use_gpu=True))
-    assert time.time() - start < 20
+    assert not (tmp_path / "run" / "ray").exists(), "no Train run was started"

@@ -13,12 +13,12 @@ import time
 import optuna
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_BASE as BASE
+from tiny import TINY_BASE as BASE
 
 from rayad.artifact import Predictor
 from rayad.cli import main
 from rayad.evaluate import METRIC_NAMES, evaluate
-from rayad.validation import VAL_METRICS
+from rayad.layout import VAL_METRICS
 
 pytestmark = pytest.mark.slow
 

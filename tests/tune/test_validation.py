@@ -13,8 +13,9 @@ from rayad.data.dataset import load_split
 from rayad.data.defects import DEFECTS, paint_defect
 from rayad.data.manifest import build_manifest
 from rayad.errors import DataError
+from rayad.layout import VAL_METRICS
 from rayad.metrics import compute_metrics
-from rayad.validation import DEFECT_CANVAS, VAL_METRICS, load_validation, synthesize_validation, validation_metrics
+from rayad.validation import DEFECT_CANVAS, load_validation, synthesize_validation, validation_metrics
 
 
 def test_colour_defects_change_only_masked_pixels():

@@ -1,0 +1,79 @@
+"""Where everything lives on disk: the model artifact, the results store of an experiment, the metric names.
+
+    RUN_DIR/model.safetensors, model.json     a model artifact (rayad.artifact)
+    EXP_DIR/experiment.json                   data, space, settings, versions, status, best trial
+    EXP_DIR/trials.parquet                    one row per trial (written by rayad.tune.store)
+    EXP_DIR/history.parquet                   one row per trial and evaluation
+    EXP_DIR/study.db                          the Optuna study (SQLite)
+    EXP_DIR/best/                             the best trial's model artifact + test_metrics.json
+    EXP_DIR/tune/, EXP_DIR/trials/            Ray Tune's state and the trials' Train checkpoints
+
+The writers (artifact, tune.store), the readers (results, the dashboard), Serve's model discovery, the demo
+and the benchmarks all take names from here (docs/design.md, "The results store"). Only the standard
+library and rayad.metrics' names are imported, so that light readers stay light.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rayad.metrics import METRIC_NAMES
+
+WEIGHTS, METADATA = "model.safetensors", "model.json"
+EXPERIMENT, TRIALS, HISTORY, STUDY, BEST = "experiment.json", "trials.parquet", "history.parquet", "study.db", "best"
+TEST_METRICS = "test_metrics.json"  # in BEST, beside the model artifact
+TUNE_DIR, TRIALS_DIR = "tune", "trials"  # Ray's state for --resume, and the trials' Train runs
+SUMMARY = "summary.json"  # `rayad demo`'s table of the best model per category
+PARAM_PREFIX = "config/"  # trials.parquet names a parameter's column config/<key>
+TRIAL_STATUSES = ("running", "completed", "stopped_early", "error")
+
+VAL_METRICS = tuple(f"val_{name}" for name in METRIC_NAMES)  # what trials report and searches optimise
+PIXEL_METRICS = ("val_pixel_auroc", "val_aupro")  # need masks in the validation set
+
+__all__ = ["BEST", "EXPERIMENT", "HISTORY", "METADATA", "METRIC_NAMES", "PARAM_PREFIX", "PIXEL_METRICS", "STUDY",
+           "SUMMARY", "TEST_METRICS", "TRIALS", "TRIALS_DIR", "TRIAL_STATUSES", "TUNE_DIR", "VAL_METRICS", "WEIGHTS",
+           "discover_models", "find_experiments", "is_experiment", "is_model"]
+
+
+def is_model(path: Path) -> bool:
+    return (path / METADATA).is_file()
+
+
+def is_experiment(path: Path) -> bool:
+    return (path / EXPERIMENT).is_file() or (path / TRIALS).is_file()
+
+
+def find_experiments(runs_dir: str | Path) -> list[Path]:
+    """Experiment directories: `runs_dir` itself, or its children and grandchildren (e.g. `rayad demo`'s
+    output, one experiment per category)."""
+    runs_dir = Path(runs_dir)
+    if is_experiment(runs_dir):
+        return [runs_dir]
+    found = []
+    for child in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []:
+        found += [child] if is_experiment(child) else [g for g in sorted(child.iterdir()) if is_experiment(g)]
+    return found
+
+
+def discover_models(path: str | Path) -> dict[str, str]:
+    """Model name -> artifact folder under `path`: a run (named after its folder), an experiment (its best/,
+    named after its category), or a folder of those. Empty when there is none."""
+    path = Path(path)
+    found = _model_at(path)
+    if found:
+        return found
+    models: dict[str, str] = {}
+    for child in sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []:
+        models.update(_model_at(child))
+    return models
+
+
+def _model_at(path: Path) -> dict[str, str]:
+    if is_model(path):
+        return {path.name: str(path.absolute())}
+    if is_model(path / BEST):
+        experiment = path / EXPERIMENT
+        name = json.loads(experiment.read_text())["category"] if experiment.is_file() else path.name
+        return {name: str((path / BEST).absolute())}
+    return {}

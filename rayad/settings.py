@@ -1,0 +1,89 @@
+"""The settings of each kind of job, with their defaults: the one place every default is written.
+
+The command line (`rayad.cli`) reads its defaults from here, so this module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rayad.data.images import MAX_IMAGE_PIXELS
+
+LOCAL_HOST = "127.0.0.1"  # servers bind to loopback unless --host says otherwise
+SERVE_PORT, DASHBOARD_PORT = 8000, 8501
+PREDICT_BATCH = 32  # images per forward pass in offline scoring
+DEMO_TRIALS = 5  # per category: the default demo finishes within 15 minutes on 2 cores
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """How to run on Ray Train: worker count and resources, where Ray is, where checkpoints go."""
+
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # used when use_gpu; fractions share a GPU between workers
+    address: str | None = None
+    storage: str | None = None  # local path or pyarrow URI (file://, s3://, gs://); default RUN_DIR/ray
+    max_failures: int = 0
+    placement: str = "PACK"  # or SPREAD: one worker per node where possible
+    threads_per_worker: int | None = None
+
+    def describe(self) -> str:
+        gpu = f" + {self.gpus_per_worker:g} GPU" if self.use_gpu else ""
+        return f"{self.workers} worker(s) x {self.cpus_per_worker:g} CPU{gpu}"
+
+    @property
+    def worker_threads(self) -> int:
+        """torch threads per worker: its CPU share (Ray sets OMP_NUM_THREADS, torch needs it explicitly)."""
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything that defines an experiment; saved in experiment.json and reused by --resume."""
+
+    data_root: str
+    category: str
+    space: str
+    trials: int = 8
+    concurrent: int | None = None  # default: as many trials as the cluster's resources hold
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    metric: tuple[str, ...] = ()  # several = multi-objective (ASHA and the best model use the first)
+    mode: tuple[str, ...] = ()
+    scheduler: str = "asha"  # or "fifo": every trial runs to the end
+    grace_period: int = 1  # evaluations before ASHA may stop a trial
+    reduction_factor: int = 3
+    search_seed: int = 0  # Optuna's sampler (train.seed, set with --seed, seeds the trials' training)
+    val_root: str | None = None
+    config_file: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    storage: str | None = None  # Tune and Train storage (a path or URI all nodes see); default EXP_DIR
+    max_failures: int = 0  # Train worker failures each trial recovers from
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SearchSettings:
+        raw = {("search_seed" if k == "seed" else k): v for k, v in raw.items()}  # "seed" before rayad 0.2
+        return cls(**{**raw, "metric": tuple(raw["metric"]), "mode": tuple(raw["mode"])})
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What `rayad serve` and the Serve config file set."""
+
+    models: dict[str, str] = field(default_factory=dict)  # model name -> artifact folder
+    max_batch_size: int = 16
+    batch_wait_s: float = 0.005
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0
+    max_queued_requests: int = 64  # per scorer replica; beyond it requests get 503 at once
+    replica_cpus: float = 1.0
+    ingress_cpus: float = 0.0
+    max_upload_mb: float = 20.0
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_batch_images: int = 64
+    api_key: str | None = None  # when set, requests need it in the X-API-Key header (or a Bearer token)
