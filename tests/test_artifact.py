@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rayad.artifact import Predictor
+from rayad.data.defects import DEFECTS
 from rayad.data.images import list_images
 from rayad.errors import RayadError
 from rayad.evaluate import evaluate
@@ -32,8 +33,8 @@ def test_evaluate_and_predict_give_identical_scores(trained_run, demo_root):
     preds, errors = predictor.predict_files(metrics["paths"], batch_size=3)
     assert errors == [None] * len(metrics["paths"])
     np.testing.assert_allclose(preds.scores, metrics["scores"], rtol=1e-6, atol=0)
-    assert metrics["n_images"] == len(metrics["paths"]) == 4 + 5 * 2
-    assert set(metrics["per_defect"]) == {"crack", "hole", "scratch", "spot", "stain"}
+    assert metrics["n_images"] == len(metrics["paths"]) == 4 + len(DEFECTS) * 2
+    assert set(metrics["per_defect"]) == set(DEFECTS)
 
 
 def test_predict_reports_bad_files_without_failing(trained_run, demo_root, tmp_path):

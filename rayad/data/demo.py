@@ -1,12 +1,19 @@
 """Demo dataset in the MVTec AD layout, cut from the real texture photographs that scikit-image ships.
 
-Training crops come from the top of each photograph, test crops from the bottom (disjoint regions), and
-test defects are painted by `rayad.data.defects`.
+Each 512² photograph is split into a 3 x 3 grid of 170 px tiles, assigned to train and test as a
+checkerboard (train: the corners and the centre, test: the four edge tiles), so that both splits span the
+photograph's top, middle and bottom, left and right. Every 128² crop lies inside one tile of its split:
+train and test images share no pixel, and good images of every split are drawn from the same spread of the
+photograph (rayad's validation split is carved from train/good). Crops are flipped and rotated by
+multiples of 90° where the material allows it (`TRANSFORMS`). Test defects are painted by
+`rayad.data.defects`, every kind `n_per_defect` times.
 """
 
 from __future__ import annotations
 
+import itertools
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,36 +25,54 @@ from rayad.data.defects import DEFECTS, paint_defect
 
 CATEGORIES = ("brick", "grass", "gravel")
 CROP = 128
-TRAIN_ROWS = (0, 320)  # the photographs are 512 x 512; rows 320..335 are left unused as a margin
-TEST_ROWS = (336, 512)
+TILE = 170  # 3 x 3 tiles cover 510 of the photographs' 512 rows and columns
+GRID = 3
+SPLIT_OF_TILE = {(r, c): "train" if (r + c) % 2 == 0 else "test" for r in range(GRID) for c in range(GRID)}
+
+# (quarter turns, left-right flip). Brick courses run one way in its photograph: flips only, no 90° turns.
+DIHEDRAL = tuple((k, flip) for k in range(4) for flip in (False, True))
+FLIPS = ((0, False), (0, True), (2, False), (2, True))
+TRANSFORMS = {"brick": FLIPS, "grass": DIHEDRAL, "gravel": DIHEDRAL}
 
 
-def make_demo_dataset(out: str | Path, seed: int = 0, n_train: int = 120, n_test_good: int = 20,
-                      n_per_defect: int = 8, categories: tuple[str, ...] = CATEGORIES) -> Path:
+def make_demo_dataset(out: str | Path, seed: int = 0, n_train: int = 240, n_test_good: int = 60,
+                      n_per_defect: int = 25, categories: tuple[str, ...] = CATEGORIES) -> Path:
     """Write ROOT/<category>/{train/good, test/<type>, ground_truth/<type>} and return ROOT."""
     out = Path(out)
     for category in tqdm(categories, desc="demo data", unit="category"):
         rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
         photo = getattr(skimage.data, category)()
+        transforms = TRANSFORMS.get(category, ((0, False),))
         base = out / category
+        train, test = (_crops(photo, split, transforms, rng) for split in ("train", "test"))
         for i in range(n_train):
-            _save(base / "train" / "good" / f"{i:03d}.png", _crop(photo, TRAIN_ROWS, rng))
+            _save(base / "train" / "good" / f"{i:03d}.png", next(train))
         for i in range(n_test_good):
-            _save(base / "test" / "good" / f"{i:03d}.png", _crop(photo, TEST_ROWS, rng))
+            _save(base / "test" / "good" / f"{i:03d}.png", next(test))
         for kind in DEFECTS:
             for i in range(n_per_defect):
-                image, mask = paint_defect(_crop(photo, TEST_ROWS, rng), kind, rng)
+                image, mask = paint_defect(next(test), kind, rng)
                 _save(base / "test" / kind / f"{i:03d}.png", image)
                 _save(base / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
     return out
 
 
-def _crop(photo: np.ndarray, rows: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    top = int(rng.integers(rows[0], rows[1] - CROP + 1))
-    left = int(rng.integers(0, photo.shape[1] - CROP + 1))
-    return photo[top:top + CROP, left:left + CROP]
+def tiles(split: str) -> list[tuple[int, int]]:
+    """(top, left) of the tiles of `split`."""
+    return [(r * TILE, c * TILE) for (r, c), s in SPLIT_OF_TILE.items() if s == split]
+
+
+def _crops(photo: np.ndarray, split: str, transforms, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Endless random crops inside the tiles of `split`, visiting its tiles in turn, each flipped and
+    rotated by a random one of `transforms`."""
+    for tile_top, tile_left in itertools.cycle(tiles(split)):
+        top, left = (int(v) for v in rng.integers(0, TILE - CROP + 1, 2))
+        crop = photo[tile_top + top:tile_top + top + CROP, tile_left + left:tile_left + left + CROP]
+        turns, flip = transforms[int(rng.integers(len(transforms)))]
+        crop = np.rot90(crop, turns)
+        yield crop[:, ::-1] if flip else crop
 
 
 def _save(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, optimize=True)
+    Image.fromarray(np.ascontiguousarray(array)).save(path, optimize=True)

@@ -1,4 +1,5 @@
-"""Image AUROC, pixel AUROC, AUPRO and F1-max (DESIGN §1.5), overall and per defect type."""
+"""Image AUROC, pixel AUROC, AUPRO and F1-max (DESIGN §1.5), overall and per defect type, with bootstrap
+confidence intervals for image and pixel AUROC."""
 
 from __future__ import annotations
 
@@ -6,20 +7,28 @@ import numpy as np
 
 from rayad.metrics.aupro import aupro
 from rayad.metrics.auroc import auroc, roc_curve
+from rayad.metrics.bootstrap import N_BOOT, auroc_ci, bootstrap_ci, pixel_auroc_ci
 from rayad.metrics.f1 import f1_max, precision_recall_curve
 
-__all__ = ["METRIC_NAMES", "aupro", "auroc", "compute_metrics", "f1_max", "pixel_curves", "precision_recall_curve",
-           "roc_curve"]
+__all__ = ["METRIC_NAMES", "aupro", "auroc", "auroc_ci", "bootstrap_ci", "compute_metrics", "f1_max", "pixel_auroc_ci",
+           "pixel_curves", "precision_recall_curve", "roc_curve"]
 
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 CURVE_POINTS = 400  # stored curves keep at most this many of their exact points
 
 
 def compute_metrics(scores: np.ndarray, labels: np.ndarray, defect_types: list[str] | None = None,
-                    maps: np.ndarray | None = None, masks: np.ndarray | None = None) -> dict:
-    """Metrics of a test set. Pixel metrics are None without masks. With `defect_types`, also per defect
-    type, each scored against all good images, as the MVTec AD benchmark and anomalib do."""
+                    maps: np.ndarray | None = None, masks: np.ndarray | None = None, n_boot: int = N_BOOT,
+                    seed: int = 0) -> dict:
+    """Metrics of a test set. Pixel metrics are None without masks. `image_auroc_ci` and `pixel_auroc_ci`
+    are 95 % bootstrap intervals [low, high] over `n_boot` stratified resamples of the images
+    (`rayad.metrics.bootstrap`), None where the metric is None or n_boot is 0. With `defect_types`, also the
+    metrics per defect type (without intervals), each scored against all good images, as the MVTec AD
+    benchmark and anomalib do."""
     out = _metrics(scores, labels, maps, masks)
+    pixel = out["pixel_auroc"] is not None
+    out["image_auroc_ci"] = auroc_ci(scores, labels, n_boot, seed) if out["image_auroc"] is not None else None
+    out["pixel_auroc_ci"] = pixel_auroc_ci(maps, masks, labels, n_boot, seed) if pixel else None
     if defect_types is None:
         return out
     types = np.asarray(defect_types)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -8,14 +10,27 @@ import skimage.data
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 from scipy import ndimage
+from skimage.morphology import skeletonize
 
 from rayad.config import DataConfig
-from rayad.data.defects import DEFECTS, paint_defect
-from rayad.data.demo import CATEGORIES, CROP, TEST_ROWS, TRAIN_ROWS, make_demo_dataset
+from rayad.data.defects import DEFECTS, LARGE_AREA, paint_defect
+from rayad.data.demo import (
+    CATEGORIES,
+    CROP,
+    DIHEDRAL,
+    GRID,
+    SPLIT_OF_TILE,
+    TILE,
+    TRANSFORMS,
+    make_demo_dataset,
+    tiles,
+)
 from rayad.data.layouts import detect_layout
 from rayad.data.manifest import build_manifest
 
 SMALL = {"n_train": 4, "n_test_good": 2, "n_per_defect": 1}
+PHOTO = 512
+EIGHT = np.ones((3, 3))
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +46,54 @@ def files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def locate(photo: np.ndarray, crop: np.ndarray) -> list[tuple[int, int]]:
-    """All (top, left) where `crop` appears exactly in `photo`."""
+def read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@functools.cache
+def photo_of(category: str) -> tuple[np.ndarray, np.ndarray]:
+    """The photograph and, at each (row, column), its next 8 pixels packed into one uint64."""
+    photo = getattr(skimage.data, category)()
+    return photo, np.ascontiguousarray(sliding_window_view(photo, 8, axis=1)).view(np.uint64)[..., 0]
+
+
+def locate(category: str, crop: np.ndarray, valid: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """All (top, left) where `crop` appears exactly in the photo (on the `valid` pixels only, if given)."""
+    photo, keys = photo_of(category)
+    valid = np.ones(crop.shape, bool) if valid is None else valid
     h, w = crop.shape
-    rows = sliding_window_view(photo, w, axis=1)  # (H, W - w + 1, w)
-    candidates = np.argwhere((rows == crop[0]).all(axis=-1))
-    return [(int(t), int(left)) for t, left in candidates
-            if t + h <= photo.shape[0] and np.array_equal(photo[t:t + h, left:left + w], crop)]
+    r, c = np.argwhere(sliding_window_view(valid, 8, axis=1).all(axis=-1))[0]  # 8 unmasked pixels in a row
+    found = []
+    for t, x in np.argwhere(keys == np.ascontiguousarray(crop[r, c:c + 8]).view(np.uint64)[0]):
+        top, left = int(t - r), int(x - c)
+        if 0 <= top <= photo.shape[0] - h and 0 <= left <= photo.shape[1] - w:
+            patch = photo[top:top + h, left:left + w]
+            if np.array_equal(patch[valid], crop[valid]):
+                found.append((top, left))
+    return found
+
+
+def origins(category, image, valid=None) -> list[tuple[tuple[int, int], tuple[int, bool]]]:
+    """((top, left), (quarter turns, flip)) of every transform of a photo crop that gives `image`."""
+    out = []
+    for turns, flip in DIHEDRAL:  # undo: flip back, then turn back
+        def undo(a, turns=turns, flip=flip):
+            return np.rot90(a[:, ::-1] if flip else a, -turns)
+        for where in locate(category, undo(image), None if valid is None else undo(valid)):
+            out.append((where, (turns, flip)))
+    return out
+
+
+def tile_of(top: int, left: int) -> tuple[int, int] | None:
+    """The tile that holds the crop at (top, left) entirely, or None."""
+    r, c = top // TILE, left // TILE
+    inside = top + CROP <= (r + 1) * TILE and left + CROP <= (c + 1) * TILE and r < GRID and c < GRID
+    return (r, c) if inside else None
 
 
 def test_demo_writes_mvtec_layout(demo_root):
     assert sorted(p.name for p in demo_root.iterdir()) == sorted(CATEGORIES) == ["brick", "grass", "gravel"]
+
     def names(n):
         return [f"{i:03d}.png" for i in range(n)]
 
@@ -63,6 +115,13 @@ def test_demo_is_a_valid_mvtec_dataset(demo_root):
         assert len(anomalous) == 2 * len(DEFECTS)
         assert {r["defect_type"] for r in anomalous} == set(DEFECTS)
         assert all(r["mask_path"] is not None for r in anomalous)
+
+
+def test_default_sizes_meet_the_benchmark_needs():
+    defaults = {k: p.default for k, p in inspect.signature(make_demo_dataset).parameters.items()}
+    assert defaults["n_test_good"] >= 60 and defaults["n_per_defect"] >= 25
+    assert defaults["n_per_defect"] * len(DEFECTS) >= 150
+    assert round(DataConfig().val_fraction * defaults["n_train"]) >= 24  # good validation images
 
 
 def test_demo_masks_nonempty_and_same_size(demo_root):
@@ -92,25 +151,64 @@ def test_demo_different_seed_differs(small, demo_root):
             assert seed5 != seed0
 
 
-def test_train_and_test_rows_are_disjoint():
-    assert 0 <= TRAIN_ROWS[0] < TRAIN_ROWS[1] <= TEST_ROWS[0] < TEST_ROWS[1] <= 512
-    assert TRAIN_ROWS[1] - TRAIN_ROWS[0] >= CROP and TEST_ROWS[1] - TEST_ROWS[0] >= CROP
+def test_tiles_are_disjoint_interleaved_and_hold_a_crop():
+    assert CROP <= TILE and GRID * TILE <= PHOTO
+    owner = np.full((PHOTO, PHOTO), "", dtype=object)
+    for split in ("train", "test"):
+        for top, left in tiles(split):
+            assert (owner[top:top + TILE, left:left + TILE] == "").all()
+            owner[top:top + TILE, left:left + TILE] = split
+        cells = [cell for cell, s in SPLIT_OF_TILE.items() if s == split]
+        # each split spans every row and every column of the grid: top, middle, bottom, left, centre, right
+        assert {r for r, _ in cells} == {c for _, c in cells} == set(range(GRID))
+    assert len(tiles("train")) + len(tiles("test")) == GRID * GRID
 
 
-def test_crops_come_from_their_rows(demo_root):
+def test_good_crops_lie_inside_their_splits_tiles_and_share_no_pixel(demo_root):
     for category in CATEGORIES:
-        photo = getattr(skimage.data, category)()
-        for split, (lo, hi) in (("train", TRAIN_ROWS), ("test", TEST_ROWS)):
-            for path in sorted((demo_root / category / split / "good").glob("*.png"))[:4]:
-                found = locate(photo, np.asarray(Image.open(path)))
-                assert found, f"{path} not found in the {category} photo"
-                assert all(lo <= top and top + CROP <= hi for top, _ in found), (path, found)
+        covered = {}
+        transforms = set()
+        for split in ("train", "test"):
+            covered[split] = np.zeros((PHOTO, PHOTO), bool)
+            for path in sorted((demo_root / category / split / "good").glob("*.png")):
+                found = origins(category, read(path))
+                assert found, f"{path} is no flip or rotation of a crop of the {category} photo"
+                for (top, left), transform in found:
+                    assert SPLIT_OF_TILE.get(tile_of(top, left)) == split, (path, top, left)
+                    assert transform in TRANSFORMS[category], (path, transform)
+                    covered[split][top:top + CROP, left:left + CROP] = True
+                    transforms.add(transform)
+        assert not (covered["train"] & covered["test"]).any()
+        assert len(transforms) > 2  # flipped and (but for brick) rotated, not just copied
+
+
+def test_defects_are_painted_on_test_tiles(demo_root):
+    for category in CATEGORIES:
+        for kind in DEFECTS:
+            image = read(demo_root / category / "test" / kind / "000.png")
+            mask = read(demo_root / category / "ground_truth" / kind / "000_mask.png") > 0
+            found = origins(category, image, ~mask)
+            assert found, (category, kind)
+            assert all(SPLIT_OF_TILE.get(tile_of(top, left)) == "test" for (top, left), _ in found)
+
+
+def test_crops_cover_the_whole_photograph(tmp_path):
+    root = make_demo_dataset(tmp_path, seed=1, n_train=10, n_test_good=8, n_per_defect=0, categories=("gravel",))
+    used = set()
+    for split in ("train", "test"):
+        for path in sorted((root / "gravel" / split / "good").glob("*.png")):
+            used |= {tile_of(*where) for where, _ in origins("gravel", read(path))}
+    assert used == set(SPLIT_OF_TILE)  # every tile of both splits is used
+
+
+def _test_crop(photo: np.ndarray) -> np.ndarray:
+    top, left = tiles("test")[0]
+    return photo[top:top + CROP, left + 20:left + 20 + CROP].copy()
 
 
 @pytest.mark.parametrize("kind", list(DEFECTS))
 def test_paint_defect_only_changes_pixels_near_mask(kind):
-    photo = skimage.data.brick()
-    image = photo[TEST_ROWS[0]:TEST_ROWS[0] + CROP, 100:100 + CROP].copy()
+    image = _test_crop(skimage.data.brick())
     original = image.copy()
     for seed in range(12):
         out, mask = paint_defect(image, kind, np.random.default_rng(seed))
@@ -125,9 +223,40 @@ def test_paint_defect_only_changes_pixels_near_mask(kind):
 
 @pytest.mark.parametrize("kind", list(DEFECTS))
 def test_paint_defect_is_seeded(kind):
-    image = skimage.data.gravel()[TEST_ROWS[0]:TEST_ROWS[0] + CROP, :CROP]
+    image = _test_crop(skimage.data.gravel())
     a = paint_defect(image, kind, np.random.default_rng(3))
     b = paint_defect(image, kind, np.random.default_rng(3))
     c = paint_defect(image, kind, np.random.default_rng(4))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert not np.array_equal(a[1], c[1])
+
+
+def _painted(kind: str, seeds=range(20)):
+    image = _test_crop(skimage.data.grass())
+    for seed in seeds:
+        out, mask = paint_defect(image, kind, np.random.default_rng(seed))
+        yield image, out, mask
+
+
+@pytest.mark.parametrize("kind", LARGE_AREA)
+def test_large_area_defects_cover_10_to_40_percent_in_one_region(kind):
+    for _, _, mask in _painted(kind):
+        assert 0.1 <= mask.mean() <= 0.4
+        assert ndimage.label(mask, EIGHT)[1] == 1
+
+
+def test_faint_defects_are_large_and_a_few_grey_levels_deep():
+    for image, out, mask in _painted("faint"):
+        change = np.abs(out.astype(int) - image)
+        assert 0.07 <= mask.mean() <= 0.3 and ndimage.label(mask, EIGHT)[1] == 1
+        assert change[mask].min() >= 1 and change.max() <= 10
+        assert np.median(change[mask]) <= 8
+
+
+def test_fine_cracks_are_thin_and_branch():
+    for _, _, mask in _painted("fine_crack"):
+        assert ndimage.label(mask, EIGHT)[1] == 1
+        skeleton = skeletonize(mask)
+        neighbours = ndimage.convolve(skeleton.astype(int), EIGHT.astype(int), mode="constant") - 1
+        assert (skeleton & (neighbours == 1)).sum() >= 3  # a line has 2 ends, a branching crack more
+        assert mask.sum() <= 2.5 * skeleton.sum()  # about one or two pixels wide

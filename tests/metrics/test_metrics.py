@@ -311,7 +311,8 @@ def test_set():
 def test_compute_metrics_overall(test_set):
     scores, labels, types, maps, masks = test_set
     out = compute_metrics(scores, labels, types, maps, masks)
-    assert set(out) == {"image_auroc", "pixel_auroc", "aupro", "f1_max", "n_images", "per_defect"}
+    assert set(out) == {"image_auroc", "pixel_auroc", "aupro", "f1_max", "n_images", "image_auroc_ci", "pixel_auroc_ci",
+                        "per_defect"}
     assert out["n_images"] == len(types)
     assert np.isclose(out["image_auroc"], skm.roc_auc_score(labels, scores), rtol=0, atol=1e-12)
     assert out["image_auroc"] < 1.0
