@@ -1,4 +1,5 @@
-"""Search spaces: YAML files in `tune_spaces/` (schema in tune_spaces/README.md), checked before any trial.
+"""Search spaces: YAML files, checked before any trial. The bundled ones live in `tune_spaces/` (schema in
+tune_spaces/README.md), installed as rayad._bundled.tune_spaces.
 
     metric: val_image_auroc        # default for --metric (optional)
     mode: max                      # max | min (optional)
@@ -25,12 +26,13 @@ from typing import Any
 
 import yaml
 
+from rayad._bundled import bundled
 from rayad.config import Config
 from rayad.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "fixed")
 TOP_LEVEL = ("description", "metric", "mode", "params")
-SPACES_DIR = Path(__file__).resolve().parents[2] / "tune_spaces"
+SPACES_DIR = bundled("tune_spaces")
 BUDGET_KEYS = ("train.steps", "train.checkpoint_every")  # the trial budget and ASHA's unit: fixed
 
 

@@ -1,0 +1,1 @@
+"""The Serve config template, installed as rayad._bundled.serve."""
