@@ -1,14 +1,18 @@
-"""Speed of the core: training and inference images/s, data loading vs training step, FLOP efficiency.
+"""Speed of the core in fp32 and bf16: training and inference images/s, matmul peaks, data loading,
+threads per process, and torch.compile.
 
-    python benchmarks/throughput.py [--sizes 128 256] [--batch-size 16] [--seconds 10]
+    python benchmarks/throughput.py [--sizes 128 256] [--batch-size 16] [--seconds 10] [--no-compile]
 
-Prints one table; every ratio is between numbers measured in this run on this machine.
+Prints tables whose ratios are between numbers measured in this run on this machine, which it names
+(CPU model and its bf16 flags, torch version, threads).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +26,10 @@ from rayad.data.dataset import load_split, to_tensor
 from rayad.data.demo import make_demo_dataset
 from rayad.data.manifest import build_manifest
 from rayad.models import create_model
+from rayad.precision import CPU_BF16_FLAGS, DTYPES, autocast, cpu_info
 from rayad.train.loop import batch_indices, make_optimizer, step_generator, train_step
+
+PRECISIONS = ("fp32", "bf16")
 
 
 def timed_rate(fn, items_per_call: int, seconds: float, warmup: int = 2) -> float:
@@ -43,10 +50,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak_gflops(device: torch.device, seconds: float) -> float:
-    """Achieved fp32 GEMM GFLOP/s on large square matrices: the practical peak of this machine."""
+def matmul_peak_gflops(device: torch.device, precision: str, seconds: float) -> float:
+    """Achieved GEMM GFLOP/s on large square matrices in `precision`: the practical peak of this machine."""
     n = 4096 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = (torch.randn(n, n, device=device, dtype=DTYPES[precision]) for _ in range(2))
     return timed_rate(lambda: a @ b, 2 * n**3, seconds) / 1e9
 
 
@@ -57,31 +64,108 @@ def model_gflops(model: torch.nn.Module, size: int, device: torch.device) -> flo
     return counter.get_total_flops() / 1e9
 
 
+class Bench:
+    """The default network at one input size, with a batch source, a training step and inference."""
+
+    def __init__(self, size: int, batch_size: int, device: torch.device, data_root: Path):
+        self.cfg = load_config(overrides={"data.image_size": size, "train.batch_size": batch_size})
+        self.train = load_split(build_manifest(data_root, "brick", self.cfg.data), "train", size)
+        torch.manual_seed(0)
+        self.model = create_model(self.cfg.model).to(device, memory_format=torch.channels_last)
+        self.optimizer, self.corruptor = make_optimizer(self.model, self.cfg.train), Corruptor(self.cfg.corruption)
+        self.size, self.batch_size, self.device, self.steps = size, batch_size, device, iter(range(10**9))
+
+    def batch(self) -> torch.Tensor:
+        idx = batch_indices(len(self.train.images), self.batch_size, next(self.steps), 0)
+        return to_tensor(self.train.images[idx]).to(self.device)
+
+    def train_rate(self, precision: str, seconds: float, model=None) -> float:
+        model = model or self.model
+        model.train()
+
+        def step():
+            s = next(self.steps)
+            train_step(model, self.optimizer, self.corruptor, self.batch(), step_generator(0, s, self.device),
+                       self.cfg.train, s, precision)
+        return timed_rate(step, self.batch_size, seconds)
+
+    def infer_rate(self, precision: str, seconds: float, model=None) -> float:
+        model = model or self.model
+        model.eval()
+        x = self.batch().contiguous(memory_format=torch.channels_last)
+
+        def forward():
+            with torch.no_grad(), autocast(precision, self.device):
+                model(x)
+        return timed_rate(forward, self.batch_size, seconds)
+
+
 def bench_size(size: int, batch_size: int, seconds: float, device: torch.device, data_root: Path) -> dict:
-    cfg = load_config(overrides={"data.image_size": size, "train.batch_size": batch_size})
-    train = load_split(build_manifest(data_root, "brick", cfg.data), "train", size)
-    torch.manual_seed(0)
-    model = create_model(cfg.model).to(device, memory_format=torch.channels_last)
-    optimizer, corruptor = make_optimizer(model, cfg.train), Corruptor(cfg.corruption)
-    n, step = len(train.images), iter(range(10**9))
+    bench = Bench(size, batch_size, device, data_root)
+    x = bench.batch()
+    row = {"size": size, "gflops": model_gflops(bench.model, size, device),
+           "load": timed_rate(bench.batch, batch_size, 1),
+           "corrupt": timed_rate(lambda: bench.corruptor(x, step_generator(0, 0, device)), batch_size, seconds / 2)}
+    for p in PRECISIONS:
+        row[f"train_{p}"] = bench.train_rate(p, seconds)
+        row[f"infer_{p}"] = bench.infer_rate(p, seconds)
+    return row
 
-    def load_batch():
-        return to_tensor(train.images[batch_indices(n, batch_size, next(step), 0)]).to(device)
 
-    def one_train_step():
-        s = next(step)
-        train_step(model, optimizer, corruptor, load_batch(), step_generator(0, s, device), cfg.train, s)
+def compile_rows(batch_size: int, seconds: float, device: torch.device, data_root: Path) -> list[dict]:
+    """torch.compile (inductor) against eager at 128²: speed-up and the time the first compiled call takes."""
+    rows = []
+    for mode in ("infer", "train"):
+        for p in PRECISIONS:
+            bench = Bench(128, batch_size, device, data_root)
+            eager = getattr(bench, f"{mode}_rate")(p, seconds)
+            compiled = torch.compile(bench.model)
+            start = time.perf_counter()
+            getattr(bench, f"{mode}_rate")(p, 0, compiled)  # warm-up calls compile; 3 timed calls follow
+            compile_s = time.perf_counter() - start
+            rate = getattr(bench, f"{mode}_rate")(p, seconds, compiled)
+            rows.append({"mode": mode, "precision": p, "eager": eager, "compiled": rate, "compile_s": compile_s})
+    return rows
 
-    x = load_batch().contiguous(memory_format=torch.channels_last)
-    corrupt_rate = timed_rate(lambda: corruptor(x, step_generator(0, 0, device)), batch_size, seconds / 2)
-    model.train()
-    train_rate = timed_rate(one_train_step, batch_size, seconds)
-    model.eval()
-    with torch.no_grad():
-        infer_rate = timed_rate(lambda: model(x), batch_size, seconds)
-    gflops = model_gflops(model, size, device)
-    return {"size": size, "train": train_rate, "infer": infer_rate, "load": timed_rate(load_batch, batch_size, 1),
-            "corrupt": corrupt_rate, "gflops": gflops, "achieved": gflops * infer_rate}
+
+def concurrent_training(seconds: float, precision: str) -> dict[str, float]:
+    """Images/s of one training process with 2 threads against two at once with 1 thread each."""
+    def launch(threads: int) -> subprocess.Popen:
+        argv = [sys.executable, __file__, "--train-worker", str(threads), "--seconds", str(seconds),
+                "--precision", precision]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+    def rate(proc: subprocess.Popen) -> float:
+        out, _ = proc.communicate()
+        return json.loads(out.strip().splitlines()[-1])["images_per_s"]
+
+    one = rate(launch(2))
+    pair = [launch(1), launch(1)]
+    both = [rate(p) for p in pair]
+    return {"one_2_threads": one, "two_1_thread_each": both}
+
+
+def train_worker(threads: int, seconds: float, precision: str) -> None:
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_demo_dataset(Path(tmp), categories=("brick",), n_train=32, n_test_good=1, n_per_defect=1)
+        bench = Bench(128, 16, torch.device("cpu"), root)
+        print(json.dumps({"images_per_s": bench.train_rate(precision, seconds)}))
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    name, flags = cpu_info()
+    bf16 = ", ".join(f for f in CPU_BF16_FLAGS if f in flags) or "no bf16 flags"
+    return f"{name} ({bf16}), {torch.get_num_threads()} threads"
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple]) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -89,25 +173,41 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per figure")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
+    parser.add_argument("--train-worker", type=int, help=argparse.SUPPRESS)  # internal: one training process
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.train_worker:
+        return train_worker(args.train_worker, args.seconds, args.precision)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     with tempfile.TemporaryDirectory() as tmp:
         root = make_demo_dataset(Path(tmp), categories=("brick",))
-        peak = matmul_peak_gflops(device, args.seconds / 2)
+        peak = {p: matmul_peak_gflops(device, p, args.seconds / 2) for p in PRECISIONS}
         rows = [bench_size(s, args.batch_size, args.seconds, device, root) for s in args.sizes]
-    print(f"\nmachine: {machine}; torch {torch.__version__}; batch {args.batch_size}; "
-          f"fp32 GEMM peak {peak:.1f} GFLOP/s")
-    header = ("size", "train img/s", "infer img/s", "load img/s", "load/train", "corrupt img/s",
-              "GFLOPs/img", "infer GFLOP/s", "infer/peak")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for r in rows:
-        cells = (f"{r['size']}²", f"{r['train']:.1f}", f"{r['infer']:.1f}", f"{r['load']:.0f}",
-                 f"{r['load'] / r['train']:.0f}x", f"{r['corrupt']:.0f}", f"{r['gflops']:.2f}",
-                 f"{r['achieved']:.1f}", f"{r['achieved'] / peak:.0%}")
-        print("| " + " | ".join(cells) + " |")
+        compiled = [] if args.no_compile else compile_rows(args.batch_size, args.seconds, device, root)
+    threads = concurrent_training(args.seconds, "fp32") if device.type == "cpu" else None
+
+    print(f"\nmachine: {machine()}; torch {torch.__version__}; batch {args.batch_size}; GEMM peak "
+          f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s ({peak['bf16'] / peak['fp32']:.1f}x)")
+    print_table(("size", "precision", "train img/s", "infer img/s", "infer GFLOP/s", "infer/peak"),
+                [(f"{r['size']}²", p, f"{r[f'train_{p}']:.1f}", f"{r[f'infer_{p}']:.1f}",
+                  f"{r['gflops'] * r[f'infer_{p}']:.0f}", f"{r['gflops'] * r[f'infer_{p}'] / peak[p]:.0%}")
+                 for r in rows for p in PRECISIONS])
+    print()
+    print_table(("size", "bf16/fp32 train", "bf16/fp32 infer", "GFLOPs/img", "load img/s", "load/train fp32",
+                 "corrupt img/s"),
+                [(f"{r['size']}²", f"{r['train_bf16'] / r['train_fp32']:.2f}x",
+                  f"{r['infer_bf16'] / r['infer_fp32']:.2f}x", f"{r['gflops']:.2f}", f"{r['load']:.0f}",
+                  f"{r['load'] / r['train_fp32']:.0f}x", f"{r['corrupt']:.0f}") for r in rows])
+    if compiled:
+        print()
+        print_table(("128²", "precision", "eager img/s", "compiled img/s", "speed-up", "first call s"),
+                    [(c["mode"], c["precision"], f"{c['eager']:.1f}", f"{c['compiled']:.1f}",
+                      f"{c['compiled'] / c['eager']:.2f}x", f"{c['compile_s']:.0f}") for c in compiled])
+    if threads:
+        both = threads["two_1_thread_each"]
+        print(f"\ntraining 128² fp32, 2 cores: one process with 2 threads {threads['one_2_threads']:.1f} img/s; "
+              f"two at once with 1 thread each {both[0]:.1f} + {both[1]:.1f} = {sum(both):.1f} img/s")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from rayad.errors import DataError, RayadError
 from rayad.inference import AnomalyModel
 from rayad.layout import METADATA, WEIGHTS
 from rayad.models import create_model
+from rayad.precision import Choice, native, probe_network, resolve
 from rayad.scoring import f1_threshold
 from rayad.settings import PREDICT_BATCH
 
@@ -61,14 +62,18 @@ def calibrate_and_save(network: torch.nn.Module, cfg: Config, val: ImageSet, out
     is the configured quantile of good scores, or F1-optimal when the split holds labelled anomalies."""
     model = build_anomaly_model(cfg)
     model.network.load_state_dict(network.state_dict())
-    scores = Predictor(model, cfg, {}, str(device)).predict_arrays(val.images).scores
+    predictor = Predictor(model, cfg, {}, str(device))
+    scores = predictor.predict_arrays(val.images).scores
     labels = val.labels
     threshold = f1_threshold(scores, labels) if labels.any() else None
     model.calibrate(scores[labels == 0], threshold)
     method = "f1" if labels.any() else f"quantile {cfg.scoring.threshold_quantile}"
     log.info("threshold %.6g (%s) from %d validation images", float(model.threshold), method, len(scores))
+    log.info("scoring in %s (%s)", predictor.precision.precision, predictor.precision.reason)
     validation = {"n_images": len(scores), "n_anomalous": int(labels.sum()), "threshold_method": method}
-    return save_artifact(model, cfg, out_dir, {"train": train_info, "validation": validation})
+    precision = {"train": {"precision": train_info.get("precision"), "reason": train_info.get("precision_reason")},
+                 "scoring": predictor.precision.as_dict()}
+    return save_artifact(model, cfg, out_dir, {"train": train_info, "validation": validation, "precision": precision})
 
 
 def atomic_write(path: Path, write) -> None:
@@ -100,14 +105,25 @@ class Predictor:
     """Scores images with a model; training-time validation, evaluate, predict, Ray Data, Serve and the
     dashboard all score through `predict_arrays`."""
 
-    def __init__(self, model: AnomalyModel, config: Config, metadata: dict[str, Any], device: str = "cpu"):
+    def __init__(self, model: AnomalyModel, config: Config, metadata: dict[str, Any], device: str = "cpu",
+                 precision: str | None = None):
+        """`precision` (auto | fp32 | bf16 | fp16) overrides the model's `scoring.precision`."""
         self.model = model.to(device).eval().to(memory_format=torch.channels_last)
         self.config = config
         self.metadata = metadata
         self.device = device
+        self.precision = self._precision(precision or config.scoring.precision)
+
+    def _precision(self, requested: str) -> Choice:
+        """`auto` reuses the precision the model was calibrated in, where this device runs it natively."""
+        recorded = (self.metadata.get("precision") or {}).get("scoring") or {}
+        if requested == "auto" and recorded.get("precision") and native(recorded["precision"], self.device):
+            return Choice(recorded["precision"], "as calibrated (model.json)")
+        return resolve(requested, self.device, probe_network(self.model.network, self.image_size, training=False,
+                                                               device=self.device))
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str | None = None) -> Predictor:
+    def load(cls, run_dir: str | Path, device: str | None = None, precision: str | None = None) -> Predictor:
         run_dir = Path(run_dir)
         weights, meta_path = run_dir / WEIGHTS, run_dir / METADATA
         if not weights.is_file() or not meta_path.is_file():
@@ -120,7 +136,7 @@ class Predictor:
         config = Config.from_dict(metadata["config"], str(meta_path))
         model = build_anomaly_model(config)
         model.load_state_dict(load_file(str(weights)), strict=True)
-        return cls(model, config, metadata, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(model, config, metadata, device or ("cuda" if torch.cuda.is_available() else "cpu"), precision)
 
     @property
     def image_size(self) -> int:
@@ -137,7 +153,7 @@ class Predictor:
         scores, maps, recons = [np.zeros(0, np.float32)], [np.zeros((0, *images.shape[1:3]), np.float32)], []
         for start in range(0, len(images), batch_size):
             batch = to_tensor(images[start:start + batch_size]).to(self.device, memory_format=torch.channels_last)
-            out = self.model(batch)
+            out = self.model(batch, self.precision.precision)
             scores.append(out.pred_score.float().cpu().numpy())
             maps.append(out.anomaly_map.float().cpu().numpy())
             if reconstructions:

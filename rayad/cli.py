@@ -216,10 +216,20 @@ def cmd_train(args) -> None:
     print(f"model written to {run} (threshold {meta['threshold']:.6g})")
 
 
+def _torch_threads() -> None:
+    """Scoring in this process: one torch thread per CPU it may run on, never more."""
+    import torch
+
+    from rayad.settings import cpu_count
+
+    torch.set_num_threads(cpu_count())
+
+
 def cmd_evaluate(args) -> None:
     from rayad.artifact import Predictor
     from rayad.evaluate import evaluate, format_table
 
+    _torch_threads()
     predictor = Predictor.load(args.run)
     data = predictor.config.data
     if args.layout:
@@ -248,6 +258,7 @@ def cmd_predict(args) -> None:
         return
     from rayad.predict import predict_paths
 
+    _torch_threads()
     table = predict_paths(args.run, [Path(p) for p in inputs], args.out, args.heatmaps, args.batch_size)
     for row in table.to_pylist():
         status = row["error"] or ("anomalous" if row["label"] else "good")

@@ -21,8 +21,9 @@ def connect(address: str | None, log_to_driver: bool = True) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     try:
-        # A local start includes the dashboard: Train's placement-group cleanup uses its state API.
-        ray.init(address=address, log_to_driver=log_to_driver)
+        # "local" starts a new instance (ray.init(None) would join one another program started here). It
+        # includes the dashboard: Train's placement-group cleanup uses its state API.
+        ray.init(address=address or "local", log_to_driver=log_to_driver)
     except ConnectionError as e:
         raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e})") from None
 

@@ -112,8 +112,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     log_every: int = 50
     seed: int = 0
-    amp: bool = True  # bf16 autocast, used on GPU only
-    num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # see rayad.precision; fp16 on CUDA only
+    num_threads: int | None = None  # torch intra-op threads; None: the CPUs the process may run on
     w_corrupt: float = 1.0
     w_clean: float = 1.0
     ssim_weight: float = 0.0
@@ -135,6 +135,7 @@ class ScoringConfig:
     image_score: Literal["max", "topk"] = "max"
     topk: float = 0.01  # fraction of pixels averaged when image_score="topk"
     threshold_quantile: float = 0.99  # quantile of validation good scores
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # of the network's forward pass
 
     def __post_init__(self):
         _check_range("scoring.sigma", self.sigma, 0.0, 64.0)
@@ -159,6 +160,7 @@ class Config:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
         sections = typing.get_type_hints(cls)
+        raw = _migrate(raw)
         unknown = set(raw) - set(sections)
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; valid: {sorted(sections)}")
@@ -206,6 +208,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as e:
             raise ConfigError(f"--set '{item}': value is not valid YAML ({e})") from e
     return out
+
+
+def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """Configs saved by rayad 0.1 (model.json, checkpoints): train.amp became train.precision."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or "amp" not in train:
+        return raw
+    train = {k: v for k, v in train.items() if k != "amp"}
+    return {**raw, "train": {"precision": "auto" if raw["train"]["amp"] else "fp32", **train}}
 
 
 def _build_section(cls: type, raw: Any, section: str, source: str):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rayad.config import ScoringConfig
+from rayad.precision import autocast
 from rayad.scoring import anomaly_map, image_score, quantile_threshold
 
 
@@ -34,8 +35,10 @@ class AnomalyModel(nn.Module):
         self.register_buffer("score_mean", torch.tensor(float("nan")))
         self.register_buffer("score_std", torch.tensor(float("nan")))
 
-    def forward(self, x: torch.Tensor) -> InferenceBatch:
-        reconstruction = self.network(x)
+    def forward(self, x: torch.Tensor, precision: str = "fp32") -> InferenceBatch:
+        """Score a float batch in [0, 1]; the network runs in `precision`, the map and score in fp32."""
+        with autocast(precision, x.device):
+            reconstruction = self.network(x)
         maps = anomaly_map(x, reconstruction, self.scoring.sigma)
         return InferenceBatch(image_score(maps, self.scoring.image_score, self.scoring.topk), maps[:, 0],
                               reconstruction)

@@ -5,6 +5,7 @@ The command line (`rayad.cli`) reads its defaults from here, so this module impo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,11 @@ LOCAL_HOST = "127.0.0.1"  # servers bind to loopback unless --host says otherwis
 SERVE_PORT, DASHBOARD_PORT = 8000, 8501
 PREDICT_BATCH = 32  # images per forward pass in offline scoring
 DEMO_TRIALS = 5  # per category: the default demo finishes within 15 minutes on 2 cores
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask): its torch thread count, unless told otherwise."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from rayad.data.dataset import ImageSet, load_split, to_tensor
 from rayad.data.manifest import build_manifest, save_manifest
 from rayad.errors import RayadError
 from rayad.models.loss import reconstruction_loss
+from rayad.precision import autocast, probe_network, resolve
+from rayad.settings import cpu_count
 from rayad.train.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -44,6 +46,7 @@ from rayad.validation import load_validation, validation_metrics
 
 log = logging.getLogger(__name__)
 RANK_SEED_STRIDE = 7_919  # separates the corruption streams of different ranks
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class Session(Protocol):
     def steps(self, start: int, total: int) -> Iterable[int]: ...
 
     def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int: ...
+
+    def broadcast(self, make: Callable[[], T]) -> T: ...
 
     def prepare(self, network: torch.nn.Module) -> torch.nn.Module: ...
 
@@ -115,20 +120,29 @@ def is_due(done: int, every: int, total: int) -> bool:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, corruptor: Corruptor,
-               clean: torch.Tensor, gen: torch.Generator, cfg: TrainConfig, step: int) -> torch.Tensor:
-    """One optimisation step on a batch of clean images in [0, 1]; returns the loss (not synchronised)."""
+               clean: torch.Tensor, gen: torch.Generator, cfg: TrainConfig, step: int, precision: str = "fp32",
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """One optimisation step on a batch of clean images in [0, 1]; returns the loss (not synchronised). The
+    network runs in `precision` (autocast), the loss in fp32; fp16 needs the loss `scaler`."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     corrupted = corruptor(clean, gen)
-    use_amp = cfg.amp and clean.device.type == "cuda"
-    with torch.autocast(device_type=clean.device.type, dtype=torch.bfloat16, enabled=use_amp):
+    with autocast(precision, clean.device):
         output = model(corrupted.inputs.contiguous(memory_format=torch.channels_last))
     loss = reconstruction_loss(output, corrupted.targets, corrupted.mask, cfg)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     return loss.detach()
 
 
@@ -213,6 +227,11 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
     network = build_anomaly_model(cfg).network.to(session.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(network, tc)
     start = session.restore(network, optimizer)
+    precision = session.broadcast(lambda: resolve(tc.precision, session.device, probe_network(
+        network, cfg.data.image_size, training=True, device=session.device)))
+    if rank == 0:
+        log.info("training in %s (%s)", precision.precision, precision.reason)
+    scaler = torch.amp.GradScaler(session.device.type) if precision.precision == "fp16" else None
     model = session.prepare(network)
     nodes = session.count_nodes()
     corruptor = Corruptor(cfg.corruption)
@@ -224,14 +243,14 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
         batch = global_batch[rank * tc.batch_size:(rank + 1) * tc.batch_size]
         clean = to_device(data.train.images[batch], session.device)
         gen = step_generator(tc.seed + rank * RANK_SEED_STRIDE, step, session.device)
-        loss = train_step(model, optimizer, corruptor, clean, gen, tc, step)
+        loss = train_step(model, optimizer, corruptor, clean, gen, tc, step, precision.precision, scaler)
         meter.step()
         done = step + 1
         save = is_due(done, tc.checkpoint_every, tc.steps)
         if save or is_due(done, tc.log_every, tc.steps):
             metrics = {"step": done, "loss": float(loss), "lr": lr_at(step, tc), "start_step": start,
                        "world_size": world, "nodes": nodes, "interval_images_per_s": meter.interval(),
-                       **meter.summary()}
+                       **meter.summary(), "precision": precision.precision, "precision_reason": precision.reason}
             if save and validation is not None:  # model selection: scored at every checkpoint
                 metrics |= validation_metrics(network, cfg, validation, session.device)
             session.report(metrics, network, optimizer, save)
@@ -267,6 +286,9 @@ class LocalSession:
         log.info("resuming from %s (step %d)", latest, step)
         return step
 
+    def broadcast(self, make: Callable[[], T]) -> T:
+        return make()
+
     def prepare(self, network: torch.nn.Module) -> torch.nn.Module:
         return network
 
@@ -295,8 +317,8 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_train_data(cfg, data_root, category, out_dir)  # validates the data, fills the cache once
     session = LocalSession(cfg, out_dir, torch.device(device) if device else default_device(), progress)
-    loop = LoopConfig(cfg, str(data_root), category, threads=cfg.train.num_threads, started=started)
+    loop = LoopConfig(cfg, str(data_root), category, threads=cfg.train.num_threads or cpu_count(), started=started)
     network, metrics = train_loop(loop, session)
     info = {"steps": cfg.train.steps, "final_loss": metrics["loss"],
-            **{k: metrics.get(k) for k in ("seconds_to_first_step", "images_per_s")}}
+            **{k: metrics.get(k) for k in ("seconds_to_first_step", "images_per_s", "precision", "precision_reason")}}
     return calibrate_and_save(network, cfg, data.val, out_dir, session.device, info)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 import ray.train
@@ -24,6 +24,8 @@ from rayad.config import Config
 from rayad.errors import RayadError
 from rayad.train.checkpoint import load_checkpoint, save_checkpoint
 from rayad.train.loop import LoopConfig, load_train_data, train_loop
+
+T = TypeVar("T")
 
 
 class RaySession:
@@ -44,6 +46,14 @@ class RaySession:
             return 0
         with checkpoint.as_directory() as directory:
             return int(load_checkpoint(directory, network, optimizer)["step"])
+
+    def broadcast(self, make: Callable[[], T]) -> T:
+        """Rank 0's `make()`, on every rank (so that all ranks run in the precision rank 0 measured)."""
+        if self.world_size == 1:
+            return make()
+        value = [make() if self.rank == 0 else None]
+        torch.distributed.broadcast_object_list(value, src=0)
+        return value[0]
 
     def prepare(self, network: torch.nn.Module) -> torch.nn.Module:
         return prepare_model(network)  # (4) DDP (gloo on CPU, NCCL on GPU)
@@ -133,5 +143,6 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
             "images_per_s": result.metrics.get("images_per_s"),
             "seconds_to_first_step": result.metrics.get("seconds_to_first_step"),
             "final_loss": result.metrics.get("loss"), "resumed_from_step": result.metrics.get("start_step"),
+            "precision": result.metrics.get("precision"), "precision_reason": result.metrics.get("precision_reason"),
             "checkpoint": result.checkpoint.path}
     return calibrate_and_save(network, cfg, data.val, out_dir, device, info)

@@ -1,0 +1,168 @@
+"""Numeric precision of training and scoring: fp32, or bf16 / fp16 autocast; `auto` measures.
+
+`auto` picks bf16 on CUDA devices with native bf16 (Ampere and newer). On a CPU it picks bf16 only when
+the CPU has bf16 units (`avx512_bf16` or `amx_bf16`) and a short probe of this very network shows bf16
+faster than fp32; the probe's timings are cached per machine, torch version, thread count and network
+shape. A model artifact records the scoring precision it was calibrated in, and every consumer of it
+scores in that precision wherever the device runs it natively. See docs/design.md, "Precision".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rayad.errors import ConfigError
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+PROBE_BATCH, PROBE_REPEATS = 2, 2
+PROBE_CACHE = "precision_probe.json"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The precision a process runs in, and why (logged, and recorded in model.json)."""
+
+    precision: str  # fp32 | bf16 | fp16
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"precision": self.precision, "reason": self.reason}
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The autocast context of `precision` on `device` (a no-op for fp32)."""
+    device_type = torch.device(device).type
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=DTYPES[precision])
+
+
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """(model name, flags) of this machine's CPU, from /proc/cpuinfo where there is one."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), frozenset()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return fields.get("model name", platform.machine()), frozenset(fields.get("flags", "").split())
+
+
+def cuda_bf16_native(device: torch.device) -> bool:
+    """bf16 convolutions and matmuls run natively from compute capability 8.0 (Ampere)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve(requested: str, device: torch.device | str, probe: Callable[[], dict[str, float]],
+            cpu_flags: frozenset[str] | None = None, cuda_native: bool | None = None) -> Choice:
+    """The precision to run `requested` (auto | fp32 | bf16 | fp16) in on `device`. `probe` returns the
+    seconds per step in fp32 and bf16; it is only called for `auto` on a CPU with bf16 units."""
+    device = torch.device(device)
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError(f"precision fp16 needs a CUDA device (this one is {device.type}); use bf16 or fp32")
+    if requested != "auto":
+        return Choice(requested, "configured")
+    if device.type == "cuda":
+        has_bf16 = cuda_bf16_native(device) if cuda_native is None else cuda_native
+        return Choice("bf16", "CUDA device with native bf16") if has_bf16 else \
+            Choice("fp32", "CUDA device without native bf16 (before Ampere)")
+    flags = cpu_info()[1] if cpu_flags is None else cpu_flags
+    if not flags & set(CPU_BF16_FLAGS):
+        return Choice("fp32", f"CPU without bf16 units ({' / '.join(CPU_BF16_FLAGS)})")
+    seconds = probe()
+    faster = seconds["bf16"] < seconds["fp32"]
+    return Choice("bf16" if faster else "fp32",
+                  f"probe on this CPU: bf16 {seconds['bf16'] * 1e3:.1f} ms, fp32 {seconds['fp32'] * 1e3:.1f} ms a step")
+
+
+def native(precision: str, device: torch.device | str, cpu_flags: frozenset[str] | None = None) -> bool:
+    """Whether `device` runs `precision` natively (fp32 always; bf16 with bf16 units; fp16 on CUDA)."""
+    device = torch.device(device)
+    if precision == "fp32":
+        return True
+    if device.type == "cuda":
+        return precision == "fp16" or cuda_bf16_native(device)
+    flags = cpu_info()[1] if cpu_flags is None else cpu_flags
+    return precision == "bf16" and bool(flags & set(CPU_BF16_FLAGS))
+
+
+def probe_network(network: nn.Module, image_size: int, training: bool, device: torch.device | str
+                  ) -> Callable[[], dict[str, float]]:
+    """A cached probe of `network`: seconds per forward (and backward, when `training`) pass of a small
+    batch at `image_size`, in fp32 and in bf16. Runs on a copy, so the network's state is untouched."""
+    def measure() -> dict[str, float]:
+        model = copy.deepcopy(network).train(training)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(PROBE_BATCH, 3, image_size, image_size, generator=gen).to(device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        return {p: _seconds_per_pass(model, x, p, training) for p in ("fp32", "bf16")}
+
+    def cached() -> dict[str, float]:
+        # No thread count in the key: every process on the machine, whatever its CPU share, decides alike.
+        key = {"cpu": cpu_info()[0], "torch": torch.__version__, "training": training, "size": image_size,
+               "network": _shape_signature(network)}
+        return _cached(key, measure)
+
+    return cached
+
+
+def _seconds_per_pass(model: nn.Module, x: torch.Tensor, precision: str, training: bool) -> float:
+    def one_pass():
+        with torch.set_grad_enabled(training), autocast(precision, x.device):
+            out = model(x)
+        if training:
+            out.float().pow(2).mean().backward()
+
+    one_pass()  # warm-up: kernel selection, allocations
+    best = float("inf")
+    for _ in range(PROBE_REPEATS):
+        start = time.perf_counter()
+        one_pass()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _shape_signature(network: nn.Module) -> str:
+    """Names, shapes and types of every parameter: the same for the same architecture."""
+    shapes = [(name, tuple(p.shape), str(p.dtype)) for name, p in network.named_parameters()]
+    return hashlib.sha1(repr(shapes).encode()).hexdigest()[:16]
+
+
+def _cached(key: dict, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    from rayad.data.dataset import cache_dir  # the image cache's folder (RAYAD_CACHE_DIR)
+
+    path, name = cache_dir() / PROBE_CACHE, json.dumps(key, sort_keys=True)
+    entries = _read_json(path)
+    if name not in entries:
+        entries = {**_read_json(path), name: measure()}  # re-read: another process may have written
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(entries, indent=1))
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("could not cache the precision probe in %s: %s", path, e)
+    return entries[name]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
