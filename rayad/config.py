@@ -27,6 +27,7 @@ class DataConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     on_bad_image: Literal["error", "skip"] = "error"
+    augment: Literal["none", "flip", "dihedral"] = "none"  # of good training images: flips (+ 90° turns)
     max_pixels: int = MAX_IMAGE_PIXELS  # larger images are refused unread (possible decompression bombs)
     # Folder layout only: sub-directories of ROOT/<category>.
     normal_dir: str = "good"

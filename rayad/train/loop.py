@@ -46,6 +46,7 @@ from rayad.validation import load_validation, validation_metrics
 
 log = logging.getLogger(__name__)
 RANK_SEED_STRIDE = 7_919  # separates the corruption streams of different ranks
+AUGMENT_SEED_OFFSET = 104_729  # separates the augmentation stream from the corruption stream
 T = TypeVar("T")
 
 
@@ -112,6 +113,20 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
         perm = np.random.default_rng([seed, epoch]).permutation(n)
         out.extend(perm[offset:offset + batch_size - len(out)].tolist())
     return np.asarray(out)
+
+
+def augment(images: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Random flips ("flip") or any of the 8 flips and quarter turns ("dihedral") per image, for materials
+    that look alike in every orientation; "none" returns the batch as it is. Square images only."""
+    if mode == "none":
+        return images
+    draws = torch.randint(0, 8 if mode == "dihedral" else 4, (len(images),), generator=gen).tolist()
+    out = []
+    for image, k in zip(images, draws, strict=True):
+        image = image.flip(-1) if k & 1 else image
+        image = image.flip(-2) if k & 2 else image
+        out.append(image.transpose(-1, -2) if k & 4 else image)
+    return torch.stack(out)
 
 
 def is_due(done: int, every: int, total: int) -> bool:
@@ -242,6 +257,7 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
         global_batch = batch_indices(n, tc.batch_size * world, step, tc.seed)
         batch = global_batch[rank * tc.batch_size:(rank + 1) * tc.batch_size]
         clean = to_device(data.train.images[batch], session.device)
+        clean = augment(clean, cfg.data.augment, step_generator(tc.seed + AUGMENT_SEED_OFFSET + rank, step, "cpu"))
         gen = step_generator(tc.seed + rank * RANK_SEED_STRIDE, step, session.device)
         loss = train_step(model, optimizer, corruptor, clean, gen, tc, step, precision.precision, scaler)
         meter.step()

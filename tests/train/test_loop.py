@@ -90,3 +90,18 @@ def test_train_step_under_bf16_autocast_keeps_float32_loss_and_learns():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("mode, count", [("flip", 4), ("dihedral", 8)])
+def test_augment_gives_flips_and_quarter_turns(mode, count):
+    from rayad.train.loop import augment, step_generator
+
+    image = torch.arange(9.0).view(1, 1, 3, 3)
+    batch = image.expand(64, 1, 3, 3)
+    out = augment(batch, mode, step_generator(0, 0, "cpu"))
+    seen = {tuple(o.flatten().tolist()) for o in out}
+    dihedral = {tuple(torch.rot90(t, k, (-2, -1)).flatten().tolist())
+                for t in (image, image.flip(-1)) for k in range(4)}
+    assert len(seen) == count and seen <= dihedral  # only the symmetries of the square, all of them drawn
+    assert torch.equal(augment(batch, "none", step_generator(0, 0, "cpu")), batch)
+    assert torch.equal(out, augment(batch, mode, step_generator(0, 0, "cpu")))  # seeded

@@ -104,7 +104,7 @@ def test_resolve_space_names_the_shipped_ones(tmp_path):
     own = tmp_path / "mine.yaml"
     own.write_text("params: {train.lr: 0.001}\n")
     assert resolve_space(own) == own
-    with pytest.raises(ConfigError, match=r"not one of \['ablation', 'paper', 'quick'\]"):
+    with pytest.raises(ConfigError, match=r"not one of \['ablation', 'paper', 'quality', 'quick'\]"):
         resolve_space("nope")
 
 
