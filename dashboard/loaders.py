@@ -77,18 +77,18 @@ def test_results(exp: str, versions: tuple[float, ...]) -> results.TestResults:
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
-def predictor(artifact: str, versions: tuple[float, ...]):
-    from rayad.artifact import Predictor  # torch: imported by the pages that score, not by the others
-
-    return Predictor.load(artifact, device="cpu")
+def predictor(exp: str, versions: tuple[float, ...]):
+    """The experiment's best model (StoreError when its files are broken; errors are not cached)."""
+    return results.load_model(Path(exp), device="cpu")
 
 
 @st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, max_entries=2048)
-def scored_image(artifact: str, versions: tuple[float, ...], path: str, mask_path: str | None) -> dict:
-    """Input, reconstruction, anomaly map and ground-truth mask of one test image, at the model's size."""
+def scored_image(exp: str, versions: tuple[float, ...], path: str, mask_path: str | None) -> dict:
+    """Input, reconstruction, anomaly map and ground-truth mask of one test image, at the model's size;
+    DataError naming the file when the image or its mask is missing or unreadable."""
     from rayad.data.images import load_image, load_mask
 
-    model = predictor(artifact, versions)
+    model = predictor(exp, versions)
     image = load_image(path, model.image_size)
     out = model.predict_arrays(image[None], reconstructions=True)
     mask = load_mask(mask_path, model.image_size) if mask_path else np.zeros(image.shape[:2], bool)

@@ -16,9 +16,21 @@ import numpy as np
 import optuna
 import pandas as pd
 import pyarrow.parquet as pq
+import sqlalchemy.exc
 
 from rayad.errors import RayadError
-from rayad.layout import BEST, EXPERIMENT, METRIC_NAMES, PARAM_PREFIX, STUDY, TEST_METRICS, TRIAL_STATUSES, TRIALS
+from rayad.layout import (
+    BEST,
+    EXPERIMENT,
+    METADATA,
+    METRIC_NAMES,
+    PARAM_PREFIX,
+    STUDY,
+    TEST_METRICS,
+    TRIAL_STATUSES,
+    TRIALS,
+    WEIGHTS,
+)
 from rayad.metrics import precision_recall_curve, roc_curve
 
 
@@ -121,8 +133,11 @@ def param_importances(exp_dir: Path, study_name: str) -> dict[str, float]:
     path = exp_dir / STUDY
     if not path.is_file():
         raise StoreError(f"{STUDY} is missing")
-    storage = optuna.storages.RDBStorage(f"sqlite:///file:{path.absolute()}?mode=ro&uri=true",
-                                         skip_compatibility_check=True, skip_table_creation=True)
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///file:{path.absolute()}?mode=ro&uri=true",
+                                             skip_compatibility_check=True, skip_table_creation=True)
+    except _DATABASE_ERRORS as e:  # not SQLite, truncated, or no Optuna tables
+        raise StoreError(f"{STUDY} is unreadable ({_root_cause(e)})") from None
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
         done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -131,11 +146,24 @@ def param_importances(exp_dir: Path, study_name: str) -> dict[str, float]:
         with warnings.catch_warnings():  # Optuna warns that a target means "lower is better": that is meant here
             warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve low")
             return optuna.importance.get_param_importances(study, target=_first_objective_lower_is_better(study))
+    except _DATABASE_ERRORS as e:
+        raise StoreError(f"{STUDY} is unreadable ({_root_cause(e)})") from None
     except (KeyError, ValueError, RuntimeError) as e:
         raise StoreError(f"{STUDY}: {e}") from None
     finally:
         storage.remove_session()
         storage.engine.dispose()
+
+
+# Optuna wraps SQLAlchemy's errors (StorageInternalError); SQLAlchemy wraps sqlite3's.
+_DATABASE_ERRORS = (optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost cause: sqlite3's "file is not a database", not Optuna's wrapper."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _first_objective_lower_is_better(study: optuna.Study):
@@ -154,6 +182,30 @@ class TestResults:
     metrics: dict[str, Any]
     images: pd.DataFrame  # path, label, defect_type, mask_path, score
     threshold: float
+
+
+def load_model(exp_dir: Path, device: str = "cpu"):
+    """The experiment's best model as a `rayad.artifact.Predictor`; StoreError naming the file when it is
+    missing, corrupt or does not match its metadata."""
+    from safetensors import SafetensorError
+
+    from rayad.artifact import Predictor  # torch: only for the pages that score
+
+    run = exp_dir / BEST
+    for file in (WEIGHTS, METADATA):
+        if not (run / file).is_file():
+            raise StoreError(f"{BEST}/{file} is missing")
+    read_json(run / METADATA)  # unreadable or not an object: named as such
+    try:
+        return Predictor.load(run, device=device)
+    except RayadError as e:  # names the file already
+        raise StoreError(str(e)) from None
+    except SafetensorError as e:  # truncated, empty or not safetensors
+        raise StoreError(f"{BEST}/{WEIGHTS} is unreadable ({_root_cause(e)})") from None
+    except Exception as e:  # noqa: BLE001 - torch and the config raise many types for weights that do not fit
+        detail = " ".join(str(e).split())
+        raise StoreError(f"{BEST}/{WEIGHTS} does not load into the model of {BEST}/{METADATA} "
+                         f"({type(e).__name__}: {detail[:300]})") from None
 
 
 def read_test_results(exp_dir: Path) -> TestResults:

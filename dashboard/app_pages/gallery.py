@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from rayad import results
-from rayad.layout import BEST
+from rayad.errors import DataError
 from rayad.visualize import heatmap_image
 
 import loaders
@@ -49,14 +49,20 @@ if shown.empty:
 
 pages = math.ceil(len(shown) / PER_PAGE)
 page = st.columns(6)[0].number_input(f"Page (of {pages})", 1, pages, 1, key="gallery_page") if pages > 1 else 1
-artifact, versions = str(exp / BEST), loaders.best_versions(exp)
+versions = loaders.best_versions(exp)
+loaders.or_stop(loaders.predictor, str(exp), versions)  # a broken model: one message instead of every image
 header = st.columns(5)
 for col, title in zip(header, ["Input", "Reconstruction", "Anomaly heatmap", "Ground truth", "Predicted mask"],
                       strict=True):
     col.markdown(f"**{title}**")
 for row in shown.iloc[(page - 1) * PER_PAGE: page * PER_PAGE].itertuples():
     mask_path = row.mask_path if isinstance(row.mask_path, str) else None  # pandas shows a missing path as NaN
-    item = loaders.scored_image(artifact, versions, row.path, mask_path)
+    try:
+        item = loaders.scored_image(str(exp), versions, row.path, mask_path)
+    except DataError as e:  # a test image (or its mask) moved or broken since the search: the others still show
+        st.error(f"{row.defect_type} · score {row.score:.6f}: cannot show this image ({e})",
+                 icon=":material/broken_image:")
+        continue
     heat = np.asarray(heatmap_image(item["map"], test.threshold), dtype=np.float32)
     overlay = (OVERLAY_ALPHA * heat + (1 - OVERLAY_ALPHA) * item["image"]).astype(np.uint8)
     cols = st.columns(5)

@@ -56,8 +56,8 @@ trials_section()
 st.subheader("Hyperparameter importance")
 try:
     values = loaders.importances(str(exp), experiment["category"], loaders.study_versions(exp))
-except results.StoreError as e:
-    st.warning(f"Importance unavailable: {e}", icon=":material/warning:")
+except results.StoreError as e:  # a missing or corrupt study.db: the rest of the page still shows
+    st.error(f"Importance unavailable: {e}", icon=":material/error:")
 else:
     if values:
         st.altair_chart(charts.importances(values), width="stretch")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from rayad.data.images import IMAGE_SUFFIXES, load_image
 from rayad.errors import DataError
-from rayad.layout import BEST
+from rayad.results import StoreError
 from rayad.visualize import heatmap_image
 
 import loaders
@@ -45,7 +45,7 @@ def score_remote(content: bytes, model: str) -> dict:
 
 
 def score_local(content: bytes) -> dict:
-    model = loaders.predictor(str(exp / BEST), loaders.best_versions(exp))
+    model = loaders.predictor(str(exp), loaders.best_versions(exp))
     out = model.predict_arrays(load_image(content, model.image_size)[None])
     return {"score": float(out.scores[0]), "label": bool(out.labels[0]), "threshold": model.threshold,
             "heatmap": np.asarray(heatmap_image(out.maps[0], model.threshold)),
@@ -56,6 +56,9 @@ if upload is not None:
     content = upload.getvalue()
     try:
         result = score_remote(content, experiment["category"]) if url else score_local(content)
+    except StoreError as e:  # the best model's files are broken
+        st.error(f"Experiment `{exp}`: {e}", icon=":material/error:")
+        st.stop()
     except DataError as e:
         st.error(f"Not a usable image: {e}")
         st.stop()

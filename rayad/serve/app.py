@@ -13,9 +13,11 @@ Images are decoded with `load_image` and scored with `Predictor.score`, exactly 
 import asyncio
 import base64
 import hashlib
+import hmac
 import io
 import json
 import logging
+import re
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -25,11 +27,13 @@ import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as StarletteRequest
 
 from rayad import __version__, layout
@@ -42,6 +46,13 @@ from rayad.visualize import heatmap_image
 
 log = logging.getLogger(__name__)
 API_KEY_HEADER = "x-api-key"
+OPENAPI_URL, DOCS_URL, REDOC_URL = "/openapi.json", "/docs", "/redoc"  # behind the API key when one is set
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")  # as in PIL's "cannot identify image file <...>"
+
+
+def _client_message(message: str) -> str:
+    """An error message as a client sees it: the upload called "image", no Python object reprs."""
+    return _OBJECT_REPR.sub("", message.replace("<bytes>", "image"))
 
 
 def discover_models(path: str | Path) -> dict[str, str]:
@@ -81,8 +92,12 @@ async def _uploads(request: Request, body: bytes, limit: int) -> list[tuple[str,
     try:
         form = await StarletteRequest(request.scope, replay).form(max_files=limit, max_fields=limit)
     except Exception as e:  # noqa: BLE001 - malformed multipart bodies raise various parser errors
-        raise HTTPException(400, f"malformed multipart body ({e})") from None
+        raise HTTPException(400, _client_message(f"malformed multipart body ({e})")) from None
     return [(item.filename or key, await item.read()) for key, item in form.multi_items() if hasattr(item, "read")]
+
+
+def _root_path(request: Request) -> str:
+    return request.scope.get("root_path", "").rstrip("/")
 
 
 def _png_base64(image: Image.Image) -> str:
@@ -132,12 +147,19 @@ class Scorer:
         return results
 
 
-app = FastAPI(title="rayad", version=__version__, description="Visual anomaly detection: score images.")
+# The docs and the schema are routes of Api below (not FastAPI's own), so that they need the API key too.
+app = FastAPI(title="rayad", version=__version__, description="Visual anomaly detection: score images.",
+              openapi_url=None, docs_url=None, redoc_url=None)
 
 
-@app.exception_handler(HTTPException)
-async def _json_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+@app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException too, and routing's 404 and 405
+async def _json_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail
+    if type(exc) is StarletteHTTPException and exc.status_code == 404:  # no route: not an unknown model
+        detail = f"no such route: {request.url.path} (the API is listed at {DOCS_URL})"
+    elif type(exc) is StarletteHTTPException and exc.status_code == 405:
+        detail = f"method {request.method} is not allowed on {request.url.path}"
+    return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -177,6 +199,21 @@ class Api:
         except Exception as e:  # noqa: BLE001 - any failure means not ready
             raise HTTPException(503, f"not ready: {type(e).__name__}") from None
         return {"status": "ready", "models": sorted(self.cards)}
+
+    @app.get(OPENAPI_URL, include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(app.openapi())
+
+    @app.get(DOCS_URL, include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        self._authorize(request)
+        return get_swagger_ui_html(openapi_url=_root_path(request) + OPENAPI_URL, title=f"{app.title} - Swagger UI")
+
+    @app.get(REDOC_URL, include_in_schema=False)
+    async def redoc(self, request: Request) -> HTMLResponse:
+        self._authorize(request)
+        return get_redoc_html(openapi_url=_root_path(request) + OPENAPI_URL, title=f"{app.title} - ReDoc")
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -241,13 +278,18 @@ class Api:
         return out
 
     def _authorize(self, request: Request) -> None:
+        """With an API key set: the X-API-Key header, or `Authorization: Bearer KEY`, compared in constant time."""
         key = self.settings.api_key
         if not key:
             return
-        given = request.headers.get(API_KEY_HEADER) or request.headers.get("authorization", "").removeprefix(
-            "Bearer ")
-        if given != key:
-            raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header)")
+        given = request.headers.get(API_KEY_HEADER)
+        if given is None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            given = token.strip() if scheme.lower() == "bearer" else ""
+        # Starlette decodes header values as Latin-1: encoding them back gives the bytes that were sent.
+        if not hmac.compare_digest(given.encode("latin-1", "replace"), key.encode()):
+            raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header, or as "
+                                     "Authorization: Bearer KEY)", headers={"WWW-Authenticate": "Bearer"})
 
     def _model(self, model: str | None) -> str:
         if model is None:
@@ -264,9 +306,9 @@ class Api:
         try:
             return load_image(content, self.cards[name]["image_size"], self.settings.max_pixels)
         except ImageTooLarge as e:
-            raise HTTPException(413, str(e).replace("<bytes>", "image")) from None
+            raise HTTPException(413, _client_message(str(e))) from None
         except DataError as e:
-            raise HTTPException(400, str(e).replace("<bytes>", "image")) from None
+            raise HTTPException(400, _client_message(str(e))) from None
 
     @staticmethod
     async def _read_body(request: Request, limit_mb: float) -> bytes:

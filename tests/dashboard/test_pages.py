@@ -150,6 +150,46 @@ def test_broken_files_give_a_message_not_a_crash(runs, monkeypatch, tiny_experim
         assert not at.exception and message in at.error[0].value, page
 
 
+def test_a_corrupt_study_db_gives_a_message_on_the_search_page(runs, monkeypatch):
+    (runs / "brick-tiny" / "study.db").write_bytes(b"not a database\n" * 512)
+    at = open_page(runs, monkeypatch, "search")  # no exception
+    _, trials, _ = store(runs / "brick-tiny")
+    assert len(at.error) == 1 and "study.db is unreadable (file is not a database)" in at.error[0].value
+    assert len(at.dataframe[0].value) == len(trials)  # the rest of the page still shows
+    assert len(at.get("vega_lite_chart")) == 3  # history, parallel coordinates, learning curves
+
+
+def test_corrupt_weights_give_a_message_on_the_gallery_and_try_it(runs, monkeypatch, demo_root):
+    weights = runs / "brick-tiny" / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    at = open_page(runs, monkeypatch, "gallery")
+    assert "best/model.safetensors is unreadable" in at.error[0].value and len(at.image) == 0
+    at.switch_page("app_pages/model.py").run()  # pages that need no weights keep working
+    assert not at.exception and not at.error and at.metric
+    monkeypatch.delenv("RAYAD_SERVE_URL", raising=False)
+    at = open_page(runs, monkeypatch, "try_it")
+    image = demo_root / "brick" / "test" / "crack" / "000.png"
+    at.file_uploader[0].set_value(("crack.png", image.read_bytes(), "image/png")).run()
+    assert not at.exception and "best/model.safetensors is unreadable" in at.error[0].value
+
+
+def test_a_moved_test_image_gives_a_message_and_the_others_still_show(runs, monkeypatch, tmp_path_factory):
+    exp = runs / "brick-tiny"
+    metrics = json.loads((exp / "best" / "test_metrics.json").read_text())
+    images = tmp_path_factory.mktemp("test-images")  # a copy of the test images, one of which then moves away
+    copies = [images / f"{i:03d}{Path(p).suffix}" for i, p in enumerate(metrics["paths"])]
+    for source, copy in zip(metrics["paths"], copies, strict=True):
+        shutil.copyfile(source, copy)
+    (exp / "best" / "test_metrics.json").write_text(json.dumps({**metrics, "paths": [str(c) for c in copies]}))
+    worst = copies[int(np.argmax(metrics["scores"]))]  # shown first on the first page
+    worst.unlink()
+    at = open_page(runs, monkeypatch, "gallery")  # no exception
+    assert len(at.error) == 1 and f"{worst}: file not found" in at.error[0].value
+    shown = min(12, len(copies))
+    assert len(at.image) == 5 * (shown - 1)
+    assert len([c for image in at.image for c in image.captions if " · score " in c]) == shown - 1
+
+
 def test_an_empty_runs_directory_explains_what_to_do(tmp_path, monkeypatch):
     at = open_page(tmp_path, monkeypatch)
     assert "No experiments" in at.info[0].value

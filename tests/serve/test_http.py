@@ -97,6 +97,7 @@ def test_batch_with_a_bad_image(server, demo_root):
     assert [r["file"] for r in results] == [paths[0].name, paths[1].name, "bad.png"]
     assert all("score" in r for r in results[:2])
     assert results[2]["status"] == 400 and "not a readable image" in results[2]["error"]
+    assert "<_io." not in results[2]["error"] and "object at 0x" not in results[2]["error"]
 
 
 def test_bad_input_never_gives_500(server, demo_root):
@@ -114,6 +115,10 @@ def test_bad_input_never_gives_500(server, demo_root):
         response = requests.post(f"{server}/v1/predict?model=brick", data=body, headers=KEY)
         assert response.status_code == status, what
         assert message in response.json()["error"], what
+        assert "<_io." not in response.json()["error"] and "object at 0x" not in response.json()["error"], what
+    upload = requests.post(f"{server}/v1/predict?model=brick", headers=KEY,
+                           files={"file": ("x.png", b"hello, world", "image/png")}).json()["error"]
+    assert upload == "image: not a readable image (cannot identify image file)"
     unknown = requests.post(f"{server}/v1/predict?model=nope", data=good, headers=KEY)
     assert unknown.status_code == 404 and "unknown model 'nope'" in unknown.json()["error"]
     ambiguous = requests.post(f"{server}/v1/predict", data=good, headers=KEY)
@@ -131,7 +136,35 @@ def test_api_key(server, demo_root):
     assert wrong.status_code == 401 and "API key" in wrong.json()["error"]
     bearer = requests.post(f"{server}/v1/predict?model=brick", data=good, headers={"Authorization": "Bearer secret"})
     assert bearer.status_code == 200
+    for auth in ("secret", "Basic secret", "Bearer guess", "Bearer"):  # a bare key is not a Bearer token
+        refused = requests.post(f"{server}/v1/predict?model=brick", data=good, headers={"Authorization": auth})
+        assert refused.status_code == 401 and "API key" in refused.json()["error"], auth
+        assert refused.headers["WWW-Authenticate"] == "Bearer"
     assert requests.get(f"{server}/healthz").status_code == 200  # probes need no key
+
+
+def test_docs_and_schema_need_the_key(server):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        refused = requests.get(f"{server}{path}")
+        assert refused.status_code == 401 and "API key" in refused.json()["error"], path
+        wrong = requests.get(f"{server}{path}", headers={"X-API-Key": "guess"})
+        assert wrong.status_code == 401, path
+        assert requests.get(f"{server}{path}", headers=KEY).status_code == 200, path
+    schema = requests.get(f"{server}/openapi.json", headers={"Authorization": "Bearer secret"}).json()
+    assert {"/v1/predict", "/v1/predict/batch", "/v1/models"} <= set(schema["paths"])
+    assert not {"/docs", "/redoc", "/openapi.json"} & set(schema["paths"])
+    assert "/openapi.json" in requests.get(f"{server}/docs", headers=KEY).text
+
+
+def test_unknown_routes_and_wrong_methods_are_json_errors(server):
+    unknown = requests.get(f"{server}/v2/predict", headers=KEY)
+    assert unknown.status_code == 404 and unknown.json() == {
+        "error": "no such route: /v2/predict (the API is listed at /docs)"}
+    wrong = requests.get(f"{server}/v1/predict?model=brick", headers=KEY)
+    assert wrong.status_code == 405 and wrong.json() == {"error": "method GET is not allowed on /v1/predict"}
+    assert wrong.headers["Allow"] == "POST"
+    assert requests.delete(f"{server}/v1/models", headers=KEY).json() == {
+        "error": "method DELETE is not allowed on /v1/models"}
 
 
 def test_overload_answers_503_quickly(server, demo_root):
