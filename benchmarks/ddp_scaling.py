@@ -18,14 +18,16 @@ from pathlib import Path
 import ray
 import torch
 
+from rayad.cluster import Cluster
 from rayad.config import load_config
 from rayad.data.demo import make_demo_dataset
+from rayad.layout import METADATA
 from rayad.train import fit
-from rayad.train.ray_train import Cluster, fit_distributed
+from rayad.train.ray_train import fit_distributed
 
 
 def train_info(run: Path) -> dict:
-    return json.loads((run / "model.json").read_text())["train"]
+    return json.loads((run / METADATA).read_text())["train"]
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from rayad.cluster import connect
 from rayad.data.demo import CATEGORIES, make_demo_dataset
-from rayad.evaluate import METRIC_NAMES
+from rayad.layout import METRIC_NAMES, TRIALS
 from rayad.tune import SearchSettings, resolve_space, run_search
 from rayad.tune.search import export_best, plan_search
 
@@ -32,11 +32,11 @@ def run_pair(data_root: Path, category: str, out: Path, space: str, trials: int,
     result = {}
     for scheduler in ("fifo", "asha"):
         settings = SearchSettings(data_root=str(data_root), category=category, space=str(resolve_space(space)),
-                                  trials=trials, scheduler=scheduler, seed=seed)
+                                  trials=trials, scheduler=scheduler, search_seed=seed)
         start = time.perf_counter()
         record = run_search(settings, out / f"{category}-{scheduler}", verbose=0)
         seconds = time.perf_counter() - start
-        rows = pq.read_table(out / f"{category}-{scheduler}" / "trials.parquet").to_pylist()
+        rows = pq.read_table(out / f"{category}-{scheduler}" / TRIALS).to_pylist()
         result[scheduler] = {"seconds": seconds, "trials_per_hour": len(rows) / seconds * 3600,
                              "trial_steps": sum(r["steps"] or 0 for r in rows),
                              "stopped_early": sum(r["status"] == "stopped_early" for r in rows),

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rayad.baselines import nearest_neighbour_metrics
 from rayad.cluster import connect
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.layout import BEST, EXPERIMENT, HISTORY, METRIC_NAMES, STUDY, SUMMARY, TRIALS
@@ -34,9 +35,10 @@ def run_demo(out: str | Path, space: str = "quick", trials: int = DEMO_TRIALS, o
         if experiment is None or experiment["status"] != "finished":
             experiment = run_search(settings, exp, address, resume=experiment is not None, verbose=0)
         best = experiment["best"]
+        baseline = nearest_neighbour_metrics(data_root, category)
         summary[category] = {"trials": sum(experiment["trials"].values()),
                              "validation": next(iter(best["validation"].values())), **best["test"],
-                             "seconds": time.perf_counter() - start}
+                             "nn_image_auroc": baseline["image_auroc"], "seconds": time.perf_counter() - start}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     print(_summary_table(summary))
     print(_next_commands(out, categories[0]))
@@ -49,10 +51,10 @@ def _previous(exp: Path) -> dict[str, Any] | None:
 
 
 def _summary_table(summary: dict[str, Any]) -> str:
-    columns = ("validation", *METRIC_NAMES)
+    columns = ("validation", *METRIC_NAMES, "nn_image_auroc")
     header = f"{'category':<10}{'trials':>7}" + "".join(f"{c:>13}" for c in columns) + f"{'seconds':>9}"
-    lines = ["", "best model per category (validation: the search's objective; the rest: test split)", header,
-             "-" * len(header)]
+    lines = ["", "best model per category (validation: the search's objective; the rest: test split; "
+             "nn_image_auroc: the raw-pixel nearest-neighbour baseline)", header, "-" * len(header)]
     for category, m in summary.items():
         lines.append(f"{category:<10}{m['trials']:>7}" + "".join(f"{_fmt(m[c]):>13}" for c in columns)
                      + f"{m['seconds']:>9.0f}")

@@ -24,7 +24,8 @@ def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category:
         predictor = Predictor.load(predictor)
     data = data or predictor.config.data
     manifest = build_manifest(data_root, category, data)
-    test = load_split(manifest, "test", predictor.image_size, data.on_bad_image, data.max_pixels)
+    test = load_split(manifest, "test", predictor.image_size, data.on_bad_image, data.max_pixels,
+                      skip_hint="every test image is scored: fix or remove them")
     if len(test.images) == 0:
         raise DataError(f"{data_root}/{category}: the test split is empty")
     preds = predictor.predict_arrays(test.images, batch_size)

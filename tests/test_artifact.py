@@ -49,3 +49,19 @@ def test_predict_reports_bad_files_without_failing(trained_run, demo_root, tmp_p
 def test_load_rejects_non_artifacts(tmp_path):
     with pytest.raises(RayadError, match="not a rayad model"):
         Predictor.load(tmp_path)
+
+
+def test_evaluate_names_a_bad_test_image_without_suggesting_a_flag_it_lacks(trained_run, demo_root, tmp_path,
+                                                                             capsys, caplog):
+    import shutil
+
+    from rayad.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / "brick", data / "brick")
+    bad = data / "brick" / "test" / "good" / "000.png"
+    bad.write_bytes(b"not a png")
+    assert main(["evaluate", "--run", str(trained_run), "--data", str(data), "--category", "brick"]) == 2
+    err = capsys.readouterr().err  # one line; the full list, with the hint, is logged
+    assert str(bad) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "fix or remove them" in caplog.text and "on_bad_image" not in caplog.text + err

@@ -17,6 +17,7 @@ from rayad.data.manifest import split_rows
 from rayad.errors import DataError
 
 log = logging.getLogger(__name__)
+SKIP_HINT = "set data.on_bad_image=skip to skip them"
 
 
 @dataclass
@@ -50,7 +51,7 @@ def cache_dir() -> Path:
 
 
 def load_split(manifest: pa.Table, split: str, size: int, on_bad_image: str = "error",
-               max_pixels: int = MAX_IMAGE_PIXELS) -> ImageSet:
+               max_pixels: int = MAX_IMAGE_PIXELS, *, skip_hint: str | None = SKIP_HINT) -> ImageSet:
     """Load (from cache when possible) the images and masks of `split` at `size` x `size`.
 
     Bad images (unreadable, corrupt, mask of the wrong size) are all listed in one DataError, or with
@@ -70,7 +71,7 @@ def load_split(manifest: pa.Table, split: str, size: int, on_bad_image: str = "e
         listed = "\n  ".join(e for e in errors if e)
         message = f"{(~keep).sum()} bad image(s) in the {split} split:\n  {listed}"
         if on_bad_image == "error":
-            raise DataError(message + "\n(set data.on_bad_image=skip to skip them)")
+            raise DataError(message + (f"\n({skip_hint})" if skip_hint else ""))
         log.warning("skipping %s", message)
     return ImageSet(images, masks if has_masks else None, rows.filter(keep))
 

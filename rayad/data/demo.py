@@ -1,10 +1,10 @@
 """Demo dataset in the MVTec AD layout, cut from the real texture photographs that scikit-image ships.
 
-Each 512² photograph is split into a 3 x 3 grid of 170 px tiles, assigned to train and test as a
-checkerboard (train: the corners and the centre, test: the four edge tiles), so that both splits span the
-photograph's top, middle and bottom, left and right. Every 128² crop lies inside one tile of its split:
-train and test images share no pixel, and good images of every split are drawn from the same spread of the
-photograph (rayad's validation split is carved from train/good). Crops are flipped and rotated by
+Each 512² photograph is split into a 3 x 3 grid of 170 px tiles: train takes the four corners, test the four
+edge tiles (a checkerboard, so that both span the photograph's top, middle and bottom, left and right), and
+validation the centre, written to `validation/good` (the MVTec AD 2 convention, which rayad's mvtec layout
+reads as the validation split). Every 128² crop lies inside one tile of its split: no two splits share a
+pixel, so held-out good images are as unseen as test images, as on a production line. Crops are flipped and rotated by
 multiples of 90° where the material allows it (`TRANSFORMS`). Test defects are painted by
 `rayad.data.defects`, every kind `n_per_defect` times.
 """
@@ -27,7 +27,8 @@ CATEGORIES = ("brick", "grass", "gravel")
 CROP = 128
 TILE = 170  # 3 x 3 tiles cover 510 of the photographs' 512 rows and columns
 GRID = 3
-SPLIT_OF_TILE = {(r, c): "train" if (r + c) % 2 == 0 else "test" for r in range(GRID) for c in range(GRID)}
+SPLIT_OF_TILE = {(r, c): "val" if (r, c) == (1, 1) else "train" if (r + c) % 2 == 0 else "test"
+                 for r in range(GRID) for c in range(GRID)}
 
 # (quarter turns, left-right flip). Brick courses run one way in its photograph: flips only, no 90° turns.
 DIHEDRAL = tuple((k, flip) for k in range(4) for flip in (False, True))
@@ -36,17 +37,22 @@ TRANSFORMS = {"brick": FLIPS, "grass": DIHEDRAL, "gravel": DIHEDRAL}
 
 
 def make_demo_dataset(out: str | Path, seed: int = 0, n_train: int = 240, n_test_good: int = 60,
-                      n_per_defect: int = 25, categories: tuple[str, ...] = CATEGORIES) -> Path:
-    """Write ROOT/<category>/{train/good, test/<type>, ground_truth/<type>} and return ROOT."""
+                      n_per_defect: int = 25, categories: tuple[str, ...] = CATEGORIES, n_val: int | None = None
+                      ) -> Path:
+    """Write ROOT/<category>/{train/good, validation/good, test/<type>, ground_truth/<type>} and return ROOT;
+    `n_val` good validation images (default: a fifth of `n_train`, at least one)."""
+    n_val = max(1, n_train // 5) if n_val is None else n_val
     out = Path(out)
     for category in tqdm(categories, desc="demo data", unit="category"):
         rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
         photo = getattr(skimage.data, category)()
         transforms = TRANSFORMS.get(category, ((0, False),))
         base = out / category
-        train, test = (_crops(photo, split, transforms, rng) for split in ("train", "test"))
+        train, val, test = (_crops(photo, split, transforms, rng) for split in ("train", "val", "test"))
         for i in range(n_train):
             _save(base / "train" / "good" / f"{i:03d}.png", next(train))
+        for i in range(n_val):
+            _save(base / "validation" / "good" / f"{i:03d}.png", next(val))
         for i in range(n_test_good):
             _save(base / "test" / "good" / f"{i:03d}.png", next(test))
         for kind in DEFECTS:

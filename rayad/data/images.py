@@ -34,6 +34,8 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS)
         raise
     except FileNotFoundError:
         raise DataError(f"{name}: file not found") from None
+    except Image.UnidentifiedImageError:  # its message names the file object: <_io.BytesIO object at 0x…>
+        raise DataError(f"{name}: not a readable image (unknown format, or not an image)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"{name}: not a readable image ({e})") from None
     return image

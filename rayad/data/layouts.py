@@ -27,9 +27,12 @@ class Row:
 
 
 def read_mvtec(root: Path, category: str, cfg: DataConfig) -> list[Row]:
-    """ROOT/<category>/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}."""
+    """ROOT/<category>/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}, and optionally
+    validation/good: held-out good images (as in MVTec AD 2), used instead of carving data.val_fraction."""
     base = _category_dir(root, category, required=("train/good", "test"))
     rows = [Row(str(p), "train", 0, "good") for p in list_images(base / "train" / "good")]
+    validation = base / "validation" / "good"
+    rows += [Row(str(p), "val", 0, "good") for p in list_images(validation)] if validation.is_dir() else []
     for defect_dir in sorted(d for d in (base / "test").iterdir() if d.is_dir()):
         defect = defect_dir.name
         for p in list_images(defect_dir):

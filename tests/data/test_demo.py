@@ -29,6 +29,7 @@ from rayad.data.layouts import detect_layout
 from rayad.data.manifest import build_manifest
 
 SMALL = {"n_train": 4, "n_test_good": 2, "n_per_defect": 1}
+GOOD = {"train": "train/good", "val": "validation/good", "test": "test/good"}  # where each split's good images are
 PHOTO = 512
 EIGHT = np.ones((3, 3))
 
@@ -100,6 +101,7 @@ def test_demo_writes_mvtec_layout(demo_root):
     for category in CATEGORIES:
         base = demo_root / category
         assert pngs(base / "train" / "good") == names(12)
+        assert pngs(base / "validation" / "good") == names(2)  # a fifth of the training images
         assert pngs(base / "test" / "good") == names(4)
         assert sorted(p.name for p in (base / "test").iterdir()) == sorted([*DEFECTS, "good"])
         for kind in DEFECTS:
@@ -110,7 +112,9 @@ def test_demo_writes_mvtec_layout(demo_root):
 def test_demo_is_a_valid_mvtec_dataset(demo_root):
     for category in CATEGORIES:
         assert detect_layout(demo_root, category) == "mvtec"
-        rows = build_manifest(demo_root, category, DataConfig(val_fraction=0.0)).to_pylist()
+        rows = build_manifest(demo_root, category, DataConfig()).to_pylist()
+        val = sorted(Path(r["path"]).name for r in rows if r["split"] == "val")
+        assert val == pngs(demo_root / category / "validation" / "good"), "validation/good is the val split"
         anomalous = [r for r in rows if r["label"] == 1]
         assert len(anomalous) == 2 * len(DEFECTS)
         assert {r["defect_type"] for r in anomalous} == set(DEFECTS)
@@ -121,7 +125,7 @@ def test_default_sizes_meet_the_benchmark_needs():
     defaults = {k: p.default for k, p in inspect.signature(make_demo_dataset).parameters.items()}
     assert defaults["n_test_good"] >= 60 and defaults["n_per_defect"] >= 25
     assert defaults["n_per_defect"] * len(DEFECTS) >= 150
-    assert round(DataConfig().val_fraction * defaults["n_train"]) >= 24  # good validation images
+    assert max(1, defaults["n_train"] // 5) >= 24 and defaults["n_val"] is None  # good validation images
 
 
 def test_demo_masks_nonempty_and_same_size(demo_root):
@@ -139,7 +143,7 @@ def test_demo_masks_nonempty_and_same_size(demo_root):
 def test_demo_same_seed_is_byte_identical(small, tmp_path):
     again = make_demo_dataset(tmp_path, seed=5, categories=("brick",), **SMALL)
     brick = files(again / "brick")
-    assert len(brick) == SMALL["n_train"] + SMALL["n_test_good"] + 2 * len(DEFECTS)
+    assert len(brick) == SMALL["n_train"] + 1 + SMALL["n_test_good"] + 2 * len(DEFECTS)
     assert brick == files(small / "brick")
 
 
@@ -154,23 +158,24 @@ def test_demo_different_seed_differs(small, demo_root):
 def test_tiles_are_disjoint_interleaved_and_hold_a_crop():
     assert CROP <= TILE and GRID * TILE <= PHOTO
     owner = np.full((PHOTO, PHOTO), "", dtype=object)
-    for split in ("train", "test"):
+    for split in GOOD:
         for top, left in tiles(split):
             assert (owner[top:top + TILE, left:left + TILE] == "").all()
             owner[top:top + TILE, left:left + TILE] = split
-        cells = [cell for cell, s in SPLIT_OF_TILE.items() if s == split]
-        # each split spans every row and every column of the grid: top, middle, bottom, left, centre, right
-        assert {r for r, _ in cells} == {c for _, c in cells} == set(range(GRID))
-    assert len(tiles("train")) + len(tiles("test")) == GRID * GRID
+    cells = {split: {cell for cell, s in SPLIT_OF_TILE.items() if s == split} for split in GOOD}
+    assert cells["train"] == {(0, 0), (0, 2), (2, 0), (2, 2)}  # the corners: top and bottom, left and right
+    assert cells["test"] == {(0, 1), (1, 0), (1, 2), (2, 1)}  # the edges between them
+    assert tiles("val") == [(TILE, TILE)]  # the centre
+    assert sum(len(tiles(split)) for split in GOOD) == GRID * GRID
 
 
 def test_good_crops_lie_inside_their_splits_tiles_and_share_no_pixel(demo_root):
     for category in CATEGORIES:
         covered = {}
         transforms = set()
-        for split in ("train", "test"):
+        for split, folder in GOOD.items():
             covered[split] = np.zeros((PHOTO, PHOTO), bool)
-            for path in sorted((demo_root / category / split / "good").glob("*.png")):
+            for path in sorted((demo_root / category / folder).glob("*.png")):
                 found = origins(category, read(path))
                 assert found, f"{path} is no flip or rotation of a crop of the {category} photo"
                 for (top, left), transform in found:
@@ -178,7 +183,8 @@ def test_good_crops_lie_inside_their_splits_tiles_and_share_no_pixel(demo_root):
                     assert transform in TRANSFORMS[category], (path, transform)
                     covered[split][top:top + CROP, left:left + CROP] = True
                     transforms.add(transform)
-        assert not (covered["train"] & covered["test"]).any()
+        for a, b in (("train", "test"), ("train", "val"), ("val", "test")):
+            assert not (covered[a] & covered[b]).any(), (category, a, b)
         assert len(transforms) > 2  # flipped and (but for brick) rotated, not just copied
 
 
@@ -195,10 +201,10 @@ def test_defects_are_painted_on_test_tiles(demo_root):
 def test_crops_cover_the_whole_photograph(tmp_path):
     root = make_demo_dataset(tmp_path, seed=1, n_train=10, n_test_good=8, n_per_defect=0, categories=("gravel",))
     used = set()
-    for split in ("train", "test"):
-        for path in sorted((root / "gravel" / split / "good").glob("*.png")):
+    for folder in GOOD.values():
+        for path in sorted((root / "gravel" / folder).glob("*.png")):
             used |= {tile_of(*where) for where, _ in origins("gravel", read(path))}
-    assert used == set(SPLIT_OF_TILE)  # every tile of both splits is used
+    assert used == set(SPLIT_OF_TILE)  # every tile of every split is used
 
 
 def _test_crop(photo: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from tiny import TINY_BASE
 
+from rayad.baselines import nearest_neighbour_metrics
 from rayad.demo import run_demo
 
 pytestmark = pytest.mark.slow
@@ -24,6 +25,8 @@ def test_demo_searches_keeps_the_best_model_and_summarises(ray_cluster, tiny_spa
     assert summary["brick"]["trials"] == 2 and summary["brick"]["image_auroc"] == test["image_auroc"]
     assert json.loads((tmp_path / "summary.json").read_text())["brick"]["aupro"] == test["aupro"]
     assert (tmp_path / "data" / "brick" / "train" / "good").is_dir()
+    assert "nn_image_auroc" in out  # the baseline is printed beside the model
+    assert summary["brick"]["nn_image_auroc"] == nearest_neighbour_metrics(tmp_path / "data", "brick")["image_auroc"]
 
     rows = pq.read_table(exp / "trials.parquet").to_pylist()
     before = _snapshot(exp)
