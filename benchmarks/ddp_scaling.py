@@ -54,8 +54,9 @@ def main() -> None:
     ray.shutdown()
     plain, one, many = (rows[k]["images_per_s"] for k in rows)
     machine = torch.cuda.get_device_name() if args.gpu else f"{platform.machine()}, {cpus} cores"
+    precision = ", ".join(f"{name}: {info['precision']} ({info['precision_reason']})" for name, info in rows.items())
     print(f"\nmachine: {machine}; {args.steps} steps, batch {cfg.train.batch_size} per worker, "
-          f"{threads} torch thread(s) per worker, image {cfg.data.image_size}²")
+          f"{threads} torch thread(s) per worker, image {cfg.data.image_size}²; precision {precision}")
     print("| run | images/s | s to first step |")
     print("|---|---|---|")
     for name, info in rows.items():

@@ -145,8 +145,10 @@ def main() -> None:
     served = serve_runs(run, paths[0].read_bytes(), args)
     plain, with_ray = batch_scoring(run, paths, work / "scores.parquet")
 
+    precision = Predictor.load(run, device="cpu").precision  # what the Predictor, replicas and actors score in
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; model: default SDC-CCM "
-          f"at 128², {THREADS} torch threads in the Predictor and the scorer replica; {args.ingress} ingress")
+          f"at 128², {THREADS} torch threads in the Predictor and the scorer replica; {args.ingress} ingress; "
+          f"scoring in {precision.precision} ({precision.reason})")
     print("\nraw Predictor images/s by batch size: " + ", ".join(f"{b}: {r:.1f}" for b, r in raw.items()))
     print(f"\n{'batching':<9}{'clients':>8}{'req/s':>8}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'n':>6}{'err':>5}"
           f"{'served/raw':>12}")

@@ -80,7 +80,7 @@ class Bench:
         return to_tensor(self.train.images[idx]).to(self.device)
 
     def train_rate(self, precision: str, seconds: float, model=None) -> float:
-        model = model or self.model
+        model = self.model if model is None else model
         model.train()
 
         def step():
@@ -90,7 +90,7 @@ class Bench:
         return timed_rate(step, self.batch_size, seconds)
 
     def infer_rate(self, precision: str, seconds: float, model=None) -> float:
-        model = model or self.model
+        model = self.model if model is None else model
         model.eval()
         x = self.batch().contiguous(memory_format=torch.channels_last)
 

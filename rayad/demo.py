@@ -52,14 +52,14 @@ def _previous(exp: Path) -> dict[str, Any] | None:
 
 def _summary_table(summary: dict[str, Any]) -> str:
     columns = ("validation", *METRIC_NAMES, "nn_image_auroc")
-    header = f"{'category':<10}{'trials':>7}" + "".join(f"{c:>13}" for c in columns) + f"{'seconds':>9}"
+    header = f"{'category':<10}{'trials':>7}" + "".join(f"{c:>15}" for c in columns) + f"{'seconds':>9}"
     lines = ["", "best model per category (validation: the search's objective; the rest: test split; "
              "nn_image_auroc: the raw-pixel nearest-neighbour baseline)", header, "-" * len(header)]
     for category, m in summary.items():
-        lines.append(f"{category:<10}{m['trials']:>7}" + "".join(f"{_fmt(m[c]):>13}" for c in columns)
+        lines.append(f"{category:<10}{m['trials']:>7}" + "".join(f"{_fmt(m[c]):>15}" for c in columns)
                      + f"{m['seconds']:>9.0f}")
     means = {c: sum(m[c] or 0 for m in summary.values()) / len(summary) for c in columns}
-    lines.append(f"{'mean':<10}{'':>7}" + "".join(f"{means[c]:>13.4f}" for c in columns))
+    lines.append(f"{'mean':<10}{'':>7}" + "".join(f"{means[c]:>15.4f}" for c in columns))
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Image AUROC, pixel AUROC, AUPRO and F1-max (DESIGN §1.5), overall and per defect type, with bootstrap
+"""Image AUROC, pixel AUROC, AUPRO and F1-max, overall and per defect type, with bootstrap
 confidence intervals for image and pixel AUROC."""
 
 from __future__ import annotations
