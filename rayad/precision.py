@@ -2,9 +2,10 @@
 
 `auto` picks bf16 on CUDA devices with native bf16 (Ampere and newer). On a CPU it picks bf16 only when
 the CPU has bf16 units (`avx512_bf16` or `amx_bf16`) and a short probe of this very network shows bf16
-faster than fp32; the probe's timings are cached per machine, torch version, thread count and network
-shape. A model artifact records the scoring precision it was calibrated in, and every consumer of it
-scores in that precision wherever the device runs it natively. See docs/design.md, "Precision".
+faster than fp32; the probe's timings are cached per CPU model, torch version and network shape (not
+thread count, so that every process on a machine decides alike). A model artifact records the scoring
+precision it was calibrated in, and every consumer of it scores in that precision wherever the device
+runs it natively. See docs/design.md, "Precision".
 """
 
 from __future__ import annotations
@@ -81,8 +82,7 @@ def resolve(requested: str, device: torch.device | str, probe: Callable[[], dict
         has_bf16 = cuda_bf16_native(device) if cuda_native is None else cuda_native
         return Choice("bf16", "CUDA device with native bf16") if has_bf16 else \
             Choice("fp32", "CUDA device without native bf16 (before Ampere)")
-    flags = cpu_info()[1] if cpu_flags is None else cpu_flags
-    if not flags & set(CPU_BF16_FLAGS):
+    if not native("bf16", device, cpu_flags):
         return Choice("fp32", f"CPU without bf16 units ({' / '.join(CPU_BF16_FLAGS)})")
     seconds = probe()
     faster = seconds["bf16"] < seconds["fp32"]
