@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +16,101 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rayad import __version__
-from rayad.config import Config
+from rayad.config import Config, DataConfig
 from rayad.data.dataset import ImageSet, to_tensor
 from rayad.data.images import load_image
-from rayad.errors import DataError, RayadError
+from rayad.errors import ArtifactError, ConfigError, DataError
 from rayad.inference import AnomalyModel
 from rayad.layout import METADATA, WEIGHTS
 from rayad.models import create_model
-from rayad.precision import Choice, native, probe_network, resolve
+from rayad.precision import Choice, default_device, native, probe_network, resolve
 from rayad.scoring import f1_threshold
 from rayad.settings import PREDICT_BATCH
 
 log = logging.getLogger(__name__)
+
+FORMAT = "rayad-model/1"  # model.json's "format"; an artifact of another format is refused
+MAX_WEIGHTS_HEADER = 16 * 2**20  # bytes of safetensors JSON header (the network's is a few kB)
+CALIBRATION = ("threshold", "score_mean", "score_std")  # AnomalyModel's buffers, set by calibration
+
+
+def load_model(run_dir: str | Path) -> tuple[AnomalyModel, Config, dict[str, Any]]:
+    """The calibrated model of an artifact folder, its config and metadata: the one loader, which checks
+    the format, keys, shapes, dtypes and finiteness and names the file at fault (ArtifactError)."""
+    run_dir = Path(run_dir)
+    weights, meta_path = run_dir / WEIGHTS, run_dir / METADATA
+    if not weights.is_file() or not meta_path.is_file():
+        raise ArtifactError(f"{run_dir}: not a rayad model (needs {WEIGHTS} and {METADATA}; train one with "
+                            "`rayad train`)")
+    metadata = read_metadata(meta_path)
+    try:
+        config = Config.from_dict(metadata["config"], str(meta_path))
+    except ConfigError as e:
+        raise ArtifactError(str(e)) from None
+    model = build_anomaly_model(config)
+    model.load_state_dict(read_weights(weights, model.state_dict()), strict=True)
+    if not math.isclose(float(model.threshold), metadata["threshold"], rel_tol=1e-6):
+        raise ArtifactError(f"{meta_path}: threshold {metadata['threshold']:.6g} disagrees with the one in "
+                            f"{WEIGHTS} ({float(model.threshold):.6g})")
+    return model, config, metadata
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """`model.json`, checked: a JSON object of this format whose config and calibration are usable."""
+    try:
+        metadata = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: corrupt metadata ({e})") from None
+    if not isinstance(metadata, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
+    if metadata.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: format {metadata.get('format')!r} is not {FORMAT!r}, the one this rayad "
+                            f"({__version__}) reads")
+    if not isinstance(metadata.get("config"), dict):
+        raise ArtifactError(f"{path}: no 'config' mapping")
+    normalization = metadata.get("normalization") if isinstance(metadata.get("normalization"), dict) else {}
+    for key, value in (("threshold", metadata.get("threshold")), *normalization.items()):
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise ArtifactError(f"{path}: {key} = {value!r} is not a finite number (is the model calibrated?)")
+    if set(normalization) != {"score_mean", "score_std"}:
+        raise ArtifactError(f"{path}: 'normalization' needs score_mean and score_std")
+    size = (metadata["config"].get("data") or {}).get("image_size", DataConfig.image_size)
+    if metadata.get("image_size") != size:
+        raise ArtifactError(f"{path}: image_size {metadata.get('image_size')!r} disagrees with the config's "
+                            f"data.image_size {size!r}")
+    return metadata
+
+
+def read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`model.safetensors`, checked against the state dict the config builds: same keys, shapes and dtypes,
+    finite values."""
+    try:
+        with path.open("rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+        if path.stat().st_size < 8 or header > min(path.stat().st_size - 8, MAX_WEIGHTS_HEADER):
+            raise ArtifactError(f"{path} is unreadable (truncated, or not a safetensors file)")
+        state = load_file(str(path))
+    except ArtifactError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own errors for every kind of damage
+        raise ArtifactError(f"{path} is unreadable (not a safetensors file: {type(e).__name__})") from None
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ArtifactError(f"{path}: does not match its model.json config (missing {missing[:3]}, "
+                            f"unexpected {extra[:3]})")
+    for key, tensor in state.items():
+        want = expected[key]
+        if tensor.shape != want.shape or tensor.dtype != want.dtype:
+            raise ArtifactError(f"{path}: {key} is {tuple(tensor.shape)} {tensor.dtype}, the config builds "
+                                f"{tuple(want.shape)} {want.dtype}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            what = "not calibrated" if key in CALIBRATION else "holds NaN or infinite values"
+            raise ArtifactError(f"{path}: {key} {what}")
+    return state
 
 
 def build_anomaly_model(config: Config) -> AnomalyModel:
@@ -42,7 +126,7 @@ def save_artifact(model: AnomalyModel, config: Config, out_dir: str | Path, extr
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {
-        "format": "rayad-model/1",
+        "format": FORMAT,
         "rayad_version": __version__,
         "config": config.to_dict(),
         "image_size": config.data.image_size,
@@ -124,19 +208,8 @@ class Predictor:
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | None = None, precision: str | None = None) -> Predictor:
-        run_dir = Path(run_dir)
-        weights, meta_path = run_dir / WEIGHTS, run_dir / METADATA
-        if not weights.is_file() or not meta_path.is_file():
-            raise RayadError(f"{run_dir}: not a rayad model (needs {WEIGHTS} and {METADATA}; train one with "
-                             "`rayad train`)")
-        try:
-            metadata = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise RayadError(f"{meta_path}: corrupt metadata ({e})") from None
-        config = Config.from_dict(metadata["config"], str(meta_path))
-        model = build_anomaly_model(config)
-        model.load_state_dict(load_file(str(weights)), strict=True)
-        return cls(model, config, metadata, device or ("cuda" if torch.cuda.is_available() else "cpu"), precision)
+        model, config, metadata = load_model(run_dir)
+        return cls(model, config, metadata, device or str(default_device()), precision)
 
     @property
     def image_size(self) -> int:

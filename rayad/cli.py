@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -66,13 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (URIs with --ray)")
     predict.add_argument("--input", dest="inputs", action="append", default=[], metavar="DIR_OR_URI",
                          help="more inputs, e.g. s3://bucket/images/ (repeatable)")
-    predict.add_argument("--out", type=Path, help="write one row per image to this Parquet file")
-    predict.add_argument("--heatmaps", type=Path, help="write a heatmap PNG per image to this folder")
+    predict.add_argument("--out", help="write one row per image to this Parquet file (with --ray: a folder or "
+                         "URI that gets a Parquet dataset)")
+    predict.add_argument("--heatmaps", help="write a heatmap PNG per image to this folder (or URI, with --ray)")
     predict.add_argument("--batch-size", type=int, default=PREDICT_BATCH)
     offline = predict.add_argument_group("offline batch scoring on Ray Data (--ray)")
     offline.add_argument("--ray", action="store_true", help="stream the images through a Ray Data actor pool")
     offline.add_argument("--actors", type=int, help="scoring actors (default: as many as the cluster's CPUs hold)")
     offline.add_argument("--cpus-per-actor", type=float, default=1.0)
+    offline.add_argument("--gpus-per-actor", type=float, default=0.0,
+                         help="GPUs each actor reserves (fractions share one); the pool is then sized by GPUs")
     offline.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     predict.set_defaults(func=cmd_predict)
 
@@ -95,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
                      help="larger images are refused with 413 before they are decoded")
     srv.add_argument("--replica-cpus", type=float, default=defaults.replica_cpus)
+    srv.add_argument("--replica-gpus", type=float, default=defaults.replica_gpus,
+                     help="GPUs each scorer replica reserves (0.5: two replicas per GPU); it scores on cuda then")
     srv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     srv.add_argument("--ingress", choices=["python", "haproxy"], default="python",
                      help="HTTP path: Ray's Python proxy (default), or Ray 2.60's experimental HAProxy ingress "
@@ -250,16 +256,22 @@ def cmd_predict(args) -> None:
         from rayad.predict import predict_with_ray
 
         if args.out is None:
-            raise RayadError("--ray writes its rows to --out FILE.parquet")
+            raise RayadError("--ray writes its rows to --out FOLDER_OR_URI (a Parquet dataset)")
+        if args.cpus_per_actor < 0 or args.gpus_per_actor < 0 or args.cpus_per_actor + args.gpus_per_actor == 0:
+            raise RayadError("--cpus-per-actor and --gpus-per-actor must be >= 0, and not both 0")
         connect(args.address)
         count = predict_with_ray(args.run, inputs, args.out, args.heatmaps, args.batch_size, args.actors,
-                                 args.cpus_per_actor)
+                                 args.cpus_per_actor, args.gpus_per_actor)
         print(f"wrote {count} rows to {args.out}")
         return
     from rayad.predict import predict_paths
 
     _torch_threads()
-    table = predict_paths(args.run, [Path(p) for p in inputs], args.out, args.heatmaps, args.batch_size)
+    remote = [o for o in (args.out, args.heatmaps, *inputs) if o and "://" in o]
+    if remote:
+        raise RayadError(f"{remote[0]}: URIs need --ray (the single-process path reads and writes local files)")
+    table = predict_paths(args.run, [Path(p) for p in inputs], args.out and Path(args.out), args.heatmaps,
+                          args.batch_size)
     for row in table.to_pylist():
         status = row["error"] or ("anomalous" if row["label"] else "good")
         score = "-" if row["score"] is None else f"{row['score']:.6g}"
@@ -269,7 +281,6 @@ def cmd_predict(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    import os
     import time
 
     from rayad.cluster import connect
@@ -278,11 +289,13 @@ def cmd_serve(args) -> None:
     low, high = (args.replicas, args.replicas) if args.replicas else (args.min_replicas, args.max_replicas)
     if low < 1 or high < low:
         raise RayadError(f"replicas: need 1 <= min ({low}) <= max ({high})")
+    if args.replica_cpus < 0 or args.replica_gpus < 0:
+        raise RayadError("--replica-cpus and --replica-gpus must be >= 0")
     settings = ServeSettings(models=discover_models(args.run), min_replicas=low, max_replicas=high,
                              target_ongoing_requests=args.target_ongoing, max_batch_size=args.max_batch_size,
                              batch_wait_s=args.batch_wait_ms / 1000, max_queued_requests=args.max_queued,
                              max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
-                             replica_cpus=args.replica_cpus,
+                             replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
                              api_key=os.environ.get("RAYAD_API_KEY") or None)
     address = use_haproxy_ingress(args.address) if args.ingress == "haproxy" else args.address
     connect(address)
@@ -340,10 +353,38 @@ def cmd_dashboard(args) -> None:
     run_dashboard(args.runs, args.host, args.port, args.serve_url)
 
 
+# The paths each command writes: flag -> True for a folder, False for a file.
+OUTPUTS = {"data": {"out": True}, "train": {"out": True}, "evaluate": {"json": False},
+           "predict": {"out": False, "heatmaps": True}, "export": {"out": True}, "tune": {"out": True},
+           "demo": {"out": True}}
+
+
+def check_outputs(args) -> None:
+    """Fail before any work when an output path cannot be written: a file stands where a folder must be
+    created, or a folder where the file goes."""
+    outputs = OUTPUTS.get(args.command, {})
+    if getattr(args, "ray", False):
+        outputs = {**outputs, "out": True}  # predict --ray writes a Parquet dataset: a folder
+    for flag, folder in outputs.items():
+        path = getattr(args, flag, None)
+        if path is None or "://" in str(path):
+            continue
+        path = Path(path)
+        for part in ([path] if folder else []) + list(path.parents):
+            if part.exists() and not part.is_dir():
+                raise RayadError(f"--{flag} {path}: {part} is a file, not a folder")
+        if not folder and path.is_dir():
+            raise RayadError(f"--{flag} {path}: is a folder; give a file name")
+        existing = next(part for part in [path, *path.parents] if part.exists())
+        if not os.access(existing, os.W_OK):
+            raise RayadError(f"--{flag} {path}: {existing} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
+        check_outputs(args)
         args.func(args)
     except RayadError as e:
         print(f"rayad {args.command}: error: {_one_line(str(e))}", file=sys.stderr)

@@ -126,6 +126,13 @@ class TrainConfig:
         _check_range("train.checkpoint_every", self.checkpoint_every, 1, 10**8)
         _check_range("train.log_every", self.log_every, 1, 10**8)
         _check_range("train.ssim_weight", self.ssim_weight, 0.0, 100.0)
+        _check_range("train.weight_decay", self.weight_decay, 0.0, 10.0)
+        _check_range("train.warmup_steps", self.warmup_steps, 0, 10**8)
+        _check_range("train.grad_clip", self.grad_clip, 0.0, 10**6)
+        _check_range("train.w_corrupt", self.w_corrupt, 0.0, 100.0)
+        _check_range("train.w_clean", self.w_clean, 0.0, 100.0)
+        if self.num_threads is not None:
+            _check_range("train.num_threads", self.num_threads, 1, 4096)
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,7 @@ class ScoringConfig:
     """Anomaly maps, image scores and threshold calibration."""
 
     sigma: float = 2.0  # Gaussian smoothing of the residual map, in input pixels (chosen on validation)
+    map: Literal["l2", "msgms"] = "l2"  # squared residual, or multi-scale gradient-magnitude dissimilarity
     image_score: Literal["max", "topk"] = "max"
     topk: float = 0.01  # fraction of pixels averaged when image_score="topk"
     threshold_quantile: float = 0.99  # quantile of validation good scores
@@ -152,6 +160,16 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
+    def __post_init__(self):
+        # The sdc encoder halves the input once per model.widths level (a timm encoder checks at its first batch).
+        reduction = 2 ** self.model.depth
+        if self.model.encoder == "sdc" and self.data.image_size % reduction:
+            size = self.data.image_size
+            near = sorted({max(reduction, size // reduction * reduction), (size // reduction + 1) * reduction})
+            raise ConfigError(f"data.image_size = {size} must be a multiple of {reduction} (the encoder halves "
+                              f"it once per model.widths level, {self.model.depth} levels); "
+                              f"try {' or '.join(map(str, near))}")
+
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
@@ -165,7 +183,11 @@ class Config:
         unknown = set(raw) - set(sections)
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; valid: {sorted(sections)}")
-        return cls(**{name: _build_section(tp, raw.get(name) or {}, name, source) for name, tp in sections.items()})
+        built = {name: _build_section(tp, raw.get(name) or {}, name, source) for name, tp in sections.items()}
+        try:
+            return cls(**built)
+        except ConfigError as e:  # a rule across sections
+            raise ConfigError(f"{source}: {e}") from None
 
     def replace(self, overrides: dict[str, Any], source: str = "--set") -> Config:
         """A copy with dotted-key overrides such as {"train.steps": 100}."""
@@ -178,18 +200,26 @@ class Config:
         return Config.from_dict(raw, source)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Load a YAML config (or the defaults) and apply `key=value` overrides."""
-    config = Config()
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
+                defaults: dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply `key=value` overrides. `defaults` (dotted keys, such
+    as a search space's fixed values) replace rayad's own defaults: the file and the overrides win over them."""
+    raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config ({e.strerror})") from e
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
-        config = Config.from_dict(raw, str(path))
+    config = Config.from_dict(raw, str(path or "config"))
+    if defaults:
+        in_file = {f"{section}.{key}" for section, keys in _migrate(raw).items() if isinstance(keys, dict)
+                   for key in keys}
+        config = config.replace({k: v for k, v in defaults.items() if k not in in_file}, "defaults")
     if overrides:
         if isinstance(overrides, list):
             overrides = parse_overrides(overrides)

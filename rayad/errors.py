@@ -11,3 +11,7 @@ class ConfigError(RayadError):
 
 class DataError(RayadError):
     """Missing, empty, corrupt or inconsistent data."""
+
+
+class ArtifactError(RayadError):
+    """A model artifact that cannot be used (missing, corrupt, inconsistent); the message names the file."""

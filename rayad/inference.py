@@ -39,7 +39,7 @@ class AnomalyModel(nn.Module):
         """Score a float batch in [0, 1]; the network runs in `precision`, the map and score in fp32."""
         with autocast(precision, x.device):
             reconstruction = self.network(x)
-        maps = anomaly_map(x, reconstruction, self.scoring.sigma)
+        maps = anomaly_map(x, reconstruction, self.scoring.sigma, self.scoring.map)
         return InferenceBatch(image_score(maps, self.scoring.image_score, self.scoring.topk), maps[:, 0],
                               reconstruction)
 

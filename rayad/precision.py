@@ -64,6 +64,18 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return fields.get("model name", platform.machine()), frozenset(fields.get("flags", "").split())
 
 
+def default_device() -> torch.device:
+    """This process's device: in a Ray task or actor, cuda only when Ray reserved a GPU for it (an actor
+    without one must not take memory on a GPU it was not given); elsewhere cuda when one is visible."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        return torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    return torch.device("cuda")
+
+
 def cuda_bf16_native(device: torch.device) -> bool:
     """bf16 convolutions and matmuls run natively from compute capability 8.0 (Ampere)."""
     return torch.cuda.get_device_capability(device)[0] >= 8

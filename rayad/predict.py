@@ -1,17 +1,20 @@
 """`rayad predict`: score files and folders, write a Parquet table and optional heatmaps.
 
-In one process, or (`--ray`) streamed through Ray Data: files are read as bytes, an actor pool holding the
-`Predictor` scores them in batches, and the driver writes the rows to one Parquet file as they arrive.
-Both paths score through `Predictor.predict_files`, so they give the same rows.
+In one process (one Parquet file), or (`--ray`) streamed through Ray Data: files are read as bytes, an
+actor pool holding the `Predictor` scores them in batches, and Ray Data's workers write the rows as a
+Parquet dataset (a folder or URI). Both paths score through `Predictor.predict_files`, so they give the
+same rows.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -39,7 +42,7 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     return out
 
 
-def predict_paths(run: str | Path, paths: list[Path], out: Path | None = None, heatmaps: Path | None = None,
+def predict_paths(run: str | Path, paths: list[Path], out: Path | None = None, heatmaps: str | None = None,
                   batch_size: int = PREDICT_BATCH) -> pa.Table:
     """One row per image (path, score, normalized_score, label, heatmap, error); bad files get an error."""
     predictor = Predictor.load(run)
@@ -62,7 +65,7 @@ def _read(path: Path) -> bytes | DataError:
         return DataError(f"{path}: cannot read ({e.strerror})")
 
 
-def score_rows(predictor: Predictor, names: list[str], contents: list[bytes | DataError], heatmaps: Path | None
+def score_rows(predictor: Predictor, names: list[str], contents: list[bytes | DataError], heatmaps: str | None
                ) -> list[dict]:
     """Rows for a batch of encoded images (a DataError in `contents` was met while reading the file)."""
     readable = [i for i, c in enumerate(contents) if not isinstance(c, DataError)]
@@ -83,14 +86,25 @@ def score_rows(predictor: Predictor, names: list[str], contents: list[bytes | Da
     return rows
 
 
-def _write_heatmap(folder: Path, name: str, content: bytes, anomaly_map: np.ndarray, threshold: float) -> str:
-    """A heatmap PNG at the image's own size, named after the image and a hash of its full path (so that
-    images with the same name in different folders, or scored by different workers, never collide)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    target = folder / f"{Path(name).stem}_{digest}_heatmap.png"
-    heatmap_image(anomaly_map, threshold, decode_image(content).size).save(target)
-    return str(target)
+def _write_heatmap(folder: str | Path, name: str, content: bytes, anomaly_map: np.ndarray, threshold: float
+                   ) -> str:
+    """A heatmap PNG at the image's own size in `folder` (a path, or a pyarrow filesystem URI such as
+    s3://bucket/heatmaps), named after the image and a hash of its full path (so that images with the same
+    name in different folders, or scored by different workers, never collide); returns where it went."""
+    location = _absolute(folder)
+    filesystem, base = pafs.FileSystem.from_uri(location)
+    filesystem.create_dir(base, recursive=True)
+    name_part = f"{Path(name).stem}_{hashlib.sha1(name.encode()).hexdigest()[:8]}_heatmap.png"
+    buffer = io.BytesIO()
+    heatmap_image(anomaly_map, threshold, decode_image(content).size).save(buffer, format="PNG")
+    with filesystem.open_output_stream(f"{base.rstrip('/')}/{name_part}") as stream:
+        stream.write(buffer.getvalue())
+    return f"{location.rstrip('/')}/{name_part}"
+
+
+def _absolute(location: str | Path) -> str:
+    """A URI as given; a local path made absolute (pyarrow's filesystems want absolute paths)."""
+    return str(location) if "://" in str(location) else str(Path(location).absolute())
 
 
 class ScoringActor:
@@ -98,18 +112,20 @@ class ScoringActor:
 
     def __init__(self, run_dir: str, heatmaps: str | None, threads: int):
         torch.set_num_threads(threads)
-        self.predictor = Predictor.load(run_dir)
-        self.heatmaps = Path(heatmaps) if heatmaps else None
+        self.predictor = Predictor.load(run_dir)  # on cuda only when Ray reserved a GPU for this actor
+        self.heatmaps = heatmaps
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = score_rows(self.predictor, [str(p) for p in batch["path"]], list(batch["bytes"]), self.heatmaps)
         return {name: [row[name] for row in rows] for name in SCHEMA.names}
 
 
-def predict_with_ray(run: str | Path, inputs: list[str], out: Path, heatmaps: Path | None = None,
-                     batch_size: int = PREDICT_BATCH, actors: int | None = None, cpus_per_actor: float = 1.0) -> int:
-    """Stream `inputs` (local files and folders, or URIs such as s3://bucket/images/) through an actor pool
-    and write one Parquet file; returns the row count. Every node must reach the inputs and the run."""
+def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str | None = None,
+                     batch_size: int = PREDICT_BATCH, actors: int | None = None, cpus_per_actor: float = 1.0,
+                     gpus_per_actor: float = 0.0) -> int:
+    """Stream `inputs` (local files and folders, or URIs such as s3://bucket/images/) through an actor pool;
+    Ray Data's workers write the rows as Parquet files into `out` (a folder or a pyarrow filesystem URI),
+    never through the driver. Returns the row count. Every node must reach the inputs, the run and `out`."""
     import ray
 
     local = [str(p) for p in expand_paths([Path(i) for i in inputs if "://" not in i])]
@@ -118,18 +134,29 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: Path, heatmaps: Pa
         raise DataError(f"no images in {inputs}")
     dataset = ray.data.read_binary_files(local + remote, include_paths=True, num_cpus=READ_CPUS,
                                          file_extensions=[s.lstrip(".") for s in IMAGE_SUFFIXES])
-    free = ray.cluster_resources().get("CPU", 1) - READ_CPUS  # leave room for the read tasks, or they starve
-    pool = actors or max(1, int(free // cpus_per_actor))
     scored = dataset.map_batches(
         ScoringActor, batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+        num_gpus=gpus_per_actor or None,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors or pool_size(cpus_per_actor, gpus_per_actor)),
         fn_constructor_kwargs={"run_dir": str(Path(run).absolute()),
-                               "heatmaps": str(heatmaps.absolute()) if heatmaps else None,
+                               "heatmaps": _absolute(heatmaps) if heatmaps else None,
                                "threads": max(1, int(cpus_per_actor))})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with pq.ParquetWriter(out, SCHEMA) as writer:
-        for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.write_table(batch.select(SCHEMA.names).cast(SCHEMA))
-            count += batch.num_rows
-    return count
+    scored.map_batches(_to_schema, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS
+                       ).write_parquet(_absolute(out))
+    return ray.data.read_parquet(_absolute(out)).count()
+
+
+def pool_size(cpus_per_actor: float, gpus_per_actor: float = 0.0) -> int:
+    """How many scoring actors the cluster holds: by its GPUs when the actors ask for GPUs, and by its CPUs
+    (leaving room for the read tasks, or they starve)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    fits = [int((resources.get("CPU", 1) - READ_CPUS) // cpus_per_actor)] if cpus_per_actor else []
+    if gpus_per_actor:
+        fits.append(int(resources.get("GPU", 0) // gpus_per_actor))
+    return max(1, min(fits, default=1))
+
+
+def _to_schema(batch: pa.Table) -> pa.Table:
+    return batch.select(SCHEMA.names).cast(SCHEMA)

@@ -7,6 +7,7 @@ the problem on that experiment and go on with the others. Nothing here writes.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,25 +188,16 @@ class TestResults:
 def load_model(exp_dir: Path, device: str = "cpu"):
     """The experiment's best model as a `rayad.artifact.Predictor`; StoreError naming the file when it is
     missing, corrupt or does not match its metadata."""
-    from safetensors import SafetensorError
-
     from rayad.artifact import Predictor  # torch: only for the pages that score
 
     run = exp_dir / BEST
     for file in (WEIGHTS, METADATA):
         if not (run / file).is_file():
             raise StoreError(f"{BEST}/{file} is missing")
-    read_json(run / METADATA)  # unreadable or not an object: named as such
     try:
         return Predictor.load(run, device=device)
-    except RayadError as e:  # names the file already
-        raise StoreError(str(e)) from None
-    except SafetensorError as e:  # truncated, empty or not safetensors
-        raise StoreError(f"{BEST}/{WEIGHTS} is unreadable ({_root_cause(e)})") from None
-    except Exception as e:  # noqa: BLE001 - torch and the config raise many types for weights that do not fit
-        detail = " ".join(str(e).split())
-        raise StoreError(f"{BEST}/{WEIGHTS} does not load into the model of {BEST}/{METADATA} "
-                         f"({type(e).__name__}: {detail[:300]})") from None
+    except RayadError as e:  # the loader names the file and what is wrong with it
+        raise StoreError(str(e).replace(f"{run}{os.sep}", f"{BEST}/")) from None
 
 
 def read_test_results(exp_dir: Path) -> TestResults:

@@ -88,6 +88,7 @@ class ServeSettings:
     target_ongoing_requests: float = 8.0
     max_queued_requests: int = 64  # per scorer replica; beyond it requests get 503 at once
     replica_cpus: float = 1.0
+    replica_gpus: float = 0.0  # GPUs each scorer replica reserves (fractions share one); cuda only then
     ingress_cpus: float = 0.0
     max_upload_mb: float = 20.0
     max_pixels: int = MAX_IMAGE_PIXELS

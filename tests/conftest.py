@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import TINY, TINY_BASE
+from tiny import SEARCH_STEPS, TINY, TINY_BASE
 
 from rayad.config import Config, load_config
 from rayad.data.demo import make_demo_dataset
@@ -77,12 +77,13 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def tiny_experiment(ray_cluster, demo_root, tiny_space, tmp_path_factory):
-    """A real search on the test cluster: 4 trials of the tiny space on brick, two objectives; returns
+    """A real search on the test cluster: 4 trials of the tiny space on brick at SEARCH_STEPS, two objectives; returns
     (experiment dir, the record `run_search` returned)."""
     from rayad.tune import SearchSettings, run_search
 
     exp = tmp_path_factory.mktemp("exp") / "brick-tiny"
+    # --set of a value the space fixes (train.steps: 6) wins over it in every trial
     settings = SearchSettings(data_root=str(demo_root), category="brick", space=str(tiny_space), trials=4,
-                              overrides=TINY_BASE, search_seed=0, metric=("val_image_auroc", "val_aupro"),
-                              mode=("max", "max"))
+                              overrides={**TINY_BASE, "train.steps": SEARCH_STEPS}, search_seed=0,
+                              metric=("val_image_auroc", "val_aupro"), mode=("max", "max"))
     return exp, run_search(settings, exp, verbose=0)

@@ -65,3 +65,15 @@ def test_evaluate_names_a_bad_test_image_without_suggesting_a_flag_it_lacks(trai
     err = capsys.readouterr().err  # one line; the full list, with the hint, is logged
     assert str(bad) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "fix or remove them" in caplog.text and "on_bad_image" not in caplog.text + err
+
+
+def test_the_same_picture_scores_the_same_with_8_or_16_bits(trained_run, demo_root, tmp_path):
+    from PIL import Image
+
+    path = list_images(demo_root / "brick" / "test" / "good")[0]
+    gray = np.asarray(Image.open(path).convert("L"))
+    Image.fromarray(gray).save(tmp_path / "8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16.png")
+    assert Image.open(tmp_path / "16.png").mode == "I;16"
+    preds, errors = Predictor.load(trained_run).predict_files([tmp_path / "8.png", tmp_path / "16.png"])
+    assert errors == [None, None] and preds.scores[0] == preds.scores[1]

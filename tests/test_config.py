@@ -45,3 +45,19 @@ def test_bad_override(item):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_file_and_overrides_win_over_given_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {steps: 40}\n")
+    defaults = {"train.steps": 300, "train.checkpoint_every": 75, "train.lr": 1e-3}
+    cfg = load_config(path, {"train.lr": 5e-3}, defaults=defaults)
+    assert (cfg.train.steps, cfg.train.checkpoint_every, cfg.train.lr) == (40, 75, 5e-3)
+    assert load_config(defaults=defaults).train.steps == 300
+
+
+def test_config_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"train: {steps: \xff\xfe}\n")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        load_config(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,11 +19,12 @@ def test_ray_data_scoring_matches_single_process(ray_cluster, trained_run, demo_
     images = tmp_path / "images"
     shutil.copytree(demo_root / "brick" / "test", images)
     (images / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    out = tmp_path / "scores.parquet"
-    code = main(["predict", "--run", str(trained_run), "--ray", "--input", str(images), "--out", str(out),
+    out = tmp_path / "scores"  # written by Ray Data's workers, as a URI (any pyarrow filesystem)
+    code = main(["predict", "--run", str(trained_run), "--ray", "--input", str(images), "--out", f"file://{out}",
                  "--heatmaps", str(tmp_path / "heat"), "--actors", "2", "--cpus-per-actor", "0.5",
                  "--batch-size", "4"])
     assert code == 0 and "wrote" in capsys.readouterr().out
+    assert list(out.glob("*.parquet"))
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
     plain = {r["path"]: r for r in predict_paths(trained_run, [images]).to_pylist()}
     n_images = 4 + 2 * len(DEFECTS)  # the demo_root fixture's brick test split
@@ -33,6 +35,7 @@ def test_ray_data_scoring_matches_single_process(ray_cluster, trained_run, demo_
             continue
         assert row["score"] == pytest.approx(plain[path]["score"], abs=1e-6)
         assert row["label"] == plain[path]["label"] and row["heatmap"].endswith("_heatmap.png")
+        assert Path(row["heatmap"]).is_file()
     assert len(list((tmp_path / "heat").glob("*.png"))) == n_images
 
 

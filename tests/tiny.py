@@ -16,3 +16,5 @@ TINY = {
 TINY_BASE = {k: v for k, v in TINY.items() if k not in ("train.steps", "train.checkpoint_every", "train.log_every")}
 
 TINY_ARGS = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+
+SEARCH_STEPS = 4  # the tiny experiment's --set train.steps, under the tiny space's fixed 6

@@ -60,12 +60,11 @@ def load_split(manifest: pa.Table, split: str, size: int, on_bad_image: str = "e
     rows = split_rows(manifest, split)
     has_masks = any(m is not None for m in rows["mask_path"].to_pylist())
     path = cache_dir() / f"{_cache_key(rows, size, max_pixels)}.npz"
-    if path.is_file():
-        with np.load(path) as cached:
-            images, masks, errors = cached["images"], cached["masks"], cached["errors"].tolist()
-    else:
-        images, masks, errors = _decode_all(rows, size, max_pixels)
-        _write_cache(path, images, masks, errors)
+    cached = _read_cache(path, len(rows))
+    if cached is None:
+        cached = _decode_all(rows, size, max_pixels)
+        _write_cache(path, *cached)
+    images, masks, errors = cached
     keep = np.array([not e for e in errors], dtype=bool)
     if not keep.all():
         listed = "\n  ".join(e for e in errors if e)
@@ -97,12 +96,29 @@ def _decode_all(rows: pa.Table, size: int, max_pixels: int) -> tuple[np.ndarray,
 
 
 def _cache_key(rows: pa.Table, size: int, max_pixels: int) -> str:
-    """Changes when any path, file size or modification time changes, or the image size or pixel limit does."""
-    h = hashlib.sha1(f"v2:{size}:{max_pixels}".encode())
+    """Changes when any path, file size or modification time changes, or the image size or pixel limit does
+    (the version changes with the conversion rule of `rayad.data.images.to_rgb_array`)."""
+    h = hashlib.sha1(f"v3:{size}:{max_pixels}".encode())
     for p in rows["path"].to_pylist() + [m or "" for m in rows["mask_path"].to_pylist()]:
         stat = os.stat(p) if p and os.path.exists(p) else None
         h.update(f"{p}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}\n".encode())
     return h.hexdigest()[:20]
+
+
+def _read_cache(path: Path, count: int) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """The cached split, or None when it is missing or unreadable (truncated, corrupt: decoded again)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as cached:
+            images, masks, errors = cached["images"], cached["masks"], cached["errors"].tolist()
+    except Exception as e:  # noqa: BLE001 - a damaged file raises zipfile, OS or value errors
+        log.warning("image cache %s is unreadable (%s); decoding the images again", path, e)
+        return None
+    if not len(images) == len(masks) == len(errors) == count:
+        log.warning("image cache %s does not match its split; decoding the images again", path)
+        return None
+    return images, masks, errors
 
 
 def _write_cache(path: Path, images: np.ndarray, masks: np.ndarray, errors: list[str]) -> None:

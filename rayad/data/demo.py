@@ -1,12 +1,14 @@
 """Demo dataset in the MVTec AD layout, cut from the real texture photographs that scikit-image ships.
 
-Each 512² photograph is split into a 3 x 3 grid of 170 px tiles: train takes the four corners, test the four
-edge tiles (a checkerboard, so that both span the photograph's top, middle and bottom, left and right), and
-validation the centre, written to `validation/good` (the MVTec AD 2 convention, which rayad's mvtec layout
-reads as the validation split). Every 128² crop lies inside one tile of its split: no two splits share a
-pixel, so held-out good images are as unseen as test images, as on a production line. Crops are flipped and rotated by
-multiples of 90° where the material allows it (`TRANSFORMS`). Test defects are painted by
-`rayad.data.defects`, every kind `n_per_defect` times.
+Each 512² photograph is split into 8 tiles of 256 rows x 128 columns (two rows of four), interleaved so
+that every split holds tiles in the top and the bottom half and in two different columns: train four
+tiles, validation two (written to `validation/good`, the MVTec AD 2 convention, which rayad's mvtec
+layout reads as the validation split) and test two. The photographs are not stationary (gravel's stones
+grow from top to bottom with the perspective), so a split confined to one region of the photograph
+would measure that region, not the method. Every 128² crop lies inside one tile of its split: no two
+splits share a pixel, so held-out good images are as unseen as test images, as on a production line.
+Crops are flipped and rotated by multiples of 90° where the material allows it (`TRANSFORMS`). Test
+defects are painted by `rayad.data.defects`, every kind `n_per_defect` times.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from rayad.data.defects import DEFECTS, paint_defect
 
 CATEGORIES = ("brick", "grass", "gravel")
 CROP = 128
-TILE = 170  # 3 x 3 tiles cover 510 of the photographs' 512 rows and columns
-GRID = 3
-SPLIT_OF_TILE = {(r, c): "val" if (r, c) == (1, 1) else "train" if (r + c) % 2 == 0 else "test"
-                 for r in range(GRID) for c in range(GRID)}
+TILE = (256, 128)  # rows, columns: 2 x 4 tiles cover the 512² photographs
+LAYOUT = (("train", "val", "train", "test"),  # top half, left to right
+          ("test", "train", "val", "train"))  # bottom half
+SPLIT_OF_TILE = {(r, c): split for r, row in enumerate(LAYOUT) for c, split in enumerate(row)}
 
 # (quarter turns, left-right flip). Brick courses run one way in its photograph: flips only, no 90° turns.
 DIHEDRAL = tuple((k, flip) for k in range(4) for flip in (False, True))
@@ -65,14 +67,14 @@ def make_demo_dataset(out: str | Path, seed: int = 0, n_train: int = 240, n_test
 
 def tiles(split: str) -> list[tuple[int, int]]:
     """(top, left) of the tiles of `split`."""
-    return [(r * TILE, c * TILE) for (r, c), s in SPLIT_OF_TILE.items() if s == split]
+    return [(r * TILE[0], c * TILE[1]) for (r, c), s in SPLIT_OF_TILE.items() if s == split]
 
 
 def _crops(photo: np.ndarray, split: str, transforms, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Endless random crops inside the tiles of `split`, visiting its tiles in turn, each flipped and
     rotated by a random one of `transforms`."""
     for tile_top, tile_left in itertools.cycle(tiles(split)):
-        top, left = (int(v) for v in rng.integers(0, TILE - CROP + 1, 2))
+        top, left = (int(rng.integers(0, size - CROP + 1)) for size in TILE)
         crop = photo[tile_top + top:tile_top + top + CROP, tile_left + left:tile_left + left + CROP]
         turns, flip = transforms[int(rng.integers(len(transforms)))]
         crop = np.rot90(crop, turns)

@@ -43,8 +43,8 @@ class SDCCCM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         if h % self.reduction or w % self.reduction:
-            raise ValueError(f"input size {h}x{w} must be divisible by {self.reduction} (the encoder's "
-                             "total downsampling); pick data.image_size accordingly")
+            raise ConfigError(f"input size {h}x{w} must be divisible by {self.reduction} (the encoder's "
+                              "total downsampling); pick data.image_size accordingly")
         features = self.encoder(x)
         d = self.bottleneck(features[-1])
         for i in reversed(range(len(features) - 1)):

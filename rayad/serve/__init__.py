@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 from ray import serve
 
@@ -30,7 +33,21 @@ def use_haproxy_ingress(address: str | None) -> str:
                              + " ".join(f"{k}={v}" for k, v in HAPROXY_INGRESS_ENV.items()))
         return address
     os.environ.update(HAPROXY_INGRESS_ENV)
+    os.environ.update(private_haproxy_state())
     return "local"
+
+
+def private_haproxy_state() -> dict[str, str]:
+    """Where HAProxy keeps its config, state and sockets: a new folder only this user can enter (mode 700).
+    Ray's template creates the admin socket with mode 666 and admin level; in /tmp/haproxy-serve, Ray's
+    default, any local user could use it to redirect traffic. Removed when this process exits."""
+    folder = tempfile.mkdtemp(prefix="rayad-haproxy-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{folder}/metrics.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state"}
 
 
 def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_PORT, proxy_location: str = "HeadOnly"

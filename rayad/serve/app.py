@@ -31,15 +31,15 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as StarletteRequest
 
 from rayad import __version__, layout
-from rayad.artifact import Predictor
+from rayad.artifact import Predictor, load_model, read_metadata
 from rayad.data.images import ImageTooLarge, load_image
-from rayad.errors import DataError, RayadError
+from rayad.errors import ArtifactError, DataError, RayadError
 from rayad.layout import BEST, METADATA, METRIC_NAMES, TEST_METRICS, WEIGHTS
 from rayad.settings import ServeSettings
 from rayad.visualize import heatmap_image
@@ -56,18 +56,34 @@ def _client_message(message: str) -> str:
 
 
 def discover_models(path: str | Path) -> dict[str, str]:
-    """Models under `path` (see `rayad.layout.discover_models`); an error when there is none."""
+    """The usable models under `path` (see `rayad.layout.discover_models`); an error when there is none."""
     models = layout.discover_models(path)
     if not models:
         raise RayadError(f"{path}: no model found (a run with {METADATA}, an experiment with {BEST}/{METADATA}, "
                          "or a folder of those)")
-    return models
+    return usable_models(models)
+
+
+def usable_models(models: dict[str, str]) -> dict[str, str]:
+    """The models whose artifacts load (`rayad.artifact.load_model` checks them); each broken one is
+    logged and left out, so that one bad artifact never stops the others from being served."""
+    usable, broken = {}, []
+    for name, run in models.items():
+        try:
+            load_model(run)
+            usable[name] = run
+        except RayadError as e:
+            log.warning("not serving model %r: %s", name, e)
+            broken.append(f"{name}: {e}")
+    if not usable:
+        raise RayadError("no usable model:\n  " + "\n  ".join(broken))
+    return usable
 
 
 def model_card(name: str, run_dir: str) -> dict[str, Any]:
     """What GET /v1/models says about a model (read from its files, without loading the weights)."""
     run = Path(run_dir)
-    meta = json.loads((run / METADATA).read_text())
+    meta = read_metadata(run / METADATA)
     metrics_file = run / TEST_METRICS
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return {"name": name, "version": model_version(run), "category": name, "threshold": meta["threshold"],
@@ -182,7 +198,7 @@ class Api:
     def __init__(self, scorer, settings: dict[str, Any]):
         self.scorer = scorer
         self.settings = ServeSettings(**settings)
-        self.cards = {name: model_card(name, run) for name, run in self.settings.models.items()}
+        self.cards = {name: model_card(name, run) for name, run in usable_models(self.settings.models).items()}
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -268,6 +284,12 @@ class Api:
         except (RayActorError, ActorUnavailableError):  # a replica died; Serve is replacing it
             raise HTTPException(503, "a scorer replica failed and is restarting; retry shortly",
                                 headers={"Retry-After": "1"}) from None
+        except RayTaskError as e:
+            if isinstance(e.cause, ArtifactError):  # its files changed after the start, and broke
+                log.error("model %r cannot be loaded: %s", name, e.cause)
+                raise HTTPException(503, f"model {name!r} cannot be loaded (its files are damaged; see the "
+                                         "server log)") from None
+            raise
         card = self.cards[name]
         out = {"model": name, "version": card["version"], "score": result["score"],
                "normalized_score": result["normalized_score"], "label": result["label"],
@@ -333,7 +355,7 @@ def build_app(settings: ServeSettings):
     """The Serve application graph for `serve.run` (and `rayad serve`)."""
     raw = asdict(settings)
     scorer = Scorer.options(
-        ray_actor_options={"num_cpus": settings.replica_cpus},
+        ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus},
         autoscaling_config={"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
                             "target_ongoing_requests": settings.target_ongoing_requests},
         max_ongoing_requests=max(2 * settings.max_batch_size, int(settings.target_ongoing_requests)),

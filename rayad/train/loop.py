@@ -33,7 +33,7 @@ from rayad.data.dataset import ImageSet, load_split, to_tensor
 from rayad.data.manifest import build_manifest, save_manifest
 from rayad.errors import RayadError
 from rayad.models.loss import reconstruction_loss
-from rayad.precision import autocast, probe_network, resolve
+from rayad.precision import autocast, default_device, probe_network, resolve
 from rayad.settings import cpu_count
 from rayad.train.checkpoint import (
     checkpoint_name,
@@ -171,10 +171,6 @@ def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Throughput:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import os
 import platform
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +55,8 @@ from rayad.tune.space import SearchSpace, load_space
 from rayad.tune.store import ResultsStore, read_rows, write_json
 from rayad.validation import load_validation
 
+log = logging.getLogger(__name__)
+
 DEFAULT_METRIC = "val_image_auroc"
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # rayad prints one line per trial instead
 
@@ -77,12 +82,13 @@ def plan_search(settings: SearchSettings) -> Plan:
                           "--gpus-per-worker >= 0")
     if s.scheduler not in ("asha", "fifo"):
         raise ConfigError(f"scheduler {s.scheduler!r}: use asha or fifo")
-    base = load_config(s.config_file)
-    space = load_space(s.space, base)
+    space = load_space(s.space, load_config(s.config_file))
     searched = sorted(set(s.overrides) & {p.key for p in space.searched})
     if searched:
         raise ConfigError(f"{searched}: searched by {s.space}; drop them from --set or from the space")
-    base = base.replace(space.fixed, s.space).replace(s.overrides)  # --set wins over the space's fixed values
+    # --config and --set win over the space's fixed values; every trial then sees the values they chose.
+    base = load_config(s.config_file, s.overrides, defaults=space.fixed)
+    space = space.fixed_from(base)
     base = base.replace({"train.log_every": base.train.checkpoint_every})  # every report carries the metrics
     metrics = s.metric or (space.metric or DEFAULT_METRIC,)
     for m in metrics:
@@ -146,9 +152,13 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
     if resume:
         if not tune.Tuner.can_restore(tune_path):
             raise RayadError(f"{exp_dir}: no experiment to resume (no Tune state at {tune_path})")
+        if "://" not in tune_path:
+            check_trusted(Path(tune_path))
+        log.info("resuming: Ray Tune unpickles its state from %s (only state this user wrote is accepted)", tune_path)
         return tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=False)
     default_point = plan.space.default_point(plan.base)
-    searcher = OptunaSearch(
+    searcher = HonestOptunaSearch(
+        plan.max_iterations,
         space=plan.space.define_by_run,
         metric=list(plan.metrics) if len(plan.metrics) > 1 else plan.metrics[0],
         mode=list(plan.modes) if len(plan.modes) > 1 else plan.modes[0],
@@ -172,6 +182,39 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
                                     max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=storage, callbacks=[store], verbose=verbose),
     )
+
+
+class HonestOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch tells Optuna that every trial that ended without an error is COMPLETE, with the
+    value of its last evaluation, so trials that ASHA stopped at a low budget would rank beside finished
+    ones. Here a trial is COMPLETE only when it reached `max_iterations`; one stopped earlier is PRUNED,
+    keeping its intermediate values (single objective), as Optuna's own pruners record it."""
+
+    def __init__(self, max_iterations: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_iterations = max_iterations
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        stopped_early = bool(result) and not error and result.get("training_iteration", 0) < self.max_iterations
+        if not stopped_early or trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+def check_trusted(tune_dir: Path) -> None:
+    """Ray Tune's restore unpickles the files under `tune_dir` (the tuner, the searcher, the trials), and
+    unpickling runs code: refuse when any of them, or a folder holding them, is not owned by this user or
+    is writable by others (docs/design.md, "The results store")."""
+    for path in [tune_dir.parent, tune_dir, *tune_dir.rglob("*")]:
+        if path.is_symlink():
+            raise RayadError(f"{path}: a symbolic link in the Tune state; --resume unpickles that state, so "
+                             "it only accepts plain files")
+        info = path.stat()
+        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise RayadError(f"{path}: {'not owned by you' if info.st_uid != os.getuid() else 'writable by others'}"
+                             "; --resume unpickles Ray Tune's state, which runs code, so it refuses state it "
+                             "cannot trust (check it, then chown or chmod go-w, or start a new experiment)")
 
 
 def trial_config(plan: Plan, params: dict[str, Any]) -> Config:

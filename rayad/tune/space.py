@@ -18,6 +18,7 @@ mappings (e.g. widths); Optuna records those as JSON strings.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -85,6 +86,12 @@ class SearchSpace:
     @property
     def fixed(self) -> dict[str, Any]:
         return {p.key: p.args[0] for p in self.params if p.kind == "fixed"}
+
+    def fixed_from(self, base: Config) -> SearchSpace:
+        """This space with its fixed values taken from `base` (where --config and --set may change them)."""
+        flat = _flatten(base.to_dict())
+        params = tuple(dataclasses.replace(p, args=(flat[p.key],)) if p.kind == "fixed" else p for p in self.params)
+        return dataclasses.replace(self, params=params)
 
     def define_by_run(self, trial) -> dict[str, Any]:
         """Optuna's define-by-run function: suggests the active parameters, returns the fixed values."""

@@ -28,6 +28,9 @@ def test_train_evaluate_predict(tmp_path, demo_root, capsys):
         assert r["score"] == pytest.approx(by_path[r["path"]], rel=1e-6)
 
 
+TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
+
+
 @pytest.mark.parametrize("args, needle", [
     (["train", "--data", "/nonexistent", "--category", "x", "--out", "/tmp/x"], "/nonexistent"),
     (["train", "--data", "{demo}", "--category", "marble", "--out", "{tmp}/o"], "brick, grass, gravel"),
@@ -38,14 +41,29 @@ def test_train_evaluate_predict(tmp_path, demo_root, capsys):
     (["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o", "--bogus"], "--bogus"),
     (["evaluate", "--run", "{tmp}", "--data", "{demo}", "--category", "brick"], "not a rayad model"),
     (["predict", "--run", "{tmp}", "{tmp}/missing.png"], "not a rayad model"),
+    (TRAIN + ["--image-size", "100"], "data.image_size = 100 must be a multiple of 8"),
+    (TRAIN + ["--set", "model.widths=[8,8,8,8,8,8,8,8,8]"], "multiple of 512"),
+    (TRAIN + ["--set", "train.weight_decay=-1"], "train.weight_decay = -1.0 is out of range"),
+    (TRAIN + ["--set", "train.num_threads=-2"], "train.num_threads = -2 is out of range"),
+    (TRAIN + ["--config", "{tmp}/latin1.yaml"], "latin1.yaml: not a UTF-8 text file"),
+    (["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/file/run"], "{tmp}/file is a file"),
+    (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "brick", "--json", "{tmp}/file/m.json"],
+     "is a file, not a folder"),
+    (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "brick", "--json", "{tmp}"], "is a folder"),
+    (["predict", "--run", "{run}", "{demo}/brick/test/good", "--heatmaps", "{tmp}/file"], "is a file"),
+    (["predict", "--run", "{run}", "{demo}/brick/test/good", "--out", "{tmp}/file/p.parquet"], "is a file"),
 ])
-def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, capsys):
-    args = [a.format(demo=demo_root, tmp=tmp_path) for a in args]
+def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, trained_run, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("results already written")
+    (tmp_path / "latin1.yaml").write_bytes("train: {steps: 5}  # é\n".encode("latin-1"))
+    args = [a.format(demo=demo_root, tmp=tmp_path, run=trained_run) for a in args]
     try:
         code = main(args)
     except SystemExit as e:  # argparse's own errors
         code = e.code
     assert code == 2
     err = capsys.readouterr().err.strip()
-    assert needle in err and len(err.splitlines()) == 1
+    assert needle.format(tmp=tmp_path) in err and len(err.splitlines()) == 1
+    assert blocker.read_text() == "results already written"
 

@@ -18,7 +18,7 @@ from rayad.data.demo import (
     CATEGORIES,
     CROP,
     DIHEDRAL,
-    GRID,
+    LAYOUT,
     SPLIT_OF_TILE,
     TILE,
     TRANSFORMS,
@@ -87,9 +87,9 @@ def origins(category, image, valid=None) -> list[tuple[tuple[int, int], tuple[in
 
 def tile_of(top: int, left: int) -> tuple[int, int] | None:
     """The tile that holds the crop at (top, left) entirely, or None."""
-    r, c = top // TILE, left // TILE
-    inside = top + CROP <= (r + 1) * TILE and left + CROP <= (c + 1) * TILE and r < GRID and c < GRID
-    return (r, c) if inside else None
+    r, c = top // TILE[0], left // TILE[1]
+    inside = top + CROP <= (r + 1) * TILE[0] and left + CROP <= (c + 1) * TILE[1]
+    return (r, c) if inside and (r, c) in SPLIT_OF_TILE else None
 
 
 def test_demo_writes_mvtec_layout(demo_root):
@@ -156,17 +156,17 @@ def test_demo_different_seed_differs(small, demo_root):
 
 
 def test_tiles_are_disjoint_interleaved_and_hold_a_crop():
-    assert CROP <= TILE and GRID * TILE <= PHOTO
+    assert min(TILE) >= CROP and len(LAYOUT) * TILE[0] == len(LAYOUT[0]) * TILE[1] == PHOTO
     owner = np.full((PHOTO, PHOTO), "", dtype=object)
     for split in GOOD:
         for top, left in tiles(split):
-            assert (owner[top:top + TILE, left:left + TILE] == "").all()
-            owner[top:top + TILE, left:left + TILE] = split
-    cells = {split: {cell for cell, s in SPLIT_OF_TILE.items() if s == split} for split in GOOD}
-    assert cells["train"] == {(0, 0), (0, 2), (2, 0), (2, 2)}  # the corners: top and bottom, left and right
-    assert cells["test"] == {(0, 1), (1, 0), (1, 2), (2, 1)}  # the edges between them
-    assert tiles("val") == [(TILE, TILE)]  # the centre
-    assert sum(len(tiles(split)) for split in GOOD) == GRID * GRID
+            assert (owner[top:top + TILE[0], left:left + TILE[1]] == "").all()
+            owner[top:top + TILE[0], left:left + TILE[1]] = split
+    assert (owner != "").all()  # the tiles cover the photograph
+    for split in GOOD:  # every split spans the top and the bottom half, and more than one column
+        cells = [cell for cell, s in SPLIT_OF_TILE.items() if s == split]
+        assert {r for r, _ in cells} == {0, 1} and len({c for _, c in cells}) >= 2, split
+    assert [len(tiles(split)) for split in GOOD] == [4, 2, 2]
 
 
 def test_good_crops_lie_inside_their_splits_tiles_and_share_no_pixel(demo_root):

@@ -3,6 +3,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,24 +73,40 @@ def test_load_image_grayscale_is_replicated(tmp_path):
         assert np.array_equal(out[..., c], gray)
 
 
-def test_load_image_16bit_is_scaled(tmp_path):
-    deep = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 200 + 1000).astype(np.uint16)
-    path = save(tmp_path / "d.png", deep)
-    assert Image.open(path).mode == "I;16"
-    out = load_image(path, 16)
-    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
-    assert out.min() == 0 and out.max() == 255
-    flat = out[..., 0].ravel().astype(int)
-    assert (np.diff(flat) >= 0).all() and len(np.unique(flat)) > 200
+def _png16_rgb(pixels: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG (Pillow cannot write one)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    h, w, _ = pixels.shape
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
-def test_load_image_16bit_big_endian_is_scaled():
-    deep = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 200).astype(">u2")
+def test_one_conversion_rule_for_every_bit_depth(tmp_path):
+    """The same picture stored with 8 or 16 bits, grayscale or RGB, PNG or TIFF, big- or little-endian, gives
+    the same pixels (16-bit v -> v >> 8), so the same score."""
+    rgb = noise(4, (16, 16, 3))
+    gray = rgb[..., 0]
+    deep = gray.astype(np.uint16) * 256 + 200  # the low byte is dropped
+    as16 = {"gray png": save(tmp_path / "g16.png", deep)}
+    assert Image.open(as16["gray png"]).mode == "I;16"
     buf = io.BytesIO()
-    Image.frombytes("I;16B", (16, 16), deep.tobytes()).save(buf, format="TIFF")
-    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16B"
-    out = load_image(buf.getvalue(), 16)
-    assert len(np.unique(out)) > 200
+    Image.frombytes("I;16B", (16, 16), deep.astype(">u2").tobytes()).save(buf, format="TIFF")
+    as16["gray tiff big-endian"] = buf.getvalue()
+    assert Image.open(io.BytesIO(as16["gray tiff big-endian"])).mode == "I;16B"
+    for name, source in as16.items():
+        out = load_image(source, 16)
+        assert all(np.array_equal(out[..., c], gray) for c in range(3)), name
+    assert np.array_equal(load_image(_png16_rgb(rgb.astype(np.uint16) * 257), 16), rgb)
+    assert np.array_equal(load_image(save(tmp_path / "g8.png", gray), 16)[..., 0], gray)
+
+
+def test_float_images_are_refused_by_name(tmp_path):
+    path = tmp_path / "f.tiff"
+    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16), mode="F").save(path)
+    with pytest.raises(DataError, match="f.tiff: a 32-bit float image has no fixed conversion"):
+        load_image(path, 16)
 
 
 def test_load_image_rgba_drops_alpha(tmp_path):
@@ -175,6 +193,18 @@ def test_load_split_second_call_uses_cache(tmp_path, monkeypatch):
     assert second.rows.equals(first.rows)
     with pytest.raises(AssertionError, match="decoded again"):
         load_split(manifest, "test", 24)
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"", lambda b: b"PK\x03\x04" + b[10:]])
+def test_damaged_cache_file_is_decoded_again(tmp_path, damage):
+    manifest = manifest_of(make_mvtec(tmp_path))
+    before = set(cache_dir().glob("*.npz"))
+    first = load_split(manifest, "test", 16)
+    (path,) = set(cache_dir().glob("*.npz")) - before
+    path.write_bytes(damage(path.read_bytes()))
+    again = load_split(manifest, "test", 16)
+    assert np.array_equal(first.images, again.images) and np.array_equal(first.masks, again.masks)
+    assert np.load(path)["images"].shape == first.images.shape  # and the cache is written again
 
 
 def test_load_split_cache_invalidated_by_changed_file(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rayad.config import ModelConfig
+from rayad.config import ModelConfig, load_config
 from rayad.errors import ConfigError
 from rayad.models import create_model, list_models
 
@@ -76,8 +76,18 @@ def test_timm_encoder_reads_channels_from_feature_info():
 
 def test_size_not_divisible_is_a_clear_error():
     model = create_model(ModelConfig(**TINY))
-    with pytest.raises(ValueError, match="divisible by 8"):
+    with pytest.raises(ConfigError, match="divisible by 8"):
         model(torch.rand(1, 3, 20, 20))
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"data.image_size": 100}, "multiple of 8 .* try 96 or 104"),
+    ({"model.widths": [8] * 9}, "multiple of 512 .* 9 levels"),
+    ({"data.image_size": 8, "model.widths": [8, 16, 32, 64]}, "multiple of 16"),
+])
+def test_image_size_that_the_encoder_cannot_halve_fails_in_the_config(overrides, needle):
+    with pytest.raises(ConfigError, match=f"--set: data.image_size = .*{needle}"):
+        load_config(overrides=overrides)
 
 
 @pytest.mark.parametrize("kw, needle", [

@@ -73,3 +73,19 @@ def test_explicit_threshold_overrides_quantile():
     model = AnomalyModel(Darken(), ScoringConfig())
     model.calibrate(np.array([0.1, 0.2]), threshold=0.7)
     assert float(model.threshold) == pytest.approx(0.7)
+
+
+def test_msgms_map_sees_structure_not_intensity_offsets():
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert anomaly_map(x, x, 0.0, "msgms").abs().max() < 1e-6  # identical: no residual
+    brighter = (x + 0.05).clamp(0, 1)
+    blurred = gaussian_blur(x, 1.5)
+    l2 = {name: float(anomaly_map(x, y, 0.0, "l2").mean()) for name, y in (("offset", brighter), ("blur", blurred))}
+    gms = {name: float(anomaly_map(x, y, 0.0, "msgms").mean()) for name, y in (("offset", brighter), ("blur", blurred))}
+    # lost structure against a small brightness change: msgms tells them apart far better than l2
+    assert gms["blur"] / gms["offset"] > 10 * l2["blur"] / l2["offset"]
+    scratch = x.clone()
+    scratch[:, :, 30:32, 8:56] = x.mean()
+    m = anomaly_map(x, scratch, 0.0, "msgms")[:, 0]
+    assert m.shape == (2, 64, 64) and float(m.min()) >= 0 and float(m.max()) <= 1
+    assert m[:, 28:34, 8:56].mean() > 5 * m[:, :20].mean()  # highest on the scratch

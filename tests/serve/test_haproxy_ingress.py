@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def test_haproxy_ingress_serves_the_same_scores(trained_run, demo_root, tmp_path
         assert served["score"] == pytest.approx(float(expected.scores[0]), abs=1e-6)
         bad = requests.post(f"{url}/v1/predict", data=b"not an image", timeout=60)
         assert bad.status_code == 400 and "not a readable image" in bad.json()["error"]
+        sockets = [p for p in Path(tempfile.gettempdir()).glob("rayad-haproxy-*/admin.sock") if p.exists()]
+        assert sockets, "HAProxy's admin socket is not in rayad's private folder"
+        assert all(p.parent.stat().st_mode & 0o077 == 0 for p in sockets)  # only this user can reach it
     finally:
         process.send_signal(signal.SIGINT)
         try:

@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pyarrow.parquet as pq
 import pytest
-from tiny import TINY_BASE as BASE
+from tiny import SEARCH_STEPS, TINY_BASE
 
 from rayad.artifact import Predictor
 from rayad.cli import main
@@ -30,7 +31,7 @@ def test_trials_table_has_one_row_per_trial_with_params_metrics_and_status(tiny_
     trials = pq.read_table(exp / "trials.parquet").to_pylist()
     assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
     assert {t["status"] for t in trials} <= {"completed", "stopped_early"}
-    assert all((t["status"] == "completed") == (t["iterations"] == 3) for t in trials)
+    assert all((t["status"] == "completed") == (t["iterations"] == 2) for t in trials)  # 4 steps, every 2
     default = [t for t in trials if t["is_default"]]
     assert len(default) == 1 and default[0]["config/train.lr"] == 2e-3 and default[0]["config/model.skip"] == "ccm"
     for t in trials:
@@ -51,15 +52,32 @@ def test_history_has_every_evaluation(tiny_experiment):
         assert max(h["val_image_auroc"] for h in rows) == t["best_value"]
 
 
+def test_set_wins_over_the_spaces_fixed_values_in_every_trial(tiny_experiment):
+    exp, record = tiny_experiment
+    for t in pq.read_table(exp / "trials.parquet").to_pylist():
+        state = json.loads((Path(t["checkpoint_path"]) / "state.json").read_text())
+        assert state["config"]["train"]["steps"] == SEARCH_STEPS  # --set, not the space's 6
+        assert state["config"]["train"]["checkpoint_every"] == 2  # the space's, where --set is silent
+        assert state["config"]["data"]["image_size"] == TINY_BASE["data.image_size"]
+    saved = json.loads((exp / "experiment.json").read_text())
+    assert saved["base_config"]["train"]["steps"] == SEARCH_STEPS
+    assert saved["space"]["params"]["train.steps"]["args"] == [SEARCH_STEPS]
+
+
 def test_optuna_study_is_stored_in_sqlite_and_multi_objective(tiny_experiment):
     exp, _ = tiny_experiment
     study = optuna.load_study(study_name="brick", storage=f"sqlite:///{exp / 'study.db'}")
     assert len(study.trials) == 4 and len(study.directions) == 2
     assert study.trials[0].params["train.lr"] == 2e-3  # the default config ran first
     trials = {t["config/train.lr"]: t for t in pq.read_table(exp / "trials.parquet").to_pylist()}
-    for trial in study.trials:  # Optuna was told both objectives of the trial's last evaluation
+    state = {"completed": optuna.trial.TrialState.COMPLETE, "stopped_early": optuna.trial.TrialState.PRUNED}
+    for trial in study.trials:  # the study's states and values are those of trials.parquet
         row = trials[trial.params["train.lr"]]
-        assert trial.values == pytest.approx([row["final_val_image_auroc"], row["final_val_aupro"]])
+        assert trial.state == state[row["status"]]
+        if row["status"] == "completed":  # both objectives of the trial's last evaluation, at the full budget
+            assert trial.values == pytest.approx([row["final_val_image_auroc"], row["final_val_aupro"]])
+        else:  # stopped by ASHA at a lower budget: pruned, not ranked beside finished trials
+            assert trial.values is None
 
 
 def test_best_model_is_the_best_trial_evaluated_once_on_test(tiny_experiment, demo_root):
@@ -87,11 +105,11 @@ def _rows(exp):
         return []
 
 
-def test_resume_after_the_driver_is_killed(ray_cluster, demo_root, tiny_space, tmp_path):
+def test_resume_after_the_driver_is_killed(ray_cluster, demo_root, tiny_space, tmp_path, capsys):
     exp = tmp_path / "exp"
     args = ["tune", "--data", str(demo_root), "--category", "brick", "--space", str(tiny_space), "--trials", "3",
             "--concurrent", "1", "--scheduler", "fifo", "--out", str(exp), "--address", ray_cluster.address,
-            *[a for k, v in BASE.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
+            *[a for k, v in TINY_BASE.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
     driver = subprocess.Popen([sys.executable, "-m", "rayad.cli", *args], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -104,7 +122,17 @@ def test_resume_after_the_driver_is_killed(ray_cluster, demo_root, tiny_space, t
     before = {r["trial_id"]: r for r in _rows(exp) if r["status"] in FINISHED}
     assert before and len(before) < 3
 
-    assert main(["tune", "--out", str(exp), "--resume", "--address", ray_cluster.address]) == 0
+    resume = ["tune", "--out", str(exp), "--resume", "--address", ray_cluster.address]
+    state = exp / "tune" / "tuner.pkl"
+    state.chmod(0o666)  # anyone could have planted code in it: --resume refuses to unpickle it
+    before_bytes = state.read_bytes()
+    assert main(resume) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tuner.pkl: writable by others; --resume unpickles" in err[0]
+    assert state.read_bytes() == before_bytes
+    state.chmod(0o644)
+
+    assert main(resume) == 0
     after = {r["trial_id"]: r for r in _rows(exp)}
     assert len(after) == 3 and all(r["status"] == "completed" for r in after.values())
     for trial_id, row in before.items():  # finished trials were not run again

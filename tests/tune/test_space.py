@@ -9,7 +9,7 @@ import pytest
 
 from rayad.cli import main
 from rayad.config import Config
-from rayad.errors import ConfigError
+from rayad.errors import ConfigError, RayadError
 from rayad.tune.space import SPACES_DIR, load_space, parse_space, resolve_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -130,3 +130,19 @@ def test_cli_rejects_setting_a_searched_parameter(tmp_path, demo_root, capsys):
                  "--set", "train.lr=0.001", "--out", str(tmp_path / "exp")])
     assert code == 2
     assert "['train.lr']: searched by" in capsys.readouterr().err
+
+
+def test_resume_trusts_only_state_of_this_user_not_writable_by_others(tmp_path):
+    from rayad.tune.search import check_trusted
+
+    tune_dir = tmp_path / "exp" / "tune"
+    (tune_dir / "trial_1").mkdir(parents=True)
+    (tune_dir / "tuner.pkl").write_bytes(b"state")
+    check_trusted(tune_dir)
+    (tune_dir / "trial_1").chmod(0o777)
+    with pytest.raises(RayadError, match="trial_1: writable by others"):
+        check_trusted(tune_dir)
+    (tune_dir / "trial_1").chmod(0o755)
+    (tune_dir / "searcher-state.pkl").symlink_to(tmp_path / "elsewhere.pkl")
+    with pytest.raises(RayadError, match="searcher-state.pkl: a symbolic link"):
+        check_trusted(tune_dir)

@@ -1,0 +1,63 @@
+"""GPU resources asked for by Serve replicas and Ray Data actors, and where a Predictor runs: checked on
+CPU machines (the CUDA paths themselves are in tests/gpu, marked `gpu`)."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from rayad import predict
+from rayad.precision import default_device
+from rayad.serve.app import build_app
+from rayad.settings import ServeSettings
+
+
+@pytest.mark.parametrize("gpus", [0.0, 0.5, 1.0])
+def test_serve_scorer_replicas_reserve_the_gpus_asked_for(gpus):
+    app = build_app(ServeSettings(models={"m": "/models/m"}, replica_cpus=1.0, replica_gpus=gpus))
+    ingress = app._bound_deployment
+    scorer = ingress.init_args[0]._bound_deployment
+    assert scorer.ray_actor_options == {"num_cpus": 1.0, "num_gpus": gpus}
+    assert "num_gpus" not in ingress.ray_actor_options  # the ingress only routes
+
+
+@pytest.mark.parametrize("resources, cpus, gpus, expected", [
+    ({"CPU": 16.0}, 1.0, 0.0, 15),  # by CPUs, less the read tasks' share
+    ({"CPU": 16.0, "GPU": 2.0}, 1.0, 1.0, 2),  # by GPUs when actors ask for them
+    ({"CPU": 16.0, "GPU": 2.0}, 1.0, 0.5, 4),  # fractions share a GPU
+    ({"CPU": 2.0, "GPU": 4.0}, 1.0, 0.5, 1),  # and never more than the CPUs hold
+])
+def test_ray_data_pool_is_sized_by_gpus_when_actors_ask_for_them(monkeypatch, resources, cpus, gpus, expected):
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    assert predict.pool_size(cpus, gpus) == expected
+
+
+def test_ray_data_actors_ask_for_their_gpus(monkeypatch, trained_run, demo_root):
+    asked = {}
+
+    class Stop(Exception):
+        pass
+
+    class Files:  # what read_binary_files gives; the scoring step is recorded, then the run stops
+        def map_batches(self, fn, **kwargs):
+            asked.update(kwargs)
+            raise Stop
+
+    monkeypatch.setattr(ray.data, "read_binary_files", lambda *a, **k: Files())
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
+    with pytest.raises(Stop):
+        predict.predict_with_ray(trained_run, [str(demo_root / "brick" / "test")], "/tmp/out", cpus_per_actor=2,
+                                 gpus_per_actor=0.25)
+    assert asked["num_cpus"] == 2 and asked["num_gpus"] == 0.25 and asked["compute"].max_size == 4
+
+
+def test_an_actor_without_a_reserved_gpu_runs_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU node
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    context = ray.get_runtime_context()
+    monkeypatch.setattr(type(context.worker), "mode", property(lambda self: ray.WORKER_MODE), raising=False)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    assert default_device().type == "cpu"
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    assert default_device().type == "cuda"
