@@ -23,7 +23,7 @@ from rayad.errors import ArtifactError, ConfigError, DataError
 from rayad.inference import AnomalyModel
 from rayad.layout import METADATA, WEIGHTS
 from rayad.models import create_model
-from rayad.precision import Choice, default_device, native, probe_network, resolve
+from rayad.precision import Choice, default_device, exact_cuda_math, native, probe_network, resolve
 from rayad.scoring import f1_threshold
 from rayad.settings import PREDICT_BATCH
 
@@ -192,6 +192,8 @@ class Predictor:
     def __init__(self, model: AnomalyModel, config: Config, metadata: dict[str, Any], device: str = "cpu",
                  precision: str | None = None):
         """`precision` (auto | fp32 | bf16 | fp16) overrides the model's `scoring.precision`."""
+        if torch.device(device).type == "cuda":
+            exact_cuda_math()  # the same scores wherever the model is scored (docs/design.md, "Precision")
         self.model = model.to(device).eval().to(memory_format=torch.channels_last)
         self.config = config
         self.metadata = metadata

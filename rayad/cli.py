@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, help="run directory (gets the model artifact)")
     _add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--mlflow", metavar="URI", help="also log the run to this MLflow tracking URI "
+                       "(sqlite:///mlflow.db or a server; needs rayad[mlflow])")
     dist = train.add_argument_group("distributed training on Ray Train (used when --workers is given)")
     dist.add_argument("--workers", type=int, help="number of DDP workers")
     dist.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
@@ -95,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_s * 1000)
     srv.add_argument("--max-queued", type=int, default=defaults.max_queued_requests,
                      help="queued requests per replica before 503")
-    srv.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb)
+    srv.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb, help="one image")
+    srv.add_argument("--max-batch-mb", type=float, default=defaults.max_batch_mb,
+                     help="a whole batch request (bounds the ingress's memory)")
     srv.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
                      help="larger images are refused with 413 before they are decoded")
     srv.add_argument("--replica-cpus", type=float, default=defaults.replica_cpus)
@@ -143,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker failures each trial recovers from")
     res.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     res.add_argument("--storage", help="Tune/Train storage every node sees (path or URI; default: --out)")
+    tune.add_argument("--mlflow", metavar="URI", help="also log every trial and the best model to this MLflow "
+                      "tracking URI (sqlite:///mlflow.db or a server; needs rayad[mlflow])")
     tune.set_defaults(func=cmd_tune)
 
     demo = sub.add_parser("demo", help="the main job: demo data, then a quick search per demo category")
@@ -205,6 +211,10 @@ def cmd_data_demo(args) -> None:
 
 def cmd_train(args) -> None:
     cfg = _config(args)
+    if args.mlflow:
+        from rayad.tracking import require_mlflow
+
+        require_mlflow()
     if args.workers is None:
         from rayad.train import fit
 
@@ -220,6 +230,11 @@ def cmd_train(args) -> None:
         run = fit_distributed(cfg, args.data, args.category, args.out, cluster)
     meta = json.loads((run / "model.json").read_text())
     print(f"model written to {run} (threshold {meta['threshold']:.6g})")
+    if args.mlflow:
+        from rayad.tracking import log_training
+
+        run_id = log_training(args.mlflow, run.name, run, cfg.to_dict(), run / "train_log.jsonl")
+        print(f"logged to MLflow at {args.mlflow} (run {run_id})")
 
 
 def _torch_threads() -> None:
@@ -294,7 +309,8 @@ def cmd_serve(args) -> None:
     settings = ServeSettings(models=discover_models(args.run), min_replicas=low, max_replicas=high,
                              target_ongoing_requests=args.target_ongoing, max_batch_size=args.max_batch_size,
                              batch_wait_s=args.batch_wait_ms / 1000, max_queued_requests=args.max_queued,
-                             max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+                             max_upload_mb=args.max_upload_mb, max_batch_mb=args.max_batch_mb,
+                             max_pixels=args.max_pixels,
                              replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
                              api_key=os.environ.get("RAYAD_API_KEY") or None)
     address = use_haproxy_ingress(args.address) if args.ingress == "haproxy" else args.address
@@ -331,7 +347,7 @@ def cmd_tune(args) -> None:
             grace_period=args.grace_period, search_seed=args.search_seed,
             val_root=str(args.val_data.absolute()) if args.val_data else None,
             config_file=str(args.config) if args.config else None, overrides=_overrides(args),
-            storage=args.storage, max_failures=args.max_failures)
+            storage=args.storage, max_failures=args.max_failures, mlflow=args.mlflow)
     experiment = run_search(settings, args.out, args.address, resume=args.resume)
 
     print(format_experiment(experiment))

@@ -6,13 +6,16 @@ Training (`rayad train --workers`), searches, `predict --ray`, Serve and the dem
 from __future__ import annotations
 
 import os
+import uuid
+from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayad.errors import RayadError
 from rayad.settings import Cluster
 
-__all__ = ["Cluster", "check_resources", "connect", "fitting_groups"]
+__all__ = ["Cluster", "check_resources", "check_shared_paths", "connect", "fitting_groups"]
 
 
 def connect(address: str | None, log_to_driver: bool = True) -> None:
@@ -29,7 +32,12 @@ def connect(address: str | None, log_to_driver: bool = True) -> None:
 
 
 def check_resources(cluster: Cluster) -> None:
-    """Fail within seconds (Ray Train would wait forever) when the cluster cannot hold the workers."""
+    """Fail within seconds (Ray Train would wait forever) when the cluster cannot hold the workers, or when
+    NCCL would refuse them."""
+    if cluster.use_gpu and cluster.workers > 1 and cluster.gpus_per_worker < 1:
+        raise RayadError(f"{cluster.workers} DDP workers with {cluster.gpus_per_worker:g} GPU each would put "
+                         "several ranks on one GPU, which NCCL refuses (\"Duplicate GPU detected\"); give each "
+                         "worker a whole GPU, or train with one worker")
     total = ray.cluster_resources()
     need_cpu = cluster.workers * cluster.cpus_per_worker
     need_gpu = cluster.workers * cluster.gpus_per_worker if cluster.use_gpu else 0
@@ -46,3 +54,39 @@ def fitting_groups(cluster: Cluster) -> int:
     if cluster.use_gpu:
         fits = min(fits, total.get("GPU", 0) // (cluster.workers * cluster.gpus_per_worker))
     return max(1, int(fits))
+
+
+def check_shared_paths(storage: str, data: str) -> None:
+    """On a cluster of several nodes, check up front that every node sees the `--storage` folder (a marker
+    written here must be visible there: a node-local folder of the same name fails at the first checkpoint)
+    and the `--data` folder (a worker landing where it is missing fails). URIs are not checked."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2:
+        return
+    paths = {flag: str(Path(path).absolute()) for flag, path in (("--storage", storage), ("--data", data))
+             if "://" not in str(path)}
+    marker = None
+    if "--storage" in paths:
+        Path(paths["--storage"]).mkdir(parents=True, exist_ok=True)
+        marker = Path(paths["--storage"]) / f".rayad-node-check-{uuid.uuid4().hex}"
+        marker.write_text("rayad checks that every node sees this folder")
+        paths["--storage"] = str(marker)
+    try:
+        checks = [_missing.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"],
+                                                                                                 soft=False)
+                                   ).remote(paths) for n in nodes]
+        for node, missing in zip(nodes, ray.get(checks, timeout=120), strict=True):
+            if missing:
+                flag = missing[0]
+                where = storage if flag == "--storage" else data
+                raise RayadError(f"{flag} {where}: not visible on node {node['NodeManagerAddress']}; on a cluster "
+                                 "it must be a folder every node shares (NFS, a mounted volume) or a URI such as "
+                                 "s3://bucket/path")
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+
+
+@ray.remote
+def _missing(paths: dict[str, str]) -> list[str]:
+    return [flag for flag, path in paths.items() if not os.path.exists(path)]

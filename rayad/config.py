@@ -115,6 +115,7 @@ class TrainConfig:
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # see rayad.precision; fp16 on CUDA only
     num_threads: int | None = None  # torch intra-op threads; None: the CPUs the process may run on
+    deterministic: bool = False  # CUDA: deterministic kernels and no TF32 (repeatable runs, slower)
     w_corrupt: float = 1.0
     w_clean: float = 1.0
     ssim_weight: float = 0.0

@@ -76,6 +76,18 @@ def default_device() -> torch.device:
     return torch.device("cuda")
 
 
+def exact_cuda_math(deterministic: bool = False) -> None:
+    """No TF32 in this process's CUDA convolutions and matmuls (cuDNN allows it by default, and it moves
+    scores by more than the threshold's margin); with `deterministic`, also only deterministic kernels,
+    so that a CUDA run repeats bit for bit at some cost in speed."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+
+
 def cuda_bf16_native(device: torch.device) -> bool:
     """bf16 convolutions and matmuls run natively from compute capability 8.0 (Ampere)."""
     return torch.cuda.get_device_capability(device)[0] >= 8

@@ -69,6 +69,7 @@ class SearchSettings:
     overrides: dict[str, Any] = field(default_factory=dict)
     storage: str | None = None  # Tune and Train storage (a path or URI all nodes see); default EXP_DIR
     max_failures: int = 0  # Train worker failures each trial recovers from
+    mlflow: str | None = None  # MLflow tracking URI: each trial and the best model are logged there too
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SearchSettings:
@@ -90,7 +91,8 @@ class ServeSettings:
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0  # GPUs each scorer replica reserves (fractions share one); cuda only then
     ingress_cpus: float = 0.0
-    max_upload_mb: float = 20.0
+    max_upload_mb: float = 20.0  # one image
+    max_batch_mb: float = 64.0  # a whole /v1/predict/batch body (it is buffered: this bounds the ingress's memory)
     max_pixels: int = MAX_IMAGE_PIXELS
     max_batch_images: int = 64
     api_key: str | None = None  # when set, requests need it in the X-API-Key header (or a Bearer token)

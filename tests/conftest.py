@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from tiny import SEARCH_STEPS, TINY, TINY_BASE
+import os
 
-from rayad.config import Config, load_config
-from rayad.data.demo import make_demo_dataset
+# The CPU suite hides GPUs before torch or Ray look for them, so that it runs (and means the same) on a GPU
+# machine; RAYAD_TEST_GPU=1 keeps them for the `gpu` tests (tests/gpu).
+if os.environ.get("RAYAD_TEST_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tiny import SEARCH_STEPS, TINY, TINY_BASE  # noqa: E402
+
+from rayad.config import Config, load_config  # noqa: E402
+from rayad.data.demo import make_demo_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

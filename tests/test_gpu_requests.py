@@ -8,6 +8,8 @@ import ray
 import torch
 
 from rayad import predict
+from rayad.cluster import Cluster, check_resources, check_shared_paths
+from rayad.errors import RayadError
 from rayad.precision import default_device
 from rayad.serve.app import build_app
 from rayad.settings import ServeSettings
@@ -61,3 +63,20 @@ def test_an_actor_without_a_reserved_gpu_runs_on_the_cpu(monkeypatch):
     assert default_device().type == "cpu"
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
     assert default_device().type == "cuda"
+
+
+@pytest.mark.parametrize("workers, gpus", [(2, 0.5), (4, 0.25)])
+def test_fractional_gpus_with_several_ddp_workers_fail_up_front(workers, gpus):
+    cluster = Cluster(workers=workers, use_gpu=True, gpus_per_worker=gpus)
+    with pytest.raises(RayadError, match="NCCL refuses"):
+        check_resources(cluster)
+
+
+@pytest.mark.slow
+def test_every_node_must_see_storage_and_data(ray_cluster, tmp_path, demo_root):
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    check_shared_paths(str(tmp_path / "storage"), str(demo_root))  # one machine: both nodes see them
+    assert not list((tmp_path / "storage").iterdir())  # the marker is gone
+    check_shared_paths("s3://bucket/rayad", str(demo_root))  # URIs are not checked
+    with pytest.raises(RayadError, match=r"--data .*missing: not visible on node [0-9.]+; on a cluster it must"):
+        check_shared_paths(str(tmp_path / "storage"), str(tmp_path / "missing"))

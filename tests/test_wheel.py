@@ -10,7 +10,6 @@ import importlib.metadata
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 from conftest import TINY_BASE
+from servers import free_port
 
 from rayad._bundled import FOLDERS
 
@@ -63,7 +63,9 @@ def test_every_runtime_import_is_a_declared_dependency():
     local = {"rayad"} | {p.stem for p in (ROOT / "dashboard").glob("*.py")}  # the pages import the app's modules
     imported = (_imported_modules(ROOT / "rayad") | _imported_modules(ROOT / "dashboard")) - local
     third_party = imported - set(sys.stdlib_module_names)
-    declared = {_canonical(re.match(r"[A-Za-z0-9_.-]+", d)[0]) for d in PYPROJECT["project"]["dependencies"]}
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    runtime = PYPROJECT["project"]["dependencies"] + extras["mlflow"]  # mlflow: imported only for --mlflow
+    declared = {_canonical(re.match(r"[A-Za-z0-9_.-]+", d)[0]) for d in runtime}
     providers = importlib.metadata.packages_distributions()
     undeclared = {m: providers.get(m) for m in third_party
                   if not {_canonical(d) for d in providers.get(m, [])} & declared}
@@ -160,12 +162,6 @@ def test_demo_runs_from_the_installed_package(demo):
         assert f'"{category}"' in summary and (demo / category / "best" / "model.safetensors").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _started(argv: list, work: Path, log: Path) -> Iterator[subprocess.Popen]:
     """A command in its own process group, stopped at the end: SIGINT (a driver shuts down the local Ray
@@ -201,7 +197,7 @@ def _get(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> request
 @pytest.fixture(scope="module")
 def server(venv, demo, work) -> Iterator[tuple[str, subprocess.Popen, Path]]:
     """`rayad serve` on the demo's models (started, not yet ready): its URL, process and log."""
-    port, log = _free_port(), work / "serve.log"
+    port, log = free_port(), work / "serve.log"
     with _started([venv / "bin" / "rayad", "serve", "--run", demo, "--port", port], work, log) as proc:
         yield f"http://127.0.0.1:{port}", proc, log
 
@@ -209,7 +205,7 @@ def server(venv, demo, work) -> Iterator[tuple[str, subprocess.Popen, Path]]:
 @pytest.mark.slow
 def test_dashboard_answers_and_its_app_runs_from_the_installed_package(venv, demo, work, server):
     # `server` is asked for so that Serve boots while the dashboard is checked
-    port, log = _free_port(), work / "dashboard.log"
+    port, log = free_port(), work / "dashboard.log"
     with _started([venv / "bin" / "rayad", "dashboard", "--runs", demo, "--port", port], work, log) as proc:
         assert "<html" in _get(f"http://127.0.0.1:{port}/", proc, log, 60).text.lower()
         assert _get(f"http://127.0.0.1:{port}/_stcore/health", proc, log, 10).text == "ok"

@@ -1,14 +1,15 @@
 """Demo dataset in the MVTec AD layout, cut from the real texture photographs that scikit-image ships.
 
-Each 512² photograph is split into 8 tiles of 256 rows x 128 columns (two rows of four), interleaved so
-that every split holds tiles in the top and the bottom half and in two different columns: train four
-tiles, validation two (written to `validation/good`, the MVTec AD 2 convention, which rayad's mvtec
-layout reads as the validation split) and test two. The photographs are not stationary (gravel's stones
-grow from top to bottom with the perspective), so a split confined to one region of the photograph
-would measure that region, not the method. Every 128² crop lies inside one tile of its split: no two
-splits share a pixel, so held-out good images are as unseen as test images, as on a production line.
-Crops are flipped and rotated by multiples of 90° where the material allows it (`TRANSFORMS`). Test
-defects are painted by `rayad.data.defects`, every kind `n_per_defect` times.
+Each 512² photograph is split into 8 tiles of 256 rows x 128 columns (two rows of four): train takes
+four, validation two (written to `validation/good`, the MVTec AD 2 convention, which rayad's mvtec layout
+reads as the validation split) and test two. The photographs are not stationary (gravel's stones grow
+from top to bottom with the perspective, and a model scores the inner columns higher), so every split
+holds a tile in the top and in the bottom half, on the left and on the right, in an inner and in an
+outer column, and the validation tiles mirror the test tiles left to right. Every 128² crop lies inside
+one tile of its split: no two splits share a pixel, so held-out good images are as unseen as test
+images, as on a production line. Crops are flipped and rotated by multiples of 90° where the material
+allows it (`TRANSFORMS`). Test defects are painted by `rayad.data.defects`, every kind `n_per_defect`
+times.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from rayad.data.defects import DEFECTS, paint_defect
 CATEGORIES = ("brick", "grass", "gravel")
 CROP = 128
 TILE = (256, 128)  # rows, columns: 2 x 4 tiles cover the 512² photographs
-LAYOUT = (("train", "val", "train", "test"),  # top half, left to right
-          ("test", "train", "val", "train"))  # bottom half
+LAYOUT = (("train", "val", "test", "train"),  # top half, left to right
+          ("test", "train", "train", "val"))  # bottom half
 SPLIT_OF_TILE = {(r, c): split for r, row in enumerate(LAYOUT) for c, split in enumerate(row)}
 
 # (quarter turns, left-right flip). Brick courses run one way in its photograph: flips only, no 90° turns.

@@ -36,7 +36,10 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS)
         raise DataError(f"{name}: file not found") from None
     except Image.UnidentifiedImageError:  # its message names the file object: <_io.BytesIO object at 0x…>
         raise DataError(f"{name}: not a readable image (unknown format, or not an image)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own limit, met first
+        raise ImageTooLarge(f"{name}: over the pixel limit of {max_pixels:,} (a possible decompression bomb)"
+                            ) from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{name}: not a readable image ({e})") from None
     if image.mode == "F":
         raise DataError(f"{name}: a 32-bit float image has no fixed conversion to 8 bits; save it with 8 or 16 "

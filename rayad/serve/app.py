@@ -247,8 +247,7 @@ class Api:
             if not files:
                 raise HTTPException(400, "no file in the multipart upload (send it in the field 'file')")
             body = files[0][1]
-        image = self._decode(body, name)
-        return await self._score(name, image, heatmap)
+        return await self._score(name, await self._decode(body, name), heatmap)
 
     @app.post("/v1/predict/batch")
     async def predict_batch(self, request: Request, model: str | None = None, heatmap: bool = False
@@ -258,7 +257,7 @@ class Api:
         name = self._model(model)
         if not _is_multipart(request):
             raise HTTPException(400, "send the images as multipart/form-data")
-        body = await self._read_body(request, self.settings.max_upload_mb * self.settings.max_batch_images)
+        body = await self._read_body(request, self.settings.max_batch_mb)
         files = await _uploads(request, body, limit=self.settings.max_batch_images)
         if not files:
             raise HTTPException(400, "no files in the upload")
@@ -269,7 +268,7 @@ class Api:
         try:
             if len(content) > self.settings.max_upload_mb * 2**20:
                 raise HTTPException(413, f"over the upload limit of {self.settings.max_upload_mb:g} MB")
-            return {"file": filename, **await self._score(name, self._decode(content, name), heatmap)}
+            return {"file": filename, **await self._score(name, await self._decode(content, name), heatmap)}
         except HTTPException as e:
             if e.status_code == 503:
                 raise
@@ -322,11 +321,13 @@ class Api:
             raise HTTPException(404, f"unknown model {model!r}; served: {sorted(self.cards)}")
         return model
 
-    def _decode(self, content: bytes, name: str) -> np.ndarray:
+    async def _decode(self, content: bytes, name: str) -> np.ndarray:
+        """Decoded in a worker thread: the event loop keeps answering (/healthz) while images decode."""
         if not content:
             raise HTTPException(400, "empty image")
         try:
-            return load_image(content, self.cards[name]["image_size"], self.settings.max_pixels)
+            return await asyncio.to_thread(load_image, content, self.cards[name]["image_size"],
+                                           self.settings.max_pixels)
         except ImageTooLarge as e:
             raise HTTPException(413, _client_message(str(e))) from None
         except DataError as e:

@@ -33,7 +33,7 @@ from rayad.data.dataset import ImageSet, load_split, to_tensor
 from rayad.data.manifest import build_manifest, save_manifest
 from rayad.errors import RayadError
 from rayad.models.loss import reconstruction_loss
-from rayad.precision import autocast, default_device, probe_network, resolve
+from rayad.precision import autocast, default_device, exact_cuda_math, probe_network, resolve
 from rayad.settings import cpu_count
 from rayad.train.checkpoint import (
     checkpoint_name,
@@ -235,6 +235,8 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
         if loop.validate and rank == 0 else None
 
     torch.manual_seed(tc.seed)
+    if tc.deterministic and session.device.type == "cuda":
+        exact_cuda_math(deterministic=True)
     network = build_anomaly_model(cfg).network.to(session.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(network, tc)
     start = session.restore(network, optimizer)

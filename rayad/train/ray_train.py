@@ -19,7 +19,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, prepare_model
 
 from rayad.artifact import build_anomaly_model, calibrate_and_save
-from rayad.cluster import Cluster, check_resources, connect
+from rayad.cluster import Cluster, check_resources, check_shared_paths, connect
 from rayad.config import Config
 from rayad.errors import RayadError
 from rayad.train.checkpoint import load_checkpoint, save_checkpoint
@@ -127,9 +127,11 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
     data = load_train_data(cfg, data_root, category, out_dir)  # validates data and fills the cache once
     connect(cluster.address)
     check_resources(cluster)
+    storage = cluster.storage or str(out_dir / "ray")
+    check_shared_paths(storage, str(data_root))
     loop = LoopConfig(cfg, str(Path(data_root).absolute()), category, threads=cluster.worker_threads,
                       started=started)
-    trainer = build_trainer(loop, cluster, "train", cluster.storage or str(out_dir / "ray"),
+    trainer = build_trainer(loop, cluster, "train", storage,
                             CheckpointConfig(num_to_keep=2),
                             [ProgressCallback(cfg.train.steps)] if progress else None)
     result = trainer.fit()

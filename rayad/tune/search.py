@@ -30,7 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from rayad import __version__
 from rayad.artifact import Predictor, build_anomaly_model, calibrate_and_save
-from rayad.cluster import Cluster, check_resources, connect, fitting_groups
+from rayad.cluster import Cluster, check_resources, check_shared_paths, connect, fitting_groups
 from rayad.config import Config, load_config
 from rayad.errors import ConfigError, RayadError
 from rayad.evaluate import evaluate
@@ -48,6 +48,7 @@ from rayad.layout import (
     VAL_METRICS,
 )
 from rayad.settings import SearchSettings
+from rayad.tracking import log_best, require_mlflow, tune_callback
 from rayad.train.checkpoint import load_checkpoint
 from rayad.train.loop import LoopConfig, load_train_data
 from rayad.train.ray_train import build_trainer
@@ -77,6 +78,8 @@ class Plan:
 def plan_search(settings: SearchSettings) -> Plan:
     """Check the space, objective and settings; fails before any trial starts, naming what is wrong."""
     s = settings
+    if s.mlflow:
+        require_mlflow()
     if s.trials < 1 or s.workers_per_trial < 1 or s.cpus_per_worker <= 0 or s.gpus_per_worker < 0:
         raise ConfigError("--trials and --workers-per-trial must be >= 1, --cpus-per-worker > 0, "
                           "--gpus-per-worker >= 0")
@@ -113,8 +116,10 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
     _check_data(plan, exp_dir)
     connect(address)
     check_resources(plan.cluster)
+    check_shared_paths(s.storage or str(exp_dir), s.data_root)
     concurrent = s.concurrent or fitting_groups(plan.cluster)
     if resume:
+        _check_resumable(plan, exp_dir)  # before anything is written
         previous = json.loads((exp_dir / EXPERIMENT).read_text())
         experiment = previous | {"status": "running", "resumed_at": [*previous.get("resumed_at", []), time.time()]}
     else:
@@ -148,14 +153,10 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
         # small machine). Ray refuses an all-zero request, so it asks for one byte of memory.
         {"cpu": 0, "memory": 1},
     )
-    tune_path = f"{storage.rstrip('/')}/{TUNE_DIR}"
     if resume:
-        if not tune.Tuner.can_restore(tune_path):
-            raise RayadError(f"{exp_dir}: no experiment to resume (no Tune state at {tune_path})")
-        if "://" not in tune_path:
-            check_trusted(Path(tune_path))
-        log.info("resuming: Ray Tune unpickles its state from %s (only state this user wrote is accepted)", tune_path)
-        return tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=False)
+        log.info("resuming: Ray Tune unpickles its state from %s (only state this user wrote is accepted)",
+                 _tune_path(plan, exp_dir))
+        return tune.Tuner.restore(_tune_path(plan, exp_dir), trainable, resume_unfinished=True, resume_errored=False)
     default_point = plan.space.default_point(plan.base)
     searcher = HonestOptunaSearch(
         plan.max_iterations,
@@ -176,11 +177,12 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
         scheduler = FIFOScheduler()
     store = ResultsStore(exp_dir, plan.metrics[0], plan.modes[0], plan.max_iterations,
                          [p.key for p in plan.space.searched], default_point)
+    callbacks = [store] + ([tune_callback(s.mlflow, exp_dir.name)] if s.mlflow else [])
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.trials,
                                     max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=storage, callbacks=[store], verbose=verbose),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=storage, callbacks=callbacks, verbose=verbose),
     )
 
 
@@ -200,6 +202,18 @@ class HonestOptunaSearch(OptunaSearch):
             return super().on_trial_complete(trial_id, result, error)
         self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
         self._completed_trials.add(trial_id)
+
+
+def _tune_path(plan: Plan, exp_dir: Path) -> str:
+    return f"{(plan.settings.storage or str(exp_dir)).rstrip('/')}/{TUNE_DIR}"
+
+
+def _check_resumable(plan: Plan, exp_dir: Path) -> None:
+    tune_path = _tune_path(plan, exp_dir)
+    if not tune.Tuner.can_restore(tune_path):
+        raise RayadError(f"{exp_dir}: no experiment to resume (no Tune state at {tune_path})")
+    if "://" not in tune_path:
+        check_trusted(Path(tune_path))
 
 
 def check_trusted(tune_dir: Path) -> None:
@@ -248,6 +262,8 @@ def _finish(plan: Plan, exp_dir: Path, experiment: dict[str, Any]) -> dict[str, 
         "step": best["best_step"], "params": {k: v for k, v in best.items() if k.startswith("config/")},
         "test": {k: test[k] for k in METRIC_NAMES}})
     write_json(exp_dir / EXPERIMENT, experiment)
+    if plan.settings.mlflow:
+        log_best(plan.settings.mlflow, exp_dir.name, exp_dir, experiment)
     return experiment
 
 

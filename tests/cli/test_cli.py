@@ -67,3 +67,30 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, tra
     assert needle.format(tmp=tmp_path) in err and len(err.splitlines()) == 1
     assert blocker.read_text() == "results already written"
 
+
+
+def test_train_logs_to_mlflow(tmp_path, demo_root, capsys):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = tmp_path / "tracked-run"
+    assert main(["train", "--data", str(demo_root), "--category", "brick", "--out", str(run), "--mlflow", uri,
+                 *TINY_ARGS]) == 0
+    assert "logged to MLflow" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=uri)
+    (logged,) = client.search_runs([client.get_experiment_by_name("tracked-run").experiment_id])
+    assert logged.data.params["train.steps"] == "6" and logged.data.params["data.image_size"] == "32"
+    losses = [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [m.value for m in client.get_metric_history(logged.info.run_id, "loss")] == pytest.approx(losses)
+    assert logged.data.metrics["threshold"] == pytest.approx(json.loads((run / "model.json").read_text())["threshold"])
+
+
+def test_mlflow_missing_is_one_line_naming_the_extra(tmp_path, demo_root, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as when rayad[mlflow] is not installed
+    assert main(["train", "--data", str(demo_root), "--category", "brick", "--out", str(tmp_path / "r"),
+                 "--mlflow", "sqlite:///x.db", *TINY_ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--mlflow needs MLflow: pip install 'rayad[mlflow]'") and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # failed before any work

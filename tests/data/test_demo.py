@@ -163,9 +163,14 @@ def test_tiles_are_disjoint_interleaved_and_hold_a_crop():
             assert (owner[top:top + TILE[0], left:left + TILE[1]] == "").all()
             owner[top:top + TILE[0], left:left + TILE[1]] = split
     assert (owner != "").all()  # the tiles cover the photograph
-    for split in GOOD:  # every split spans the top and the bottom half, and more than one column
+    columns = len(LAYOUT[0])
+    for split in GOOD:  # every split spans the top and bottom half, left and right, inner and outer columns
         cells = [cell for cell, s in SPLIT_OF_TILE.items() if s == split]
-        assert {r for r, _ in cells} == {0, 1} and len({c for _, c in cells}) >= 2, split
+        assert {r for r, _ in cells} == {0, 1}, split
+        assert {c < columns // 2 for _, c in cells} == {True, False}, split
+        assert {c in (0, columns - 1) for _, c in cells} == {True, False}, split
+    mirrored = {(r, columns - 1 - c) for (r, c), s in SPLIT_OF_TILE.items() if s == "val"}
+    assert mirrored == {cell for cell, s in SPLIT_OF_TILE.items() if s == "test"}
     assert [len(tiles(split)) for split in GOOD] == [4, 2, 2]
 
 

@@ -8,15 +8,17 @@ import io
 import os
 import shutil
 import signal
-import socket
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
+from servers import free_port
 
 from rayad.artifact import Predictor
 from rayad.evaluate import evaluate
@@ -26,12 +28,6 @@ from rayad.serve import ServeSettings, discover_models, start
 pytestmark = pytest.mark.slow
 
 KEY = {"X-API-Key": "secret"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +40,7 @@ def server(ray_cluster, trained_run, tmp_path_factory):
     settings = ServeSettings(models=discover_models(models), max_batch_size=4, batch_wait_s=0.02,
                              max_queued_requests=2, replica_cpus=0.5, max_upload_mb=0.25, max_pixels=1_000_000,
                              api_key="secret")
-    url = start(settings, port=_free_port())
+    url = start(settings, port=free_port())
     yield url
     serve.shutdown()
 
@@ -53,6 +49,14 @@ def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that only declares its size: Pillow refuses it at open when the size is over its own limit."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def test_health_and_models(server):
@@ -112,6 +116,7 @@ def test_bad_input_never_gives_500(server, demo_root):
         ("empty body", b"", 400, "empty body"),
         ("oversize upload", b"\0" * 300_000, 413, "over the limit"),
         ("decompression bomb", bomb, 413, "pixels is over the limit"),
+        ("bomb over Pillow's own limit", _png_header(20_000, 20_000), 413, "over the pixel limit"),
     ]
     for what, body, status, message in cases:
         response = requests.post(f"{server}/v1/predict?model=brick", data=body, headers=KEY)

@@ -125,11 +125,11 @@ def test_resume_after_the_driver_is_killed(ray_cluster, demo_root, tiny_space, t
     resume = ["tune", "--out", str(exp), "--resume", "--address", ray_cluster.address]
     state = exp / "tune" / "tuner.pkl"
     state.chmod(0o666)  # anyone could have planted code in it: --resume refuses to unpickle it
-    before_bytes = state.read_bytes()
+    before_bytes, record_bytes = state.read_bytes(), (exp / "experiment.json").read_bytes()
     assert main(resume) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rayad tune:")]
     assert len(err) == 1 and "tuner.pkl: writable by others; --resume unpickles" in err[0]
-    assert state.read_bytes() == before_bytes
+    assert state.read_bytes() == before_bytes and (exp / "experiment.json").read_bytes() == record_bytes
     state.chmod(0o644)
 
     assert main(resume) == 0
@@ -142,3 +142,38 @@ def test_resume_after_the_driver_is_killed(ray_cluster, demo_root, tiny_space, t
     record = json.loads((exp / "experiment.json").read_text())
     assert record["status"] == "finished" and len(record["resumed_at"]) == 1
     assert (exp / "best" / "model.json").is_file()
+
+
+def test_mlflow_runs_equal_the_results_store(ray_cluster, demo_root, tiny_space, tmp_path):
+    from mlflow import MlflowClient
+
+    from rayad.tune import SearchSettings, run_search
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tmp_path / "tracked"
+    settings = SearchSettings(data_root=str(demo_root), category="brick", space=str(tiny_space), trials=2,
+                              scheduler="fifo", overrides=TINY_BASE, search_seed=1, mlflow=uri)
+    record = run_search(settings, exp, verbose=0)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tracked")
+    runs = client.search_runs([experiment.experiment_id])
+    trials = {t["trial_id"]: t for t in pq.read_table(exp / "trials.parquet").to_pylist()}
+    history = pq.read_table(exp / "history.parquet").to_pylist()
+    by_trial = {r.data.tags["trial_name"].rsplit("_", 1)[-1]: r for r in runs if r.data.tags.get("rayad") == "trial"}
+    assert by_trial.keys() == trials.keys()
+    for trial_id, run in by_trial.items():
+        row = trials[trial_id]
+        for key in ("train.lr", "corruption.p_corrupt", "model.skip"):
+            assert run.data.params[key] == str(row[f"config/{key}"])
+        curve = client.get_metric_history(run.info.run_id, "val_image_auroc")
+        expected = sorted((h["iteration"], h["val_image_auroc"]) for h in history if h["trial_id"] == trial_id)
+        logged = sorted((m.step, m.value) for m in curve)
+        assert [step for step, _ in logged] == [step for step, _ in expected]
+        assert [value for _, value in logged] == pytest.approx([value for _, value in expected])
+        assert run.info.status == "FINISHED"
+    (best,) = [r for r in runs if r.data.tags.get("rayad") == "best"]
+    assert best.data.tags["trial_id"] == record["best"]["trial_id"]
+    test = json.loads((exp / "best" / "test_metrics.json").read_text())
+    assert best.data.metrics["test_image_auroc"] == pytest.approx(test["image_auroc"])
+    artifacts = {a.path for a in client.list_artifacts(best.info.run_id, "model")}
+    assert {"model/model.safetensors", "model/model.json"} <= artifacts

@@ -1,0 +1,93 @@
+"""Batch scoring that scales out: `rayad predict` in one process against `rayad predict --ray` (Ray Data,
+2 actors), on 500 and 2,000 image files, with the images/s of each and the driver's peak memory.
+
+    python benchmarks/predict_scale.py [--counts 500 2000]
+
+Each measurement runs in its own process (a fresh local Ray for --ray), which prints its peak RSS. The
+rows of --ray are written by Ray Data's workers into a Parquet dataset, so the driver's memory should
+not grow with the number of files; the single process holds its table until it writes it. The model is
+the default SDC-CCM at 128², calibrated but untrained (throughput depends on its size, not its weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from rayad.precision import CPU_BF16_FLAGS, cpu_info
+
+
+def make_images(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def measure(mode: str, run: str, images: str, out: str) -> None:
+    """In a child process: score `images` and print images/s and this process's peak RSS as JSON."""
+    from rayad.predict import expand_paths, predict_paths, predict_with_ray
+
+    n = len(expand_paths([Path(images)]))
+    start = time.perf_counter()
+    if mode == "ray":
+        from rayad.cluster import connect
+
+        connect(None, log_to_driver=False)
+        start = time.perf_counter()  # Ray's start-up is not scoring
+        rows = predict_with_ray(run, [images], out, actors=2, cpus_per_actor=0.85, batch_size=32)
+    else:
+        import torch
+
+        torch.set_num_threads(2)
+        rows = predict_paths(run, [Path(images)], Path(out)).num_rows
+    seconds = time.perf_counter() - start
+    assert rows == n
+    print(json.dumps({"images_per_s": n / seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                      / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[500, 2000])
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return measure(*args.child)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serve_load import make_model
+
+    work = Path(tempfile.mkdtemp(prefix="rayad-predict-scale-"))
+    run = make_model(work / "model")
+    results = {}
+    for n in args.counts:
+        images = make_images(work / f"images-{n}", n)
+        for mode, out in (("single", work / f"single-{n}.parquet"), ("ray", work / f"ray-{n}")):
+            line = subprocess.run([sys.executable, __file__, "--child", mode, str(run), str(images), str(out)],
+                                  capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            results[(mode, n)] = json.loads(line)
+    name, flags = cpu_info()
+    print(f"machine: {name} ({', '.join(f for f in CPU_BF16_FLAGS if f in flags) or 'no bf16 flags'}), 2 cores; "
+          "default SDC-CCM at 128²; Ray Data: 2 actors x 0.85 CPU, batches of 32")
+    print("| files | single process images/s | Ray Data images/s | ratio | single peak RSS (MB) | "
+          "Ray driver peak RSS (MB) |")
+    print("|---|---|---|---|---|---|")
+    for n in args.counts:
+        single, ray = results[("single", n)], results[("ray", n)]
+        print(f"| {n} | {single['images_per_s']:.0f} | {ray['images_per_s']:.0f} | "
+              f"{ray['images_per_s'] / single['images_per_s']:.2f}x | {single['peak_rss_mb']:.0f} | "
+              f"{ray['peak_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

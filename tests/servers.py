@@ -1,0 +1,55 @@
+"""Starting rayad's servers for tests: a free loopback port, and `rayad serve` as a real process."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+START_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def rayad_serve(args: list[str], log_path: Path) -> Iterator[str]:
+    """`rayad serve ARGS --port P` in its own process, until /readyz answers 200; yields its URL and
+    stops it with Ctrl-C afterwards. Fails the test with the server's log if it never becomes ready."""
+    port = free_port()
+    rayad = Path(sys.executable).with_name("rayad")
+    with log_path.open("w") as log:
+        process = subprocess.Popen([str(rayad), "serve", *args, "--port", str(port)], stdout=log,
+                                   stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not _ready(url):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"rayad serve did not become ready:\n{log_path.read_text()}")
+                time.sleep(1)
+            yield url
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/readyz", timeout=30).status_code == 200
+    except requests.RequestException:
+        return False
