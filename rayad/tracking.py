@@ -10,11 +10,12 @@ config, the loss curve and the artifact. rayad's own results store stays the sou
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from rayad.errors import RayadError
-from rayad.layout import BEST, METADATA, METRIC_NAMES, TEST_METRICS, WEIGHTS
+from rayad.layout import BEST, METADATA, WEIGHTS
 
 
 def require_mlflow():
@@ -55,11 +56,7 @@ def log_training(uri: str, experiment: str, run_dir: Path, config: dict[str, Any
             for line in log_file.read_text().splitlines():
                 entry = json.loads(line)
                 mlflow.log_metrics(_numbers(entry, skip=("step",)), step=int(entry.get("step", 0)))
-        meta = json.loads((run_dir / METADATA).read_text())
-        mlflow.log_metric("threshold", meta["threshold"])
-        if (run_dir / TEST_METRICS).is_file():
-            mlflow.log_metrics(_numbers(json.loads((run_dir / TEST_METRICS).read_text()), prefix="test_",
-                                        keep=METRIC_NAMES))
+        mlflow.log_metric("threshold", json.loads((run_dir / METADATA).read_text())["threshold"])
         for name in (METADATA, WEIGHTS):
             mlflow.log_artifact(str(run_dir / name), artifact_path="model")
     return run.info.run_id
@@ -72,8 +69,7 @@ def _client_for(uri: str, experiment: str):
     return mlflow
 
 
-def _numbers(values: dict[str, Any], prefix: str = "", skip: tuple[str, ...] = (), keep=None) -> dict[str, float]:
+def _numbers(values: dict[str, Any], prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, float]:
     """The finite numbers of `values` (MLflow metrics are numbers), keys prefixed."""
     return {f"{prefix}{k}": float(v) for k, v in values.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and k not in skip
-            and (keep is None or k in keep) and v == v}
+            if isinstance(v, int | float) and not isinstance(v, bool) and k not in skip and math.isfinite(v)}

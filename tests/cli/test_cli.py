@@ -69,8 +69,10 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, tra
 
 
 
-def test_train_logs_to_mlflow(tmp_path, demo_root, capsys):
+def test_train_logs_to_mlflow(tmp_path, demo_root, capsys, monkeypatch):
     from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps artifacts in ./mlruns
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = tmp_path / "tracked-run"

@@ -144,8 +144,10 @@ def test_resume_after_the_driver_is_killed(ray_cluster, demo_root, tiny_space, t
     assert (exp / "best" / "model.json").is_file()
 
 
-def test_mlflow_runs_equal_the_results_store(ray_cluster, demo_root, tiny_space, tmp_path):
+def test_mlflow_runs_equal_the_results_store(ray_cluster, demo_root, tiny_space, tmp_path, monkeypatch):
     from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps artifacts in ./mlruns
 
     from rayad.tune import SearchSettings, run_search
 
