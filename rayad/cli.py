@@ -379,8 +379,11 @@ def check_outputs(args) -> None:
     """Fail before any work when an output path cannot be written: a file stands where a folder must be
     created, or a folder where the file goes."""
     outputs = OUTPUTS.get(args.command, {})
-    if getattr(args, "ray", False):
+    if getattr(args, "ray", False) and args.out:
         outputs = {**outputs, "out": True}  # predict --ray writes a Parquet dataset: a folder
+        if "://" not in args.out and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
+            raise RayadError(f"--out {args.out}: already holds files, and Ray Data adds its Parquet files to "
+                             "them; give a new or empty folder")
     for flag, folder in outputs.items():
         path = getattr(args, flag, None)
         if path is None or "://" in str(path):
