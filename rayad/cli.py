@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluations before ASHA may stop a trial")
     search.add_argument("--search-seed", type=int, default=SearchSettings.search_seed,
                         help="seed of Optuna's sampler (--seed seeds the trials' training)")
+    search.add_argument("--startup-trials", type=int, metavar="N",
+                        help="random trials before TPE models the results (default: a third of --trials, 1-10)")
     search.add_argument("--val-data", type=Path, help="labelled validation dataset root (its test split is used); "
                                                       "default: held-out good images + synthesised defects")
     res = tune.add_argument_group("resources")
@@ -344,7 +346,7 @@ def cmd_tune(args) -> None:
             trials=args.trials, concurrent=args.concurrent, workers_per_trial=args.workers_per_trial,
             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
             metric=_split(args.metric), mode=_split(args.mode), scheduler=args.scheduler,
-            grace_period=args.grace_period, search_seed=args.search_seed,
+            grace_period=args.grace_period, search_seed=args.search_seed, startup_trials=args.startup_trials,
             val_root=str(args.val_data.absolute()) if args.val_data else None,
             config_file=str(args.config) if args.config else None, overrides=_overrides(args),
             storage=args.storage, max_failures=args.max_failures, mlflow=args.mlflow)

@@ -142,7 +142,7 @@ class ScoringConfig:
 
     sigma: float = 2.0  # Gaussian smoothing of the residual map, in input pixels (chosen on validation)
     map: Literal["l2", "msgms"] = "l2"  # squared residual, or multi-scale gradient-magnitude dissimilarity
-    image_score: Literal["max", "topk"] = "max"
+    image_score: Literal["mean", "max", "topk"] = "mean"  # mean of the map (chosen on validation)
     topk: float = 0.01  # fraction of pixels averaged when image_score="topk"
     threshold_quantile: float = 0.99  # quantile of validation good scores
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # of the network's forward pass

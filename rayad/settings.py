@@ -64,12 +64,19 @@ class SearchSettings:
     grace_period: int = 1  # evaluations before ASHA may stop a trial
     reduction_factor: int = 3
     search_seed: int = 0  # Optuna's sampler (train.seed, set with --seed, seeds the trials' training)
+    startup_trials: int | None = None  # random trials before TPE models the results; default: startup_trials()
     val_root: str | None = None
     config_file: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     storage: str | None = None  # Tune and Train storage (a path or URI all nodes see); default EXP_DIR
     max_failures: int = 0  # Train worker failures each trial recovers from
     mlflow: str | None = None  # MLflow tracking URI: each trial and the best model are logged there too
+
+    @property
+    def tpe_startup_trials(self) -> int:
+        """Optuna's default of 10 random trials would leave a small search random: a third of the trials,
+        1 to 10, unless --startup-trials says otherwise (the enqueued default point counts as one)."""
+        return self.startup_trials if self.startup_trials is not None else min(10, max(1, self.trials // 3))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SearchSettings:

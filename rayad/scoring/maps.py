@@ -48,9 +48,11 @@ def _gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(gx.pow(2) + gy.pow(2) + 1e-12)
 
 
-def image_score(maps: torch.Tensor, mode: str = "max", topk: float = 0.01) -> torch.Tensor:
-    """Max of the map, or the mean of its top `topk` fraction of pixels: (B,)."""
+def image_score(maps: torch.Tensor, mode: str = "mean", topk: float = 0.01) -> torch.Tensor:
+    """Mean of the map, its max, or the mean of its top `topk` fraction of pixels: (B,)."""
     flat = maps.flatten(1)
+    if mode == "mean":
+        return flat.mean(dim=1)
     if mode == "max":
         return flat.amax(dim=1)
     k = max(1, int(round(topk * flat.shape[1])))

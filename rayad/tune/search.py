@@ -83,6 +83,8 @@ def plan_search(settings: SearchSettings) -> Plan:
     if s.trials < 1 or s.workers_per_trial < 1 or s.cpus_per_worker <= 0 or s.gpus_per_worker < 0:
         raise ConfigError("--trials and --workers-per-trial must be >= 1, --cpus-per-worker > 0, "
                           "--gpus-per-worker >= 0")
+    if s.startup_trials is not None and s.startup_trials < 1:
+        raise ConfigError(f"--startup-trials {s.startup_trials}: must be >= 1")
     if s.scheduler not in ("asha", "fifo"):
         raise ConfigError(f"scheduler {s.scheduler!r}: use asha or fifo")
     space = load_space(s.space, load_config(s.config_file))
@@ -166,7 +168,7 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
         points_to_evaluate=[default_point],
         storage=optuna.storages.RDBStorage(f"sqlite:///{exp_dir / STUDY}"),
         study_name=s.category,
-        seed=s.search_seed,
+        sampler=optuna.samplers.TPESampler(seed=s.search_seed, n_startup_trials=s.tpe_startup_trials),
     )
     if s.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=plan.metrics[0], mode=plan.modes[0],

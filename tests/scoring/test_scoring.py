@@ -33,9 +33,10 @@ def test_gaussian_blur_matches_scipy():
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
-def test_image_score_max_and_topk():
+def test_image_score_mean_max_and_topk():
     maps = torch.zeros(1, 1, 10, 10)
     maps[0, 0, 0, :3] = torch.tensor([3.0, 2.0, 1.0])
+    assert image_score(maps).item() == pytest.approx(0.06)  # the default: the mean
     assert image_score(maps, "max").item() == 3.0
     assert image_score(maps, "topk", topk=0.02).item() == pytest.approx(2.5)
 

@@ -10,6 +10,7 @@ import pytest
 from rayad.cli import main
 from rayad.config import Config
 from rayad.errors import ConfigError, RayadError
+from rayad.settings import SearchSettings
 from rayad.tune.space import SPACES_DIR, load_space, parse_space, resolve_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -146,3 +147,16 @@ def test_resume_trusts_only_state_of_this_user_not_writable_by_others(tmp_path):
     (tune_dir / "searcher-state.pkl").symlink_to(tmp_path / "elsewhere.pkl")
     with pytest.raises(RayadError, match="searcher-state.pkl: a symbolic link"):
         check_trusted(tune_dir)
+
+
+@pytest.mark.parametrize("trials, startup, expected", [(1, None, 1), (8, None, 2), (60, None, 10), (8, 5, 5)])
+def test_tpe_models_results_after_a_third_of_a_small_search(trials, startup, expected):
+    settings = SearchSettings(data_root="d", category="c", space="s", trials=trials, startup_trials=startup)
+    assert settings.tpe_startup_trials == expected
+
+
+def test_cli_rejects_zero_startup_trials(tmp_path, demo_root, capsys):
+    code = main(["tune", "--data", str(demo_root), "--category", "brick", "--space", "quick",
+                 "--startup-trials", "0", "--out", str(tmp_path / "exp")])
+    assert code == 2
+    assert "--startup-trials 0: must be >= 1" in capsys.readouterr().err
