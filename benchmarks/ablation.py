@@ -21,6 +21,7 @@ from rayad.artifact import METADATA, Predictor
 from rayad.config import load_config
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.evaluate import evaluate
+from rayad.precision import CPU_BF16_FLAGS, cpu_info
 from rayad.train import fit
 
 VARIANTS = {
@@ -55,18 +56,22 @@ def main() -> None:
     results = {v: {c: run_variant(v, c, args.steps, data_root, args.out) for c in args.categories}
                for v in args.variants}
     (args.out / f"results_{args.steps}.json").write_text(json.dumps(results, indent=2))
-    print(f"\nablation, {args.steps} steps per run, demo data")
+    name, flags = cpu_info()
+    print(f"\nablation, {args.steps} steps per run, demo data; machine: {name} "
+          f"({', '.join(f for f in CPU_BF16_FLAGS if f in flags) or 'no bf16 flags'})")
     print_table(results, args.categories)
 
 
 def print_table(results: dict, categories: list[str]) -> None:
-    cols = [f"{c} {m}" for c in categories for m in ("img", "pix", "pro")] + ["mean img", "mean pix", "mean pro"]
+    cols = [f"{c} {m}" for c in categories for m in ("img", "pix", "pro")] + ["mean img", "mean pix", "mean pro",
+                                                                               "minutes"]
     print("| variant | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for variant, per_cat in results.items():
         cells = [per_cat[c][m] for c in categories for m in METRICS]
         means = [sum(per_cat[c][m] for c in categories) / len(categories) for m in METRICS]
-        print(f"| {variant} | " + " | ".join(f"{v:.3f}" for v in cells + means) + " |")
+        minutes = sum(per_cat[c]["seconds"] for c in categories) / 60
+        print(f"| {variant} | " + " | ".join(f"{v:.3f}" for v in cells + means) + f" | {minutes:.1f} |")
 
 
 if __name__ == "__main__":

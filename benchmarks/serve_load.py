@@ -3,6 +3,7 @@
   1. raw `Predictor` throughput at several batch sizes (the ceiling);
   2. Ray Serve over real HTTP on loopback, closed-loop clients at concurrency 1, 8 and 32, with batching
      on (max_batch_size 16) and off (1): requests/s and p50/p95/p99 latency, bounded in count and time;
+     and `/healthz` latency while a batch of 16 photo-sized PNGs decodes (it must not wait for it);
   3. `rayad predict --ray` (Ray Data actor pool) against the single-process `rayad predict` loop.
 
 The model is the default SDC-CCM at 128², calibrated but untrained: throughput depends on the network's
@@ -16,6 +17,7 @@ size, not on its weights.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import platform
 import tempfile
@@ -42,7 +44,8 @@ def make_model(folder: Path) -> Path:
     cfg = Config()
     torch.manual_seed(0)
     model = build_anomaly_model(cfg)
-    model.calibrate(np.random.default_rng(0).uniform(0.001, 0.01, 64))
+    good = np.random.default_rng(0).uniform(0.001, 0.01, 64)
+    model.calibrate(good, 2 * good)
     return save_artifact(model, cfg, folder)
 
 
@@ -102,10 +105,11 @@ def load_test(url: str, body: bytes, concurrency: int, total: int, seconds: floa
             "errors": errors}
 
 
-def serve_runs(run: Path, body: bytes, args) -> dict[tuple[str, int], dict[str, float]]:
+def serve_runs(run: Path, body: bytes, args) -> tuple[dict[tuple[str, int], dict[str, float]], dict[str, float]]:
+    """Load levels with batching on and off, and /healthz under a large batch (batching on)."""
     from ray import serve
 
-    results = {}
+    results, healthz = {}, {}
     for batching, batch_size in (("on", 16), ("off", 1)):
         settings = ServeSettings(models={"bench": str(run)}, max_batch_size=batch_size, batch_wait_s=0.005,
                                  replica_cpus=THREADS, max_queued_requests=1000)
@@ -114,8 +118,50 @@ def serve_runs(run: Path, body: bytes, args) -> dict[tuple[str, int], dict[str, 
         load_test(url, body, 4, 40, 10)  # warm-up
         for concurrency in (1, 8, 32):
             results[(batching, concurrency)] = load_test(url, body, concurrency, args.requests, args.seconds)
+        if batching == "on":
+            healthz = healthz_during_batch(url)
         serve.delete("rayad")
-    return results
+    return results, healthz
+
+
+def large_png(seed: int, side: int = 2048) -> bytes:
+    """A photo-sized PNG that compresses well (a gradient with faint noise): slow to decode, small to send."""
+    ramp = np.linspace(0, 200, side, dtype=np.float32)
+    noise = np.random.default_rng(seed).integers(0, 4, (side, side), dtype=np.uint8)
+    gray = (ramp[None, :] * 0.5 + ramp[:, None] * 0.25).astype(np.uint8) + noise
+    buffer = io.BytesIO()
+    Image.fromarray(np.repeat(gray[..., None], 3, axis=2)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def healthz_during_batch(url: str, images: int = 16) -> dict[str, float]:
+    """/healthz latency (ms) idle, and while a batch of `images` photo-sized PNGs is decoded and scored."""
+    files = [("files", (f"{i}.png", large_png(i), "image/png")) for i in range(images)]
+
+    def latencies(stop: threading.Event | None, n: int = 50) -> list[float]:
+        out = []
+        while (stop is None and len(out) < n) or (stop is not None and not stop.is_set()):
+            start = time.perf_counter()
+            requests.get(f"{url}/healthz", timeout=30)
+            out.append((time.perf_counter() - start) * 1000)
+            time.sleep(0.01)
+        return out
+
+    idle = latencies(None)
+    done, batch = threading.Event(), {}
+
+    def send():
+        start = time.perf_counter()
+        batch["status"] = requests.post(f"{url}/v1/predict/batch?model=bench", files=files, timeout=300).status_code
+        batch["seconds"] = time.perf_counter() - start
+        done.set()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    busy = latencies(done)
+    sender.join()
+    return {"idle_p50": float(np.median(idle)), "busy_p50": float(np.median(busy)), "busy_max": max(busy),
+            "batch_s": batch["seconds"], "status": batch["status"], "mb": sum(len(f[1][1]) for f in files) / 2**20}
 
 
 def batch_scoring(run: Path, paths: list[Path], out: Path) -> tuple[float, float]:
@@ -142,7 +188,7 @@ def main() -> None:
     raw = raw_throughput(run, images, 3)
     best_batch = max(raw, key=raw.get)
     connect(use_haproxy_ingress(None) if args.ingress == "haproxy" else None, log_to_driver=False)
-    served = serve_runs(run, paths[0].read_bytes(), args)
+    served, h = serve_runs(run, paths[0].read_bytes(), args)
     plain, with_ray = batch_scoring(run, paths, work / "scores.parquet")
 
     precision = Predictor.load(run, device="cpu").precision  # what the Predictor, replicas and actors score in
@@ -159,6 +205,9 @@ def main() -> None:
     print(f"\nserved/raw at 32 clients with batching: {on['rps'] / raw[best_batch]:.2f} "
           f"(raw best: batch {best_batch}, {raw[best_batch]:.1f} img/s); batching on/off at 32 clients: "
           f"{on['rps'] / off['rps']:.2f}")
+    print(f"/healthz while a 16-image batch of 2048² PNGs ({h['mb']:.1f} MB, HTTP {h['status']}, "
+          f"{h['batch_s']:.2f} s) decodes and scores: p50 {h['busy_p50']:.1f} ms, max {h['busy_max']:.1f} ms "
+          f"(idle p50 {h['idle_p50']:.1f} ms)")
     print(f"batch scoring of {len(paths)} files: single process {plain:.1f} img/s, Ray Data 2 actors "
           f"{with_ray:.1f} img/s (ratio {with_ray / plain:.2f})")
 

@@ -65,7 +65,8 @@ def study(overrides: dict, category: str, data_root: Path, out: Path, with_test:
     return {**row, **{k: test[k] for k in ("image_auroc", "image_auroc_ci", "pixel_auroc", "aupro")},
             "thin": float(np.mean([per_defect[k]["image_auroc"] for k in THIN if k in per_defect])),
             "broad": float(np.mean([per_defect[k]["image_auroc"] for k in BROAD if k in per_defect])),
-            "good_gap": float(np.median(test_good) / np.median(val_good))}
+            "good_gap": float(np.median(test_good) / np.median(val_good)),
+            "per_defect": {k: v["image_auroc"] for k, v in per_defect.items()}}
 
 
 def fmt(row: dict, key: str) -> str:
@@ -107,6 +108,20 @@ def main() -> None:
         for category, row in per_category.items():
             row = {**row, "nn_auroc": baseline[category]["image_auroc"] if baseline else None}
             print(f"| {name} | {category} | " + " | ".join(fmt(row, k) for k in columns) + " |")
+    if not args.validation_only:
+        print_per_defect(results, baseline)
+
+
+def print_per_defect(results: dict, baseline: dict) -> None:
+    """Test image AUROC per defect kind: each variant, then the nearest neighbour."""
+    kinds = sorted({k for per_category in results.values() for row in per_category.values() for k in row["per_defect"]})
+    print("\n| variant | category | " + " | ".join(kinds) + " |")
+    print("|---" * (len(kinds) + 2) + "|")
+    rows = [(name, c, row["per_defect"]) for name, per_category in results.items() for c, row in per_category.items()]
+    rows += [("nearest neighbour", c, {k: v["image_auroc"] for k, v in m["per_defect"].items()})
+             for c, m in baseline.items()]
+    for name, category, per in rows:
+        print(f"| {name} | {category} | " + " | ".join(f"{per[k]:.3f}" if k in per else "n/a" for k in kinds) + " |")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ from rayad.settings import PREDICT_BATCH
 
 log = logging.getLogger(__name__)
 
-FORMAT = "rayad-model/1"  # model.json's "format"; an artifact of another format is refused
+FORMAT = "rayad-model/2"  # model.json's "format"; an artifact of another format is refused
+FORMAT_1 = "rayad-model/1"  # read too: before pixel_threshold, masks used the image threshold (max scores)
 MAX_WEIGHTS_HEADER = 16 * 2**20  # bytes of safetensors JSON header (the network's is a few kB)
-CALIBRATION = ("threshold", "score_mean", "score_std")  # AnomalyModel's buffers, set by calibration
+CALIBRATION = ("threshold", "pixel_threshold", "score_mean", "score_std")  # AnomalyModel's, set by calibrate
 
 
 def load_model(run_dir: str | Path) -> tuple[AnomalyModel, Config, dict[str, Any]]:
@@ -48,10 +49,18 @@ def load_model(run_dir: str | Path) -> tuple[AnomalyModel, Config, dict[str, Any
     except ConfigError as e:
         raise ArtifactError(str(e)) from None
     model = build_anomaly_model(config)
-    model.load_state_dict(read_weights(weights, model.state_dict()), strict=True)
-    if not math.isclose(float(model.threshold), metadata["threshold"], rel_tol=1e-6):
-        raise ArtifactError(f"{meta_path}: threshold {metadata['threshold']:.6g} disagrees with the one in "
-                            f"{WEIGHTS} ({float(model.threshold):.6g})")
+    expected = model.state_dict()
+    if metadata["format"] == FORMAT_1:
+        del expected["pixel_threshold"]
+    state = read_weights(weights, expected)
+    if metadata["format"] == FORMAT_1:
+        state["pixel_threshold"] = state["threshold"].clone()
+        metadata["pixel_threshold"] = metadata["threshold"]
+    model.load_state_dict(state, strict=True)
+    for key in ("threshold", "pixel_threshold"):
+        if not math.isclose(float(getattr(model, key)), metadata[key], rel_tol=1e-6):
+            raise ArtifactError(f"{meta_path}: {key} {metadata[key]:.6g} disagrees with the one in {WEIGHTS} "
+                                f"({float(getattr(model, key)):.6g})")
     return model, config, metadata
 
 
@@ -67,13 +76,14 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path}: corrupt metadata ({e})") from None
     if not isinstance(metadata, dict):
         raise ArtifactError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") not in (FORMAT, FORMAT_1):
         raise ArtifactError(f"{path}: format {metadata.get('format')!r} is not {FORMAT!r}, the one this rayad "
                             f"({__version__}) reads")
     if not isinstance(metadata.get("config"), dict):
         raise ArtifactError(f"{path}: no 'config' mapping")
     normalization = metadata.get("normalization") if isinstance(metadata.get("normalization"), dict) else {}
-    for key, value in (("threshold", metadata.get("threshold")), *normalization.items()):
+    thresholds = ("threshold",) if metadata["format"] == FORMAT_1 else ("threshold", "pixel_threshold")
+    for key, value in (*((k, metadata.get(k)) for k in thresholds), *normalization.items()):
         if not isinstance(value, int | float) or not math.isfinite(value):
             raise ArtifactError(f"{path}: {key} = {value!r} is not a finite number (is the model calibrated?)")
     if set(normalization) != {"score_mean", "score_std"}:
@@ -132,6 +142,7 @@ def save_artifact(model: AnomalyModel, config: Config, out_dir: str | Path, extr
         "image_size": config.data.image_size,
         "preprocessing": {"color": "RGB", "resize": "bilinear", "scale": "x / 255"},
         "threshold": float(model.threshold),
+        "pixel_threshold": float(model.pixel_threshold),
         "normalization": {"score_mean": float(model.score_mean), "score_std": float(model.score_std)},
         **(extra or {}),
     }
@@ -147,12 +158,15 @@ def calibrate_and_save(network: torch.nn.Module, cfg: Config, val: ImageSet, out
     model = build_anomaly_model(cfg)
     model.network.load_state_dict(network.state_dict())
     predictor = Predictor(model, cfg, {}, str(device))
-    scores = predictor.predict_arrays(val.images).scores
-    labels = val.labels
+    preds = predictor.predict_arrays(val.images)
+    scores, labels = preds.scores, val.labels
     threshold = f1_threshold(scores, labels) if labels.any() else None
-    model.calibrate(scores[labels == 0], threshold)
+    good = labels == 0
+    model.calibrate(scores[good], preds.maps[good].max(axis=(1, 2)), threshold)
     method = "f1" if labels.any() else f"quantile {cfg.scoring.threshold_quantile}"
-    log.info("threshold %.6g (%s) from %d validation images", float(model.threshold), method, len(scores))
+    log.info("threshold %.6g (%s), pixel threshold %.6g (quantile %s of good map maxima) from %d validation "
+             "images", float(model.threshold), method, float(model.pixel_threshold),
+             cfg.scoring.threshold_quantile, len(scores))
     log.info("scoring in %s (%s)", predictor.precision.precision, predictor.precision.reason)
     validation = {"n_images": len(scores), "n_anomalous": int(labels.sum()), "threshold_method": method}
     precision = {"train": {"precision": train_info.get("precision"), "reason": train_info.get("precision_reason")},
@@ -176,13 +190,14 @@ class Predictions:
     threshold: float | None  # None for an uncalibrated model
     labels: np.ndarray | None  # (N,) bool: score >= threshold
     normalized: np.ndarray | None  # (N,) in standard deviations above the mean good validation score
+    pixel_threshold: float | None = None  # None for an uncalibrated model
     reconstructions: np.ndarray | None = None  # (N, H, W, 3) uint8, when asked for
 
     def masks(self) -> np.ndarray:
-        """(N, H, W) bool: the pixels whose anomaly map reaches the threshold."""
-        if self.threshold is None:
+        """(N, H, W) bool: the pixels whose anomaly map reaches the pixel threshold."""
+        if self.pixel_threshold is None:
             raise RuntimeError("the model is not calibrated: masks need a threshold")
-        return self.maps >= self.threshold
+        return self.maps >= self.pixel_threshold
 
 
 class Predictor:
@@ -221,6 +236,10 @@ class Predictor:
     def threshold(self) -> float:
         return float(self.model.threshold)
 
+    @property
+    def pixel_threshold(self) -> float:
+        return float(self.model.pixel_threshold)
+
     @torch.no_grad()
     def predict_arrays(self, images: np.ndarray, batch_size: int = PREDICT_BATCH, reconstructions: bool = False
                        ) -> Predictions:
@@ -239,10 +258,11 @@ class Predictor:
 
     def _calibrated(self, scores: np.ndarray, maps: np.ndarray, recons: np.ndarray | None) -> Predictions:
         if not self.model.is_calibrated:
-            return Predictions(scores, maps, None, None, None, recons)
+            return Predictions(scores, maps, None, None, None, reconstructions=recons)
         threshold = self.threshold
         mean, std = float(self.model.score_mean), float(self.model.score_std)
-        return Predictions(scores, maps, threshold, scores >= threshold, (scores - mean) / std, recons)
+        return Predictions(scores, maps, threshold, scores >= threshold, (scores - mean) / std, self.pixel_threshold,
+                           recons)
 
     def predict_files(self, sources: list[str | Path | bytes], names: list[str] | None = None,
                       batch_size: int = PREDICT_BATCH) -> tuple[Predictions, list[str | None]]:

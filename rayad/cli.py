@@ -12,6 +12,7 @@ from pathlib import Path
 from rayad.errors import RayadError
 from rayad.settings import (
     DASHBOARD_PORT,
+    DEMO_SPACE,
     DEMO_TRIALS,
     LOCAL_HOST,
     PREDICT_BATCH,
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--data", type=Path, help="dataset root")
     tune.add_argument("--category")
     tune.add_argument("--layout", choices=["auto", "mvtec", "mvtec2", "visa", "folder"])
-    tune.add_argument("--space", help="search space YAML, or the name of one in tune_spaces/ (quick, paper, ablation)")
+    tune.add_argument("--space", help="search space YAML, or the name of one in tune_spaces/ "
+                                      "(demo, quick, quality, paper, ablation)")
     tune.add_argument("--out", required=True, type=Path, help="experiment directory (the results store)")
     tune.add_argument("--trials", type=int, default=SearchSettings.trials)
     tune.add_argument("--resume", action="store_true", help="continue the experiment in --out (settings from it)")
@@ -153,10 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "tracking URI (sqlite:///mlflow.db or a server; needs rayad[mlflow])")
     tune.set_defaults(func=cmd_tune)
 
-    demo = sub.add_parser("demo", help="the main job: demo data, then a quick search per demo category")
+    demo = sub.add_parser("demo", help="the main job: demo data, then a search per demo category")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--trials", type=int, default=DEMO_TRIALS, help="trials per category")
-    demo.add_argument("--space", default="quick", help="search space (default: tune_spaces/quick.yaml)")
+    demo.add_argument("--space", default=DEMO_SPACE, help=f"search space (default: tune_spaces/{DEMO_SPACE}.yaml)")
     demo.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     _add_config_args(demo)
     demo.set_defaults(func=cmd_demo)

@@ -1,4 +1,4 @@
-"""The main job on the embedded default: demo data, then a quick search per demo category on local Ray."""
+"""The main job on the embedded default: demo data, then a search per demo category on local Ray."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from rayad.baselines import nearest_neighbour_metrics
 from rayad.cluster import connect
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.layout import BEST, EXPERIMENT, HISTORY, METRIC_NAMES, STUDY, SUMMARY, TRIALS
-from rayad.settings import DEMO_TRIALS
+from rayad.settings import DEMO_SPACE, DEMO_TRIALS
 from rayad.tune import SearchSettings, resolve_space, run_search
 
 
-def run_demo(out: str | Path, space: str = "quick", trials: int = DEMO_TRIALS, overrides: dict[str, Any] | None = None,
-             address: str | None = None, config_file: str | Path | None = None,
+def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS,
+             overrides: dict[str, Any] | None = None, address: str | None = None, config_file: str | Path | None = None,
              categories: tuple[str, ...] = CATEGORIES) -> dict[str, Any]:
     """Search each category (reusing finished experiments, resuming interrupted ones) and print a summary."""
     out = Path(out).absolute()

@@ -18,7 +18,7 @@ from rayad.settings import PREDICT_BATCH
 
 def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category: str,
              data: DataConfig | None = None, batch_size: int = PREDICT_BATCH) -> dict[str, Any]:
-    """Metrics of the model on the test split: the keys of METRIC_NAMES, threshold, n_images, per_defect, the
+    """Metrics of the model on the test split: the keys of METRIC_NAMES, both thresholds, n_images, per_defect, the
     per-image scores (with paths, labels, defect types, mask paths) and pixel ROC/PR curves where masks exist."""
     if not isinstance(predictor, Predictor):
         predictor = Predictor.load(predictor)
@@ -30,7 +30,8 @@ def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category:
         raise DataError(f"{data_root}/{category}: the test split is empty")
     preds = predictor.predict_arrays(test.images, batch_size)
     metrics = compute_metrics(preds.scores, test.labels, test.defect_types, preds.maps, test.masks)
-    return {**metrics, "threshold": predictor.threshold, "scores": preds.scores.tolist(),
+    return {**metrics, "threshold": predictor.threshold, "pixel_threshold": predictor.pixel_threshold,
+            "scores": preds.scores.tolist(),
             "paths": test.rows["path"].to_pylist(), "labels": test.labels.tolist(),
             "defect_types": test.defect_types, "mask_paths": test.rows["mask_path"].to_pylist(),
             "accuracy": float(np.mean(preds.labels == test.labels.astype(bool))),

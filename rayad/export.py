@@ -1,8 +1,8 @@
 """Export a model artifact to TorchScript or ONNX, with threshold and normalisation in its metadata.
 
 The exported graph takes float images (B, 3, H, W) in [0, 1] (RGB, resized as `preprocessing` says) and
-returns the raw image scores (B,) and anomaly maps (B, H, W); label = score >= threshold. Every export is
-checked against the PyTorch model on real inputs before it is written out.
+returns the raw image scores (B,) and anomaly maps (B, H, W); label = score >= threshold, mask = map >=
+pixel_threshold. Every export is checked against the PyTorch model on real inputs before it is written out.
 """
 
 from __future__ import annotations
@@ -120,8 +120,10 @@ def _metadata(predictor: Predictor, fmt: str, diff: float, n_checked: int) -> di
         "input": {"name": "images", "shape": ["batch", 3, predictor.image_size, predictor.image_size],
                   "dtype": "float32", "range": [0, 1]},
         "outputs": {"scores": "raw image score (batch,)", "anomaly_maps": "(batch, H, W)"},
-        "threshold": meta["threshold"], "normalization": meta["normalization"],
-        "label_rule": "score >= threshold; normalized_score = (score - score_mean) / score_std",
+        "threshold": meta["threshold"], "pixel_threshold": meta["pixel_threshold"],
+        "normalization": meta["normalization"],
+        "label_rule": "score >= threshold; normalized_score = (score - score_mean) / score_std; "
+                      "mask = anomaly_map >= pixel_threshold",
         "parity": {"max_abs_difference": diff, "tolerance": TOLERANCE[fmt], "images_checked": n_checked},
     }
 

@@ -31,7 +31,8 @@ class AnomalyModel(nn.Module):
         super().__init__()
         self.network = network
         self.scoring = scoring
-        self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.register_buffer("threshold", torch.tensor(float("nan")))  # on image scores: the label
+        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))  # on the map: the mask
         self.register_buffer("score_mean", torch.tensor(float("nan")))
         self.register_buffer("score_std", torch.tensor(float("nan")))
 
@@ -48,11 +49,16 @@ class AnomalyModel(nn.Module):
         return not bool(torch.isnan(self.threshold))
 
     @torch.no_grad()
-    def calibrate(self, good_scores: np.ndarray, threshold: float | None = None) -> None:
-        """Set the threshold (default: the configured quantile of good scores) and the score statistics."""
+    def calibrate(self, good_scores: np.ndarray, good_map_maxima: np.ndarray, threshold: float | None = None
+                  ) -> None:
+        """Set the image threshold (default: the configured quantile of good scores), the pixel threshold
+        (that quantile of the good images' map maxima: so many good images get an empty mask, whatever the
+        image score) and the score statistics."""
         good_scores = np.asarray(good_scores, dtype=np.float64)
+        quantile = self.scoring.threshold_quantile
         if threshold is None:
-            threshold = quantile_threshold(good_scores, self.scoring.threshold_quantile)
+            threshold = quantile_threshold(good_scores, quantile)
         self.threshold.fill_(threshold)
+        self.pixel_threshold.fill_(quantile_threshold(np.asarray(good_map_maxima, dtype=np.float64), quantile))
         self.score_mean.fill_(good_scores.mean())
         self.score_std.fill_(max(good_scores.std(), 1e-12))

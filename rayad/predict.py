@@ -79,7 +79,8 @@ def score_rows(predictor: Predictor, names: list[str], contents: list[bytes | Da
             rows.append({"path": name, "score": None, "normalized_score": None, "label": None, "heatmap": None,
                          "error": error})
             continue
-        heatmap = _write_heatmap(heatmaps, name, content, preds.maps[k], predictor.threshold) if heatmaps else None
+        heatmap = (_write_heatmap(heatmaps, name, content, preds.maps[k], predictor.pixel_threshold)
+                   if heatmaps else None)
         rows.append({"path": name, "score": float(preds.scores[k]), "normalized_score": float(preds.normalized[k]),
                      "label": bool(preds.labels[k]), "heatmap": heatmap, "error": None})
         k += 1

@@ -182,7 +182,8 @@ class TestResults:
 
     metrics: dict[str, Any]
     images: pd.DataFrame  # path, label, defect_type, mask_path, score
-    threshold: float
+    threshold: float  # on image scores
+    pixel_threshold: float  # on the anomaly map (heatmaps' midpoint, masks)
 
 
 def load_model(exp_dir: Path, device: str = "cpu"):
@@ -210,7 +211,9 @@ def read_test_results(exp_dir: Path) -> TestResults:
         "path": metrics["paths"], "label": np.asarray(metrics["labels"], dtype=int),
         "defect_type": metrics.get("defect_types") or ["good" if y == 0 else "defect" for y in metrics["labels"]],
         "mask_path": metrics.get("mask_paths") or [None] * n, "score": np.asarray(metrics["scores"], float)})
-    return TestResults(metrics, images, float(metrics["threshold"]))
+    # Results written before the pixel threshold existed came from max-score models: the two were one.
+    return TestResults(metrics, images, float(metrics["threshold"]),
+                       float(metrics.get("pixel_threshold", metrics["threshold"])))
 
 
 def threshold_stats(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float | int]:

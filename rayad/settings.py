@@ -14,7 +14,8 @@ from rayad.data.images import MAX_IMAGE_PIXELS
 LOCAL_HOST = "127.0.0.1"  # servers bind to loopback unless --host says otherwise
 SERVE_PORT, DASHBOARD_PORT = 8000, 8501
 PREDICT_BATCH = 32  # images per forward pass in offline scoring
-DEMO_TRIALS = 5  # per category: the default demo finishes within 15 minutes on 2 cores
+DEMO_SPACE = "demo"  # tune_spaces/demo.yaml
+DEMO_TRIALS = 4  # per category: the demo finishes within 15 minutes on 2 cores with bf16 (docs/benchmarks.md)
 
 
 def cpu_count() -> int:
@@ -99,7 +100,7 @@ class ServeSettings:
     replica_gpus: float = 0.0  # GPUs each scorer replica reserves (fractions share one); cuda only then
     ingress_cpus: float = 0.0
     max_upload_mb: float = 20.0  # one image
-    max_batch_mb: float = 64.0  # a whole /v1/predict/batch body (it is buffered: this bounds the ingress's memory)
+    max_batch_mb: float = 64.0  # a whole /v1/predict/batch body (its files are held: this bounds the ingress)
     max_pixels: int = MAX_IMAGE_PIXELS
     max_batch_images: int = 64
     api_key: str | None = None  # when set, requests need it in the X-API-Key header (or a Bearer token)

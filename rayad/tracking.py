@@ -56,7 +56,8 @@ def log_training(uri: str, experiment: str, run_dir: Path, config: dict[str, Any
             for line in log_file.read_text().splitlines():
                 entry = json.loads(line)
                 mlflow.log_metrics(_numbers(entry, skip=("step",)), step=int(entry.get("step", 0)))
-        mlflow.log_metric("threshold", json.loads((run_dir / METADATA).read_text())["threshold"])
+        metadata = json.loads((run_dir / METADATA).read_text())
+        mlflow.log_metrics({k: metadata[k] for k in ("threshold", "pixel_threshold")})
         for name in (METADATA, WEIGHTS):
             mlflow.log_artifact(str(run_dir / name), artifact_path="model")
     return run.info.run_id

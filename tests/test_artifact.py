@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,13 +10,42 @@ from rayad.data.defects import DEFECTS
 from rayad.data.images import list_images
 from rayad.errors import RayadError
 from rayad.evaluate import evaluate
+from rayad.scoring import quantile_threshold
+from rayad.validation import load_validation
 
 
 def test_artifact_holds_config_threshold_and_normalisation(trained_run):
     meta = json.loads((trained_run / "model.json").read_text())
-    for key in ("rayad_version", "config", "threshold", "normalization", "image_size", "train", "validation"):
+    for key in ("rayad_version", "config", "threshold", "pixel_threshold", "normalization", "image_size", "train",
+                "validation"):
         assert key in meta
-    assert meta["image_size"] == 32 and meta["threshold"] > 0
+    assert meta["image_size"] == 32 and meta["threshold"] > 0 and meta["pixel_threshold"] > 0
+
+
+def test_masks_use_the_pixel_threshold_the_quantile_of_good_map_maxima(trained_run, demo_root):
+    predictor = Predictor.load(trained_run)
+    cfg = predictor.config
+    vset = load_validation(cfg, demo_root, "brick")
+    good_maps = predictor.predict_arrays(vset.images[vset.labels == 0]).maps
+    expected = quantile_threshold(good_maps.max(axis=(1, 2)).astype(np.float64), cfg.scoring.threshold_quantile)
+    assert predictor.pixel_threshold == pytest.approx(expected, rel=1e-6)
+    out = predictor.predict_files(sorted((demo_root / "brick" / "test").rglob("*.png")))[0]
+    np.testing.assert_array_equal(out.masks(), out.maps >= predictor.pixel_threshold)
+
+
+def test_format_1_artifacts_still_load_with_masks_on_the_image_threshold(trained_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(trained_run, old)
+    state = load_file(str(old / "model.safetensors"))
+    del state["pixel_threshold"]
+    save_file(state, str(old / "model.safetensors"))
+    meta = json.loads((old / "model.json").read_text())
+    del meta["pixel_threshold"]
+    (old / "model.json").write_text(json.dumps({**meta, "format": "rayad-model/1"}))
+    predictor = Predictor.load(old)
+    assert predictor.pixel_threshold == predictor.threshold == pytest.approx(meta["threshold"])
 
 
 def test_load_never_unpickles(trained_run, monkeypatch):

@@ -67,6 +67,10 @@ DAMAGE = {
                      "threshold = None is not a finite number"),
     "image sizes disagree": (_meta(lambda m: {**m, "image_size": 64}), "image_size 64 disagrees"),
     "thresholds disagree": (_meta(lambda m: {**m, "threshold": m["threshold"] * 2}), "disagrees with the one in"),
+    "no pixel threshold": (_meta(lambda m: {k: v for k, v in m.items() if k != "pixel_threshold"}),
+                           "pixel_threshold = None is not a finite number"),
+    "pixel thresholds disagree": (_meta(lambda m: {**m, "pixel_threshold": m["pixel_threshold"] * 2}),
+                                  "pixel_threshold"),
     "bad config value": (_meta(lambda m: {**m, "config": {**m["config"], "model": {"skip": "nope"}}}), "model.skip"),
 }
 

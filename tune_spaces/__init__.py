@@ -1,1 +1,1 @@
-"""The bundled search spaces (`--space quick|paper|ablation`), installed as rayad._bundled.tune_spaces."""
+"""The bundled search spaces (`--space demo|quick|quality|paper|ablation`), installed as rayad._bundled.tune_spaces."""

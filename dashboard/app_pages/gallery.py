@@ -42,7 +42,8 @@ descending = high_first if order == "worst first" else order == "score high to l
 shown = shown.sort_values("score", ascending=not descending, kind="stable")
 counts = images["outcome"].value_counts()
 st.caption(f"{len(shown)} of {len(images)} images · false negatives {counts.get('false negative', 0)} · "
-           f"false positives {counts.get('false positive', 0)} at threshold {threshold:.6f}")
+           f"false positives {counts.get('false positive', 0)} at threshold {threshold:.6f} · predicted masks: "
+           f"the map over the calibrated pixel threshold {test.pixel_threshold:.6f}")
 if shown.empty:
     st.info("No image matches these filters.")
     st.stop()
@@ -63,7 +64,7 @@ for row in shown.iloc[(page - 1) * PER_PAGE: page * PER_PAGE].itertuples():
         st.error(f"{row.defect_type} · score {row.score:.6f}: cannot show this image ({e})",
                  icon=":material/broken_image:")
         continue
-    heat = np.asarray(heatmap_image(item["map"], test.threshold), dtype=np.float32)
+    heat = np.asarray(heatmap_image(item["map"], test.pixel_threshold), dtype=np.float32)
     overlay = (OVERLAY_ALPHA * heat + (1 - OVERLAY_ALPHA) * item["image"]).astype(np.uint8)
     cols = st.columns(5)
     cols[0].image(item["image"], width="stretch", caption=f"{row.defect_type} · score {row.score:.6f}")
@@ -71,4 +72,4 @@ for row in shown.iloc[(page - 1) * PER_PAGE: page * PER_PAGE].itertuples():
     cols[2].image(overlay, width="stretch")
     cols[3].image(item["mask"].astype(np.uint8) * 255, width="stretch",
                   caption=None if mask_path else "no mask (good image)")
-    cols[4].image((item["map"] >= threshold).astype(np.uint8) * 255, width="stretch")
+    cols[4].image((item["map"] >= test.pixel_threshold).astype(np.uint8) * 255, width="stretch")

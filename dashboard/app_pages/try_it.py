@@ -48,7 +48,7 @@ def score_local(content: bytes) -> dict:
     model = loaders.predictor(str(exp), loaders.best_versions(exp))
     out = model.predict_arrays(load_image(content, model.image_size)[None])
     return {"score": float(out.scores[0]), "label": bool(out.labels[0]), "threshold": model.threshold,
-            "heatmap": np.asarray(heatmap_image(out.maps[0], model.threshold)),
+            "heatmap": np.asarray(heatmap_image(out.maps[0], model.pixel_threshold)),
             "mask": out.masks()[0].astype(np.uint8) * 255}
 
 

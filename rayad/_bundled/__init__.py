@@ -4,7 +4,7 @@ pyproject.toml maps the top-level folders of the source tree (their source of tr
 so a wheel and an editable install both hold them:
 
     rayad._bundled.dashboard    <- dashboard/     the Streamlit app (`rayad dashboard`)
-    rayad._bundled.tune_spaces  <- tune_spaces/   the search spaces quick, paper, ablation (`--space NAME`)
+    rayad._bundled.tune_spaces  <- tune_spaces/   the search spaces demo, quick, quality, paper, ablation
     rayad._bundled.serve        <- serve/         the Serve config template (`serve deploy`, a RayService)
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -19,9 +20,10 @@ class ImageTooLarge(DataError):
     """An image over the pixel limit: a possible decompression bomb, refused before it is decoded."""
 
 
-def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open and fully decode an image from a path or bytes; raises DataError naming the source if it is bad."""
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
+def decode_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open and fully decode an image from a path, bytes or a binary file; raises DataError naming the source
+    (a path, else "<bytes>") if it is bad."""
+    name = str(source) if isinstance(source, str | Path) else "<bytes>"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -61,7 +63,7 @@ def to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
     return np.array(image, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
 
 
-def load_image(source: str | Path | bytes, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+def load_image(source: str | Path | bytes | BinaryIO, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode and pre-process one image: uint8 (size, size, 3)."""
     return to_rgb_array(decode_image(source, max_pixels), size)
 

@@ -19,9 +19,11 @@ import json
 import logging
 import re
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ from PIL import Image
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as StarletteRequest
 
@@ -87,6 +90,7 @@ def model_card(name: str, run_dir: str) -> dict[str, Any]:
     metrics_file = run / TEST_METRICS
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return {"name": name, "version": model_version(run), "category": name, "threshold": meta["threshold"],
+            "pixel_threshold": meta.get("pixel_threshold", meta["threshold"]),
             "image_size": meta["image_size"], "normalization": meta["normalization"],
             "metrics": {k: metrics.get(k) for k in METRIC_NAMES}}
 
@@ -100,16 +104,42 @@ def _is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").startswith("multipart/form-data")
 
 
-async def _uploads(request: Request, body: bytes, limit: int) -> list[tuple[str, bytes]]:
-    """(filename, content) of the files in a multipart body that was already read."""
-    async def replay() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
+@asynccontextmanager
+async def _uploads(request: Request, limit_mb: float, max_files: int) -> AsyncIterator[list[tuple[str, UploadFile]]]:
+    """(filename, file) of each file of a multipart body, parsed as it arrives and refused with 413 as soon
+    as it passes the limit; the files (in memory up to 1 MB each, Starlette's spool size) are open inside
+    the `async with`. The body is never held beside its files, nor the files beside copies of themselves."""
+    limit = _checked_length(request, limit_mb)
+    received = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise HTTPException(413, f"body is over the limit of {limit:,} bytes")
+        return message
 
     try:
-        form = await StarletteRequest(request.scope, replay).form(max_files=limit, max_fields=limit)
+        form = await StarletteRequest(request.scope, receive).form(max_files=max_files, max_fields=max_files)
+    except HTTPException:
+        raise
     except Exception as e:  # noqa: BLE001 - malformed multipart bodies raise various parser errors
-        raise HTTPException(400, _client_message(f"malformed multipart body ({e})")) from None
-    return [(item.filename or key, await item.read()) for key, item in form.multi_items() if hasattr(item, "read")]
+        detail = e.detail if isinstance(e, StarletteHTTPException) else str(e)
+        raise HTTPException(400, _client_message(f"malformed multipart body ({detail})")) from None
+    try:
+        yield [(item.filename or key, item) for key, item in form.multi_items() if isinstance(item, UploadFile)]
+    finally:
+        await form.close()
+
+
+def _checked_length(request: Request, limit_mb: float) -> int:
+    """The limit in bytes; 413 at once when the declared Content-Length is over it."""
+    limit = int(limit_mb * 2**20)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body of {int(declared):,} bytes is over the limit of {limit:,}")
+    return limit
 
 
 def _root_path(request: Request) -> str:
@@ -158,6 +188,7 @@ class Scorer:
             for row, i in enumerate(indices):
                 results[i] = {"score": float(preds.scores[row]), "normalized_score": float(preds.normalized[row]),
                               "label": bool(preds.labels[row]), "threshold": preds.threshold,
+                              "pixel_threshold": preds.pixel_threshold,
                               "map": preds.maps[row] if with_maps[i] else None,
                               "mask": masks[row] if with_maps[i] else None}
         return results
@@ -241,12 +272,13 @@ class Api:
         """One image: the raw request body, or a multipart upload (field `file`)."""
         self._authorize(request)
         name = self._model(model)
-        body = await self._read_body(request, self.settings.max_upload_mb)
         if _is_multipart(request):
-            files = await _uploads(request, body, limit=1)
-            if not files:
-                raise HTTPException(400, "no file in the multipart upload (send it in the field 'file')")
-            body = files[0][1]
+            async with _uploads(request, self.settings.max_upload_mb, max_files=1) as files:
+                if not files:
+                    raise HTTPException(400, "no file in the multipart upload (send it in the field 'file')")
+                body = await files[0][1].read()
+        else:
+            body = await self._read_body(request, self.settings.max_upload_mb)
         return await self._score(name, await self._decode(body, name), heatmap)
 
     @app.post("/v1/predict/batch")
@@ -257,18 +289,21 @@ class Api:
         name = self._model(model)
         if not _is_multipart(request):
             raise HTTPException(400, "send the images as multipart/form-data")
-        body = await self._read_body(request, self.settings.max_batch_mb)
-        files = await _uploads(request, body, limit=self.settings.max_batch_images)
-        if not files:
-            raise HTTPException(400, "no files in the upload")
-        tasks = [self._score_upload(name, filename, content, heatmap) for filename, content in files]
-        return {"model": name, "results": await asyncio.gather(*tasks)}
+        async with _uploads(request, self.settings.max_batch_mb, self.settings.max_batch_images) as files:
+            if not files:
+                raise HTTPException(400, "no files in the upload")
+            tasks = [self._score_upload(name, filename, upload, heatmap) for filename, upload in files]
+            return {"model": name, "results": await asyncio.gather(*tasks)}
 
-    async def _score_upload(self, name: str, filename: str, content: bytes, heatmap: bool) -> dict[str, Any]:
+    async def _score_upload(self, name: str, filename: str, upload: UploadFile, heatmap: bool) -> dict[str, Any]:
         try:
-            if len(content) > self.settings.max_upload_mb * 2**20:
+            if upload.size is not None and upload.size > self.settings.max_upload_mb * 2**20:
                 raise HTTPException(413, f"over the upload limit of {self.settings.max_upload_mb:g} MB")
-            return {"file": filename, **await self._score(name, await self._decode(content, name), heatmap)}
+            try:
+                image = await self._decode(upload.file if upload.size else b"", name)  # from the file: no copy
+            finally:
+                await upload.close()  # its memory goes as soon as it is decoded
+            return {"file": filename, **await self._score(name, image, heatmap)}
         except HTTPException as e:
             if e.status_code == 503:
                 raise
@@ -294,7 +329,8 @@ class Api:
                "normalized_score": result["normalized_score"], "label": result["label"],
                "threshold": result["threshold"]}
         if heatmap:
-            out["heatmap_png"] = _png_base64(heatmap_image(result["map"], result["threshold"]))
+            out["pixel_threshold"] = result["pixel_threshold"]
+            out["heatmap_png"] = _png_base64(heatmap_image(result["map"], result["pixel_threshold"]))
             out["mask_png"] = _png_base64(Image.fromarray(result["mask"].astype(np.uint8) * 255))
         return out
 
@@ -321,9 +357,9 @@ class Api:
             raise HTTPException(404, f"unknown model {model!r}; served: {sorted(self.cards)}")
         return model
 
-    async def _decode(self, content: bytes, name: str) -> np.ndarray:
+    async def _decode(self, content: bytes | BinaryIO, name: str) -> np.ndarray:
         """Decoded in a worker thread: the event loop keeps answering (/healthz) while images decode."""
-        if not content:
+        if isinstance(content, bytes) and not content:
             raise HTTPException(400, "empty image")
         try:
             return await asyncio.to_thread(load_image, content, self.cards[name]["image_size"],
@@ -336,10 +372,7 @@ class Api:
     @staticmethod
     async def _read_body(request: Request, limit_mb: float) -> bytes:
         """The body, refused with 413 as soon as it passes the limit (never buffered beyond it)."""
-        limit = int(limit_mb * 2**20)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise HTTPException(413, f"body of {int(declared):,} bytes is over the limit of {limit:,}")
+        limit = _checked_length(request, limit_mb)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)

@@ -60,19 +60,20 @@ def test_predictor_labels_only_once_calibrated():
     assert raw.threshold is None and raw.labels is None and raw.normalized is None
     with pytest.raises(RuntimeError, match="not calibrated"):
         raw.masks()
-    model.calibrate(raw.scores[:2])
+    model.calibrate(raw.scores[:2], raw.maps[:2].max(axis=(1, 2)))
     assert model.is_calibrated and predictor.threshold == pytest.approx(np.quantile(raw.scores[:2], 0.99))
+    assert predictor.pixel_threshold == pytest.approx(np.quantile(raw.maps[:2].max(axis=(1, 2)), 0.99))
     out = predictor.predict_arrays(images, batch_size=2)
     np.testing.assert_array_equal(out.scores, raw.scores)
     np.testing.assert_array_equal(out.labels, out.scores >= predictor.threshold)
-    np.testing.assert_array_equal(out.masks(), out.maps >= predictor.threshold)
+    np.testing.assert_array_equal(out.masks(), out.maps >= predictor.pixel_threshold)
     good = raw.scores[:2]
     np.testing.assert_allclose(out.normalized[:2], (good - good.mean()) / good.std(), rtol=1e-5)
 
 
 def test_explicit_threshold_overrides_quantile():
     model = AnomalyModel(Darken(), ScoringConfig())
-    model.calibrate(np.array([0.1, 0.2]), threshold=0.7)
+    model.calibrate(np.array([0.1, 0.2]), np.array([0.5, 0.6]), threshold=0.7)
     assert float(model.threshold) == pytest.approx(0.7)
 
 

@@ -29,7 +29,7 @@ def sample(space, base: Config, n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("name", ["quick", "paper", "ablation"])
+@pytest.mark.parametrize("name", ["demo", "quick", "quality", "paper", "ablation"])
 def test_shipped_spaces_load_and_every_sample_is_a_valid_config(name):
     space = load_space(resolve_space(name))
     base = Config().replace(space.fixed)
@@ -105,7 +105,7 @@ def test_resolve_space_names_the_shipped_ones(tmp_path):
     own = tmp_path / "mine.yaml"
     own.write_text("params: {train.lr: 0.001}\n")
     assert resolve_space(own) == own
-    with pytest.raises(ConfigError, match=r"not one of \['ablation', 'paper', 'quality', 'quick'\]"):
+    with pytest.raises(ConfigError, match=r"not one of \['ablation', 'demo', 'paper', 'quality', 'quick'\]"):
         resolve_space("nope")
 
 

@@ -1,0 +1,122 @@
+"""Image-score rules that rayad does not ship, tried on trained models (validation first, test for the record).
+
+    python benchmarks/score_leads.py --data runs/v4/data --models runs/v4/bf21a9e8fb [--categories grass]
+
+`--models` holds one trained run per category (e.g. a `benchmarks/variants.py` run). Each rule turns the
+squared residual of a reconstruction into an image score; the combined rule takes the larger of two
+scores, each standardised by its mean and spread over the good *training* images (so that neither the
+validation nor the test split calibrates them). Printed per rule and category: validation image AUROC,
+its faint-blob and thin-defect (scratch, crack, fine crack) AUROC, and test image AUROC. Shipped rules
+(`scoring.image_score`: mean, max, topk) are measured by `benchmarks/variants.py`; this script is where
+leads are checked before one of them earns a config value.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from rayad.artifact import Predictor
+from rayad.data.dataset import load_split, to_tensor
+from rayad.data.demo import CATEGORIES
+from rayad.data.manifest import build_manifest
+from rayad.filters import gaussian_blur
+from rayad.metrics.auroc import auroc
+from rayad.precision import CPU_BF16_FLAGS, autocast, cpu_info
+from rayad.validation import load_validation
+
+THIN = ("scratch", "crack", "fine_crack")
+BORDER = 8  # px of a 128² map: where 30-60% of good images' maxima lie (docs/benchmarks.md)
+
+
+def residuals(predictor: Predictor, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared residual (N, 1, H, W) and grayscale input, the network run as the model is scored."""
+    res, gray = [], []
+    with torch.no_grad():
+        for start in range(0, len(images), 64):
+            x = to_tensor(images[start:start + 64])
+            with autocast(predictor.precision.precision, x.device):
+                r = predictor.model.network(x).float()
+            res.append((x - r).pow(2).mean(1, keepdim=True))
+            gray.append(x.mean(1, keepdim=True))
+    return torch.cat(res), torch.cat(gray)
+
+
+def rules(position_mean: torch.Tensor) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    def local_variance(gray):
+        return gaussian_blur(gray.pow(2), 4) - gaussian_blur(gray, 4).pow(2)
+
+    return {
+        "max, σ 2 (old default)": lambda res, gray: gaussian_blur(res, 2).flatten(1).amax(1),
+        "max, σ 8": lambda res, gray: gaussian_blur(res, 8).flatten(1).amax(1),
+        "max, σ 16": lambda res, gray: gaussian_blur(res, 16).flatten(1).amax(1),
+        "mean, σ 2 (default)": lambda res, gray: gaussian_blur(res, 2).flatten(1).mean(1),
+        f"mean, σ 2, without the {BORDER} px border": lambda res, gray: gaussian_blur(res, 2)[
+            ..., BORDER:-BORDER, BORDER:-BORDER].flatten(1).mean(1),
+        "max over the mean good map (position-normalised)": lambda res, gray: (gaussian_blur(res, 2) / position_mean)
+        .flatten(1).amax(1),
+        "max of residual / local variance (contrast-normalised)": lambda res, gray: gaussian_blur(
+            res / (local_variance(gray) + 1e-3), 2).flatten(1).amax(1),
+    }
+
+
+def combined(scores: dict[str, np.ndarray], train: dict[str, np.ndarray], a: str, b: str) -> np.ndarray:
+    def z(k):
+        return (scores[k] - train[k].mean()) / train[k].std()
+
+    return np.maximum(z(a), z(b))
+
+
+def kind_auroc(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray, kind_set: list[str]) -> float:
+    """Image AUROC of the good images against those of the defect kinds in `kind_set`."""
+    keep = np.isin(kinds, kind_set) | (labels == 0)
+    return auroc(scores[keep], labels[keep])
+
+
+def evaluate_rules(predictor: Predictor, data_root: str, category: str) -> dict[str, dict[str, float]]:
+    cfg = predictor.config
+    manifest = build_manifest(data_root, category, cfg.data)
+    size = predictor.image_size
+    train_res, train_gray = residuals(predictor, load_split(manifest, "train", size).images)
+    table = rules(gaussian_blur(train_res, 2).mean(0, keepdim=True) + 1e-4)
+    train = {k: f(train_res, train_gray).numpy().astype(np.float64) for k, f in table.items()}
+    vset, test = load_validation(cfg, data_root, category), load_split(manifest, "test", size)
+    out: dict[str, dict[str, float]] = {}
+    for split, images, labels, kinds in (("val", vset.images, vset.labels, vset.defect_types),
+                                         ("test", test.images, test.labels, test.defect_types)):
+        res, gray = residuals(predictor, images)
+        scores = {k: f(res, gray).numpy().astype(np.float64) for k, f in table.items()}
+        scores["max σ 2 or mean σ 2, the larger z-score"] = combined(scores, train, "max, σ 2 (old default)",
+                                                                     "mean, σ 2 (default)")
+        kinds = np.asarray(kinds)
+        for rule, s in scores.items():
+            row = out.setdefault(rule, {})
+            row[split] = auroc(s, labels)
+            if split == "val":
+                row["faint"], row["thin"] = (kind_auroc(s, labels, kinds, k) for k in (["faint"], list(THIN)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--models", required=True, help="folder with one trained run per category")
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    args = parser.parse_args()
+    name, flags = cpu_info()
+    print(f"machine: {name} ({', '.join(f for f in CPU_BF16_FLAGS if f in flags) or 'no bf16 flags'}), "
+          f"{torch.get_num_threads()} torch threads")
+    print("| rule | category | val image AUROC | val faint | val thin | test image AUROC |")
+    print("|---|---|---|---|---|---|")
+    for category in args.categories:
+        predictor = Predictor.load(f"{args.models}/{category}")
+        for rule, row in evaluate_rules(predictor, args.data, category).items():
+            print(f"| {rule} | {category} | {row['val']:.3f} | {row['faint']:.3f} | {row['thin']:.3f} "
+                  f"| {row['test']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
