@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -34,6 +33,7 @@ from PIL import Image
 from rayad.artifact import Predictor, build_anomaly_model, save_artifact
 from rayad.cluster import connect
 from rayad.config import Config
+from rayad.precision import CPU_BF16_FLAGS, cpu_info
 from rayad.predict import predict_paths, predict_with_ray
 from rayad.serve import ServeSettings, start, use_haproxy_ingress
 
@@ -192,7 +192,9 @@ def main() -> None:
     plain, with_ray = batch_scoring(run, paths, work / "scores.parquet")
 
     precision = Predictor.load(run, device="cpu").precision  # what the Predictor, replicas and actors score in
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; model: default SDC-CCM "
+    cpu, flags = cpu_info()
+    print(f"machine: {cpu} ({', '.join(f for f in CPU_BF16_FLAGS if f in flags) or 'no bf16 flags'}), "
+          f"{os.cpu_count()} CPUs; model: default SDC-CCM "
           f"at 128², {THREADS} torch threads in the Predictor and the scorer replica; {args.ingress} ingress; "
           f"scoring in {precision.precision} ({precision.reason})")
     print("\nraw Predictor images/s by batch size: " + ", ".join(f"{b}: {r:.1f}" for b, r in raw.items()))
