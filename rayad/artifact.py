@@ -49,13 +49,10 @@ def load_model(run_dir: str | Path) -> tuple[AnomalyModel, Config, dict[str, Any
     except ConfigError as e:
         raise ArtifactError(str(e)) from None
     model = build_anomaly_model(config)
-    expected = model.state_dict()
-    if metadata["format"] == FORMAT_1:
-        del expected["pixel_threshold"]
-    state = read_weights(weights, expected)
-    if metadata["format"] == FORMAT_1:
-        state["pixel_threshold"] = state["threshold"].clone()
-        metadata["pixel_threshold"] = metadata["threshold"]
+    format_1 = metadata["format"] == FORMAT_1
+    state = read_weights(weights, {k: v for k, v in model.state_dict().items()
+                                   if not (format_1 and k == "pixel_threshold")})
+    state.setdefault("pixel_threshold", state["threshold"].clone())  # format 1: masks used the image threshold
     model.load_state_dict(state, strict=True)
     for key in ("threshold", "pixel_threshold"):
         if not math.isclose(float(getattr(model, key)), metadata[key], rel_tol=1e-6):
@@ -81,9 +78,11 @@ def read_metadata(path: Path) -> dict[str, Any]:
                             f"({__version__}) reads")
     if not isinstance(metadata.get("config"), dict):
         raise ArtifactError(f"{path}: no 'config' mapping")
+    if metadata["format"] == FORMAT_1:  # before the pixel threshold, masks used the image threshold
+        metadata = {**metadata, "pixel_threshold": metadata.get("threshold")}
     normalization = metadata.get("normalization") if isinstance(metadata.get("normalization"), dict) else {}
-    thresholds = ("threshold",) if metadata["format"] == FORMAT_1 else ("threshold", "pixel_threshold")
-    for key, value in (*((k, metadata.get(k)) for k in thresholds), *normalization.items()):
+    thresholds = ((key, metadata.get(key)) for key in ("threshold", "pixel_threshold"))
+    for key, value in (*thresholds, *normalization.items()):
         if not isinstance(value, int | float) or not math.isfinite(value):
             raise ArtifactError(f"{path}: {key} = {value!r} is not a finite number (is the model calibrated?)")
     if set(normalization) != {"score_mean", "score_std"}:

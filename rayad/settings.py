@@ -65,7 +65,7 @@ class SearchSettings:
     grace_period: int = 1  # evaluations before ASHA may stop a trial
     reduction_factor: int = 3
     search_seed: int = 0  # Optuna's sampler (train.seed, set with --seed, seeds the trials' training)
-    startup_trials: int | None = None  # random trials before TPE models the results; default: startup_trials()
+    startup_trials: int | None = None  # random trials before TPE models the results; default: tpe_startup_trials
     val_root: str | None = None
     config_file: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)

@@ -90,7 +90,7 @@ def model_card(name: str, run_dir: str) -> dict[str, Any]:
     metrics_file = run / TEST_METRICS
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return {"name": name, "version": model_version(run), "category": name, "threshold": meta["threshold"],
-            "pixel_threshold": meta.get("pixel_threshold", meta["threshold"]),
+            "pixel_threshold": meta["pixel_threshold"],
             "image_size": meta["image_size"], "normalization": meta["normalization"],
             "metrics": {k: metrics.get(k) for k in METRIC_NAMES}}
 
