@@ -50,12 +50,15 @@ def trained(overrides: dict, category: str, data_root: Path, out: Path) -> tuple
 
 def study(overrides: dict, category: str, data_root: Path, out: Path, with_test: bool) -> dict:
     predictor, minutes = trained(overrides, category, data_root, out)
-    cfg = predictor.config.replace({k: v for k, v in overrides.items() if k.startswith("scoring.")})
-    predictor.model.scoring = cfg.scoring
-    vset = load_validation(cfg, data_root, category)
+    predictor.config = predictor.config.replace({k: v for k, v in overrides.items() if k.startswith("scoring.")})
+    predictor.model.scoring = predictor.config.scoring
+    vset = load_validation(predictor.config, data_root, category)
+    tta = predictor.resolve_tta(vset.images[vset.labels == 0])["choice"]  # as calibration settles `auto`
+    cfg = predictor.config
     val = validation_metrics(predictor.model.network, cfg, vset, "cpu")
-    row = {"val_image_auroc": val["val_image_auroc"], "val_aupro": val["val_aupro"], "steps": cfg.train.steps,
-           "minutes": minutes, "precision": predictor.metadata.get("precision", {}).get("train", {}).get("precision")}
+    row = {"val_image_auroc": val["val_image_auroc"], "val_aupro": val["val_aupro"], "tta": tta,
+           "steps": cfg.train.steps, "minutes": minutes,
+           "precision": predictor.metadata.get("precision", {}).get("train", {}).get("precision")}
     if not with_test:
         return row
     test = evaluate(predictor, data_root, category)
@@ -101,7 +104,7 @@ def main() -> None:
     columns = ["val_image_auroc", "val_aupro"]
     if not args.validation_only:
         columns += ["image_auroc", "image_auroc_ci", "pixel_auroc", "aupro", "thin", "broad", "good_gap", "nn_auroc"]
-    columns += ["steps", "minutes", "precision"]
+    columns += ["tta", "steps", "minutes", "precision"]
     print("| variant | category | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 2) + "|")
     for name, per_category in results.items():

@@ -20,7 +20,7 @@ from rayad.config import Config, DataConfig
 from rayad.data.dataset import ImageSet, to_tensor
 from rayad.data.images import load_image
 from rayad.errors import ArtifactError, ConfigError, DataError
-from rayad.inference import AnomalyModel
+from rayad.inference import TTA_TOLERANCE, AnomalyModel, mirror_error_ratios
 from rayad.layout import METADATA, WEIGHTS
 from rayad.models import create_model
 from rayad.precision import Choice, default_device, exact_cuda_math, native, probe_network, resolve
@@ -157,6 +157,7 @@ def calibrate_and_save(network: torch.nn.Module, cfg: Config, val: ImageSet, out
     model = build_anomaly_model(cfg)
     model.network.load_state_dict(network.state_dict())
     predictor = Predictor(model, cfg, {}, str(device))
+    tta = predictor.resolve_tta(val.images[val.labels == 0])
     preds = predictor.predict_arrays(val.images)
     scores, labels = preds.scores, val.labels
     threshold = f1_threshold(scores, labels) if labels.any() else None
@@ -170,7 +171,8 @@ def calibrate_and_save(network: torch.nn.Module, cfg: Config, val: ImageSet, out
     validation = {"n_images": len(scores), "n_anomalous": int(labels.sum()), "threshold_method": method}
     precision = {"train": {"precision": train_info.get("precision"), "reason": train_info.get("precision_reason")},
                  "scoring": predictor.precision.as_dict()}
-    return save_artifact(model, cfg, out_dir, {"train": train_info, "validation": validation, "precision": precision})
+    return save_artifact(model, predictor.config, out_dir,
+                         {"train": train_info, "validation": validation, "precision": precision, "tta": tta})
 
 
 def atomic_write(path: Path, write) -> None:
@@ -221,6 +223,27 @@ class Predictor:
             return Choice(recorded["precision"], "as calibrated (model.json)")
         return resolve(requested, self.device, probe_network(self.model.network, self.image_size, training=False,
                                                                device=self.device))
+
+    TTA_IMAGES = 64  # good images that decide scoring.tta=auto
+
+    @torch.no_grad()
+    def resolve_tta(self, good_images: np.ndarray) -> dict[str, Any]:
+        """Settle `scoring.tta=auto` on held-out good images: flips when each mirror view reconstructs them
+        within TTA_TOLERANCE of the image itself (the material looks the same mirrored), else none."""
+        scoring = self.config.scoring
+        if scoring.tta != "auto":
+            return {"choice": scoring.tta, "reason": "configured"}
+        if not len(good_images):
+            raise DataError("scoring.tta=auto needs good validation images to decide on; set scoring.tta")
+        good = to_tensor(good_images[:self.TTA_IMAGES]).to(self.device, memory_format=torch.channels_last)
+        ratios = mirror_error_ratios(self.model.network, good, self.precision.precision)
+        choice = "flips" if max(ratios) <= TTA_TOLERANCE else "none"
+        self.config = self.config.replace({"scoring.tta": choice})
+        self.model.scoring = self.config.scoring
+        reason = (f"mirror views reconstruct {len(good)} good images at {', '.join(f'{r:.2f}' for r in ratios)}x "
+                  f"the error of the image (flips at most {TTA_TOLERANCE}x)")
+        log.info("scoring.tta auto -> %s: %s", choice, reason)
+        return {"choice": choice, "reason": reason, "mirror_error_ratios": ratios}
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | None = None, precision: str | None = None) -> Predictor:

@@ -83,7 +83,8 @@ class ModelConfig:
     encoder: str = "sdc"  # "sdc" or a timm model name (then only len(widths), the level count, is used)
     widths: tuple[int, ...] = (32, 64, 128)
     dilations: tuple[int, ...] = (1, 2, 4, 8)
-    skip: Literal["ccm", "add", "none"] = "ccm"
+    skip: Literal["ccm", "ccm_context", "add", "none"] = "ccm"
+    skip_from: int = 0  # decoder levels finer than this get no skip (1: none at the finest, 1/2 resolution)
     norm: Literal["batch", "group", "instance", "none"] = "batch"
     act: str = "relu"
     in_chans: int = 3
@@ -94,6 +95,7 @@ class ModelConfig:
             raise ConfigError(f"model.widths: needs positive widths, got {self.widths}")
         if min(self.dilations, default=1) < 1:
             raise ConfigError(f"model.dilations: must be >= 1, got {self.dilations}")
+        _check_range("model.skip_from", self.skip_from, 0, len(self.widths) - 1)
 
     @property
     def depth(self) -> int:
@@ -146,6 +148,9 @@ class ScoringConfig:
     topk: float = 0.01  # fraction of pixels averaged when image_score="topk"
     threshold_quantile: float = 0.99  # quantile of validation good scores
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # of the network's forward pass
+    # Test-time mirror views: flips averages 4 reconstructions; auto picks flips at calibration when every
+    # mirror view reconstructs the good validation images as well as the image (rayad.artifact.Predictor.resolve_tta).
+    tta: Literal["auto", "flips", "none"] = "auto"
 
     def __post_init__(self):
         _check_range("scoring.sigma", self.sigma, 0.0, 64.0)

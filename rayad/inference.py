@@ -1,7 +1,8 @@
 """The scoring model: network + anomaly map + image score, with the calibration held in buffers.
 
 `AnomalyModel(x)` is a pure function of the pixels (no calibration), the graph that training-time
-validation, `Predictor` and the exports all run. Labels, normalised scores and masks are applied to its
+validation, `Predictor` and the exports all run. With `scoring.tta=flips` it reconstructs the image and its
+three mirror images and averages the four reconstructions, mirrored back (docs/design.md, "Scoring"). Labels, normalised scores and masks are applied to its
 outputs by `rayad.artifact.Predictions` (docs/design.md, "Scoring").
 """
 
@@ -16,6 +17,10 @@ from torch import nn
 from rayad.config import ScoringConfig
 from rayad.precision import autocast
 from rayad.scoring import anomaly_map, image_score, quantile_threshold
+
+
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # the image, mirrored left-right, upside down, and both (180°)
+TTA_TOLERANCE = 1.1  # auto: a mirror view may reconstruct good images at most 10% worse than the image
 
 
 class InferenceBatch(NamedTuple):
@@ -39,7 +44,7 @@ class AnomalyModel(nn.Module):
     def forward(self, x: torch.Tensor, precision: str = "fp32") -> InferenceBatch:
         """Score a float batch in [0, 1]; the network runs in `precision`, the map and score in fp32."""
         with autocast(precision, x.device):
-            reconstruction = self.network(x)
+            reconstruction = reconstruct(self.network, x, self.scoring.tta == "flips")
         maps = anomaly_map(x, reconstruction, self.scoring.sigma, self.scoring.map)
         return InferenceBatch(image_score(maps, self.scoring.image_score, self.scoring.topk), maps[:, 0],
                               reconstruction)
@@ -62,3 +67,29 @@ class AnomalyModel(nn.Module):
         self.pixel_threshold.fill_(quantile_threshold(np.asarray(good_map_maxima, dtype=np.float64), quantile))
         self.score_mean.fill_(good_scores.mean())
         self.score_std.fill_(max(good_scores.std(), 1e-12))
+
+
+def _flip(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return x.flip(dims) if dims else x
+
+
+def reconstruct(network: nn.Module, x: torch.Tensor, flips: bool) -> torch.Tensor:
+    """The network's reconstruction, or with `flips` the mean of the reconstructions of x's four mirror
+    images, each mirrored back (one batch of 4B): test-time augmentation that averages out the network's
+    view-dependent error on stochastic texture."""
+    if not flips:
+        return network(x)
+    views = network(torch.cat([_flip(x, dims) for dims in FLIPS])).float().unflatten(0, (len(FLIPS), -1))
+    return torch.stack([_flip(views[i], dims) for i, dims in enumerate(FLIPS)]).mean(dim=0)
+
+
+@torch.no_grad()
+def mirror_error_ratios(network: nn.Module, good: torch.Tensor, precision: str) -> list[float]:
+    """Mean squared residual of good images reconstructed through each mirror view (left-right, upside down,
+    both) over that of the image itself: about 1 where the material looks the same mirrored."""
+    errors = []
+    for dims in FLIPS:
+        with autocast(precision, good.device):
+            back = _flip(network(_flip(good, dims)).float(), dims)
+        errors.append(float((good - back).pow(2).mean()))
+    return [e / max(errors[0], 1e-12) for e in errors[1:]]

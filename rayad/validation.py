@@ -94,10 +94,12 @@ def load_validation(cfg: Config, data_root: str | Path, category: str, val_root:
 def validation_metrics(network: nn.Module, cfg: Config, vset: ValidationSet, device: torch.device | str,
                        batch_size: int = PREDICT_BATCH) -> dict[str, float | None]:
     """`val_<metric>` for every metric of METRIC_NAMES, scored as `rayad evaluate` scores the test split
-    (the network is scored in eval mode, then put back in the mode it was in)."""
+    (`scoring.tta=auto` settled as calibration settles it; the network is scored in eval mode, then put
+    back in the mode it was in)."""
     was_training = network.training
-    preds = Predictor(AnomalyModel(network, cfg.scoring), cfg, {}, str(device)).predict_arrays(vset.images,
-                                                                                               batch_size)
+    predictor = Predictor(AnomalyModel(network, cfg.scoring), cfg, {}, str(device))
+    predictor.resolve_tta(vset.images[vset.labels == 0])
+    preds = predictor.predict_arrays(vset.images, batch_size)
     network.train(was_training)
     metrics = compute_metrics(preds.scores, vset.labels, None, preds.maps, vset.masks if vset.has_masks else None,
                               n_boot=0)

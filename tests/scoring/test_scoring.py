@@ -91,3 +91,50 @@ def test_msgms_map_sees_structure_not_intensity_offsets():
     m = anomaly_map(x, scratch, 0.0, "msgms")[:, 0]
     assert m.shape == (2, 64, 64) and float(m.min()) >= 0 and float(m.max()) <= 1
     assert m[:, 28:34, 8:56].mean() > 5 * m[:, :20].mean()  # highest on the scratch
+
+
+class Template(nn.Module):
+    """A network that has memorised one image: whatever it is shown, it returns the template."""
+
+    def __init__(self, template: torch.Tensor):
+        super().__init__()
+        self.template = template
+
+    def forward(self, x):
+        return self.template.expand(len(x), -1, -1, -1)
+
+
+def test_flips_average_the_mirrored_back_reconstructions():
+    from rayad.inference import FLIPS, reconstruct
+
+    x = torch.rand(2, 3, 8, 8)
+    template = Template(torch.rand(1, 3, 8, 8))
+    expected = sum(template(x).flip(d) if d else template(x) for d in FLIPS) / 4
+    torch.testing.assert_close(reconstruct(template, x, flips=True), expected)
+    torch.testing.assert_close(reconstruct(template, x, flips=False), template(x))
+    flipped = AnomalyModel(template, ScoringConfig(sigma=0, tta="flips"))(x)
+    torch.testing.assert_close(flipped.reconstruction, expected)
+    # Unsettled `auto` (a model never calibrated, or saved before scoring.tta existed) scores without flips.
+    torch.testing.assert_close(AnomalyModel(template, ScoringConfig(sigma=0))(x).reconstruction, template(x))
+
+
+@pytest.mark.parametrize("symmetric, choice", [(True, "flips"), (False, "none")])
+def test_auto_tta_picks_flips_only_for_material_that_looks_the_same_mirrored(symmetric, choice):
+    from rayad.artifact import Predictor
+    from rayad.config import Config
+
+    ramp = torch.linspace(0, 1, 16)
+    template = (ramp.view(1, 1, 1, 16) * ramp.view(1, 1, 16, 1)).expand(1, 3, 16, 16)
+    if symmetric:  # the same mirrored either way
+        template = (template + template.flip(-1) + template.flip(-2) + template.flip(-2, -1)) / 2
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 3, (8, 16, 16, 3))
+    good = np.clip(template[0].permute(1, 2, 0).numpy() * 255 + noise, 0, 255).astype(np.uint8)
+    predictor = Predictor(AnomalyModel(Template(template), ScoringConfig()), Config(), {}, precision="fp32")
+    decided = predictor.resolve_tta(good)
+    assert decided["choice"] == choice == predictor.config.scoring.tta == predictor.model.scoring.tta
+    assert (max(decided["mirror_error_ratios"]) <= 1.1) == symmetric
+    # Configured values are kept as they are.
+    fixed = Predictor(AnomalyModel(Template(template), ScoringConfig(tta="none")), Config().replace(
+        {"scoring.tta": "none"}), {}, precision="fp32")
+    assert fixed.resolve_tta(good) == {"choice": "none", "reason": "configured"}
