@@ -10,6 +10,7 @@ The model is the default SDC-CCM at 128², calibrated but untrained: throughput 
 size, not on its weights.
 
     python benchmarks/serve_load.py [--requests 400] [--seconds 30] [--images 256] [--ingress python|haproxy]
+        [--tta flips|none]
 
 `--ingress haproxy` measures Ray Serve's experimental HAProxy ingress (`rayad serve --ingress haproxy`).
 """
@@ -40,8 +41,8 @@ from rayad.serve import ServeSettings, start, use_haproxy_ingress
 THREADS = 2
 
 
-def make_model(folder: Path) -> Path:
-    cfg = Config()
+def make_model(folder: Path, tta: str) -> Path:
+    cfg = Config().replace({"scoring.tta": tta})
     torch.manual_seed(0)
     model = build_anomaly_model(cfg)
     good = np.random.default_rng(0).uniform(0.001, 0.01, 64)
@@ -180,9 +181,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="for batch scoring")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--ingress", choices=["python", "haproxy"], default="python")
+    parser.add_argument("--tta", choices=["flips", "none"], default="flips",
+                        help="scoring.tta of the model (flips: what `auto` settles on for textures; 4x the network)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rayad-serve-bench-"))
-    run = make_model(work / "model")
+    run = make_model(work / "model", args.tta)
     paths = make_images(work / "images", args.images)
     images = np.stack([np.asarray(Image.open(p)) for p in paths[:32]])
     raw = raw_throughput(run, images, 3)
@@ -195,7 +198,8 @@ def main() -> None:
     cpu, flags = cpu_info()
     print(f"machine: {cpu} ({', '.join(f for f in CPU_BF16_FLAGS if f in flags) or 'no bf16 flags'}), "
           f"{os.cpu_count()} CPUs; model: default SDC-CCM "
-          f"at 128², {THREADS} torch threads in the Predictor and the scorer replica; {args.ingress} ingress; "
+          f"at 128², scoring.tta {args.tta}, {THREADS} torch threads in the Predictor and the scorer replica; "
+          f"{args.ingress} ingress; "
           f"scoring in {precision.precision} ({precision.reason})")
     print("\nraw Predictor images/s by batch size: " + ", ".join(f"{b}: {r:.1f}" for b, r in raw.items()))
     print(f"\n{'batching':<9}{'clients':>8}{'req/s':>8}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'n':>6}{'err':>5}"

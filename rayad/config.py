@@ -83,8 +83,7 @@ class ModelConfig:
     encoder: str = "sdc"  # "sdc" or a timm model name (then only len(widths), the level count, is used)
     widths: tuple[int, ...] = (32, 64, 128)
     dilations: tuple[int, ...] = (1, 2, 4, 8)
-    skip: Literal["ccm", "ccm_context", "add", "none"] = "ccm"
-    skip_from: int = 0  # decoder levels finer than this get no skip (1: none at the finest, 1/2 resolution)
+    skip: Literal["ccm", "add", "none"] = "ccm"
     norm: Literal["batch", "group", "instance", "none"] = "batch"
     act: str = "relu"
     in_chans: int = 3
@@ -95,7 +94,6 @@ class ModelConfig:
             raise ConfigError(f"model.widths: needs positive widths, got {self.widths}")
         if min(self.dilations, default=1) < 1:
             raise ConfigError(f"model.dilations: must be >= 1, got {self.dilations}")
-        _check_range("model.skip_from", self.skip_from, 0, len(self.widths) - 1)
 
     @property
     def depth(self) -> int:

@@ -1,9 +1,9 @@
 """The scoring model: network + anomaly map + image score, with the calibration held in buffers.
 
 `AnomalyModel(x)` is a pure function of the pixels (no calibration), the graph that training-time
-validation, `Predictor` and the exports all run. With `scoring.tta=flips` it reconstructs the image and its
-three mirror images and averages the four reconstructions, mirrored back (docs/design.md, "Scoring"). Labels, normalised scores and masks are applied to its
-outputs by `rayad.artifact.Predictions` (docs/design.md, "Scoring").
+validation, `Predictor` and the exports all run; with `scoring.tta=flips` it averages the reconstructions
+of the image's four mirror views. Labels, normalised scores and masks are applied to its outputs by
+`rayad.artifact.Predictions` (docs/design.md, "Scoring").
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from torch import nn
 from rayad.config import ScoringConfig
 from rayad.precision import autocast
 from rayad.scoring import anomaly_map, image_score, quantile_threshold
-
 
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # the image, mirrored left-right, upside down, and both (180°)
 TTA_TOLERANCE = 1.1  # auto: a mirror view may reconstruct good images at most 10% worse than the image

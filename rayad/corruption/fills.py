@@ -76,13 +76,3 @@ def shift_fill(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     gain = _rand((b, 1, 1, 1), gen, x.device, 0.5, 1.5) * _rand((b, c, 1, 1), gen, x.device, 0.85, 1.15)
     offset = _rand((b, 1, 1, 1), gen, x.device, -0.25, 0.25)
     return x * gain + offset
-
-
-@register_fill("faint")
-def faint_fill(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """The image itself a few grey levels brighter or darker (1.5-6 % of the range): trains the network to
-    restore the local mean level, so low-contrast diffuse defects leave a residual."""
-    b = x.shape[0]
-    offset = _rand((b, 1, 1, 1), gen, x.device, 0.015, 0.06)
-    sign = torch.where(torch.rand((b, 1, 1, 1), generator=gen, device=x.device) < 0.5, -1.0, 1.0)
-    return x + sign * offset

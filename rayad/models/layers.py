@@ -62,14 +62,6 @@ class ConvexSkip(nn.Module):
         return a * enc + (1 - a) * dec
 
 
-class ContextSkip(ConvexSkip):
-    """CCM whose gate sees a 3x3 neighbourhood, so it can tell a line through the texture from the texture."""
-
-    def __init__(self, channels: int):
-        super().__init__(channels)
-        self.gate = nn.Conv2d(2 * channels, channels, 3, padding=1)
-
-
 class AddSkip(nn.Module):
     """Plain additive (U-Net-like) skip: leaks the encoder's detail, defects included."""
 
@@ -90,4 +82,4 @@ class NoSkip(nn.Module):
         return dec
 
 
-SKIPS = {"ccm": ConvexSkip, "ccm_context": ContextSkip, "add": AddSkip, "none": NoSkip}
+SKIPS = {"ccm": ConvexSkip, "add": AddSkip, "none": NoSkip}

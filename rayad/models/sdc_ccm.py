@@ -34,8 +34,7 @@ class SDCCCM(nn.Module):
         # Decoder level i brings level i+1's features up to level i, merges the skip, then refines.
         self.up_convs = nn.ModuleList(ConvNormAct(chans[i + 1], chans[i], cfg.norm, cfg.act)
                                       for i in range(len(chans) - 1))
-        self.skips = nn.ModuleList(SKIPS[cfg.skip if i >= cfg.skip_from else "none"](c)
-                                   for i, c in enumerate(chans[:-1]))
+        self.skips = nn.ModuleList(SKIPS[cfg.skip](c) for c in chans[:-1])
         self.refines = nn.ModuleList(ConvNormAct(c, c, cfg.norm, cfg.act) for c in chans[:-1])
         head = max(chans[0] // 2, 8)
         self.head = nn.Sequential(nn.Conv2d(chans[0], head, 3, padding=1), make_act(cfg.act),
