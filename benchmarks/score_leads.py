@@ -46,7 +46,7 @@ def residuals(predictor: Predictor, images: np.ndarray) -> tuple[torch.Tensor, t
     return torch.cat(res), torch.cat(signed), torch.cat(gray)
 
 
-def rules(position_mean: torch.Tensor) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def rules(position_mean: torch.Tensor) -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
     def local_variance(gray):
         return gaussian_blur(gray.pow(2), 4) - gaussian_blur(gray, 4).pow(2)
 
@@ -57,8 +57,8 @@ def rules(position_mean: torch.Tensor) -> dict[str, Callable[[torch.Tensor, torc
         "mean, σ 2 (default)": lambda res, signed, gray: gaussian_blur(res, 2).flatten(1).mean(1),
         f"mean, σ 2, without the {BORDER} px border": lambda res, signed, gray: gaussian_blur(res, 2)[
             ..., BORDER:-BORDER, BORDER:-BORDER].flatten(1).mean(1),
-        "max over the mean good map (position-normalised)": lambda res, signed, gray: (gaussian_blur(res, 2) / position_mean)
-        .flatten(1).amax(1),
+        "max over the mean good map (position-normalised)": lambda res, signed, gray: (
+            gaussian_blur(res, 2) / position_mean).flatten(1).amax(1),
         "max of residual / local variance (contrast-normalised)": lambda res, signed, gray: gaussian_blur(
             res / (local_variance(gray) + 1e-3), 2).flatten(1).amax(1),
         "mean of the top 10% of the map, σ 2": lambda res, signed, gray: gaussian_blur(res, 2).flatten(1)
