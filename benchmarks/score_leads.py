@@ -30,6 +30,7 @@ from rayad.validation import load_validation
 
 THIN = ("scratch", "crack", "fine_crack")
 BORDER = 8  # px of a 128² map: where 30-60% of good images' maxima lie (docs/benchmarks.md)
+Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (res, signed, gray) -> image scores
 
 
 def residuals(predictor: Predictor, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,7 +47,7 @@ def residuals(predictor: Predictor, images: np.ndarray) -> tuple[torch.Tensor, t
     return torch.cat(res), torch.cat(signed), torch.cat(gray)
 
 
-def rules(position_mean: torch.Tensor) -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+def rules(position_mean: torch.Tensor) -> dict[str, Rule]:
     def local_variance(gray):
         return gaussian_blur(gray.pow(2), 4) - gaussian_blur(gray, 4).pow(2)
 
