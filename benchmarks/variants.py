@@ -1,7 +1,8 @@
 """Configuration study on the demo data: what the validation set sees against what the test split shows.
 
     python benchmarks/variants.py --variant base --variant long train.steps=1500 \
-        --variant s4 scoring.sigma=4 [--categories grass] [--out runs/variants] [--validation-only]
+        --variant s4 scoring.sigma=4 [--categories grass] [--out runs/variants] [--validation-only] \
+        [--val-images 243]
 
 Each `--variant NAME [key=value ...]` is the default config with those overrides. Variants that differ
 only in `scoring.*` keys share one trained model (scoring is applied to its reconstructions), so scoring
@@ -11,6 +12,14 @@ image AUROC of the thin defects, the generalisation gap (median score of good te
 validation images: 1.0 when held-out good images look like unseen ones), the raw-pixel nearest-neighbour
 baseline's test image AUROC, and the budget (steps, minutes of training). Finished runs are reused.
 Choose on the validation columns; the test columns are for the variants you report.
+
+`--val-images N` scores the validation columns on a larger draw: N held-out good images of the same
+validation tiles (and their painted copies), from a second build of the demo data whose training and first
+validation images are the standard build's; models still train and calibrate on the standard build. It
+adds each variant's validation image AUROC minus the first variant's, with a 95% paired bootstrap interval
+(the same images resampled for both): a difference whose interval holds 0 does not rank the two. Take N
+not a multiple of 5 (e.g. 243): the painted copies take the ten defect kinds in turn, so with N a multiple
+of 10 each good image would carry one kind only.
 """
 
 from __future__ import annotations
@@ -29,9 +38,12 @@ from rayad.config import load_config, parse_overrides
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.evaluate import evaluate
 from rayad.layout import METADATA
+from rayad.metrics import compute_metrics
+from rayad.metrics.auroc import auroc
+from rayad.metrics.bootstrap import bootstrap_ci
 from rayad.precision import CPU_BF16_FLAGS, cpu_info
 from rayad.train import fit
-from rayad.validation import load_validation, validation_metrics
+from rayad.validation import load_validation
 
 THIN = ("crack", "scratch", "fine_crack")
 BROAD = ("faint", "broad_stain", "dark_region", "missing")
@@ -48,15 +60,18 @@ def trained(overrides: dict, category: str, data_root: Path, out: Path) -> tuple
     return Predictor.load(run), float((run / "minutes.txt").read_text())
 
 
-def study(overrides: dict, category: str, data_root: Path, out: Path, with_test: bool) -> dict:
+def study(overrides: dict, category: str, data_root: Path, val_root: Path, out: Path, with_test: bool) -> dict:
     predictor, minutes = trained(overrides, category, data_root, out)
     predictor.config = predictor.config.replace({k: v for k, v in overrides.items() if k.startswith("scoring.")})
     predictor.model.scoring = predictor.config.scoring
-    vset = load_validation(predictor.config, data_root, category)
+    vset = load_validation(predictor.config, val_root, category)
     tta = predictor.resolve_tta(vset.images[vset.labels == 0])["choice"]  # as calibration settles `auto`
     cfg = predictor.config
-    val = validation_metrics(predictor.model.network, cfg, vset, "cpu")
-    row = {"val_image_auroc": val["val_image_auroc"], "val_aupro": val["val_aupro"], "tta": tta,
+    preds = predictor.predict_arrays(vset.images)  # scored as rayad.validation.validation_metrics scores
+    val = compute_metrics(preds.scores, vset.labels, None, preds.maps, vset.masks if vset.has_masks else None,
+                          n_boot=0)
+    row = {"val_image_auroc": val["image_auroc"], "val_aupro": val["aupro"], "tta": tta,
+           "val_scores": preds.scores, "val_labels": vset.labels,
            "steps": cfg.train.steps, "minutes": minutes,
            "precision": predictor.metadata.get("precision", {}).get("train", {}).get("precision")}
     if not with_test:
@@ -72,12 +87,27 @@ def study(overrides: dict, category: str, data_root: Path, out: Path, with_test:
             "per_defect": {k: v["image_auroc"] for k, v in per_defect.items()}}
 
 
+def paired_differences(results: dict) -> None:
+    """Add `val_diff` (validation image AUROC minus the first variant's) and `val_diff_ci` to every row."""
+    first = next(iter(results.values()))
+    for per_category in results.values():
+        for category, row in per_category.items():
+            ref, labels = first[category]["val_scores"], row["val_labels"]
+            row["val_diff"] = auroc(row["val_scores"], labels) - auroc(ref, labels)
+            row["val_diff_ci"] = bootstrap_ci(lambda s, r, y: auroc(s, y) - auroc(r, y),
+                                              (row["val_scores"], ref, labels), labels)
+
+
 def fmt(row: dict, key: str) -> str:
     value = row.get(key)
     if value is None:
         return "n/a"
     if key == "image_auroc_ci":
         return f"[{value[0]:.3f}, {value[1]:.3f}]"
+    if key == "val_diff_ci":
+        return f"[{value[0]:+.3f}, {value[1]:+.3f}]"
+    if key == "val_diff":
+        return f"{value:+.3f}"
     return f"{value:.2f}" if key == "minutes" else str(value) if isinstance(value, int | str) else f"{value:.3f}"
 
 
@@ -87,21 +117,29 @@ def main() -> None:
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     parser.add_argument("--out", type=Path, default=Path("runs/variants"))
     parser.add_argument("--validation-only", action="store_true", help="skip the test split")
+    parser.add_argument("--val-images", type=int, metavar="N",
+                        help="validate on N held-out good images of a second build (and their painted copies)")
     args = parser.parse_args()
     data_root = args.out / "data"
-    if not all((data_root / c).is_dir() for c in args.categories):
-        make_demo_dataset(data_root)
+    val_root = data_root if args.val_images is None else args.out / f"data-val{args.val_images}"
+    for root, n_val in ((data_root, None), (val_root, args.val_images)):
+        if not all((root / c).is_dir() for c in args.categories):
+            make_demo_dataset(root, n_val=n_val)
     for _, *sets in args.variant:  # every variant's overrides are checked before any training
         load_config(overrides=parse_overrides(sets))
-    results = {name: {c: study(parse_overrides(sets), c, data_root, args.out, not args.validation_only)
+    results = {name: {c: study(parse_overrides(sets), c, data_root, val_root, args.out, not args.validation_only)
                       for c in args.categories} for name, *sets in args.variant}
+    paired_differences(results)
+    for per_category in results.values():
+        for row in per_category.values():
+            del row["val_scores"], row["val_labels"]
     baseline = {} if args.validation_only else {c: nearest_neighbour_metrics(data_root, c) for c in args.categories}
     (args.out / "results.json").write_text(json.dumps({"variants": results, "nearest_neighbour": {
         c: {k: m[k] for k in ("image_auroc", "image_auroc_ci", "pixel_auroc", "aupro")} for c, m in baseline.items()}},
         indent=2))
     name, flags = cpu_info()
     print(f"machine: {name} ({', '.join(f for f in CPU_BF16_FLAGS if f in flags) or 'no bf16 flags'})")
-    columns = ["val_image_auroc", "val_aupro"]
+    columns = ["val_image_auroc", "val_diff", "val_diff_ci", "val_aupro"]
     if not args.validation_only:
         columns += ["image_auroc", "image_auroc_ci", "pixel_auroc", "aupro", "thin", "broad", "good_gap", "nn_auroc"]
     columns += ["tta", "steps", "minutes", "precision"]

@@ -104,7 +104,7 @@ class ModelConfig:
 class TrainConfig:
     """Optimiser, schedule, step budget and loss weights."""
 
-    steps: int = 600  # about 9 minutes at 128² on 2 CPU cores
+    steps: int = 600  # 2-6 minutes at 128² on 2 CPU cores, by CPU and precision (docs/benchmarks.md)
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4
