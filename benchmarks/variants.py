@@ -77,7 +77,7 @@ def study(overrides: dict, category: str, data_root: Path, val_root: Path, out: 
     if not with_test:
         return row
     test = evaluate(predictor, data_root, category)
-    val_good = predictor.predict_arrays(vset.images[vset.labels == 0]).scores
+    val_good = preds.scores[vset.labels == 0]
     test_good = np.asarray(test["scores"])[np.asarray(test["labels"]) == 0]
     per_defect = test["per_defect"]
     return {**row, **{k: test[k] for k in ("image_auroc", "image_auroc_ci", "pixel_auroc", "aupro")},
