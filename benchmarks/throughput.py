@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,7 +80,7 @@ class Bench:
         idx = batch_indices(len(self.train.images), self.batch_size, next(self.steps), 0)
         return to_tensor(self.train.images[idx]).to(self.device)
 
-    def train_rate(self, precision: str, seconds: float, model=None) -> float:
+    def train_rate(self, precision: str, seconds: float, model=None, warmup: int = 2) -> float:
         model = self.model if model is None else model
         model.train()
 
@@ -87,9 +88,9 @@ class Bench:
             s = next(self.steps)
             train_step(model, self.optimizer, self.corruptor, self.batch(), step_generator(0, s, self.device),
                        self.cfg.train, s, precision)
-        return timed_rate(step, self.batch_size, seconds)
+        return timed_rate(step, self.batch_size, seconds, warmup)
 
-    def infer_rate(self, precision: str, seconds: float, model=None) -> float:
+    def infer_rate(self, precision: str, seconds: float, model=None, warmup: int = 2) -> float:
         model = self.model if model is None else model
         model.eval()
         x = self.batch().contiguous(memory_format=torch.channels_last)
@@ -97,7 +98,7 @@ class Bench:
         def forward():
             with torch.no_grad(), autocast(precision, self.device):
                 model(x)
-        return timed_rate(forward, self.batch_size, seconds)
+        return timed_rate(forward, self.batch_size, seconds, warmup)
 
 
 def bench_size(size: int, batch_size: int, seconds: float, device: torch.device, data_root: Path) -> dict:
@@ -106,24 +107,40 @@ def bench_size(size: int, batch_size: int, seconds: float, device: torch.device,
     row = {"size": size, "gflops": model_gflops(bench.model, size, device),
            "load": timed_rate(bench.batch, batch_size, 1),
            "corrupt": timed_rate(lambda: bench.corruptor(x, step_generator(0, 0, device)), batch_size, seconds / 2)}
-    for p in PRECISIONS:
-        row[f"train_{p}"] = bench.train_rate(p, seconds)
-        row[f"infer_{p}"] = bench.infer_rate(p, seconds)
+    for mode, rate_of in (("train", bench.train_rate), ("infer", bench.infer_rate)):
+        rates = interleaved({p: lambda secs, warmup, p=p, rate_of=rate_of: rate_of(p, secs, warmup=warmup)
+                             for p in PRECISIONS}, seconds)
+        row.update({f"{mode}_{p}": rate for p, rate in rates.items()})
     return row
 
 
+def interleaved(rate_fns: dict, seconds: float, rounds: int = 3) -> dict[str, float]:
+    """The median rate of each `rate_fns[key](seconds, warmup)` over `rounds` alternating turns of
+    seconds/rounds each (warm-up calls in the first turn only), so that a drift in the machine's speed
+    (other tenants, clocks) hits every key alike."""
+    turns = {key: [] for key in rate_fns}
+    for turn in range(rounds):
+        for key, fn in rate_fns.items():
+            turns[key].append(fn(seconds / rounds, 2 if turn == 0 else 0))
+    return {key: statistics.median(rates) for key, rates in turns.items()}
+
+
 def compile_rows(batch_size: int, seconds: float, device: torch.device, data_root: Path) -> list[dict]:
-    """torch.compile (inductor) against eager at 128²: speed-up and the time the first compiled call takes."""
+    """torch.compile (inductor) against eager at 128²: speed-up and the time the first compiled call takes.
+    Inference compiles with freezing (weights folded in as constants, as a deployed scorer would)."""
+    import torch._inductor.config as inductor_config
+
     rows = []
     for mode in ("infer", "train"):
         for p in PRECISIONS:
             bench = Bench(128, batch_size, device, data_root)
             eager = getattr(bench, f"{mode}_rate")(p, seconds)
             compiled = torch.compile(bench.model)
-            start = time.perf_counter()
-            getattr(bench, f"{mode}_rate")(p, 0, compiled)  # warm-up calls compile; 3 timed calls follow
-            compile_s = time.perf_counter() - start
-            rate = getattr(bench, f"{mode}_rate")(p, seconds, compiled)
+            with inductor_config.patch(freezing=mode == "infer"):
+                start = time.perf_counter()
+                getattr(bench, f"{mode}_rate")(p, 0, compiled)  # warm-up calls compile; 3 timed calls follow
+                compile_s = time.perf_counter() - start
+                rate = getattr(bench, f"{mode}_rate")(p, seconds, compiled)
             rows.append({"mode": mode, "precision": p, "eager": eager, "compiled": rate, "compile_s": compile_s})
     return rows
 
@@ -204,6 +221,12 @@ def main() -> None:
         print_table(("128²", "precision", "eager img/s", "compiled img/s", "speed-up", "first call s"),
                     [(c["mode"], c["precision"], f"{c['eager']:.1f}", f"{c['compiled']:.1f}",
                       f"{c['compiled'] / c['eager']:.2f}x", f"{c['compile_s']:.0f}") for c in compiled])
+        infer = {c["precision"]: c["compiled"] for c in compiled if c["mode"] == "infer"}
+        gflops = next((r["gflops"] for r in rows if r["size"] == 128), None)
+        if gflops:
+            print(f"compiled inference: bf16/fp32 {infer['bf16'] / infer['fp32']:.2f}x; bf16 at "
+                  f"{gflops * infer['bf16'] / peak['bf16']:.0%} of the bf16 peak, fp32 at "
+                  f"{gflops * infer['fp32'] / peak['fp32']:.0%} of the fp32 one")
     if threads:
         both = threads["two_1_thread_each"]
         print(f"\ntraining 128² fp32, 2 cores: one process with 2 threads {threads['one_2_threads']:.1f} img/s; "

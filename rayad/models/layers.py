@@ -29,12 +29,25 @@ def make_act(name: str) -> nn.Module:
 
 
 class ConvNormAct(nn.Sequential):
+    """3x3 conv, norm, activation. In eval mode a batch norm is folded into the conv (one pass over the
+    activations instead of two: 1.1x in fp32, more in bf16; docs/design.md, "Precision")."""
+
     def __init__(self, cin: int, cout: int, norm: str, act: str, stride: int = 1, dilation: int = 1):
         super().__init__(
             nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=norm == "none"),
             make_norm(norm, cout),
             make_act(act),
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, norm, act = self
+        if self.training or not isinstance(norm, nn.BatchNorm2d):
+            return act(norm(conv(x)))
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+        bias = norm.bias - norm.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        return act(conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), bias))
 
 
 class DilatedBottleneck(nn.Module):

@@ -4,6 +4,7 @@ import torch
 from rayad.config import ModelConfig, load_config
 from rayad.errors import ConfigError
 from rayad.models import create_model, list_models
+from rayad.models.layers import ConvNormAct
 
 TINY = {"widths": (8, 16, 16), "dilations": (1, 2)}
 
@@ -99,3 +100,23 @@ def test_image_size_that_the_encoder_cannot_halve_fails_in_the_config(overrides,
 def test_bad_model_config(kw, needle):
     with pytest.raises(ConfigError, match=needle):
         create_model(ModelConfig(**{**TINY, **kw}))
+
+
+def test_eval_mode_folds_batch_norm_into_the_conv_without_changing_the_output():
+    """The folded conv (docs/design.md, "Precision") against conv, then batch norm with its running
+    statistics, then the activation, run apart; training mode still normalises with batch statistics."""
+    torch.manual_seed(0)
+    block = ConvNormAct(4, 6, "batch", "relu")
+    with torch.no_grad():
+        block[1].running_mean.uniform_(-0.5, 0.5)
+        block[1].running_var.uniform_(0.5, 2.0)
+        block[1].weight.uniform_(0.5, 1.5)
+        block[1].bias.uniform_(-0.2, 0.2)
+    x = torch.randn(3, 4, 10, 10)
+    conv, norm, act = block
+    block.eval()
+    with torch.no_grad():
+        assert torch.allclose(block(x), act(norm(conv(x))), atol=1e-6)
+    block.train()
+    batch_stats = torch.nn.functional.batch_norm(conv(x), None, None, norm.weight, norm.bias, training=True)
+    assert torch.allclose(block(x), act(batch_stats), atol=1e-6)
