@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--trials", type=int, default=DEMO_TRIALS, help="trials per category")
     demo.add_argument("--space", default=DEMO_SPACE, help=f"search space (default: tune_spaces/{DEMO_SPACE}.yaml)")
+    demo.add_argument("--categories", nargs="+", metavar="CATEGORY",
+                      help="demo categories to search (default: all: brick grass gravel)")
     demo.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     _add_config_args(demo)
     demo.set_defaults(func=cmd_demo)
@@ -362,9 +364,14 @@ def _split(value: str | None) -> tuple[str, ...]:
 
 
 def cmd_demo(args) -> None:
+    from rayad.data.demo import CATEGORIES
     from rayad.demo import run_demo
 
-    run_demo(args.out, args.space, args.trials, _overrides(args), args.address, args.config)
+    unknown = sorted(set(args.categories or ()) - set(CATEGORIES))
+    if unknown:
+        raise RayadError(f"--categories: no demo category {', '.join(unknown)}; the demo has {' '.join(CATEGORIES)}")
+    run_demo(args.out, args.space, args.trials, _overrides(args), args.address, args.config,
+             tuple(args.categories or CATEGORIES))
 
 
 def cmd_dashboard(args) -> None:

@@ -53,6 +53,7 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["predict", "--run", "{run}", "{demo}/brick/test/good", "--heatmaps", "{tmp}/file"], "is a file"),
     (["predict", "--run", "{run}", "{demo}/brick/test/good", "--out", "{tmp}/file/p.parquet"], "is a file"),
     (["predict", "--run", "{run}", "--ray", "{demo}/brick/test/good", "--out", "{tmp}"], "already holds files"),
+    (["demo", "--out", "{tmp}/demo", "--categories", "brick", "marble"], "no demo category marble"),
 ])
 def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, trained_run, capsys):
     blocker = tmp_path / "file"
