@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from rayad.artifact import compile_network
 from rayad.config import load_config
 from rayad.corruption import Corruptor
 from rayad.data.dataset import load_split, to_tensor
@@ -127,20 +128,17 @@ def interleaved(rate_fns: dict, seconds: float, rounds: int = 3) -> dict[str, fl
 
 def compile_rows(batch_size: int, seconds: float, device: torch.device, data_root: Path) -> list[dict]:
     """torch.compile (inductor) against eager at 128²: speed-up and the time the first compiled call takes.
-    Inference compiles with freezing (weights folded in as constants, as a deployed scorer would)."""
-    import torch._inductor.config as inductor_config
-
+    Inference compiles as `scoring.compile` does (rayad.artifact.compile_network), training with defaults."""
     rows = []
     for mode in ("infer", "train"):
         for p in PRECISIONS:
             bench = Bench(128, batch_size, device, data_root)
             eager = getattr(bench, f"{mode}_rate")(p, seconds)
-            compiled = torch.compile(bench.model)
-            with inductor_config.patch(freezing=mode == "infer"):
-                start = time.perf_counter()
-                getattr(bench, f"{mode}_rate")(p, 0, compiled)  # warm-up calls compile; 3 timed calls follow
-                compile_s = time.perf_counter() - start
-                rate = getattr(bench, f"{mode}_rate")(p, seconds, compiled)
+            compiled = compile_network(bench.model) if mode == "infer" else torch.compile(bench.model)
+            start = time.perf_counter()
+            getattr(bench, f"{mode}_rate")(p, 0, compiled)  # warm-up calls compile; 3 timed calls follow
+            compile_s = time.perf_counter() - start
+            rate = getattr(bench, f"{mode}_rate")(p, seconds, compiled)
             rows.append({"mode": mode, "precision": p, "eager": eager, "compiled": rate, "compile_s": compile_s})
     return rows
 
@@ -205,7 +203,7 @@ def main() -> None:
     threads = concurrent_training(args.seconds, "fp32") if device.type == "cpu" else None
 
     print(f"\nmachine: {machine()}; torch {torch.__version__}; batch {args.batch_size}; GEMM peak "
-          f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s ({peak['bf16'] / peak['fp32']:.1f}x)")
+          f"fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s ({peak['bf16'] / peak['fp32']:.2f}x)")
     print_table(("size", "precision", "train img/s", "infer img/s", "infer GFLOP/s", "infer/peak"),
                 [(f"{r['size']}²", p, f"{r[f'train_{p}']:.1f}", f"{r[f'infer_{p}']:.1f}",
                   f"{r['gflops'] * r[f'infer_{p}']:.0f}", f"{r['gflops'] * r[f'infer_{p}'] / peak[p]:.0%}")

@@ -20,7 +20,7 @@ from rayad.config import Config, DataConfig
 from rayad.data.dataset import ImageSet, to_tensor
 from rayad.data.images import load_image
 from rayad.errors import ArtifactError, ConfigError, DataError
-from rayad.inference import TTA_TOLERANCE, AnomalyModel, mirror_error_ratios
+from rayad.inference import TTA_TOLERANCE, AnomalyModel, InferenceBatch, mirror_error_ratios
 from rayad.layout import METADATA, WEIGHTS
 from rayad.models import create_model
 from rayad.precision import Choice, default_device, exact_cuda_math, native, probe_network, resolve
@@ -33,6 +33,7 @@ FORMAT = "rayad-model/2"  # model.json's "format"; an artifact of another format
 FORMAT_1 = "rayad-model/1"  # read too: before pixel_threshold, masks used the image threshold (max scores)
 MAX_WEIGHTS_HEADER = 16 * 2**20  # bytes of safetensors JSON header (the network's is a few kB)
 CALIBRATION = ("threshold", "pixel_threshold", "score_mean", "score_std")  # AnomalyModel's, set by calibrate
+COMPILED_GRAPHS = 64  # scoring.compile: graphs one process may compile before torch falls back to eager
 
 
 def load_model(run_dir: str | Path) -> tuple[AnomalyModel, Config, dict[str, Any]]:
@@ -175,6 +176,14 @@ def calibrate_and_save(network: torch.nn.Module, cfg: Config, val: ImageSet, out
                          {"train": train_info, "validation": validation, "precision": precision, "tta": tta})
 
 
+def compile_network(network: torch.nn.Module) -> torch.nn.Module:
+    """`network` compiled for scoring, one graph per batch shape. The compile cache is per function, shared by
+    every model of the process (a Serve replica may host several): it may hold a graph per model, shape and
+    precision, up to COMPILED_GRAPHS."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS)
+    return torch.compile(network, dynamic=False)
+
+
 def atomic_write(path: Path, write) -> None:
     """Write `path` through a temporary file renamed into place."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -215,6 +224,7 @@ class Predictor:
         self.metadata = metadata
         self.device = device
         self.precision = self._precision(precision or config.scoring.precision)
+        self.compiled = compile_network(self.model.network) if config.scoring.compile else None
 
     def _precision(self, requested: str) -> Choice:
         """`auto` reuses the precision the model was calibrated in, where this device runs it natively."""
@@ -269,7 +279,7 @@ class Predictor:
         scores, maps, recons = [np.zeros(0, np.float32)], [np.zeros((0, *images.shape[1:3]), np.float32)], []
         for start in range(0, len(images), batch_size):
             batch = to_tensor(images[start:start + batch_size]).to(self.device, memory_format=torch.channels_last)
-            out = self.model(batch, self.precision.precision)
+            out = self._score(batch)
             scores.append(out.pred_score.float().cpu().numpy())
             maps.append(out.anomaly_map.float().cpu().numpy())
             if reconstructions:
@@ -277,6 +287,19 @@ class Predictor:
                               .cpu().numpy())
         return self._calibrated(np.concatenate(scores).astype(np.float64), np.concatenate(maps),
                                 np.concatenate(recons) if reconstructions else None)
+
+    def _score(self, batch: torch.Tensor) -> InferenceBatch:
+        """The model's outputs for `batch`. A compiled network sees the batch padded with blank images to a
+        power of two, so that it compiles once for each of a few shapes, whatever the batch sizes asked for."""
+        if self.compiled is None:
+            return self.model(batch, self.precision.precision)
+        n = len(batch)
+        pad = (1 << (n - 1).bit_length()) - n
+        if pad:
+            batch = torch.cat([batch, batch.new_zeros((pad, *batch.shape[1:]))]).contiguous(
+                memory_format=torch.channels_last)
+        out = self.model(batch, self.precision.precision, self.compiled)
+        return InferenceBatch(*(t[:n] for t in out))
 
     def _calibrated(self, scores: np.ndarray, maps: np.ndarray, recons: np.ndarray | None) -> Predictions:
         if not self.model.is_calibrated:

@@ -149,6 +149,10 @@ class ScoringConfig:
     # Test-time mirror views: flips averages 4 reconstructions; auto picks flips at calibration when every
     # mirror view reconstructs the good validation images as well as the image (rayad.artifact.Predictor.resolve_tta).
     tta: Literal["auto", "flips", "none"] = "auto"
+    # torch.compile the network for scoring (docs/design.md, "Precision"): 1.1-1.6x by CPU and precision
+    # (docs/benchmarks.md), seconds to compile per batch shape and process; set at training, so that
+    # calibration compiles too.
+    compile: bool = False
 
     def __post_init__(self):
         _check_range("scoring.sigma", self.sigma, 0.0, 64.0)

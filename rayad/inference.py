@@ -40,10 +40,12 @@ class AnomalyModel(nn.Module):
         self.register_buffer("score_mean", torch.tensor(float("nan")))
         self.register_buffer("score_std", torch.tensor(float("nan")))
 
-    def forward(self, x: torch.Tensor, precision: str = "fp32") -> InferenceBatch:
-        """Score a float batch in [0, 1]; the network runs in `precision`, the map and score in fp32."""
+    def forward(self, x: torch.Tensor, precision: str = "fp32", network: nn.Module | None = None
+                ) -> InferenceBatch:
+        """Score a float batch in [0, 1]; the network (or `network`, a compiled one) runs in `precision`,
+        the map and score in fp32."""
         with autocast(precision, x.device):
-            reconstruction = reconstruct(self.network, x, self.scoring.tta == "flips")
+            reconstruction = reconstruct(self.network if network is None else network, x, self.scoring.tta == "flips")
         maps = anomaly_map(x, reconstruction, self.scoring.sigma, self.scoring.map)
         return InferenceBatch(image_score(maps, self.scoring.image_score, self.scoring.topk), maps[:, 0],
                               reconstruction)

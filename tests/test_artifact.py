@@ -107,3 +107,23 @@ def test_the_same_picture_scores_the_same_with_8_or_16_bits(trained_run, demo_ro
     assert Image.open(tmp_path / "16.png").mode == "I;16"
     preds, errors = Predictor.load(trained_run).predict_files([tmp_path / "8.png", tmp_path / "16.png"])
     assert errors == [None, None] and preds.scores[0] == preds.scores[1]
+
+
+@pytest.mark.slow
+def test_compiled_scoring_gives_an_image_the_same_score_in_any_batch(trained_run, demo_root, tmp_path):
+    """scoring.compile pads each batch to a power of two: an image scored alone (shape 1), among five (padded
+    to 8) and in batches of two (shapes 2 and 1) gets one score, within rounding of the eager network's."""
+    run = tmp_path / "compiled"
+    shutil.copytree(trained_run, run)
+    meta = json.loads((run / "model.json").read_text())
+    meta["config"]["scoring"]["compile"] = True
+    (run / "model.json").write_text(json.dumps(meta))
+    compiled = Predictor.load(run, device="cpu", precision="bf16")
+    assert compiled.compiled is not None
+    files = sorted((demo_root / "brick" / "test").rglob("*.png"))[:5]
+    alone = [compiled.predict_files([f])[0].scores[0] for f in files[:2]]
+    five = compiled.predict_files(files, batch_size=8)[0].scores
+    pairs = compiled.predict_files(files, batch_size=2)[0].scores
+    assert alone == list(five[:2]) and list(five) == list(pairs)
+    eager = Predictor.load(trained_run, device="cpu", precision="bf16").predict_files(files)[0].scores
+    np.testing.assert_allclose(five, eager, rtol=2e-2)
