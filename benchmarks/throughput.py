@@ -134,7 +134,7 @@ def compile_rows(batch_size: int, seconds: float, device: torch.device, data_roo
         for p in PRECISIONS:
             bench = Bench(128, batch_size, device, data_root)
             eager = getattr(bench, f"{mode}_rate")(p, seconds)
-            compiled = compile_network(bench.model) if mode == "infer" else torch.compile(bench.model)
+            compiled = compile_network(bench.model, device) if mode == "infer" else torch.compile(bench.model)
             start = time.perf_counter()
             getattr(bench, f"{mode}_rate")(p, 0, compiled)  # warm-up calls compile; 3 timed calls follow
             compile_s = time.perf_counter() - start

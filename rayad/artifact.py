@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,12 +177,23 @@ def calibrate_and_save(network: torch.nn.Module, cfg: Config, val: ImageSet, out
                          {"train": train_info, "validation": validation, "precision": precision, "tta": tta})
 
 
-def compile_network(network: torch.nn.Module) -> torch.nn.Module:
+def compile_network(network: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
     """`network` compiled for scoring, one graph per batch shape. The compile cache is per function, shared by
     every model of the process (a Serve replica may host several): it may hold a graph per model, shape and
     precision, up to COMPILED_GRAPHS."""
+    require_cpp_compiler(device)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS)
     return torch.compile(network, dynamic=False)
+
+
+def require_cpp_compiler(device: str | torch.device) -> None:
+    """scoring.compile builds C++ kernels on CPU: fail before any work when inductor's compiler is missing."""
+    import torch._inductor.config as inductor_config
+
+    cxx = inductor_config.cpp.cxx[-1]
+    if torch.device(device).type == "cpu" and shutil.which(cxx) is None:
+        raise ConfigError(f"scoring.compile needs a C++ compiler on CPU and {cxx!r} is not on PATH: install one "
+                          "(e.g. g++), name it in CXX, or set scoring.compile=false")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -224,7 +236,7 @@ class Predictor:
         self.metadata = metadata
         self.device = device
         self.precision = self._precision(precision or config.scoring.precision)
-        self.compiled = compile_network(self.model.network) if config.scoring.compile else None
+        self.compiled = compile_network(self.model.network, device) if config.scoring.compile else None
 
     def _precision(self, requested: str) -> Choice:
         """`auto` reuses the precision the model was calibrated in, where this device runs it natively."""

@@ -1,16 +1,20 @@
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from tiny import TINY
 
 from rayad.artifact import Predictor
+from rayad.config import load_config
 from rayad.data.defects import DEFECTS
 from rayad.data.images import list_images
-from rayad.errors import RayadError
+from rayad.errors import ConfigError, RayadError
 from rayad.evaluate import evaluate
 from rayad.scoring import quantile_threshold
+from rayad.train import fit
 from rayad.validation import load_validation
 
 
@@ -109,16 +113,32 @@ def test_the_same_picture_scores_the_same_with_8_or_16_bits(trained_run, demo_ro
     assert errors == [None, None] and preds.scores[0] == preds.scores[1]
 
 
-@pytest.mark.slow
-def test_compiled_scoring_gives_an_image_the_same_score_in_any_batch(trained_run, demo_root, tmp_path):
-    """scoring.compile pads each batch to a power of two: an image scored alone (shape 1), among five (padded
-    to 8) and in batches of two (shapes 2 and 1) gets one score, within rounding of the eager network's."""
+def require_cpp_compiler() -> None:
+    """Skip without the C++ compiler inductor builds CPU kernels with, except in CI (.ci/run installs g++)."""
+    import torch._inductor.config as inductor_config
+
+    if shutil.which(inductor_config.cpp.cxx[-1]) is None:
+        if os.environ.get("CI"):
+            pytest.fail("no C++ compiler (.ci/run installs Debian's g++)")
+        pytest.skip("needs a C++ compiler for torch.compile: apt-get install g++")
+
+
+def compiled_copy(trained_run, tmp_path):
+    """A copy of `trained_run` whose config sets scoring.compile."""
     run = tmp_path / "compiled"
     shutil.copytree(trained_run, run)
     meta = json.loads((run / "model.json").read_text())
     meta["config"]["scoring"]["compile"] = True
     (run / "model.json").write_text(json.dumps(meta))
-    compiled = Predictor.load(run, device="cpu", precision="bf16")
+    return run
+
+
+@pytest.mark.slow
+def test_compiled_scoring_gives_an_image_the_same_score_in_any_batch(trained_run, demo_root, tmp_path):
+    """scoring.compile pads each batch to a power of two: an image scored alone (shape 1), among five (padded
+    to 8) and in batches of two (shapes 2 and 1) gets one score, within rounding of the eager network's."""
+    require_cpp_compiler()
+    compiled = Predictor.load(compiled_copy(trained_run, tmp_path), device="cpu", precision="bf16")
     assert compiled.compiled is not None
     files = sorted((demo_root / "brick" / "test").rglob("*.png"))[:5]
     alone = [compiled.predict_files([f])[0].scores[0] for f in files[:2]]
@@ -127,3 +147,17 @@ def test_compiled_scoring_gives_an_image_the_same_score_in_any_batch(trained_run
     assert alone == list(five[:2]) and list(five) == list(pairs)
     eager = Predictor.load(trained_run, device="cpu", precision="bf16").predict_files(files)[0].scores
     np.testing.assert_allclose(five, eager, rtol=2e-2)
+
+
+def test_compiled_scoring_without_a_cpp_compiler_fails_before_training(trained_run, demo_root, tmp_path,
+                                                                         monkeypatch):
+    """No C++ compiler for inductor on CPU: one clear ConfigError, raised before any step is trained."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
+    with pytest.raises(ConfigError, match="scoring.compile needs a C\\+\\+ compiler"):
+        fit(load_config(overrides={**TINY, "scoring.compile": True}), demo_root, "brick", tmp_path / "run",
+            progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="no-such-c"):
+        Predictor.load(compiled_copy(trained_run, tmp_path), device="cpu")

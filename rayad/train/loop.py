@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rayad.artifact import build_anomaly_model, calibrate_and_save
+from rayad.artifact import build_anomaly_model, calibrate_and_save, require_cpp_compiler
 from rayad.config import Config, TrainConfig
 from rayad.corruption import Corruptor
 from rayad.data.dataset import ImageSet, load_split, to_tensor
@@ -229,6 +229,8 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
     cfg, rank, world = loop.config, session.rank, session.world_size
     if loop.threads:
         torch.set_num_threads(loop.threads)
+    if cfg.scoring.compile:  # calibration compiles: know before training that it can
+        require_cpp_compiler(session.device)
     tc = dataclasses.replace(cfg.train, lr=scaled_lr(cfg.train.lr, world))
     data = load_train_data(cfg, loop.data_root, loop.category)
     validation = load_validation(cfg, loop.data_root, loop.category, loop.val_root) \
