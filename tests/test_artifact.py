@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import TINY
 
-from rayad.artifact import Predictor
+from rayad.artifact import Predictor, require_cpp_compiler
 from rayad.config import load_config
 from rayad.data.defects import DEFECTS
 from rayad.data.images import list_images
@@ -113,14 +113,14 @@ def test_the_same_picture_scores_the_same_with_8_or_16_bits(trained_run, demo_ro
     assert errors == [None, None] and preds.scores[0] == preds.scores[1]
 
 
-def require_cpp_compiler() -> None:
+def cpp_compiler_or_skip() -> None:
     """Skip without the C++ compiler inductor builds CPU kernels with, except in CI (.ci/run installs g++)."""
-    import torch._inductor.config as inductor_config
-
-    if shutil.which(inductor_config.cpp.cxx[-1]) is None:
+    try:
+        require_cpp_compiler("cpu")
+    except ConfigError as missing:
         if os.environ.get("CI"):
-            pytest.fail("no C++ compiler (.ci/run installs Debian's g++)")
-        pytest.skip("needs a C++ compiler for torch.compile: apt-get install g++")
+            pytest.fail(str(missing))
+        pytest.skip(str(missing))
 
 
 def compiled_copy(trained_run, tmp_path):
@@ -137,7 +137,7 @@ def compiled_copy(trained_run, tmp_path):
 def test_compiled_scoring_gives_an_image_the_same_score_in_any_batch(trained_run, demo_root, tmp_path):
     """scoring.compile pads each batch to a power of two: an image scored alone (shape 1), among five (padded
     to 8) and in batches of two (shapes 2 and 1) gets one score, within rounding of the eager network's."""
-    require_cpp_compiler()
+    cpp_compiler_or_skip()
     compiled = Predictor.load(compiled_copy(trained_run, tmp_path), device="cpu", precision="bf16")
     assert compiled.compiled is not None
     files = sorted((demo_root / "brick" / "test").rglob("*.png"))[:5]
