@@ -53,7 +53,9 @@ def _status_kb(pid: int, field: str) -> int:
     return int(line.split()[1])
 
 
-def test_largest_batch_grows_the_ingress_by_under_three_times_its_size(server):
+def test_largest_batch_grows_the_ingress_by_under_three_and_a_half_times_its_size(server):
+    """Measured 2.6–2.75x alone and 3.1x once in a full suite (docs/benchmarks.md, "Serve under a large batch");
+    the bound catches one more copy of the body (the buffered parser grew 4.6x)."""
     files = [("files", (f"{i}.png", _noise_png(int(UPLOAD_MB * 2**20), i), "image/png"))
              for i in range(BATCH_IMAGES)]
     body_mb = sum(len(f[1][1]) for f in files) / 2**20
@@ -65,4 +67,4 @@ def test_largest_batch_grows_the_ingress_by_under_three_times_its_size(server):
     assert out.status_code == 200 and all("score" in r for r in out.json()["results"])
     growth_mb = (_status_kb(pid, "VmHWM:") - before) / 1024
     print(f"ingress peak grew by {growth_mb:.1f} MB for a {body_mb:.1f} MB batch")  # shown with pytest -s
-    assert growth_mb < 3 * body_mb, f"peak grew by {growth_mb:.1f} MB for a {body_mb:.1f} MB batch"
+    assert growth_mb < 3.5 * body_mb, f"peak grew by {growth_mb:.1f} MB for a {body_mb:.1f} MB batch"
