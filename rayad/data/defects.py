@@ -23,15 +23,23 @@ SUPERSAMPLE = 4  # shapes are drawn at 4x and averaged down, giving anti-aliased
 def paint_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Paint one defect of `kind` on a uint8 image, grayscale (H, W) or colour (H, W, C); returns
     (defective image, bool mask (H, W))."""
+    out, alpha = paint_defect_alpha(image, kind, rng)
+    return out, alpha > 0
+
+
+def paint_defect_alpha(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`paint_defect`, returning the defect's opacity (H, W) instead of its mask: 0 outside the mask, over 0.3
+    inside it."""
     img = image.astype(np.float32)
     alpha, paint = DEFECTS[kind](img, rng)
-    mask = alpha > 0.3
-    alpha = np.where(mask, alpha, 0)  # the mask is exact: no pixel outside it changes
+    alpha = np.where(alpha > 0.3, alpha, 0)  # the mask is exact: no pixel outside it changes
     if img.ndim == 3:
-        alpha = alpha[..., None]
+        opacity = alpha[..., None]
         paint = paint if paint.ndim == 3 else paint[..., None]
-    out = img * (1 - alpha) + paint * alpha
-    return np.clip(out, 0, 255).astype(np.uint8), mask
+    else:
+        opacity = alpha
+    out = img * (1 - opacity) + paint * opacity
+    return np.clip(out, 0, 255).astype(np.uint8), alpha
 
 
 def _scratch(img, rng):

@@ -51,7 +51,7 @@ def make_demo_dataset(out: str | Path, seed: int = 0, n_train: int = 240, n_test
         photo = getattr(skimage.data, category)()
         transforms = TRANSFORMS.get(category, ((0, False),))
         base = out / category
-        train, val, test = (_crops(photo, split, transforms, rng) for split in ("train", "val", "test"))
+        train, val, test = (tile_crops(photo, split, transforms, rng) for split in ("train", "val", "test"))
         for i in range(n_train):
             _save(base / "train" / "good" / f"{i:03d}.png", next(train))
         for i in range(n_val):
@@ -71,7 +71,7 @@ def tiles(split: str) -> list[tuple[int, int]]:
     return [(r * TILE[0], c * TILE[1]) for (r, c), s in SPLIT_OF_TILE.items() if s == split]
 
 
-def _crops(photo: np.ndarray, split: str, transforms, rng: np.random.Generator) -> Iterator[np.ndarray]:
+def tile_crops(photo: np.ndarray, split: str, transforms, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Endless random crops inside the tiles of `split`, visiting its tiles in turn, each flipped and
     rotated by a random one of `transforms`."""
     for tile_top, tile_left in itertools.cycle(tiles(split)):

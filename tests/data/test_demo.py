@@ -13,7 +13,7 @@ from scipy import ndimage
 from skimage.morphology import skeletonize
 
 from rayad.config import DataConfig
-from rayad.data.defects import DEFECTS, LARGE_AREA, paint_defect
+from rayad.data.defects import DEFECTS, LARGE_AREA, paint_defect, paint_defect_alpha
 from rayad.data.demo import (
     CATEGORIES,
     CROP,
@@ -240,6 +240,15 @@ def test_paint_defect_is_seeded(kind):
     c = paint_defect(image, kind, np.random.default_rng(4))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert not np.array_equal(a[1], c[1])
+
+
+@pytest.mark.parametrize("kind", list(DEFECTS))
+def test_paint_defect_alpha_is_the_opacity_behind_the_mask(kind):
+    image = _test_crop(skimage.data.gravel())
+    out, mask = paint_defect(image, kind, np.random.default_rng(5))
+    same, alpha = paint_defect_alpha(image, kind, np.random.default_rng(5))
+    assert np.array_equal(out, same) and np.array_equal(mask, alpha > 0)
+    assert alpha.shape == mask.shape and alpha[mask].min() > 0.3 and alpha.max() <= 1
 
 
 def _painted(kind: str, seeds=range(20)):
