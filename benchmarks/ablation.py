@@ -21,7 +21,7 @@ from rayad.artifact import METADATA, Predictor
 from rayad.config import load_config
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.evaluate import evaluate
-from rayad.precision import CPU_BF16_FLAGS, cpu_info
+from rayad.precision import cpu_summary
 from rayad.train import fit
 
 VARIANTS = {
@@ -56,9 +56,7 @@ def main() -> None:
     results = {v: {c: run_variant(v, c, args.steps, data_root, args.out) for c in args.categories}
                for v in args.variants}
     (args.out / f"results_{args.steps}.json").write_text(json.dumps(results, indent=2))
-    name, flags = cpu_info()
-    print(f"\nablation, {args.steps} steps per run, demo data; machine: {name} "
-          f"({', '.join(f for f in CPU_BF16_FLAGS if f in flags) or 'no bf16 flags'})")
+    print(f"\nablation, {args.steps} steps per run, demo data; machine: {cpu_summary()}")
     print_table(results, args.categories)
 
 

@@ -43,7 +43,7 @@ from rayad.data.defects import DEFECTS, paint_defect_alpha
 from rayad.data.demo import CATEGORIES, TRANSFORMS, tile_crops
 from rayad.data.manifest import build_manifest
 from rayad.metrics import auroc, compute_metrics
-from rayad.precision import cpu_info
+from rayad.precision import cpu_summary
 
 SCAN_SIGMAS = (8, 16, 24)
 SCORES = ("contrast", "whitened", "scan")
@@ -103,13 +103,13 @@ def visibility(category: str, kinds: list[str], n: int, seed: int) -> dict[str, 
         for _ in range(n):
             crop = next(test)
             out, alpha = paint_defect_alpha(crop, kind, rng)
-            area[kind] += int((alpha > 0).sum())
-            template = np.fft.fft2(alpha)
+            inside, template = alpha > 0, np.fft.fft2(alpha)
+            area[kind] += int(inside.sum())
             for image, into in ((out, painted), (crop, clean)):
                 x = image.astype(np.float64)
-                inside = alpha > 0
                 contrast = abs(float((alpha * x).sum() / alpha.sum() - x[~inside].mean()))
-                into.append((contrast, whitened_match(template, spectrum(x), power), scan(spectrum(x))))
+                spec = spectrum(x)
+                into.append((contrast, whitened_match(template, spec, power), scan(spec)))
         columns = np.array(painted + clean)
         rows[kind] = {name: auroc(columns[:, i], labels) for i, name in enumerate(SCORES)}
     for kind in kinds:
@@ -160,8 +160,7 @@ def main() -> None:
         best = {k: max(r["contrast"], r["whitened"]) for k, r in rows.items()}
         print(f"| {category} | **ceiling**: image AUROC {np.mean(list(best.values())):.3f}, pooled pixel AUROC "
               f"{sum(best[k] * r['pixels'] for k, r in rows.items()):.3f} |" + " |" * (4 + len(model)))
-    name, _ = cpu_info()
-    print(f"\n{args.images} crops per kind, seed {args.seed}; {time.perf_counter() - start:.0f} s on {name}")
+    print(f"\n{args.images} crops per kind, seed {args.seed}; {time.perf_counter() - start:.0f} s on {cpu_summary()}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from rayad.data.dataset import load_split, to_tensor
 from rayad.data.demo import CATEGORIES
 from rayad.data.manifest import build_manifest
 from rayad.metrics import auroc, bootstrap_ci, compute_metrics
-from rayad.precision import cpu_info
+from rayad.precision import cpu_summary
 from rayad.validation import DEFECTS_PER_IMAGE, synthesize_validation
 
 INPUT = 256
@@ -162,8 +162,8 @@ def main() -> None:
                 per = r[f"test_{k}_per_defect"]
                 print(f"| {c} | {k} | {r[f'test_{k}']:.3f} [{low:.3f}, {high:.3f}] | "
                       + " | ".join(f"{per[d]:.3f}" for d in sorted(per)) + " |")
-    name, _ = cpu_info()
-    print(f"\nbank {args.bank}, {torch.get_num_threads()} torch threads; {time.perf_counter() - start:.0f} s on {name}")
+    print(f"\nbank {args.bank}, {torch.get_num_threads()} torch threads; {time.perf_counter() - start:.0f} s on "
+          f"{cpu_summary()}")
 
 
 if __name__ == "__main__":

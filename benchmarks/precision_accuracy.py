@@ -18,7 +18,7 @@ import numpy as np
 
 from rayad.artifact import Predictor
 from rayad.evaluate import evaluate
-from rayad.precision import CPU_BF16_FLAGS, cpu_info
+from rayad.precision import cpu_summary
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -44,8 +44,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     args = parser.parse_args()
     rows = [compare(run, args.data) for run in args.runs]
-    name, flags = cpu_info()
-    print(f"machine: {name} ({', '.join(f for f in CPU_BF16_FLAGS if f in flags) or 'no bf16 flags'})")
+    print(f"machine: {cpu_summary()}")
     print("| category | max abs score diff / threshold | labels flipped | " + " | ".join(
         f"{m} fp32 / bf16 (diff)" for m in METRICS) + " | evaluate s fp32 / bf16 |")
     print("|---" * (4 + len(METRICS)) + "|")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rayad.precision import CPU_BF16_FLAGS, cpu_info
+from rayad.precision import cpu_summary
 
 
 def make_images(folder: Path, n: int) -> Path:
@@ -76,8 +76,7 @@ def main() -> None:
             line = subprocess.run([sys.executable, __file__, "--child", mode, str(run), str(images), str(out)],
                                   capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results[(mode, n)] = json.loads(line)
-    name, flags = cpu_info()
-    print(f"machine: {name} ({', '.join(f for f in CPU_BF16_FLAGS if f in flags) or 'no bf16 flags'}), 2 cores; "
+    print(f"machine: {cpu_summary()}, 2 cores; "
           "default SDC-CCM at 128²; Ray Data: 2 actors x 0.85 CPU, batches of 32")
     print("| files | single process images/s | Ray Data images/s | ratio | single peak RSS (MB) | "
           "Ray driver peak RSS (MB) |")

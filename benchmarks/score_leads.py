@@ -25,7 +25,7 @@ from rayad.data.demo import CATEGORIES
 from rayad.data.manifest import build_manifest
 from rayad.filters import gaussian_blur
 from rayad.metrics.auroc import auroc
-from rayad.precision import CPU_BF16_FLAGS, autocast, cpu_info
+from rayad.precision import autocast, cpu_summary
 from rayad.validation import load_validation
 
 THIN = ("scratch", "crack", "fine_crack")
@@ -122,9 +122,7 @@ def main() -> None:
     parser.add_argument("--models", required=True, help="folder with one trained run per category")
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     args = parser.parse_args()
-    name, flags = cpu_info()
-    print(f"machine: {name} ({', '.join(f for f in CPU_BF16_FLAGS if f in flags) or 'no bf16 flags'}), "
-          f"{torch.get_num_threads()} torch threads")
+    print(f"machine: {cpu_summary()}, {torch.get_num_threads()} torch threads")
     print("| rule | category | val image AUROC | val faint | val thin | test image AUROC |")
     print("|---|---|---|---|---|---|")
     for category in args.categories:

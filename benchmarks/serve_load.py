@@ -34,7 +34,7 @@ from PIL import Image
 from rayad.artifact import Predictor, build_anomaly_model, save_artifact
 from rayad.cluster import connect
 from rayad.config import Config
-from rayad.precision import CPU_BF16_FLAGS, cpu_info
+from rayad.precision import cpu_summary
 from rayad.predict import predict_paths, predict_with_ray
 from rayad.serve import ServeSettings, start, use_haproxy_ingress
 
@@ -195,8 +195,7 @@ def main() -> None:
     plain, with_ray = batch_scoring(run, paths, work / "scores.parquet")
 
     precision = Predictor.load(run, device="cpu").precision  # what the Predictor, replicas and actors score in
-    cpu, flags = cpu_info()
-    print(f"machine: {cpu} ({', '.join(f for f in CPU_BF16_FLAGS if f in flags) or 'no bf16 flags'}), "
+    print(f"machine: {cpu_summary()}, "
           f"{os.cpu_count()} CPUs; model: default SDC-CCM "
           f"at 128², scoring.tta {args.tta}, {THREADS} torch threads in the Predictor and the scorer replica; "
           f"{args.ingress} ingress; "

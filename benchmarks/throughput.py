@@ -28,7 +28,7 @@ from rayad.data.dataset import load_split, to_tensor
 from rayad.data.demo import make_demo_dataset
 from rayad.data.manifest import build_manifest
 from rayad.models import create_model
-from rayad.precision import CPU_BF16_FLAGS, DTYPES, autocast, cpu_info
+from rayad.precision import DTYPES, autocast, cpu_summary
 from rayad.train.loop import batch_indices, make_optimizer, step_generator, train_step
 
 PRECISIONS = ("fp32", "bf16")
@@ -171,9 +171,7 @@ def train_worker(threads: int, seconds: float, precision: str) -> None:
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    name, flags = cpu_info()
-    bf16 = ", ".join(f for f in CPU_BF16_FLAGS if f in flags) or "no bf16 flags"
-    return f"{name} ({bf16}), {torch.get_num_threads()} threads"
+    return f"{cpu_summary()}, {torch.get_num_threads()} threads"
 
 
 def print_table(header: tuple[str, ...], rows: list[tuple]) -> None:

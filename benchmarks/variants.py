@@ -41,7 +41,7 @@ from rayad.layout import METADATA
 from rayad.metrics import compute_metrics
 from rayad.metrics.auroc import auroc
 from rayad.metrics.bootstrap import bootstrap_ci
-from rayad.precision import CPU_BF16_FLAGS, cpu_info
+from rayad.precision import cpu_summary
 from rayad.train import fit
 from rayad.validation import load_validation
 
@@ -137,8 +137,7 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps({"variants": results, "nearest_neighbour": {
         c: {k: m[k] for k in ("image_auroc", "image_auroc_ci", "pixel_auroc", "aupro")} for c, m in baseline.items()}},
         indent=2))
-    name, flags = cpu_info()
-    print(f"machine: {name} ({', '.join(f for f in CPU_BF16_FLAGS if f in flags) or 'no bf16 flags'})")
+    print(f"machine: {cpu_summary()}")
     columns = ["val_image_auroc", "val_diff", "val_diff_ci", "val_aupro"]
     if not args.validation_only:
         columns += ["image_auroc", "image_auroc_ci", "pixel_auroc", "aupro", "thin", "broad", "good_gap", "nn_auroc"]

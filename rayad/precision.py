@@ -64,6 +64,12 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return fields.get("model name", platform.machine()), frozenset(fields.get("flags", "").split())
 
 
+def cpu_summary() -> str:
+    """This CPU's model name and which bf16 flags it has, as benchmarks name the machine."""
+    name, flags = cpu_info()
+    return f"{name} ({', '.join(f for f in CPU_BF16_FLAGS if f in flags) or 'no bf16 flags'})"
+
+
 def default_device() -> torch.device:
     """This process's device: in a Ray task or actor, cuda only when Ray reserved a GPU for it (an actor
     without one must not take memory on a GPU it was not given); elsewhere cuda when one is visible."""
