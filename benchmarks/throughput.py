@@ -208,10 +208,11 @@ def main() -> None:
                  for r in rows for p in PRECISIONS])
     print()
     print_table(("size", "bf16/fp32 train", "bf16/fp32 infer", "GFLOPs/img", "load img/s", "load/train fp32",
-                 "corrupt img/s"),
+                 "corrupt img/s", "corruption's share of a step, fp32 / bf16"),
                 [(f"{r['size']}²", f"{r['train_bf16'] / r['train_fp32']:.2f}x",
                   f"{r['infer_bf16'] / r['infer_fp32']:.2f}x", f"{r['gflops']:.2f}", f"{r['load']:.0f}",
-                  f"{r['load'] / r['train_fp32']:.0f}x", f"{r['corrupt']:.0f}") for r in rows])
+                  f"{r['load'] / r['train_fp32']:.0f}x", f"{r['corrupt']:.0f}",
+                  f"{r['train_fp32'] / r['corrupt']:.0%} / {r['train_bf16'] / r['corrupt']:.0%}") for r in rows])
     if compiled:
         print()
         print_table(("128²", "precision", "eager img/s", "compiled img/s", "speed-up", "first call s"),

@@ -18,6 +18,17 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W) with reflect padding; sigma <= 0 returns x."""
     if sigma <= 0:
         return x
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return _blur_channels(x, sigma)  # traced and exported graphs keep the batch apart: its size varies there
+    # Every image's channels as the channels of one image: oneDNN's depthwise kernel runs 3-7x faster on a CPU
+    # and gives each channel the same bits however many there are, so a map is the same alone or in any batch.
+    # A lone channel is doubled, as it would take another kernel.
+    planes = x.reshape(1, -1, *x.shape[-2:])
+    n = planes.shape[1]
+    return _blur_channels(planes.expand(1, max(n, 2), -1, -1), sigma)[:, :n].reshape(x.shape)
+
+
+def _blur_channels(x: torch.Tensor, sigma: float) -> torch.Tensor:
     kernel = gaussian_kernel1d(sigma, x.device, x.dtype)
     radius = kernel.numel() // 2
     channels = x.shape[1]
@@ -35,13 +46,49 @@ def smooth_noise(shape: tuple[int, int, int, int], cells: int, generator: torch.
     """Perlin-style value noise: a random `cells` x `cells` grid upsampled bicubically to (B, C, H, W)."""
     b, c, h, w = shape
     grid = torch.rand((b, c, cells + 1, cells + 1), generator=generator, device=device)
-    return F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=True)
+    return upsample_bicubic(grid, h, w)
+
+
+def upsample_bicubic(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """`F.interpolate(grid, (h, w), mode="bicubic", align_corners=True)` as two small matrix products.
+
+    Equal to it within 2e-6, and 5x faster on a CPU (docs/benchmarks.md, "The corruption's speed")."""
+    rows = bicubic_matrix(grid.shape[-2], h, grid.device)
+    cols = bicubic_matrix(grid.shape[-1], w, grid.device)
+    return rows @ grid @ cols.T
+
+
+def bicubic_matrix(n_in: int, n_out: int, device=None) -> torch.Tensor:
+    """(n_out, n_in) weights of torch's bicubic interpolation (Keys' cubic, A = -0.75, align_corners=True,
+    borders clamped): row i holds the four taps that output i takes from the input."""
+    a = -0.75
+    src = torch.arange(n_out, device=device) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    base = src.floor()
+    t = src - base
+
+    def near(d):  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d):  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    taps = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=1)
+    index = (base.long().view(-1, 1) + torch.arange(-1, 3, device=device)).clamp(0, n_in - 1)
+    return torch.zeros(n_out, n_in, device=device).scatter_add_(1, index, taps)
 
 
 def fractal_noise(shape: tuple[int, int, int, int], generator: torch.Generator, device=None,
                   octaves: int = 4, base_cells: int = 4) -> torch.Tensor:
-    """Sum of `octaves` smooth noises at doubling frequency and halving amplitude, scaled to about [0, 1]."""
-    total = torch.zeros(shape, device=device)
+    """Sum of `octaves` smooth noises at doubling frequency and halving amplitude, scaled to about [0, 1].
+
+    The octaves' row upsamplings, each scaled by its amplitude, are concatenated so that one matrix
+    product sums them: no full-size intermediate per octave."""
+    b, c, h, w = shape
+    rows, partial = [], []
     for octave in range(octaves):
-        total += smooth_noise(shape, base_cells * 2**octave, generator, device) * 0.5**octave
-    return total / (2 - 0.5 ** (octaves - 1))
+        cells = base_cells * 2**octave
+        grid = torch.rand((b, c, cells + 1, cells + 1), generator=generator, device=device)
+        amplitude = 0.5**octave / (2 - 0.5 ** (octaves - 1))
+        rows.append(bicubic_matrix(cells + 1, h, device) * amplitude)
+        partial.append(grid @ bicubic_matrix(cells + 1, w, device).T)
+    return torch.cat(rows, dim=1) @ torch.cat(partial, dim=2)

@@ -38,6 +38,10 @@ class Corruptor:
         self.fill_weights = torch.tensor([cfg.fill_sources[n] for n in self.fill_names], dtype=torch.float)
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> Corrupted:
+        with torch.autocast(x.device.type, enabled=False):  # fp32 (its matrix products too) in any caller
+            return self._corrupt(x, gen)
+
+    def _corrupt(self, x: torch.Tensor, gen: torch.Generator) -> Corrupted:
         cfg = self.cfg
         if cfg.kind == "none":
             return Corrupted(x, x, torch.zeros_like(x[:, :1]))
@@ -55,7 +59,8 @@ class Corruptor:
         b, _, h, w = x.shape
         hard, owner = random_masks(b, h, w, cfg.shapes, cfg.max_shapes, cfg.area_min, cfg.area_max, gen, device)
         # One fill source per shape slot; every pixel takes the fill of the shape that owns it.
-        source = torch.multinomial(self.fill_weights.to(device).expand(b * cfg.max_shapes, -1), 1,
+        self.fill_weights = self.fill_weights.to(device)  # copied to a GPU once, not at every step
+        source = torch.multinomial(self.fill_weights.expand(b * cfg.max_shapes, -1), 1,
                                    replacement=True, generator=gen).view(b, cfg.max_shapes)
         pixel_source = source.gather(1, owner.flatten(1)).view(b, 1, h, w)
         fill = torch.zeros_like(x)

@@ -26,21 +26,22 @@ def _rand(shape, gen, device, low=0.0, high=1.0) -> torch.Tensor:
 
 @register_fill("patch")
 def patch_fill(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Another training image of the batch, flipped/rotated and shifted to another location."""
-    b, _, h, w = x.shape
+    """Another training image of the batch, rotated by a multiple of 90 degrees (square images), mirrored
+    half the time and rolled to another location: one gather of each output pixel from its source pixel."""
+    b, c, h, w = x.shape
     offsets = torch.randint(1, max(b, 2), (b,), generator=gen, device=x.device)
     source = x[(torch.arange(b, device=x.device) + offsets) % b]
-    out = []
-    for img, rot, flip, dy, dx in zip(source,
-                                      torch.randint(4, (b,), generator=gen, device=x.device).tolist(),
-                                      torch.randint(2, (b,), generator=gen, device=x.device).tolist(),
-                                      torch.randint(h, (b,), generator=gen, device=x.device).tolist(),
-                                      torch.randint(w, (b,), generator=gen, device=x.device).tolist(),
-                                      strict=True):
-        img = torch.rot90(img, rot, dims=(1, 2)) if h == w else img
-        img = img.flip(-1) if flip else img
-        out.append(torch.roll(img, shifts=(dy, dx), dims=(1, 2)))
-    return torch.stack(out)
+    rot, flip, dy, dx = (torch.randint(n, (b,), generator=gen, device=x.device).view(b, 1, 1)
+                         for n in (4, 2, h, w))
+    # Undo the roll, then the mirror, then the rotation (torch.rot90 over (H, W), k times).
+    y = (torch.arange(h, device=x.device).view(1, h, 1) - dy) % h
+    xx = (torch.arange(w, device=x.device).view(1, 1, w) - dx) % w
+    xx = torch.where(flip == 1, w - 1 - xx, xx)
+    rot = rot if h == w else torch.zeros_like(rot)
+    src_y = torch.where(rot == 0, y, torch.where(rot == 1, xx, torch.where(rot == 2, h - 1 - y, w - 1 - xx)))
+    src_x = torch.where(rot == 0, xx, torch.where(rot == 1, h - 1 - y, torch.where(rot == 2, w - 1 - xx, y)))
+    index = (src_y * w + src_x).view(b, 1, h * w).expand(b, c, h * w)
+    return source.flatten(2).gather(2, index).view(b, c, h, w)
 
 
 @register_fill("texture")

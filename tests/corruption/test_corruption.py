@@ -9,8 +9,10 @@ from rayad.config import CorruptionConfig
 from rayad.corruption import FILLS, SHAPES, Corruptor
 from rayad.corruption.masks import random_masks
 from rayad.errors import ConfigError
+from rayad.filters import bicubic_matrix, fractal_noise, smooth_noise, upsample_bicubic
 
 H, W = 48, 64  # deliberately not square
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def gen(seed: int, device: str = "cpu") -> torch.Generator:
@@ -60,6 +62,13 @@ def test_random_masks_single_slot_owns_everything():
     assert torch.all(owner == 0)
 
 
+def test_random_masks_with_kinds_no_slot_shows():
+    """One slot among three kinds: two kinds render nothing at each draw."""
+    for seed in range(6):
+        hard, owner = random_masks(1, H, W, ("stroke", "ellipse", "blob"), 1, 0.01, 0.05, gen(seed))
+        assert hard.any() and torch.all(owner == 0)
+
+
 def test_random_masks_several_shapes_get_distinct_owners():
     hard, owner = random_masks(16, H, W, ("ellipse",), 4, 0.2, 0.3, gen(3))
     owners_in_mask = [owner[i][hard[i]].unique().numel() for i in range(16)]
@@ -72,6 +81,44 @@ def test_random_masks_deterministic():
     c = random_masks(4, H, W, ("stroke", "ellipse", "blob"), 3, 0.01, 0.1, gen(6))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_masks_equal_their_definition(device):
+    """Every slot draws every kind; the union of the shown slots' fields is cut at its k-th largest value. A
+    CPU renders a kind only in the slots that show it (a GPU renders all): the same masks, to the last bit."""
+    shapes, batch, slots = ("stroke", "ellipse", "blob"), 6, 3
+    for seed in range(3):
+        g = gen(seed, device)
+        kinds = torch.randint(len(shapes), (batch, slots), generator=g, device=device)
+        n_shapes = torch.randint(1, slots + 1, (batch, 1), generator=g, device=device)
+        fields = torch.full((batch, slots, H, W), -float("inf"), device=device)
+        for k, name in enumerate(shapes):
+            field = SHAPES[name].render(SHAPES[name].draw(batch * slots, g, device), H, W).view(batch, slots, H, W)
+            fields = torch.where((kinds == k).view(batch, slots, 1, 1), field, fields)
+        fields[torch.arange(slots, device=device).view(1, -1).expand(batch, -1) >= n_shapes] = -float("inf")
+        union, owner = fields.max(dim=1)
+        area = 0.01 + (0.1 - 0.01) * torch.rand(batch, generator=g, device=device)
+        k = (area * H * W).round().clamp(min=1).long()
+        threshold = union.flatten(1).sort(dim=1, descending=True).values.gather(1, (k - 1).view(-1, 1))
+        hard, got_owner = random_masks(batch, H, W, shapes, slots, 0.01, 0.1, gen(seed, device), device)
+        assert torch.equal(hard, union >= threshold.view(-1, 1, 1)) and torch.equal(got_owner, owner)
+
+
+@pytest.mark.parametrize("cells, size", [(2, (H, W)), (5, (128, 128)), (64, (128, 96)), (3, (1, 7))])
+def test_upsample_bicubic_is_torchs_bicubic_interpolation(cells, size):
+    grid = torch.rand(2, 3, cells + 1, cells + 1, generator=gen(cells))
+    expected = torch.nn.functional.interpolate(grid, size=size, mode="bicubic", align_corners=True)
+    torch.testing.assert_close(upsample_bicubic(grid, *size), expected, atol=3e-6, rtol=0)
+    assert torch.allclose(bicubic_matrix(cells + 1, size[1]).sum(dim=1), torch.ones(size[1]))  # weights sum to 1
+
+
+def test_fractal_noise_is_the_sum_of_its_octaves():
+    shape, octaves, base = (2, 3, H, W), 4, 3
+    g = gen(7)
+    expected = sum(smooth_noise(shape, base * 2**o, g) * 0.5**o for o in range(octaves)) / (2 - 0.5 ** (octaves - 1))
+    torch.testing.assert_close(fractal_noise(shape, gen(7), octaves=octaves, base_cells=base), expected,
+                               atol=3e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -217,6 +264,23 @@ def test_patch_takes_content_from_another_image():
             assert torch.equal(out.inputs[i][~inside], x[i][~inside])
 
 
+@pytest.mark.parametrize("h, w", [(32, 32), (H, W)])
+def test_patch_is_another_image_rotated_mirrored_and_rolled(h, w):
+    """The one-gather patch fill equals its definition, applied image by image with torch's own ops."""
+    x = torch.rand(5, 3, h, w, generator=gen(2))
+    for seed in range(3):
+        g = gen(seed)
+        offsets = torch.randint(1, 5, (5,), generator=g)
+        rot, flip, dy, dx = (torch.randint(n, (5,), generator=g).tolist() for n in (4, 2, h, w))
+        expected = []
+        for i in range(5):
+            img = x[(i + int(offsets[i])) % 5]
+            img = torch.rot90(img, rot[i], dims=(1, 2)) if h == w else img
+            img = img.flip(-1) if flip[i] else img
+            expected.append(torch.roll(img, shifts=(dy[i], dx[i]), dims=(1, 2)))
+        assert torch.equal(FILLS["patch"](x, gen(seed)), torch.stack(expected))
+
+
 def test_patch_never_uses_the_image_itself_in_a_larger_batch():
     values = torch.tensor([0.1, 0.4, 0.7, 0.9])
     x = values.view(4, 1, 1, 1).expand(4, 3, 32, 32).contiguous()
@@ -355,7 +419,6 @@ def test_invalid_corruption_config_raises(kwargs):
 # Devices
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)

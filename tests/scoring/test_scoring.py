@@ -33,6 +33,17 @@ def test_gaussian_blur_matches_scipy():
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("sigma", [0.75, 4.0])
+def test_gaussian_blur_gives_an_image_the_same_bits_alone_or_in_a_batch(sigma):
+    """The batch's channels are blurred together (one depthwise convolution): an image's map must not depend
+    on its neighbours, to the last bit, so a served score equals `rayad predict` whatever the batching."""
+    x = torch.rand(5, 3, 40, 48, generator=torch.Generator().manual_seed(0)) ** 4
+    together = gaussian_blur(x, sigma)
+    for i in range(5):
+        assert torch.equal(gaussian_blur(x[i:i + 1], sigma), together[i:i + 1])
+        assert torch.equal(gaussian_blur(x[i:i + 1, :1], sigma), together[i:i + 1, :1])
+
+
 def test_image_score_mean_max_and_topk():
     maps = torch.zeros(1, 1, 10, 10)
     maps[0, 0, 0, :3] = torch.tensor([3.0, 2.0, 1.0])
