@@ -1,4 +1,4 @@
-"""Small tensor filters shared by corruption and scoring."""
+"""Small tensor filters and noise shared by corruption and scoring."""
 
 from __future__ import annotations
 
@@ -39,6 +39,15 @@ def _blur_channels(x: torch.Tensor, sigma: float) -> torch.Tensor:
         x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
     x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
     return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+def size_randint(low: int, high: int, gen: torch.Generator, salt: int) -> int:
+    """A random int in [low, high) that sets a tensor's size. On a CPU it is drawn from `gen`. Reading a GPU
+    draw back would stall the device until its queue drains, so on a GPU it comes from a CPU generator seeded
+    with `gen`'s seed plus `salt` (one salt per call site keeps the sites' draws independent)."""
+    if gen.device.type != "cpu":
+        gen = torch.Generator().manual_seed(gen.initial_seed() + salt)
+    return int(torch.randint(low, high, (1,), generator=gen))
 
 
 def smooth_noise(shape: tuple[int, int, int, int], cells: int, generator: torch.Generator,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from rayad.filters import fractal_noise, smooth_noise
+from rayad.filters import fractal_noise, size_randint, smooth_noise
 
 Fill = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 FILLS: dict[str, Fill] = {}
@@ -49,7 +49,7 @@ def texture_fill(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A foreign procedural texture: fractal noise of random mean, contrast and (half the time) colour."""
     b, c, h, w = x.shape
     gray = torch.rand((b, 1, 1, 1), generator=gen, device=x.device) < 0.5
-    cells = int(torch.randint(2, 9, (1,), generator=gen, device=x.device))
+    cells = size_randint(2, 9, gen, salt=2)
     noise = fractal_noise((b, c, h, w), gen, x.device, base_cells=cells)
     noise = torch.where(gray, noise[:, :1].expand(-1, c, -1, -1), noise)
     mean = _rand((b, c, 1, 1), gen, x.device)

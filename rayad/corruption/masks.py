@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from rayad.filters import upsample_bicubic
+from rayad.filters import size_randint, upsample_bicubic
 
 
 class Shape(NamedTuple):
@@ -90,7 +90,7 @@ def stroke_field(params: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def _draw_blobs(n: int, gen: torch.Generator, device) -> torch.Tensor:
     """(n, cells + 1, cells + 1): a grid of value noise, with 2 to 6 cells a side (one count for all n)."""
-    cells = int(torch.randint(2, 7, (1,), generator=gen, device=device))
+    cells = size_randint(2, 7, gen, salt=1)
     return torch.rand((n, cells + 1, cells + 1), generator=gen, device=device)
 
 

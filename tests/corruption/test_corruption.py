@@ -9,7 +9,7 @@ from rayad.config import CorruptionConfig
 from rayad.corruption import FILLS, SHAPES, Corruptor
 from rayad.corruption.masks import random_masks
 from rayad.errors import ConfigError
-from rayad.filters import bicubic_matrix, fractal_noise, smooth_noise, upsample_bicubic
+from rayad.filters import bicubic_matrix, fractal_noise, size_randint, smooth_noise, upsample_bicubic
 
 H, W = 48, 64  # deliberately not square
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -103,6 +103,12 @@ def test_random_masks_equal_their_definition(device):
         threshold = union.flatten(1).sort(dim=1, descending=True).values.gather(1, (k - 1).view(-1, 1))
         hard, got_owner = random_masks(batch, H, W, shapes, slots, 0.01, 0.1, gen(seed, device), device)
         assert torch.equal(hard, union >= threshold.view(-1, 1, 1)) and torch.equal(got_owner, owner)
+
+
+def test_sizes_are_drawn_from_the_cpu_generator_itself():
+    """On a CPU a size draw is the generator's next draw (the stream a GPU cannot share without a sync)."""
+    for seed in range(4):
+        assert size_randint(2, 9, gen(seed), salt=seed) == int(torch.randint(2, 9, (1,), generator=gen(seed)))
 
 
 @pytest.mark.parametrize("cells, size", [(2, (H, W)), (5, (128, 128)), (64, (128, 96)), (3, (1, 7))])

@@ -68,3 +68,19 @@ def test_gpu_serve_replica_scores_as_predict(cuda_run, demo_root, tmp_path):
             assert served.status_code == 200, served.text
             assert served.json()["score"] == pytest.approx(float(expected), rel=1e-6)
             assert ("heatmap_png" in served.json()) == (heatmap == "true")
+
+
+def test_corruption_makes_no_host_sync_on_cuda():
+    """Every draw stays on the GPU (the sizes come from a host generator): a sync would raise here."""
+    from rayad.corruption import Corruptor
+
+    x = torch.rand(8, 3, 64, 64, device="cuda")
+    corruptor = Corruptor(load_config(None).corruption)
+    corruptor(x, torch.Generator(device="cuda").manual_seed(0))  # the first call may copy constants over
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = corruptor(x, torch.Generator(device="cuda").manual_seed(1))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.inputs.is_cuda and bool(out.mask.amax() > 0)
