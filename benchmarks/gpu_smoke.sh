@@ -8,6 +8,7 @@
 # the GPU, checking that served == predict == evaluate. Exit code: the number of failed steps.
 set -u
 WORK=${1:-$(mktemp -d /tmp/rayad-gpu-smoke.XXXX)}
+mkdir -p "$WORK"
 PY=${PYTHON:-python}
 RAYAD=${RAYAD:-rayad}
 TINY=(--set data.image_size=64 --set model.widths=[16,32,64] --set train.batch_size=16
