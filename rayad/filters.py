@@ -61,7 +61,7 @@ def smooth_noise(shape: tuple[int, int, int, int], cells: int, generator: torch.
 def upsample_bicubic(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """`F.interpolate(grid, (h, w), mode="bicubic", align_corners=True)` as two small matrix products.
 
-    Equal to it within 2e-6, and 5x faster on a CPU (docs/benchmarks.md, "The corruption's speed")."""
+    Equal to it within 3e-6, and 5x faster on a CPU (docs/benchmarks.md, "The corruption's speed")."""
     rows = bicubic_matrix(grid.shape[-2], h, grid.device)
     cols = bicubic_matrix(grid.shape[-1], w, grid.device)
     return rows @ grid @ cols.T
