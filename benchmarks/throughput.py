@@ -1,5 +1,5 @@
-"""Speed of the core in fp32 and bf16: training and inference images/s, matmul peaks, data loading,
-threads per process, and torch.compile.
+"""Speed of the core in fp32 and bf16: training and inference images/s, matmul peaks, data loading, the
+corruption and its share of a training step, threads per process, and torch.compile.
 
     python benchmarks/throughput.py [--sizes 128 256] [--batch-size 16] [--seconds 10] [--no-compile]
 
