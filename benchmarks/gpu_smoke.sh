@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_smoke.sh [WORK_DIR]        # from the repository root, rayad installed
 #
+# Each step is stopped after STEP_TIMEOUT seconds (default 300) and counts as failed.
 # Trains single-process and with 1 (and 2, when present) GPU workers, runs a 2-trial GPU search, serves
 # a model on a GPU replica with and without heatmaps, and scores with `predict` and `predict --ray` on
 # the GPU, checking that served == predict == evaluate. Exit code: the number of failed steps.
@@ -11,6 +12,7 @@ WORK=${1:-$(mktemp -d /tmp/rayad-gpu-smoke.XXXX)}
 mkdir -p "$WORK"
 PY=${PYTHON:-python}
 RAYAD=${RAYAD:-rayad}
+STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 TINY=(--set data.image_size=64 --set model.widths=[16,32,64] --set train.batch_size=16
       --set train.checkpoint_every=50 --set train.log_every=25)
 FAILED=0
@@ -18,10 +20,10 @@ GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 echo "GPU: $($PY -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')") x $GPUS"
 echo "torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)'), work dir $WORK"
 
-step() {  # step NAME COMMAND...: run it, print PASS or FAIL with the seconds it took
+step() {  # step NAME COMMAND...: run it (at most STEP_TIMEOUT s), print PASS or FAIL with the seconds it took
     local name=$1 start=$SECONDS
     shift
-    if "$@" >"$WORK/$name.log" 2>&1; then
+    if timeout --kill-after=10 "$STEP_TIMEOUT" "$@" >"$WORK/$name.log" 2>&1; then
         echo "PASS  $name ($((SECONDS - start)) s)"
     else
         echo "FAIL  $name ($((SECONDS - start)) s; log: $WORK/$name.log)"

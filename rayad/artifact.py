@@ -243,8 +243,9 @@ class Predictor:
         recorded = (self.metadata.get("precision") or {}).get("scoring") or {}
         if requested == "auto" and recorded.get("precision") and native(recorded["precision"], self.device):
             return Choice(recorded["precision"], "as calibrated (model.json)")
-        return resolve(requested, self.device, probe_network(self.model.network, self.image_size, training=False,
-                                                               device=self.device))
+        probe = probe_network(self.model.network, self.image_size, training=False, device=self.device,
+                              batch_size=PREDICT_BATCH)
+        return resolve(requested, self.device, probe)
 
     TTA_IMAGES = 64  # good images that decide scoring.tta=auto
 

@@ -1,11 +1,12 @@
 """Numeric precision of training and scoring: fp32, or bf16 / fp16 autocast; `auto` measures.
 
-`auto` picks bf16 on CUDA devices with native bf16 (Ampere and newer). On a CPU it picks bf16 only when
-the CPU has bf16 units (`avx512_bf16` or `amx_bf16`) and a short probe of this very network shows bf16
-faster than fp32; the probe's timings are cached per CPU model, torch version and network shape (not
-thread count, so that every process on a machine decides alike). A model artifact records the scoring
-precision it was calibrated in, and every consumer of it scores in that precision wherever the device
-runs it natively. See docs/design.md, "Precision".
+`auto` picks bf16 only where the device has bf16 units (a CPU with `avx512_bf16` or `amx_bf16`, a CUDA
+device of the Ampere generation or newer) and a short probe of this very network shows bf16 faster than
+fp32: on a GPU, a small network at a small batch is bound by kernel launches, and autocast's casts can
+make bf16 slower. The probe's timings are cached per device model, torch version, network shape and
+batch (not thread count, so that every process on a machine decides alike). A model artifact records
+the scoring precision it was calibrated in, and every consumer of it scores in that precision wherever
+the device runs it natively. See docs/design.md, "Precision".
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from rayad.errors import ConfigError
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-PROBE_BATCH, PROBE_REPEATS = 2, 2
+PROBE_BATCH = 2  # images a CPU probe times: a CPU's time per image hardly depends on the batch
+PROBE_REPEATS = {"cpu": 2, "cuda": 5}  # timed passes after the warm-up; the fastest counts
 PROBE_CACHE = "precision_probe.json"
 
 
@@ -83,9 +85,10 @@ def default_device() -> torch.device:
 
 
 def exact_cuda_math(deterministic: bool = False) -> None:
-    """No TF32 in this process's CUDA convolutions and matmuls (cuDNN allows it by default, and it moves
-    scores by more than the threshold's margin); with `deterministic`, also only deterministic kernels,
-    so that a CUDA run repeats bit for bit at some cost in speed."""
+    """No TF32 in this process's CUDA convolutions and matmuls. cuDNN allows it by default, and it moved an
+    H100's scores by up to 1.7e-3 against 6e-7 from the CPU's without it (docs/benchmarks.md, "GPU"). With
+    `deterministic`, also only deterministic kernels, so that a CUDA run repeats bit for bit at some cost
+    in speed."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     if deterministic:
@@ -102,22 +105,22 @@ def cuda_bf16_native(device: torch.device) -> bool:
 def resolve(requested: str, device: torch.device | str, probe: Callable[[], dict[str, float]],
             cpu_flags: frozenset[str] | None = None, cuda_native: bool | None = None) -> Choice:
     """The precision to run `requested` (auto | fp32 | bf16 | fp16) in on `device`. `probe` returns the
-    seconds per step in fp32 and bf16; it is only called for `auto` on a CPU with bf16 units."""
+    seconds per step in fp32 and bf16; it is only called for `auto` on a device with bf16 units."""
     device = torch.device(device)
     if requested == "fp16" and device.type != "cuda":
         raise ConfigError(f"precision fp16 needs a CUDA device (this one is {device.type}); use bf16 or fp32")
     if requested != "auto":
         return Choice(requested, "configured")
     if device.type == "cuda":
-        has_bf16 = cuda_bf16_native(device) if cuda_native is None else cuda_native
-        return Choice("bf16", "CUDA device with native bf16") if has_bf16 else \
-            Choice("fp32", "CUDA device without native bf16 (before Ampere)")
-    if not native("bf16", device, cpu_flags):
+        if not (cuda_bf16_native(device) if cuda_native is None else cuda_native):
+            return Choice("fp32", "CUDA device without native bf16 (before Ampere)")
+    elif not native("bf16", device, cpu_flags):
         return Choice("fp32", f"CPU without bf16 units ({' / '.join(CPU_BF16_FLAGS)})")
     seconds = probe()
     faster = seconds["bf16"] < seconds["fp32"]
-    return Choice("bf16" if faster else "fp32",
-                  f"probe on this CPU: bf16 {seconds['bf16'] * 1e3:.1f} ms, fp32 {seconds['fp32'] * 1e3:.1f} ms a step")
+    where = "GPU" if device.type == "cuda" else "CPU"
+    timings = f"bf16 {seconds['bf16'] * 1e3:.1f} ms, fp32 {seconds['fp32'] * 1e3:.1f} ms a step"
+    return Choice("bf16" if faster else "fp32", f"probe on this {where}: {timings}")
 
 
 def native(precision: str, device: torch.device | str, cpu_flags: frozenset[str] | None = None) -> bool:
@@ -131,24 +134,33 @@ def native(precision: str, device: torch.device | str, cpu_flags: frozenset[str]
     return precision == "bf16" and bool(flags & set(CPU_BF16_FLAGS))
 
 
-def probe_network(network: nn.Module, image_size: int, training: bool, device: torch.device | str
-                  ) -> Callable[[], dict[str, float]]:
-    """A cached probe of `network`: seconds per forward (and backward, when `training`) pass of a small
-    batch at `image_size`, in fp32 and in bf16. Runs on a copy, so the network's state is untouched."""
+def probe_network(network: nn.Module, image_size: int, training: bool, device: torch.device | str,
+                  batch_size: int) -> Callable[[], dict[str, float]]:
+    """A cached probe of `network`: seconds per forward (and backward, when `training`) pass in fp32 and
+    in bf16, of `batch_size` images on a GPU, PROBE_BATCH on a CPU. Runs on a copy, so the network's state
+    is untouched."""
+    device = torch.device(device)
+    batch = batch_size if device.type == "cuda" else PROBE_BATCH
+
     def measure() -> dict[str, float]:
         model = copy.deepcopy(network).train(training)
         gen = torch.Generator().manual_seed(0)
-        x = torch.rand(PROBE_BATCH, 3, image_size, image_size, generator=gen).to(device)
+        x = torch.rand(batch, 3, image_size, image_size, generator=gen).to(device)
         x = x.contiguous(memory_format=torch.channels_last)
         return {p: _seconds_per_pass(model, x, p, training) for p in ("fp32", "bf16")}
 
     def cached() -> dict[str, float]:
         # No thread count in the key: every process on the machine, whatever its CPU share, decides alike.
-        key = {"cpu": cpu_info()[0], "torch": torch.__version__, "training": training, "size": image_size,
-               "network": _shape_signature(network)}
+        key = {"device": device_name(device), "torch": torch.__version__, "training": training,
+               "size": image_size, "batch": batch, "network": _shape_signature(network)}
         return _cached(key, measure)
 
     return cached
+
+
+def device_name(device: torch.device) -> str:
+    """The model of the CPU or GPU behind `device`: what a probe's timings hold for."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info()[0]
 
 
 def _seconds_per_pass(model: nn.Module, x: torch.Tensor, precision: str, training: bool) -> float:
@@ -157,10 +169,12 @@ def _seconds_per_pass(model: nn.Module, x: torch.Tensor, precision: str, trainin
             out = model(x)
         if training:
             out.float().pow(2).mean().backward()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
 
     one_pass()  # warm-up: kernel selection, allocations
     best = float("inf")
-    for _ in range(PROBE_REPEATS):
+    for _ in range(PROBE_REPEATS[x.device.type]):
         start = time.perf_counter()
         one_pass()
         best = min(best, time.perf_counter() - start)

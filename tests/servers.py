@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +29,8 @@ def rayad_serve(args: list[str], log_path: Path) -> Iterator[str]:
     """`rayad serve ARGS --port P` in its own process, until /readyz answers 200; yields its URL and
     stops it with Ctrl-C afterwards. Fails the test with the server's log if it never becomes ready."""
     port = free_port()
-    rayad = Path(sys.executable).with_name("rayad")
+    rayad = Path(sys.executable).with_name("rayad")  # this interpreter's; else the one on PATH (pip --user)
+    rayad = rayad if rayad.exists() else Path(shutil.which("rayad") or rayad)
     with log_path.open("w") as log:
         process = subprocess.Popen([str(rayad), "serve", *args, "--port", str(port)], stdout=log,
                                    stderr=subprocess.STDOUT)

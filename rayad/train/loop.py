@@ -243,7 +243,7 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
     optimizer = make_optimizer(network, tc)
     start = session.restore(network, optimizer)
     precision = session.broadcast(lambda: resolve(tc.precision, session.device, probe_network(
-        network, cfg.data.image_size, training=True, device=session.device)))
+        network, cfg.data.image_size, training=True, device=session.device, batch_size=tc.batch_size)))
     if rank == 0:
         log.info("training in %s (%s)", precision.precision, precision.reason)
     scaler = torch.amp.GradScaler(session.device.type) if precision.precision == "fp16" else None

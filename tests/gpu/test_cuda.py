@@ -4,6 +4,8 @@ TF32 off), and against the CPU within the documented tolerance (docs/design.md, 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import requests
@@ -68,6 +70,18 @@ def test_gpu_serve_replica_scores_as_predict(cuda_run, demo_root, tmp_path):
             assert served.status_code == 200, served.text
             assert served.json()["score"] == pytest.approx(float(expected), rel=1e-6)
             assert ("heatmap_png" in served.json()) == (heatmap == "true")
+
+
+def test_auto_precision_probes_the_gpu_at_the_batch_it_runs(tmp_path, monkeypatch):
+    from rayad.models import create_model
+    from rayad.precision import PROBE_CACHE, probe_network, resolve
+
+    monkeypatch.setenv("RAYAD_CACHE_DIR", str(tmp_path))
+    network = create_model(load_config(overrides=TINY).model).cuda()
+    choice = resolve("auto", "cuda", probe_network(network, 64, training=True, device="cuda", batch_size=16))
+    assert choice.precision in ("fp32", "bf16") and "probe on this GPU" in choice.reason
+    (key,) = json.loads((tmp_path / PROBE_CACHE).read_text())
+    assert torch.cuda.get_device_name() in key and '"batch": 16' in key
 
 
 def test_corruption_makes_no_host_sync_on_cuda():
