@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -69,7 +71,18 @@ def upsample_bicubic(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def bicubic_matrix(n_in: int, n_out: int, device=None) -> torch.Tensor:
     """(n_out, n_in) weights of torch's bicubic interpolation (Keys' cubic, A = -0.75, align_corners=True,
-    borders clamped): row i holds the four taps that output i takes from the input."""
+    borders clamped): row i holds the four taps that output i takes from the input.
+
+    Cached per sizes and device (a few dozen small ops each time, which a GPU would launch one by one):
+    read it, never write to it."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return _bicubic_matrix.__wrapped__(n_in, n_out, device)  # a graph must not cache its fake tensors
+    return _bicubic_matrix(n_in, n_out, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _bicubic_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
     a = -0.75
     src = torch.arange(n_out, device=device) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
     base = src.floor()
