@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import timm
 import torch
 from torch import nn
 
@@ -36,6 +35,8 @@ class TimmEncoder(nn.Module):
 
     def __init__(self, name: str, in_chans: int, depth: int, pretrained_file: str | None = None):
         super().__init__()
+        import timm  # here, not at the top: the default encoder needs none of it (rayad.models.layers.TORCH_ACTS)
+
         if name not in timm.list_models():
             raise ConfigError(f"model.encoder = {name!r} is neither 'sdc' nor a timm model name "
                               "(see timm.list_models())")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import get_act_layer
 from torch import nn
 
 from rayad.errors import ConfigError
@@ -21,7 +20,19 @@ def make_norm(name: str, channels: int) -> nn.Module:
     raise ConfigError(f"model.norm = {name!r}; valid: batch, group, instance, none")
 
 
+# The names timm maps to torch's own activations (tests/models checks them against timm). These need no timm,
+# whose import pulls in torchvision and torch._dynamo: over a second of every process's start.
+TORCH_ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish,
+              "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "celu": nn.CELU, "selu": nn.SELU,
+              "hard_sigmoid": nn.Hardsigmoid, "hard_swish": nn.Hardswish, "identity": nn.Identity}
+
+
 def make_act(name: str) -> nn.Module:
+    """The activation timm knows by `name`."""
+    if name in TORCH_ACTS:
+        return TORCH_ACTS[name]()
+    from timm.layers import get_act_layer
+
     try:
         return get_act_layer(name)()
     except (KeyError, ValueError, TypeError, AssertionError):

@@ -1,10 +1,14 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from rayad.config import ModelConfig, load_config
 from rayad.errors import ConfigError
 from rayad.models import create_model, list_models
-from rayad.models.layers import ConvNormAct
+from rayad.models.layers import TORCH_ACTS, ConvNormAct, make_act
 
 TINY = {"widths": (8, 16, 16), "dilations": (1, 2)}
 
@@ -120,3 +124,19 @@ def test_eval_mode_folds_batch_norm_into_the_conv_without_changing_the_output():
     block.train()
     batch_stats = torch.nn.functional.batch_norm(conv(x), None, None, norm.weight, norm.bias, training=True)
     assert torch.allclose(block(x), act(batch_stats), atol=1e-6)
+
+
+def test_torch_activations_are_the_classes_timm_gives_those_names():
+    from timm.layers import get_act_layer
+
+    for name, cls in TORCH_ACTS.items():
+        assert get_act_layer(name) is cls, name
+    assert type(make_act("gelu")) is get_act_layer("gelu")  # other names still go to timm
+
+
+def test_the_default_model_loads_and_scores_without_importing_timm(trained_run):
+    """timm pulls in torchvision and torch._dynamo, over a second of every process's start."""
+    code = ("import sys; from rayad.artifact import Predictor; import numpy as np; "
+            f"Predictor.load({str(trained_run)!r}, device='cpu').predict_arrays(np.zeros((1, 32, 32, 3), np.uint8)); "
+            "assert 'timm' not in sys.modules and 'torch._dynamo' not in sys.modules, 'timm or dynamo imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
