@@ -5,6 +5,8 @@ TF32 off), and against the CPU within the documented tolerance (docs/design.md, 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -70,6 +72,28 @@ def test_gpu_serve_replica_scores_as_predict(cuda_run, demo_root, tmp_path):
             assert served.status_code == 200, served.text
             assert served.json()["score"] == pytest.approx(float(expected), rel=1e-6)
             assert ("heatmap_png" in served.json()) == (heatmap == "true")
+
+
+DETERMINISTIC_FIT = """
+import json, sys
+from rayad.config import load_config
+from rayad.train import fit
+overrides = {**json.loads(sys.argv[3]), "train.precision": "fp32", "train.deterministic": True}
+fit(load_config(overrides=overrides), sys.argv[1], "brick", sys.argv[2], device="cuda", progress=False)
+"""
+
+
+def test_deterministic_training_repeats_bit_for_bit_on_cuda(demo_root, tmp_path):
+    """`train.deterministic: true`: two runs give the same weights. Each runs in its own process, as the
+    deterministic mode is process-wide."""
+    from safetensors.torch import load_file
+
+    runs = [tmp_path / f"run{i}" for i in range(2)]
+    for run in runs:
+        subprocess.run([sys.executable, "-c", DETERMINISTIC_FIT, str(demo_root), str(run), json.dumps(TINY)],
+                       check=True)
+    first, second = (load_file(run / "model.safetensors") for run in runs)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_auto_precision_probes_the_gpu_at_the_batch_it_runs(tmp_path, monkeypatch):
