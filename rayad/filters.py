@@ -69,20 +69,25 @@ def upsample_bicubic(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return rows @ grid @ cols.T
 
 
-def bicubic_matrix(n_in: int, n_out: int, device=None) -> torch.Tensor:
+def _cached_matrix(build):
+    """`build(n_in, n_out, device)`, cached per sizes and device: an interpolation matrix takes a few dozen
+    small ops to build, which a GPU would launch one by one at every step. Read it, never write to it."""
+    cached = functools.lru_cache(maxsize=64)(build)
+
+    @functools.wraps(build)
+    def matrix(n_in: int, n_out: int, device=None) -> torch.Tensor:
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return build(n_in, n_out, device)  # a graph must not cache its fake tensors
+        return cached(n_in, n_out, device)
+
+    return matrix
+
+
+@_cached_matrix
+def bicubic_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
     """(n_out, n_in) weights of torch's bicubic interpolation (Keys' cubic, A = -0.75, align_corners=True,
-    borders clamped): row i holds the four taps that output i takes from the input.
-
-    Cached per sizes and device (a few dozen small ops each time, which a GPU would launch one by one):
-    read it, never write to it."""
-    device = torch.device("cpu") if device is None else torch.device(device)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return _bicubic_matrix.__wrapped__(n_in, n_out, device)  # a graph must not cache its fake tensors
-    return _bicubic_matrix(n_in, n_out, device)
-
-
-@functools.lru_cache(maxsize=64)
-def _bicubic_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    borders clamped): row i holds the four taps that output i takes from the input."""
     a = -0.75
     src = torch.arange(n_out, device=device) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
     base = src.floor()
@@ -97,6 +102,28 @@ def _bicubic_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor
     taps = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=1)
     index = (base.long().view(-1, 1) + torch.arange(-1, 3, device=device)).clamp(0, n_in - 1)
     return torch.zeros(n_out, n_in, device=device).scatter_add_(1, index, taps)
+
+
+@_cached_matrix
+def bilinear_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """(n_out, n_in) weights of torch's bilinear interpolation to a given size (align_corners=False): output
+    i samples the input at (i + 0.5) * n_in / n_out - 0.5, clamped to the input's extent."""
+    src = ((torch.arange(n_out, device=device) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    low = src.floor().clamp(max=n_in - 1)
+    t = src - low
+    index = torch.stack([low, (low + 1).clamp(max=n_in - 1)], dim=1).long()
+    return torch.zeros(n_out, n_in, device=device).scatter_add_(1, index, torch.stack([1 - t, t], dim=1))
+
+
+def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`F.interpolate(x, size, mode="bilinear", align_corners=False)`. A pass to be differentiated under
+    `torch.use_deterministic_algorithms` (`train.deterministic`) takes the same weights as two matrix
+    products instead: interpolate's backward has no deterministic CUDA kernel and throws there."""
+    if torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled():
+        rows = bilinear_matrix(x.shape[-2], size[0], x.device).to(x.dtype)
+        cols = bilinear_matrix(x.shape[-1], size[1], x.device).to(x.dtype)
+        return rows @ x @ cols.T
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def fractal_noise(shape: tuple[int, int, int, int], generator: torch.Generator, device=None,

@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rayad.config import ModelConfig
 from rayad.errors import ConfigError
+from rayad.filters import resize_bilinear
 from rayad.models.encoders import SDCEncoder, TimmEncoder
 from rayad.models.layers import SKIPS, ConvNormAct, DilatedBottleneck, make_act
 from rayad.models.registry import register_model
@@ -48,10 +48,9 @@ class SDCCCM(nn.Module):
         features = self.encoder(x)
         d = self.bottleneck(features[-1])
         for i in reversed(range(len(features) - 1)):
-            d = self.up_convs[i](F.interpolate(d, size=features[i].shape[-2:], mode="bilinear",
-                                               align_corners=False))
+            d = self.up_convs[i](resize_bilinear(d, features[i].shape[-2:]))
             d = self.refines[i](self.skips[i](features[i], d))
-        d = F.interpolate(d, size=(h, w), mode="bilinear", align_corners=False)
+        d = resize_bilinear(d, (h, w))
         return self.head(d)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rayad import filters
 from rayad.config import CorruptionConfig
 from rayad.corruption import FILLS, SHAPES, Corruptor
 from rayad.corruption.masks import random_masks
@@ -123,7 +122,7 @@ def test_upsample_bicubic_is_torchs_bicubic_interpolation(cells, size):
 def test_bicubic_matrix_is_built_once_per_sizes_and_device():
     first = bicubic_matrix(5, 40)
     assert bicubic_matrix(5, 40, "cpu") is first and bicubic_matrix(5, 41) is not first
-    torch.testing.assert_close(first, filters._bicubic_matrix.__wrapped__(5, 40, torch.device("cpu")), atol=0, rtol=0)
+    torch.testing.assert_close(first, bicubic_matrix.__wrapped__(5, 40, torch.device("cpu")), atol=0, rtol=0)
 
 
 def test_fractal_noise_is_the_sum_of_its_octaves():

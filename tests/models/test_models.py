@@ -7,6 +7,7 @@ import torch
 
 from rayad.config import ModelConfig, load_config
 from rayad.errors import ConfigError
+from rayad.filters import resize_bilinear
 from rayad.models import create_model, list_models
 from rayad.models.layers import TORCH_ACTS, ConvNormAct, make_act
 
@@ -140,3 +141,37 @@ def test_the_default_model_loads_and_scores_without_importing_timm(trained_run):
             f"Predictor.load({str(trained_run)!r}, device='cpu').predict_arrays(np.zeros((1, 32, 32, 3), np.uint8)); "
             "assert 'timm' not in sys.modules and 'torch._dynamo' not in sys.modules, 'timm or dynamo imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("size_in, size_out", [((4, 4), (8, 8)), ((5, 3), (16, 9)), ((16, 12), (32, 24)),
+                                               ((8, 8), (8, 8))])
+def test_deterministic_bilinear_resize_is_torchs(size_in, size_out, deterministic_algorithms):
+    """Under deterministic algorithms a differentiated resize takes matrix products (interpolate's CUDA backward
+    throws there): the same values and gradients as F.interpolate, within rounding."""
+    x = torch.rand(2, 3, *size_in, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    weights = torch.rand(2, 3, *size_out, generator=torch.Generator().manual_seed(1))
+    got = resize_bilinear(x, size_out)
+    (grad,) = torch.autograd.grad((got * weights).sum(), x)
+    torch.use_deterministic_algorithms(False)
+    expected = torch.nn.functional.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=0)
+
+
+def test_scoring_under_deterministic_algorithms_is_unchanged(deterministic_algorithms):
+    """Without gradients, the resize is interpolate's own, so scores never depend on the mode."""
+    model = create_model(ModelConfig(**TINY)).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        on = model(x)
+        torch.use_deterministic_algorithms(False)
+        off = model(x)
+    assert torch.equal(on, off)
