@@ -37,10 +37,24 @@ def _blur_channels(x: torch.Tensor, sigma: float) -> torch.Tensor:
     pad_h, pad_w = min(radius, x.shape[-2] - 1), min(radius, x.shape[-1] - 1)
     if pad_h < radius or pad_w < radius:  # image smaller than the kernel: fall back to replicate padding
         x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    elif differentiated_deterministically():
+        x = _reflect_pad(x, radius)
     else:
         x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
     x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
     return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+def differentiated_deterministically() -> bool:
+    """Whether this pass will be differentiated under `torch.use_deterministic_algorithms` (`train.deterministic`),
+    where some CUDA backwards (bilinear interpolation, reflection padding) have no deterministic kernel and throw."""
+    return torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled()
+
+
+def _reflect_pad(x: torch.Tensor, r: int) -> torch.Tensor:
+    """`F.pad(x, (r, r, r, r), mode="reflect")` by copies alone, whose backward is deterministic on CUDA."""
+    x = torch.cat([x[..., 1:r + 1, :].flip(-2), x, x[..., -r - 1:-1, :].flip(-2)], dim=-2)
+    return torch.cat([x[..., 1:r + 1].flip(-1), x, x[..., -r - 1:-1].flip(-1)], dim=-1)
 
 
 def size_randint(low: int, high: int, gen: torch.Generator, salt: int) -> int:
@@ -116,10 +130,9 @@ def bilinear_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor
 
 
 def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """`F.interpolate(x, size, mode="bilinear", align_corners=False)`. A pass to be differentiated under
-    `torch.use_deterministic_algorithms` (`train.deterministic`) takes the same weights as two matrix
-    products instead: interpolate's backward has no deterministic CUDA kernel and throws there."""
-    if torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled():
+    """`F.interpolate(x, size, mode="bilinear", align_corners=False)`; the same weights as two matrix products
+    in a pass `differentiated_deterministically`."""
+    if differentiated_deterministically():
         rows = bilinear_matrix(x.shape[-2], size[0], x.device).to(x.dtype)
         cols = bilinear_matrix(x.shape[-1], size[1], x.device).to(x.dtype)
         return rows @ x @ cols.T

@@ -7,7 +7,7 @@ import torch
 
 from rayad.config import ModelConfig, load_config
 from rayad.errors import ConfigError
-from rayad.filters import resize_bilinear
+from rayad.filters import gaussian_blur, resize_bilinear
 from rayad.models import create_model, list_models
 from rayad.models.layers import TORCH_ACTS, ConvNormAct, make_act
 
@@ -175,3 +175,17 @@ def test_scoring_under_deterministic_algorithms_is_unchanged(deterministic_algor
         torch.use_deterministic_algorithms(False)
         off = model(x)
     assert torch.equal(on, off)
+
+
+def test_deterministic_blur_pads_as_torch_does(deterministic_algorithms):
+    """The SSIM loss blurs the reconstruction: under deterministic algorithms its reflect padding is done by
+    copies (ReflectionPad2d's CUDA backward throws there), with the same bits and gradients."""
+    x = torch.rand(2, 3, 20, 24, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    weights = torch.rand(2, 3, 20, 24, generator=torch.Generator().manual_seed(1))
+    got = gaussian_blur(x, 1.5)
+    (grad,) = torch.autograd.grad((got * weights).sum(), x)
+    torch.use_deterministic_algorithms(False)
+    expected = gaussian_blur(x, 1.5)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=0)
