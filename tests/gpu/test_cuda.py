@@ -78,13 +78,15 @@ DETERMINISTIC_FIT = """
 import json, sys
 from rayad.config import load_config
 from rayad.train import fit
-overrides = {**json.loads(sys.argv[3]), "train.precision": "fp32", "train.deterministic": True}
+overrides = {**json.loads(sys.argv[3]), "train.precision": "fp32", "train.deterministic": True,
+             "train.ssim_weight": 0.5}
 fit(load_config(overrides=overrides), sys.argv[1], "brick", sys.argv[2], device="cuda", progress=False)
 """
 
 
 def test_deterministic_training_repeats_bit_for_bit_on_cuda(demo_root, tmp_path):
-    """`train.deterministic: true`: two runs give the same weights. Each runs in its own process, as the
+    """`train.deterministic: true`: two runs give the same weights, with the SSIM term on too (both
+    workarounds of filters.differentiated_deterministically run). Each run has its own process, as the
     deterministic mode is process-wide."""
     from safetensors.torch import load_file
 
