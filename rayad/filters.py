@@ -20,7 +20,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W) with reflect padding; sigma <= 0 returns x."""
     if sigma <= 0:
         return x
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if _in_graph():
         return _blur_channels(x, sigma)  # traced and exported graphs keep the batch apart: its size varies there
     # Every image's channels as the channels of one image: oneDNN's depthwise kernel runs 3-7x faster on a CPU
     # and gives each channel the same bits however many there are, so a map is the same alone or in any batch.
@@ -28,6 +28,11 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     planes = x.reshape(1, -1, *x.shape[-2:])
     n = planes.shape[1]
     return _blur_channels(planes.expand(1, max(n, 2), -1, -1), sigma)[:, :n].reshape(x.shape)
+
+
+def _in_graph() -> bool:
+    """Whether torch.compile or a trace (an export) is recording this call as a graph."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _blur_channels(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -91,7 +96,7 @@ def _cached_matrix(build):
     @functools.wraps(build)
     def matrix(n_in: int, n_out: int, device=None) -> torch.Tensor:
         device = torch.device("cpu") if device is None else torch.device(device)
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if _in_graph():
             return build(n_in, n_out, device)  # a graph must not cache its fake tensors
         return cached(n_in, n_out, device)
 
