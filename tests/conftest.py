@@ -8,6 +8,10 @@ import os
 # machine; RAYAD_TEST_GPU=1 keeps them for the `gpu` tests (tests/gpu).
 if os.environ.get("RAYAD_TEST_GPU") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# Ray Train's controller polls its workers every 2 s, and a worker's report waits for the poll (Ray keeps a queue
+# of one): a tiny run, which reports every 2 steps, would spend most of its time waiting. Ray's own setting,
+# inherited by the test clusters' processes and passed on by Ray Train to its controller and workers.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

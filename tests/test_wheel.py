@@ -109,10 +109,12 @@ def venv(wheel, tmp_path_factory) -> Path:
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    """This environment without Ray's or rayad's settings. RAY_ADDRESS=local: each command starts a new local
-    Ray; without an address Ray would join the latest cluster started on this machine (the session's)."""
+    """This environment without Ray's or rayad's settings but the suite's Ray Train poll interval (conftest.py).
+    RAY_ADDRESS=local: each command starts a new local Ray; without an address Ray would join the latest cluster
+    started on this machine (the session's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "RAYAD_")) and k != "PYTHONPATH"}
-    return {**env, "RAY_ADDRESS": "local", "RAYAD_CACHE_DIR": str(tmp / "cache")}
+    poll = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    return {**env, poll: os.environ[poll], "RAY_ADDRESS": "local", "RAYAD_CACHE_DIR": str(tmp / "cache")}
 
 
 @pytest.fixture(scope="module")
