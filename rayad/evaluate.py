@@ -12,7 +12,7 @@ from rayad.config import DataConfig
 from rayad.data.dataset import load_split
 from rayad.data.manifest import build_manifest
 from rayad.errors import DataError
-from rayad.metrics import METRIC_NAMES, compute_metrics, pixel_curves
+from rayad.metrics import METRIC_NAMES, compute_metrics
 from rayad.settings import PREDICT_BATCH
 
 
@@ -29,13 +29,12 @@ def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category:
     if len(test.images) == 0:
         raise DataError(f"{data_root}/{category}: the test split is empty")
     preds = predictor.predict_arrays(test.images, batch_size)
-    metrics = compute_metrics(preds.scores, test.labels, test.defect_types, preds.maps, test.masks)
+    metrics = compute_metrics(preds.scores, test.labels, test.defect_types, preds.maps, test.masks, curves=True)
     return {**metrics, "threshold": predictor.threshold, "pixel_threshold": predictor.pixel_threshold,
             "scores": preds.scores.tolist(),
             "paths": test.rows["path"].to_pylist(), "labels": test.labels.tolist(),
             "defect_types": test.defect_types, "mask_paths": test.rows["mask_path"].to_pylist(),
-            "accuracy": float(np.mean(preds.labels == test.labels.astype(bool))),
-            "pixel_curves": pixel_curves(preds.maps, test.masks)}
+            "accuracy": float(np.mean(preds.labels == test.labels.astype(bool)))}
 
 
 def format_table(metrics: dict[str, Any]) -> str:

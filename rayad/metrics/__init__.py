@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from rayad.metrics.aupro import aupro
-from rayad.metrics.auroc import auroc, roc_curve
+from rayad.metrics.auroc import auroc, descending_order, roc_curve
 from rayad.metrics.bootstrap import N_BOOT, auroc_ci, bootstrap_ci, pixel_auroc_ci
 from rayad.metrics.f1 import f1_max, precision_recall_curve
 
@@ -19,16 +19,20 @@ CURVE_POINTS = 400  # stored curves keep at most this many of their exact points
 
 def compute_metrics(scores: np.ndarray, labels: np.ndarray, defect_types: list[str] | None = None,
                     maps: np.ndarray | None = None, masks: np.ndarray | None = None, n_boot: int = N_BOOT,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, curves: bool = False) -> dict:
     """Metrics of a test set. Pixel metrics are None without masks. `image_auroc_ci` and `pixel_auroc_ci`
     are 95 % bootstrap intervals [low, high] over `n_boot` stratified resamples of the images
     (`rayad.metrics.bootstrap`), None where the metric is None or n_boot is 0. With `defect_types`, also the
     metrics per defect type (without intervals), each scored against all good images, as the MVTec AD
-    benchmark and anomalib do."""
-    out = _metrics(scores, labels, maps, masks)
+    benchmark and anomalib do. With `curves`, also `pixel_curves`. The pixels are sorted once: every pixel
+    metric, of all images or of a defect type's, takes its ranking from that sort."""
+    order = descending_order(maps) if _has_pixel_metrics(labels, maps, masks) else None
+    out = _metrics(scores, labels, maps, masks, order)
     pixel = out["pixel_auroc"] is not None
     out["image_auroc_ci"] = auroc_ci(scores, labels, n_boot, seed) if out["image_auroc"] is not None else None
     out["pixel_auroc_ci"] = pixel_auroc_ci(maps, masks, labels, n_boot, seed) if pixel else None
+    if curves:
+        out["pixel_curves"] = None if maps is None else pixel_curves(maps, masks, order=order)
     if defect_types is None:
         return out
     types = np.asarray(defect_types)
@@ -38,29 +42,45 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, defect_types: list[s
         subset = good | (types == defect)
         out["per_defect"][defect] = _metrics(scores[subset], labels[subset],
                                              None if maps is None else maps[subset],
-                                             None if masks is None else masks[subset])
+                                             None if masks is None else masks[subset],
+                                             None if order is None else _restrict(order, subset, maps[0].size))
     return out
 
 
-def _metrics(scores, labels, maps, masks) -> dict:
+def _has_pixel_metrics(labels, maps, masks) -> bool:
+    return (0 < labels.sum() < len(labels) and maps is not None and masks is not None
+            and bool(masks.any()) and not masks.all())
+
+
+def _metrics(scores, labels, maps, masks, order) -> dict:
     both = 0 < labels.sum() < len(labels)
-    pixel = both and maps is not None and masks is not None and masks.any() and not masks.all()
+    pixel = _has_pixel_metrics(labels, maps, masks)
     return {
         "image_auroc": auroc(scores, labels) if both else None,
-        "pixel_auroc": auroc(maps.ravel(), masks.ravel()) if pixel else None,
-        "aupro": aupro(maps, masks) if pixel else None,
+        "pixel_auroc": auroc(maps, masks, order) if pixel else None,
+        "aupro": aupro(maps, masks, order=order) if pixel else None,
         "f1_max": f1_max(scores, labels)[0] if both else None,
         "n_images": int(len(labels)),
     }
 
 
-def pixel_curves(maps: np.ndarray, masks: np.ndarray | None, points: int = CURVE_POINTS) -> dict | None:
+def _restrict(order: np.ndarray, keep: np.ndarray, per_image: int) -> np.ndarray:
+    """A ranking of every image's `per_image` pixels restricted to the images where `keep`, as indices into
+    those images' pixels: the ranking `descending_order` gives for them, without sorting again."""
+    image, pixel = np.divmod(order, per_image)
+    kept = keep[image]
+    return (np.cumsum(keep) - 1)[image[kept]] * per_image + pixel[kept]
+
+
+def pixel_curves(maps: np.ndarray, masks: np.ndarray | None, points: int = CURVE_POINTS,
+                 order: np.ndarray | None = None) -> dict | None:
     """Pixel-level ROC and PR curves, thinned to at most `points` exact points each (for plots), or None
-    without both good and defective pixels."""
+    without both good and defective pixels; `order` is `descending_order(maps)`, computed here when not given."""
     if masks is None or not masks.any() or masks.all():
         return None
-    fpr, tpr, _ = roc_curve(maps.ravel(), masks.ravel())
-    precision, recall, _ = precision_recall_curve(maps.ravel(), masks.ravel())
+    order = descending_order(maps) if order is None else order
+    fpr, tpr, _ = roc_curve(maps, masks, order)
+    precision, recall, _ = precision_recall_curve(maps, masks, order)
     roc, pr = _thin(len(fpr), points), _thin(len(recall), points)
     return {"roc": {"fpr": fpr[roc].tolist(), "tpr": tpr[roc].tolist()},
             "pr": {"recall": recall[pr].tolist(), "precision": precision[pr].tolist()}}

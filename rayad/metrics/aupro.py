@@ -12,11 +12,14 @@ from bisect import bisect
 import numpy as np
 from scipy import ndimage
 
+from rayad.metrics.auroc import descending_order
+
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
 
-def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, pro) at every distinct anomaly value, from (0, 0) up; maps (N, H, W) float, masks (N, H, W) bool."""
+def pro_curve(maps: np.ndarray, masks: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, pro) at every distinct anomaly value, from (0, 0) up; maps (N, H, W) float, masks (N, H, W) bool;
+    `order` is `descending_order(maps)`, computed here when not given."""
     maps = np.asarray(maps, dtype=np.float64)
     masks = np.asarray(masks, dtype=bool)
     fp_step = np.zeros(maps.shape)
@@ -31,7 +34,7 @@ def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
         sizes = np.bincount(labelled.ravel(), minlength=n + 1)
         inside = labelled > 0
         pro_step[i][inside] = 1.0 / (n_regions * sizes[labelled[inside]])
-    order = np.argsort(-maps.ravel(), kind="mergesort")
+    order = descending_order(maps) if order is None else order
     values = maps.ravel()[order]
     last_of_tie = np.r_[np.flatnonzero(np.diff(values)), values.size - 1]
     fpr = np.cumsum(fp_step.ravel()[order])[last_of_tie]
@@ -39,9 +42,9 @@ def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.r_[0.0, np.minimum(fpr, 1.0)], np.r_[0.0, np.minimum(pro, 1.0)]
 
 
-def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
+def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3, order: np.ndarray | None = None) -> float:
     """Normalised area under the PRO curve for FPR in [0, fpr_limit]."""
-    fpr, pro = pro_curve(maps, masks)
+    fpr, pro = pro_curve(maps, masks, order)
     return trapezoid_area(fpr, pro, fpr_limit) / fpr_limit
 
 

@@ -5,11 +5,19 @@ from __future__ import annotations
 import numpy as np
 
 
-def binary_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """True and false positives at each distinct threshold, highest first, and those thresholds."""
+def descending_order(values: np.ndarray) -> np.ndarray:
+    """Indices of the flattened `values` from highest to lowest, equal values in index order (a stable sort).
+    The metrics below take it as `order`, so that one sort serves every metric of the same values."""
+    return np.argsort(-np.asarray(values, dtype=np.float64).ravel(), kind="stable")
+
+
+def binary_counts(scores: np.ndarray, labels: np.ndarray,
+                  order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True and false positives at each distinct threshold, highest first, and those thresholds; `order` is
+    `descending_order(scores)`, computed here when not given."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).ravel().astype(bool)
-    order = np.argsort(-scores, kind="mergesort")
+    order = descending_order(scores) if order is None else order
     scores, labels = scores[order], labels[order]
     last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
     tps = np.cumsum(labels)[last_of_tie]
@@ -17,9 +25,10 @@ def binary_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return tps, fps, scores[last_of_tie]
 
 
-def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(scores: np.ndarray, labels: np.ndarray,
+              order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds), starting at (0, 0) with threshold +inf."""
-    tps, fps, thresholds = binary_counts(scores, labels)
+    tps, fps, thresholds = binary_counts(scores, labels, order)
     if tps[-1] == 0 or fps[-1] == 0:
         raise ValueError("ROC needs both good and anomalous samples")
     fpr = np.r_[0.0, fps / fps[-1]]
@@ -27,6 +36,6 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     return fpr, tpr, np.r_[np.inf, thresholds]
 
 
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    fpr, tpr, _ = roc_curve(scores, labels)
+def auroc(scores: np.ndarray, labels: np.ndarray, order: np.ndarray | None = None) -> float:
+    fpr, tpr, _ = roc_curve(scores, labels, order)
     return float(np.trapezoid(tpr, fpr))

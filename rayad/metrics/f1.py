@@ -7,9 +7,10 @@ import numpy as np
 from rayad.metrics.auroc import binary_counts
 
 
-def precision_recall_curve(scores: np.ndarray, labels: np.ndarray):
-    """(precision, recall, thresholds) at each distinct threshold, highest threshold first."""
-    tps, fps, thresholds = binary_counts(scores, labels)
+def precision_recall_curve(scores: np.ndarray, labels: np.ndarray, order: np.ndarray | None = None):
+    """(precision, recall, thresholds) at each distinct threshold, highest threshold first (`order`: as for
+    `binary_counts`)."""
+    tps, fps, thresholds = binary_counts(scores, labels, order)
     if tps[-1] == 0:
         raise ValueError("precision/recall need at least one anomalous sample")
     return tps / (tps + fps), tps / tps[-1], thresholds

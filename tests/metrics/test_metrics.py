@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from rayad.metrics import aupro, auroc, compute_metrics, f1_max, precision_recall_curve, roc_curve
+from rayad.metrics import aupro, auroc, compute_metrics, f1_max, pixel_curves, precision_recall_curve, roc_curve
 from rayad.metrics.aupro import pro_curve
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -339,6 +344,21 @@ def test_compute_metrics_per_defect_scores_each_type_against_all_good(test_set):
     assert out["per_defect"]["scratch"]["image_auroc"] == 1.0
 
 
+def test_one_sort_serves_every_defect_type_and_the_curves_exactly(test_set):
+    """compute_metrics sorts the pixels once and restricts that ranking to each defect type's images: the
+    results equal those of sorting each subset anew, to the bit (images shuffled, so types interleave)."""
+    scores, labels, types, maps, masks = test_set
+    perm = np.random.default_rng(3).permutation(len(types))
+    scores, labels, maps, masks = scores[perm], labels[perm], maps[perm], masks[perm]
+    types = [types[i] for i in perm]
+    out = compute_metrics(scores, labels, types, maps, masks, n_boot=0, curves=True)
+    assert out["pixel_curves"] == pixel_curves(maps, masks)
+    for defect, entry in out["per_defect"].items():
+        subset = np.array([t in ("good", defect) for t in types])
+        assert entry["pixel_auroc"] == auroc(maps[subset], masks[subset])
+        assert entry["aupro"] == aupro(maps[subset], masks[subset])
+
+
 def test_compute_metrics_without_maps_has_no_pixel_metrics(test_set):
     scores, labels, types, maps, masks = test_set
     for m, k in [(None, None), (maps, None), (None, masks)]:
@@ -356,3 +376,11 @@ def test_compute_metrics_only_good_images_gives_none(test_set):
     assert out["n_images"] == 8
     assert out["image_auroc"] is None and out["f1_max"] is None and out["pixel_auroc"] is None
     assert out["per_defect"] == {}
+
+
+def test_speed_benchmark_checks_both_ways_agree_and_names_the_machine():
+    script = Path(__file__).parents[2] / "benchmarks" / "metrics_speed.py"
+    out = subprocess.run([sys.executable, str(script), "--images", "30", "--sizes", "16", "--repeats", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    assert re.search(r"^\| 16² \| 0\.0 M \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$", out, flags=re.M), out
+    assert "machine: " in out and "cores; numpy" in out
