@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from rayad.config import DataConfig
-from rayad.data.dataset import load_split
+from rayad.data.dataset import ImageSet, load_split
 from rayad.data.manifest import build_manifest
 from rayad.errors import DataError
-from rayad.metrics import compute_metrics
+from rayad.metrics import auroc, compute_metrics
 
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL converts RGB to "L"
 SIZE = 32
@@ -31,15 +31,26 @@ def nearest_neighbour_metrics(data_root: str | Path, category: str, size: int = 
     """`compute_metrics` of the nearest-neighbour detector on the test split of `data_root/category`
     (with the bootstrap intervals and per-defect metrics), plus `size`, `n_train` and `seconds`."""
     start = time.perf_counter()
+    scores, maps, test, n_train = _test_split_scores(data_root, category, size, layout, image_size)
+    metrics = compute_metrics(scores, test.labels, test.defect_types, maps, test.masks)
+    return {**metrics, "size": size, "n_train": n_train, "seconds": time.perf_counter() - start}
+
+
+def nearest_neighbour_image_auroc(data_root: str | Path, category: str) -> float:
+    """The image AUROC of `nearest_neighbour_metrics`, without the metrics that need sorting every pixel."""
+    scores, _, test, _ = _test_split_scores(data_root, category, SIZE, "auto", None)
+    return auroc(scores, test.labels)
+
+
+def _test_split_scores(data_root, category, size, layout, image_size) -> tuple[np.ndarray, np.ndarray, ImageSet, int]:
+    """(scores, maps, the test split, the number of training images) of the detector on `data_root/category`."""
     data = DataConfig(layout=layout, val_fraction=0.0, **({"image_size": image_size} if image_size else {}))
     manifest = build_manifest(data_root, category, data)
     train = load_split(manifest, "train", data.image_size, data.on_bad_image)
     test = load_split(manifest, "test", data.image_size, data.on_bad_image)
     if len(test.images) == 0:
         raise DataError(f"{data_root}/{category}: the test split is empty")
-    scores, maps = nearest_neighbour(train.images, test.images, size)
-    metrics = compute_metrics(scores, test.labels, test.defect_types, maps, test.masks)
-    return {**metrics, "size": size, "n_train": len(train.images), "seconds": time.perf_counter() - start}
+    return *nearest_neighbour(train.images, test.images, size), test, len(train.images)
 
 
 def nearest_neighbour(train: np.ndarray, test: np.ndarray, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
