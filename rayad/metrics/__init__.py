@@ -67,9 +67,10 @@ def _metrics(scores, labels, maps, masks, order) -> dict:
 def _restrict(order: np.ndarray, keep: np.ndarray, per_image: int) -> np.ndarray:
     """A ranking of every image's `per_image` pixels restricted to the images where `keep`, as indices into
     those images' pixels: the ranking `descending_order` gives for them, without sorting again."""
-    image, pixel = np.divmod(order, per_image)
+    image = order // per_image
     kept = keep[image]
-    return (np.cumsum(keep) - 1)[image[kept]] * per_image + pixel[kept]
+    dropped_before = np.cumsum(~keep) * per_image  # pixels of the images left out before each kept image
+    return order[kept] - dropped_before[image[kept]]
 
 
 def pixel_curves(maps: np.ndarray, masks: np.ndarray | None, points: int = CURVE_POINTS,
