@@ -12,34 +12,29 @@ from bisect import bisect
 import numpy as np
 from scipy import ndimage
 
-from rayad.metrics.auroc import descending_order
+from rayad.metrics.auroc import binary_counts, descending_order
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
 
 def pro_curve(maps: np.ndarray, masks: np.ndarray, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, pro) at every distinct anomaly value, from (0, 0) up; maps (N, H, W) float, masks (N, H, W) bool;
-    `order` is `descending_order(maps)`, computed here when not given."""
-    maps = np.asarray(maps, dtype=np.float64)
+    `order` is `descending_order(maps)`, computed here when not given. The counts are the ROC's; PRO adds,
+    in rank order, each defect pixel's weight: 1 / (regions of all images x pixels of its region)."""
     masks = np.asarray(masks, dtype=bool)
-    fp_step = np.zeros(maps.shape)
-    pro_step = np.zeros(maps.shape)
-    n_ok = (~masks).sum()
-    regions = [ndimage.label(m, structure=EIGHT_CONNECTED) for m in masks]
-    n_regions = sum(n for _, n in regions)
+    regions = [ndimage.label(m, structure=EIGHT_CONNECTED)[0] for m in masks]
+    n_regions = sum(int(labelled.max()) for labelled in regions)
+    n_ok = masks.size - np.count_nonzero(masks)
     if n_ok == 0 or n_regions == 0:
         raise ValueError("AUPRO needs both defect-free pixels and at least one defect region")
-    fp_step[~masks] = 1.0 / n_ok
-    for i, (labelled, n) in enumerate(regions):
-        sizes = np.bincount(labelled.ravel(), minlength=n + 1)
-        inside = labelled > 0
-        pro_step[i][inside] = 1.0 / (n_regions * sizes[labelled[inside]])
     order = descending_order(maps) if order is None else order
-    values = maps.ravel()[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(values)), values.size - 1]
-    fpr = np.cumsum(fp_step.ravel()[order])[last_of_tie]
-    pro = np.cumsum(pro_step.ravel()[order])[last_of_tie]
-    return np.r_[0.0, np.minimum(fpr, 1.0)], np.r_[0.0, np.minimum(pro, 1.0)]
+    tps, fps, _ = binary_counts(maps, masks, order)
+    weights = np.concatenate([1.0 / (n_regions * np.bincount(labelled.ravel())[labelled[labelled > 0]])
+                              for labelled in regions])  # every defect pixel's, in the maps' own order
+    defect = masks.ravel()
+    ranked = np.searchsorted(np.flatnonzero(defect), order[defect[order]])  # defect pixels by rank
+    pro = np.r_[0.0, np.cumsum(weights[ranked])][tps]
+    return np.r_[0.0, np.minimum(fps / n_ok, 1.0)], np.r_[0.0, np.minimum(pro, 1.0)]
 
 
 def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3, order: np.ndarray | None = None) -> float:
