@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # The CPU suite hides GPUs before torch or Ray look for them, so that it runs (and means the same) on a GPU
@@ -88,13 +89,17 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def tiny_experiment(ray_cluster, demo_root, tiny_space, tmp_path_factory):
-    """A real search on the test cluster: 4 trials of the tiny space on brick at SEARCH_STEPS, two objectives; returns
-    (experiment dir, the record `run_search` returned)."""
+    """A real search on the test cluster: 4 trials of the tiny space on brick at SEARCH_STEPS, two objectives,
+    tracked in a local MLflow store (`record["settings"]["mlflow"]`); returns (experiment dir, the record
+    `run_search` returned)."""
     from rayad.tune import SearchSettings, run_search
 
-    exp = tmp_path_factory.mktemp("exp") / "brick-tiny"
+    root = tmp_path_factory.mktemp("exp")
+    exp = root / "brick-tiny"
     # --set of a value the space fixes (train.steps: 6) wins over it in every trial
     settings = SearchSettings(data_root=str(demo_root), category="brick", space=str(tiny_space), trials=4,
                               overrides={**TINY_BASE, "train.steps": SEARCH_STEPS}, search_seed=0,
-                              metric=("val_image_auroc", "val_aupro"), mode=("max", "max"))
-    return exp, run_search(settings, exp, verbose=0)
+                              metric=("val_image_auroc", "val_aupro"), mode=("max", "max"),
+                              mlflow=f"sqlite:///{root / 'mlflow.db'}")
+    with contextlib.chdir(root):  # a sqlite MLflow store keeps artifacts in ./mlruns
+        return exp, run_search(settings, exp, verbose=0)

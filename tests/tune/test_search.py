@@ -145,20 +145,13 @@ def test_resume_after_the_driver_is_killed(ray_cluster, demo_root, tiny_space, t
     assert (exp / "best" / "model.json").is_file()
 
 
-def test_mlflow_runs_equal_the_results_store(ray_cluster, demo_root, tiny_space, tmp_path, monkeypatch):
+def test_mlflow_runs_equal_the_results_store(tiny_experiment):
     from mlflow import MlflowClient
 
-    monkeypatch.chdir(tmp_path)  # a sqlite store keeps artifacts in ./mlruns
-
-    from rayad.tune import SearchSettings, run_search
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp = tmp_path / "tracked"
-    settings = SearchSettings(data_root=str(demo_root), category="brick", space=str(tiny_space), trials=2,
-                              scheduler="fifo", overrides=TINY_BASE, search_seed=1, mlflow=uri)
-    record = run_search(settings, exp, verbose=0)
+    exp, record = tiny_experiment
+    uri = record["settings"]["mlflow"]
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("tracked")
+    experiment = client.get_experiment_by_name(exp.name)
     runs = client.search_runs([experiment.experiment_id])
     trials = {t["trial_id"]: t for t in pq.read_table(exp / "trials.parquet").to_pylist()}
     history = pq.read_table(exp / "history.parquet").to_pylist()
