@@ -419,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     except RayadError as e:
         print(f"rayad {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"rayad {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     return 0
 

@@ -6,6 +6,7 @@ Training (`rayad train --workers`), searches, `predict --ray`, Serve and the dem
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from pathlib import Path
 
@@ -23,12 +24,31 @@ def connect(address: str | None, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if address in (None, "", "local"):
+        _start_local(log_to_driver)
+        return
     try:
-        # "local" starts a new instance (ray.init(None) would join one another program started here). It
-        # includes the dashboard: Train's placement-group cleanup uses its state API.
-        ray.init(address=address or "local", log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver)
     except ConnectionError as e:
         raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e})") from None
+
+
+def _start_local(log_to_driver: bool) -> None:
+    """A new Ray on this machine ("local": ray.init(None) would join one another program started here), whose
+    processes all know its dashboard. Ray Train's placement-group cleaner asks the dashboard's state API
+    whether a Train controller lives; without an address, a Ray process looks for the cluster of the last
+    `ray start` here (`ray_current_cluster` in Ray's temp folder) or for any local GCS, which may be another
+    cluster or a dead one. Then the CPUs of a trial that Tune stopped are never freed, and the next trial
+    waits for them forever (docs/design.md, "Ray clusters"). Ray's processes inherit this environment."""
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", dashboard_port=port, log_to_driver=log_to_driver)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_resources(cluster: Cluster) -> None:

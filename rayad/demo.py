@@ -10,6 +10,7 @@ from typing import Any
 from rayad.baselines import nearest_neighbour_image_auroc
 from rayad.cluster import connect
 from rayad.data.demo import CATEGORIES, make_demo_dataset
+from rayad.errors import Interrupted
 from rayad.layout import BEST, EXPERIMENT, HISTORY, METRIC_NAMES, STUDY, SUMMARY, TRIALS
 from rayad.settings import DEMO_SPACE, DEMO_TRIALS
 from rayad.tune import SearchSettings, resolve_space, run_search
@@ -33,7 +34,11 @@ def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS
                                   config_file=str(config_file) if config_file else None)
         experiment = _previous(exp)
         if experiment is None or experiment["status"] != "finished":
-            experiment = run_search(settings, exp, address, resume=experiment is not None, verbose=0)
+            try:
+                experiment = run_search(settings, exp, address, resume=experiment is not None, verbose=0)
+            except Interrupted as e:
+                raise Interrupted(f"{category}: {str(e).split(';')[0]}; run the same rayad demo again to resume "
+                                  "(finished categories are kept)") from None
         best = experiment["best"]
         summary[category] = {"trials": sum(experiment["trials"].values()),
                              "validation": next(iter(best["validation"].values())), **best["test"],

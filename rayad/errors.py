@@ -15,3 +15,7 @@ class DataError(RayadError):
 
 class ArtifactError(RayadError):
     """A model artifact that cannot be used (missing, corrupt, inconsistent); the message names the file."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a job whose state is saved; the message says how to resume it (the CLI exits with 130)."""

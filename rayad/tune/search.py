@@ -32,7 +32,7 @@ from rayad import __version__
 from rayad.artifact import Predictor, build_anomaly_model, calibrate_and_save
 from rayad.cluster import Cluster, check_resources, check_shared_paths, connect, fitting_groups
 from rayad.config import Config, load_config
-from rayad.errors import ConfigError, RayadError
+from rayad.errors import ConfigError, Interrupted, RayadError
 from rayad.evaluate import evaluate
 from rayad.layout import (
     BEST,
@@ -131,8 +131,12 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
           f"objective {'/'.join(plan.metrics)} on the validation set; scheduler {s.scheduler}; "
           f"cluster {ray.cluster_resources().get('CPU', 0):g} CPU, {ray.cluster_resources().get('GPU', 0):g} GPU",
           flush=True)
-    tuner = _tuner(plan, exp_dir, concurrent, resume, verbose)
-    tuner.fit()
+    _tuner(plan, exp_dir, concurrent, resume, verbose).fit()
+    # Ray Tune returns normally from Ctrl-C, having saved its state (and calls the trials it stopped terminated)
+    ended = sum(r["status"] != "running" for r in read_rows(exp_dir / TRIALS))
+    if ended < s.trials:
+        raise Interrupted(f"{ended} of {s.trials} trials ended; Ray Tune saved the search: resume it with "
+                          f"rayad tune --out {exp_dir} --resume")
     return _finish(plan, exp_dir, experiment)
 
 

@@ -11,7 +11,9 @@ import pytest
 from tiny import TINY_BASE
 
 from rayad.baselines import nearest_neighbour_metrics
+from rayad.cli import main
 from rayad.demo import run_demo
+from rayad.errors import Interrupted
 
 pytestmark = pytest.mark.slow
 
@@ -40,3 +42,22 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
     """Every file under `folder`: modification time (ns) and SHA-256."""
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_ctrl_c_in_a_search_stops_the_demo_and_says_how_to_resume(ray_cluster, demo_root, tmp_path, monkeypatch,
+                                                                  capsys):
+    searched = []
+
+    def interrupted_search(settings, *args, **kwargs):  # as run_search after Ctrl-C (tests/tune/test_search.py)
+        searched.append(settings.category)
+        raise Interrupted("1 of 4 trials ended; Ray Tune saved the search: resume it with rayad tune --out X --resume")
+
+    monkeypatch.setattr("rayad.demo.run_search", interrupted_search)
+    for category in ("brick", "grass"):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / category).symlink_to(demo_root / category)
+    assert main(["demo", "--out", str(tmp_path), "--categories", "brick", "grass"]) == 130
+    assert searched == ["brick"], "the demo stops at the interrupted category"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "rayad demo: interrupted: brick: 1 of 4 trials ended; run the same rayad demo again to resume (finished "
+        "categories are kept)")

@@ -105,21 +105,24 @@ def _rows(exp):
         return []
 
 
-def test_resume_after_the_driver_is_killed(ray_cluster, demo_root, tiny_space, tmp_path, capsys):
+def test_ctrl_c_stops_the_search_and_resume_finishes_it(ray_cluster, demo_root, tiny_space, tmp_path, capsys):
     exp = tmp_path / "exp"
     args = ["tune", "--data", str(demo_root), "--category", "brick", "--space", str(tiny_space), "--trials", "2",
             "--concurrent", "1", "--scheduler", "fifo", "--out", str(exp), "--address", ray_cluster.address,
             *[a for k, v in TINY_BASE.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
-    # Tune saves its experiment state every TUNE_GLOBAL_CHECKPOINT_S (by default at most every 10 s)
-    driver = subprocess.Popen([sys.executable, "-m", "rayad.cli", *args], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
-    deadline = time.time() + 300
-    while not any(r["status"] in FINISHED for r in _rows(exp)):
-        assert driver.poll() is None and time.time() < deadline, "the first trial did not finish"
-        time.sleep(1)
-    time.sleep(3)  # a state save after the first trial finished
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
+    log = tmp_path / "driver.err"
+    with log.open("w") as err:
+        driver = subprocess.Popen([sys.executable, "-m", "rayad.cli", *args], stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 300
+        while not any(r["status"] in FINISHED for r in _rows(exp)):
+            assert driver.poll() is None and time.time() < deadline, "the first trial did not finish"
+            time.sleep(1)
+        driver.send_signal(signal.SIGINT)  # Ray Tune saves its state and returns; the search is not finished
+        assert driver.wait(timeout=120) == 130
+    last = log.read_text().strip().splitlines()[-1]
+    assert last == f"rayad tune: interrupted: 1 of 2 trials ended; Ray Tune saved the search: resume it with " \
+                   f"rayad tune --out {exp} --resume"
+    assert json.loads((exp / "experiment.json").read_text())["status"] == "running" and not (exp / "best").exists()
     before = {r["trial_id"]: r for r in _rows(exp) if r["status"] in FINISHED}
     assert len(before) == 1
 

@@ -1,0 +1,47 @@
+"""The Ray that rayad starts on this machine: its processes find its own state API, whatever other Ray a
+`ray start` left behind (Ray Train's placement-group cleaner depends on it: docs/design.md, "Ray clusters")."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# Run in a fresh process: the suite's own cluster is already connected in this one.
+PROBE = """
+import ray
+from rayad.cluster import connect
+
+@ray.remote
+class Alive:
+    pass
+
+@ray.remote(num_cpus=0)
+def state_of(actor_id):
+    from ray.util.state import get_actor
+    return get_actor(actor_id, timeout=20).state  # what Ray Train's placement-group cleaner asks
+
+connect(None, log_to_driver=False)
+actor = Alive.remote()
+ray.get(actor.__ray_ready__.remote())
+alive = ray.get(state_of.remote(actor._actor_id.hex()))
+ray.kill(actor)
+print(alive, ray.get(state_of.remote(actor._actor_id.hex())))
+"""
+
+
+def test_workers_of_a_local_ray_ask_its_own_state_api_not_the_last_ray_start():
+    # A short folder: Ray's socket paths under it must fit in 107 characters.
+    with tempfile.TemporaryDirectory(prefix="rayad-") as tmp:
+        (Path(tmp) / "ray").mkdir()
+        (Path(tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")  # a cluster that is gone
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_TMPDIR": tmp}
+        result = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ALIVE", "DEAD"]
