@@ -37,8 +37,8 @@ def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS
             try:
                 experiment = run_search(settings, exp, address, resume=experiment is not None, verbose=0)
             except Interrupted as e:
-                raise Interrupted(f"{category}: {str(e).split(';')[0]}; run the same rayad demo again to resume "
-                                  "(finished categories are kept)") from None
+                raise Interrupted(f"{category}: {e.done}", "the same rayad demo command (finished categories "
+                                  "are kept)") from None
         best = experiment["best"]
         summary[category] = {"trials": sum(experiment["trials"].values()),
                              "validation": next(iter(best["validation"].values())), **best["test"],

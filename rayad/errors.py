@@ -18,4 +18,9 @@ class ArtifactError(RayadError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a job whose state is saved; the message says how to resume it (the CLI exits with 130)."""
+    """Ctrl-C stopped a job whose state is saved: what it had done, and the command that resumes it (the CLI
+    prints both and exits with 130)."""
+
+    def __init__(self, done: str, resume: str):
+        super().__init__(f"{done}; the state is saved: resume with {resume}")
+        self.done, self.resume = done, resume

@@ -135,8 +135,7 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
     # Ray Tune returns normally from Ctrl-C, having saved its state (and calls the trials it stopped terminated)
     ended = sum(r["status"] != "running" for r in read_rows(exp_dir / TRIALS))
     if ended < s.trials:
-        raise Interrupted(f"{ended} of {s.trials} trials ended; Ray Tune saved the search: resume it with "
-                          f"rayad tune --out {exp_dir} --resume")
+        raise Interrupted(f"{ended} of {s.trials} trials ended", f"rayad tune --out {exp_dir} --resume")
     return _finish(plan, exp_dir, experiment)
 
 

@@ -50,7 +50,7 @@ def test_ctrl_c_in_a_search_stops_the_demo_and_says_how_to_resume(ray_cluster, d
 
     def interrupted_search(settings, *args, **kwargs):  # as run_search after Ctrl-C (tests/tune/test_search.py)
         searched.append(settings.category)
-        raise Interrupted("1 of 4 trials ended; Ray Tune saved the search: resume it with rayad tune --out X --resume")
+        raise Interrupted("1 of 4 trials ended", f"rayad tune --out {tmp_path / settings.category} --resume")
 
     monkeypatch.setattr("rayad.demo.run_search", interrupted_search)
     for category in ("brick", "grass"):
@@ -59,5 +59,5 @@ def test_ctrl_c_in_a_search_stops_the_demo_and_says_how_to_resume(ray_cluster, d
     assert main(["demo", "--out", str(tmp_path), "--categories", "brick", "grass"]) == 130
     assert searched == ["brick"], "the demo stops at the interrupted category"
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "rayad demo: interrupted: brick: 1 of 4 trials ended; run the same rayad demo again to resume (finished "
-        "categories are kept)")
+        "rayad demo: interrupted: brick: 1 of 4 trials ended; the state is saved: resume with the same rayad demo "
+        "command (finished categories are kept)")
