@@ -58,6 +58,6 @@ def test_ctrl_c_in_a_search_stops_the_demo_and_says_how_to_resume(ray_cluster, d
         (tmp_path / "data" / category).symlink_to(demo_root / category)
     assert main(["demo", "--out", str(tmp_path), "--categories", "brick", "grass"]) == 130
     assert searched == ["brick"], "the demo stops at the interrupted category"
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "rayad demo: interrupted: brick: 1 of 4 trials ended; the state is saved: resume with the same rayad demo "
-        "command (finished categories are kept)")
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rayad demo:")]
+    assert said == ["rayad demo: interrupted: brick: 1 of 4 trials ended; the state is saved: resume with the same "
+                    "rayad demo command (finished categories are kept)"]
