@@ -133,10 +133,11 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
           flush=True)
     _tuner(plan, exp_dir, concurrent, resume, verbose).fit()
     # Ray Tune returns normally from Ctrl-C, having saved its state (and calls the trials it stopped terminated)
-    ended = sum(r["status"] != "running" for r in read_rows(exp_dir / TRIALS))
+    rows = read_rows(exp_dir / TRIALS)
+    ended = sum(r["status"] != "running" for r in rows)
     if ended < s.trials:
         raise Interrupted(f"{ended} of {s.trials} trials ended", f"rayad tune --out {exp_dir} --resume")
-    return _finish(plan, exp_dir, experiment)
+    return _finish(plan, exp_dir, experiment, rows)
 
 
 def _check_data(plan: Plan, exp_dir: Path) -> None:
@@ -253,9 +254,9 @@ def run_trial(params: dict[str, Any], plan: Plan, storage: str) -> None:
     build_trainer(loop, plan.cluster, f"trial_{trial_id}", storage, checkpoints, [TuneReportCallback()]).fit()
 
 
-def _finish(plan: Plan, exp_dir: Path, experiment: dict[str, Any]) -> dict[str, Any]:
-    """Export the best trial's best checkpoint to EXP_DIR/best and evaluate it once on the test split."""
-    rows = read_rows(exp_dir / TRIALS)
+def _finish(plan: Plan, exp_dir: Path, experiment: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Export the best trial's best checkpoint (of the results store's `rows`) to EXP_DIR/best and evaluate it
+    once on the test split."""
     scored = [r for r in rows if r["best_value"] is not None and r["checkpoint_path"]]
     if not scored:
         raise RayadError(f"{exp_dir}: no trial produced a validation score (see {exp_dir / TRIALS})")

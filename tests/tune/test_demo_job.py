@@ -53,8 +53,8 @@ def test_ctrl_c_in_a_search_stops_the_demo_and_says_how_to_resume(ray_cluster, d
         raise Interrupted("1 of 4 trials ended", f"rayad tune --out {tmp_path / settings.category} --resume")
 
     monkeypatch.setattr("rayad.demo.run_search", interrupted_search)
+    (tmp_path / "data").mkdir()
     for category in ("brick", "grass"):
-        (tmp_path / "data").mkdir(exist_ok=True)
         (tmp_path / "data" / category).symlink_to(demo_root / category)
     assert main(["demo", "--out", str(tmp_path), "--categories", "brick", "grass"]) == 130
     assert searched == ["brick"], "the demo stops at the interrupted category"
