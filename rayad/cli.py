@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb, help="one image")
     srv.add_argument("--max-batch-mb", type=float, default=defaults.max_batch_mb,
                      help="a whole batch request (bounds the ingress's memory)")
+    srv.add_argument("--max-batch-images", type=int, default=defaults.max_batch_images,
+                     help="images in one batch request (more get 413)")
     srv.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
                      help="larger images are refused with 413 before they are decoded")
     srv.add_argument("--replica-cpus", type=float, default=defaults.replica_cpus)
@@ -307,16 +309,12 @@ def cmd_serve(args) -> None:
     from rayad.cluster import connect
     from rayad.serve import discover_models, start, use_haproxy_ingress
 
-    low, high = (args.replicas, args.replicas) if args.replicas else (args.min_replicas, args.max_replicas)
-    if low < 1 or high < low:
-        raise RayadError(f"replicas: need 1 <= min ({low}) <= max ({high})")
-    if args.replica_cpus < 0 or args.replica_gpus < 0:
-        raise RayadError("--replica-cpus and --replica-gpus must be >= 0")
+    low, high = (args.min_replicas, args.max_replicas) if args.replicas is None else (args.replicas, args.replicas)
     settings = ServeSettings(models=discover_models(args.run), min_replicas=low, max_replicas=high,
                              target_ongoing_requests=args.target_ongoing, max_batch_size=args.max_batch_size,
                              batch_wait_s=args.batch_wait_ms / 1000, max_queued_requests=args.max_queued,
                              max_upload_mb=args.max_upload_mb, max_batch_mb=args.max_batch_mb,
-                             max_pixels=args.max_pixels,
+                             max_pixels=args.max_pixels, max_batch_images=args.max_batch_images,
                              replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
                              api_key=os.environ.get("RAYAD_API_KEY") or None)
     address = use_haproxy_ingress(args.address) if args.ingress == "haproxy" else args.address

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rayad.data.images import MAX_IMAGE_PIXELS
+from rayad.errors import ConfigError
 
 LOCAL_HOST = "127.0.0.1"  # servers bind to loopback unless --host says otherwise
 SERVE_PORT, DASHBOARD_PORT = 8000, 8501
@@ -104,3 +105,38 @@ class ServeSettings:
     max_pixels: int = MAX_IMAGE_PIXELS
     max_batch_images: int = 64
     api_key: str | None = None  # when set, requests need it in the X-API-Key header (or a Bearer token)
+
+    def __post_init__(self):
+        """Checked here, so that `rayad serve` and a Serve config file fail alike, before Ray starts."""
+        def check(ok: bool, name: str, need: str) -> None:
+            if not ok:
+                flag = "--" + SERVE_FLAGS.get(name, name).replace("_", "-")
+                raise ConfigError(f"serve setting {name} = {getattr(self, name)!r} (rayad serve {flag}): "
+                                  f"must be {need}")
+        check(self.max_batch_size >= 1, "max_batch_size", ">= 1")
+        check(self.batch_wait_s >= 0, "batch_wait_s", ">= 0")
+        check(self.min_replicas >= 1, "min_replicas", ">= 1")
+        check(self.max_replicas >= self.min_replicas, "max_replicas", f">= the minimum ({self.min_replicas})")
+        check(self.target_ongoing_requests > 0, "target_ongoing_requests", "> 0")
+        check(self.max_queued_requests >= 1 or self.max_queued_requests == -1, "max_queued_requests",
+              ">= 1, or -1 for no limit")
+        check(self.replica_cpus >= 0, "replica_cpus", ">= 0")
+        check(self.replica_gpus >= 0, "replica_gpus", ">= 0")
+        check(self.ingress_cpus >= 0, "ingress_cpus", ">= 0")
+        check(self.max_upload_mb > 0, "max_upload_mb", "> 0")
+        check(self.max_batch_mb > 0, "max_batch_mb", "> 0")
+        check(self.max_pixels >= 1, "max_pixels", ">= 1")
+        check(self.max_batch_images >= 1, "max_batch_images", ">= 1")
+
+    @property
+    def batch_images_in_flight(self) -> int:
+        """How many images of one /v1/predict/batch request go to the scorer at a time: a scorer batch's worth,
+        and never more than its queue holds. Serve refuses a request when its caller's queue is full, and a
+        batch sent at once would fill the queue by itself."""
+        queue = self.max_queued_requests if self.max_queued_requests > 0 else self.max_batch_size
+        return min(self.max_batch_size, queue)
+
+
+# ServeSettings fields whose `rayad serve` flag has another name
+SERVE_FLAGS = {"batch_wait_s": "batch_wait_ms", "max_queued_requests": "max_queued",
+               "target_ongoing_requests": "target_ongoing"}

@@ -27,16 +27,17 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as StarletteRequest
 
 from rayad import __version__, layout
@@ -50,6 +51,8 @@ from rayad.visualize import heatmap_image
 log = logging.getLogger(__name__)
 API_KEY_HEADER = "x-api-key"
 OPENAPI_URL, DOCS_URL, REDOC_URL = "/openapi.json", "/docs", "/redoc"  # behind the API key when one is set
+# A client that hangs up mid-upload: Starlette's error, or Ray's when Serve cancels the request as it reads on
+DISCONNECTED = (ClientDisconnect, TaskCancelledError)
 _OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")  # as in PIL's "cannot identify image file <...>"
 
 
@@ -101,7 +104,7 @@ def model_version(run: Path) -> str:
 
 
 def _is_multipart(request: Request) -> bool:
-    return request.headers.get("content-type", "").startswith("multipart/form-data")
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")  # case-blind (RFC 9110)
 
 
 @asynccontextmanager
@@ -122,15 +125,23 @@ async def _uploads(request: Request, limit_mb: float, max_files: int) -> AsyncIt
 
     try:
         form = await StarletteRequest(request.scope, receive).form(max_files=max_files, max_fields=max_files)
-    except HTTPException:
+    except (HTTPException, *DISCONNECTED):
         raise
     except Exception as e:  # noqa: BLE001 - malformed multipart bodies raise various parser errors
         detail = e.detail if isinstance(e, StarletteHTTPException) else str(e)
+        if detail.startswith("Too many files"):  # Starlette's words for more than max_files
+            raise HTTPException(*_too_many_files(max_files)) from None
         raise HTTPException(400, _client_message(f"malformed multipart body ({detail})")) from None
     try:
         yield [(item.filename or key, item) for key, item in form.multi_items() if isinstance(item, UploadFile)]
     finally:
         await form.close()
+
+
+def _too_many_files(max_files: int) -> tuple[int, str]:
+    if max_files == 1:
+        return 400, "one image per request here; send several to /v1/predict/batch"
+    return 413, f"more than {max_files} images in one batch (the limit of --max-batch-images)"
 
 
 def _checked_length(request: Request, limit_mb: float) -> int:
@@ -215,10 +226,40 @@ async def _bad_parameters(request: Request, exc: RequestValidationError) -> JSON
     return JSONResponse({"error": f"bad request parameters ({problems})"}, status_code=422)
 
 
+@app.exception_handler(ClientDisconnect)
+@app.exception_handler(TaskCancelledError)
+async def _disconnected(request: Request, exc: Exception) -> Response:
+    log.info("client left during %s %s; request dropped", request.method, request.url.path)
+    return Response(status_code=499)  # nobody reads it: nginx's code for a request the client closed
+
+
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s", request.url.path)
     return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+
+def authorize(request: Request, key: str | None) -> None:
+    """With an API key set: the X-API-Key header, or `Authorization: Bearer KEY`, compared in constant time."""
+    if not key:
+        return
+    given = request.headers.get(API_KEY_HEADER)
+    if given is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else ""
+    # Starlette decodes header values as Latin-1: encoding them back gives the bytes that were sent.
+    if not hmac.compare_digest(given.encode("latin-1", "replace"), key.encode()):
+        raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header, or as "
+                                 "Authorization: Bearer KEY)", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _key_of_this_replica(request: Request) -> None:
+    authorize(request, serve.get_replica_context().servable_object.settings.api_key)
+
+
+# A route dependency runs before FastAPI checks the query, so a client without the key gets 401, never a 422
+# that would tell it about the parameters.
+KEY_REQUIRED = [Depends(_key_of_this_replica)]
 
 
 @serve.deployment
@@ -231,11 +272,11 @@ class Api:
         self.settings = ServeSettings(**settings)
         self.cards = {name: model_card(name, run) for name, run in usable_models(self.settings.models).items()}
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self) -> dict[str, Any]:
         """Ready when the scorer answers for every model (loading them if needed)."""
         blank = np.zeros((8, 8, 3), np.uint8)
@@ -247,30 +288,25 @@ class Api:
             raise HTTPException(503, f"not ready: {type(e).__name__}") from None
         return {"status": "ready", "models": sorted(self.cards)}
 
-    @app.get(OPENAPI_URL, include_in_schema=False)
-    async def openapi(self, request: Request) -> JSONResponse:
-        self._authorize(request)
+    @app.get(OPENAPI_URL, include_in_schema=False, dependencies=KEY_REQUIRED)
+    async def openapi(self) -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    @app.get(DOCS_URL, include_in_schema=False)
+    @app.get(DOCS_URL, include_in_schema=False, dependencies=KEY_REQUIRED)
     async def docs(self, request: Request) -> HTMLResponse:
-        self._authorize(request)
         return get_swagger_ui_html(openapi_url=_root_path(request) + OPENAPI_URL, title=f"{app.title} - Swagger UI")
 
-    @app.get(REDOC_URL, include_in_schema=False)
+    @app.get(REDOC_URL, include_in_schema=False, dependencies=KEY_REQUIRED)
     async def redoc(self, request: Request) -> HTMLResponse:
-        self._authorize(request)
         return get_redoc_html(openapi_url=_root_path(request) + OPENAPI_URL, title=f"{app.title} - ReDoc")
 
-    @app.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    @app.get("/v1/models", dependencies=KEY_REQUIRED)
+    async def models(self) -> dict[str, Any]:
         return {"models": list(self.cards.values())}
 
-    @app.post("/v1/predict")
+    @app.post("/v1/predict", dependencies=KEY_REQUIRED)
     async def predict(self, request: Request, model: str | None = None, heatmap: bool = False) -> dict[str, Any]:
         """One image: the raw request body, or a multipart upload (field `file`)."""
-        self._authorize(request)
         name = self._model(model)
         if _is_multipart(request):
             async with _uploads(request, self.settings.max_upload_mb, max_files=1) as files:
@@ -281,21 +317,22 @@ class Api:
             body = await self._read_body(request, self.settings.max_upload_mb)
         return await self._score(name, await self._decode(body, name), heatmap)
 
-    @app.post("/v1/predict/batch")
+    @app.post("/v1/predict/batch", dependencies=KEY_REQUIRED)
     async def predict_batch(self, request: Request, model: str | None = None, heatmap: bool = False
                             ) -> dict[str, Any]:
         """Several images as a multipart upload (any field names); bad images get an error entry each."""
-        self._authorize(request)
         name = self._model(model)
         if not _is_multipart(request):
             raise HTTPException(400, "send the images as multipart/form-data")
         async with _uploads(request, self.settings.max_batch_mb, self.settings.max_batch_images) as files:
             if not files:
                 raise HTTPException(400, "no files in the upload")
-            tasks = [self._score_upload(name, filename, upload, heatmap) for filename, upload in files]
+            in_flight = asyncio.Semaphore(self.settings.batch_images_in_flight)
+            tasks = [self._score_upload(name, filename, upload, heatmap, in_flight) for filename, upload in files]
             return {"model": name, "results": await asyncio.gather(*tasks)}
 
-    async def _score_upload(self, name: str, filename: str, upload: UploadFile, heatmap: bool) -> dict[str, Any]:
+    async def _score_upload(self, name: str, filename: str, upload: UploadFile, heatmap: bool,
+                            in_flight: asyncio.Semaphore) -> dict[str, Any]:
         try:
             if upload.size is not None and upload.size > self.settings.max_upload_mb * 2**20:
                 raise HTTPException(413, f"over the upload limit of {self.settings.max_upload_mb:g} MB")
@@ -303,7 +340,8 @@ class Api:
                 image = await self._decode(upload.file if upload.size else b"", name)  # from the file: no copy
             finally:
                 await upload.close()  # its memory goes as soon as it is decoded
-            return {"file": filename, **await self._score(name, image, heatmap)}
+            async with in_flight:
+                return {"file": filename, **await self._score(name, image, heatmap)}
         except HTTPException as e:
             if e.status_code == 503:
                 raise
@@ -333,20 +371,6 @@ class Api:
             out["heatmap_png"] = _png_base64(heatmap_image(result["map"], result["pixel_threshold"]))
             out["mask_png"] = _png_base64(Image.fromarray(result["mask"].astype(np.uint8) * 255))
         return out
-
-    def _authorize(self, request: Request) -> None:
-        """With an API key set: the X-API-Key header, or `Authorization: Bearer KEY`, compared in constant time."""
-        key = self.settings.api_key
-        if not key:
-            return
-        given = request.headers.get(API_KEY_HEADER)
-        if given is None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            given = token.strip() if scheme.lower() == "bearer" else ""
-        # Starlette decodes header values as Latin-1: encoding them back gives the bytes that were sent.
-        if not hmac.compare_digest(given.encode("latin-1", "replace"), key.encode()):
-            raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header, or as "
-                                     "Authorization: Bearer KEY)", headers={"WWW-Authenticate": "Bearer"})
 
     def _model(self, model: str | None) -> str:
         if model is None:

@@ -54,6 +54,12 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["predict", "--run", "{run}", "{demo}/brick/test/good", "--out", "{tmp}/file/p.parquet"], "is a file"),
     (["predict", "--run", "{run}", "--ray", "{demo}/brick/test/good", "--out", "{tmp}"], "already holds files"),
     (["demo", "--out", "{tmp}/demo", "--categories", "brick", "marble"], "no demo category marble"),
+    # checked before Ray starts; Serve's own check of max_queued_requests ended in a traceback
+    (["serve", "--run", "{run}", "--max-queued", "0"], "max_queued_requests = 0 (rayad serve --max-queued): "
+                                                        "must be >= 1, or -1 for no limit"),
+    (["serve", "--run", "{run}", "--max-batch-size", "0"], "--max-batch-size): must be >= 1"),
+    (["serve", "--run", "{run}", "--replicas", "0"], "min_replicas = 0"),
+    (["serve", "--run", "{run}", "--max-upload-mb", "-1"], "must be > 0"),
 ])
 def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, trained_run, capsys):
     blocker = tmp_path / "file"

@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import signal
+import socket
 import struct
 import threading
 import time
@@ -39,7 +40,7 @@ def server(ray_cluster, trained_run, tmp_path_factory):
     shutil.copytree(trained_run, models / "grass")
     settings = ServeSettings(models=discover_models(models), max_batch_size=4, batch_wait_s=0.02,
                              max_queued_requests=2, replica_cpus=0.5, max_upload_mb=0.25, max_pixels=1_000_000,
-                             api_key="secret")
+                             max_batch_images=8, api_key="secret")
     url = start(settings, port=free_port())
     yield url
     serve.shutdown()
@@ -108,6 +109,62 @@ def test_batch_with_a_bad_image(server, demo_root):
     assert "<_io." not in results[2]["error"] and "object at 0x" not in results[2]["error"]
 
 
+def test_a_batch_larger_than_the_queue_is_scored_whole_and_one_over_the_limit_gets_413(server, demo_root):
+    paths = sorted((demo_root / "brick" / "test").rglob("*.png"))[:8]  # the queue holds 2, a batch 4
+    assert len(paths) == 8
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    out = requests.post(f"{server}/v1/predict/batch?model=brick", files=files, headers=KEY)
+    assert out.status_code == 200 and [r["file"] for r in out.json()["results"]] == [p.name for p in paths]
+    single = requests.post(f"{server}/v1/predict?model=brick", data=paths[7].read_bytes(), headers=KEY).json()
+    assert out.json()["results"][7]["score"] == pytest.approx(single["score"], rel=1e-6)
+    over = requests.post(f"{server}/v1/predict/batch?model=brick", files=files + files[:1], headers=KEY)
+    assert over.status_code == 413 and over.json() == {
+        "error": "more than 8 images in one batch (the limit of --max-batch-images)"}
+
+
+def test_media_types_are_case_blind(server, demo_root):
+    from urllib3 import encode_multipart_formdata
+
+    good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
+    body, content_type = encode_multipart_formdata({"file": ("x.png", good, "image/png")})
+    for route in ("/v1/predict", "/v1/predict/batch"):
+        response = requests.post(f"{server}{route}?model=brick", data=body,
+                                 headers={**KEY, "Content-Type": content_type.replace("multipart/form-data",
+                                                                                      "Multipart/Form-Data")})
+        assert response.status_code == 200, (route, response.text)
+
+
+def test_a_client_that_hangs_up_mid_upload_is_no_server_error(server, ray_cluster):
+    host, port = server.removeprefix("http://").split(":")
+    logs = Path(ray_cluster.head_node.get_logs_dir_path())
+
+    def log_text() -> str:
+        return "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and p.suffix in
+                       (".log", ".err", ".out"))
+
+    def hang_up() -> bool:
+        """Whether the ingress replica saw the request cancelled (the proxy may drop it before it gets there)."""
+        cancelled = log_text().count("/v1/predict CANCELLED")
+        with socket.create_connection((host, int(port))) as client:
+            client.sendall(b"POST /v1/predict?model=brick HTTP/1.1\r\nHost: x\r\nX-API-Key: secret\r\n"
+                           b"Content-Length: 100000\r\n\r\n" + b"\0" * 1000)
+            time.sleep(2)
+        deadline = time.time() + 10
+        while log_text().count("/v1/predict CANCELLED") == cancelled and time.time() < deadline:
+            time.sleep(0.5)
+        return log_text().count("/v1/predict CANCELLED") > cancelled
+
+    tries = 1
+    while not hang_up() and tries < 5:
+        tries += 1
+    print(f"\nthe ingress replica saw the cancel after {tries} hang-ups")
+    time.sleep(1)
+    errors = [line for line in log_text().splitlines() if "unexpected error" in line or "TaskCancelledError" in line]
+    assert tries < 5 and not errors
+    assert requests.get(f"{server}/healthz").status_code == 200
+    assert requests.head(f"{server}/healthz").status_code == 200  # monitors that send HEAD
+
+
 def test_bad_input_never_gives_500(server, demo_root):
     good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
     gray = _png(np.random.default_rng(0).integers(0, 256, (40, 50), dtype=np.uint8))
@@ -141,6 +198,9 @@ def test_bad_input_never_gives_500(server, demo_root):
 def test_api_key(server, demo_root):
     good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
     assert requests.post(f"{server}/v1/predict?model=brick", data=good).status_code == 401
+    # the key is checked before the parameters: a client without it learns nothing about them
+    assert requests.post(f"{server}/v1/predict?model=brick&heatmap=maybe", data=good).status_code == 401
+    assert requests.post(f"{server}/v1/predict/batch?heatmap=maybe").status_code == 401
     wrong = requests.post(f"{server}/v1/predict?model=brick", data=good, headers={"X-API-Key": "guess"})
     assert wrong.status_code == 401 and "API key" in wrong.json()["error"]
     bearer = requests.post(f"{server}/v1/predict?model=brick", data=good, headers={"Authorization": "Bearer secret"})
