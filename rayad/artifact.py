@@ -89,6 +89,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
             raise ArtifactError(f"{path}: {key} = {value!r} is not a finite number (is the model calibrated?)")
     if set(normalization) != {"score_mean", "score_std"}:
         raise ArtifactError(f"{path}: 'normalization' needs score_mean and score_std")
+    precision = metadata.get("precision") or {}
+    if not isinstance(precision, dict) or not all(isinstance(v, dict) for v in precision.values()):
+        raise ArtifactError(f"{path}: 'precision' must map train and scoring to what was chosen, got {precision!r}")
     size = (metadata["config"].get("data") or {}).get("image_size", DataConfig.image_size)
     if metadata.get("image_size") != size:
         raise ArtifactError(f"{path}: image_size {metadata.get('image_size')!r} disagrees with the config's "

@@ -274,6 +274,8 @@ def cmd_predict(args) -> None:
     inputs = args.paths + args.inputs
     if not inputs:
         raise RayadError("give image files or folders to score")
+    if args.batch_size < 1 or (args.actors is not None and args.actors < 1):
+        raise RayadError("--batch-size and --actors must be >= 1")
     if args.ray:
         from rayad.cluster import connect
         from rayad.predict import predict_with_ray
@@ -424,13 +426,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(message: str) -> str:
-    """The first line, plus a count of what was listed below it (the full list is logged)."""
+    """The first line with the first item listed below it (indented) and a count of the others, then any
+    note after the list; the full message is logged."""
     lines = message.splitlines()
-    if len(lines) > 1:
-        log.error("%s", message)
-        return f"{lines[0].rstrip(':')} — {lines[1].strip()}" + (f" (+{len(lines) - 2} more)" if len(lines) > 2
-                                                                  else "")
-    return message
+    if len(lines) == 1:
+        return message
+    log.error("%s", message)
+    items = [line.strip() for line in lines[1:] if line[:1].isspace() and line.strip() != "..."]
+    notes = [line.strip() for line in lines[1:] if not line[:1].isspace()]
+    more = f" (+{len(items) - 1} more in the log)" if len(items) > 1 else ""
+    return " ".join([f"{lines[0].rstrip(':')} — {items[0]}{more}" if items else lines[0], *notes])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The same `Config` object drives the CLI, training, evaluation and the saved arti
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,8 +15,10 @@ from typing import Any, Literal
 
 import yaml
 
-from rayad.data.images import MAX_IMAGE_PIXELS
+from rayad.data.images import MAX_IMAGE_PIXELS, PILLOW_MAX_PIXELS
 from rayad.errors import ConfigError
+
+MAX_SEED = 2**32 - 1  # the largest seed numpy's generators take
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ class DataConfig:
         _check_range("data.image_size", self.image_size, 8, 4096)
         _check_range("data.val_fraction", self.val_fraction, 0.0, 0.9)
         _check_range("data.test_fraction", self.test_fraction, 0.0, 0.9)
-        _check_range("data.max_pixels", self.max_pixels, 1, 10**10)
+        _check_range("data.max_pixels", self.max_pixels, 1, PILLOW_MAX_PIXELS)
+        _check_range("data.split_seed", self.split_seed, 0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,10 @@ class CorruptionConfig:
         _check_range("corruption.gaussian_std", self.gaussian_std, 0.0, 1.0)
         if not self.shapes:
             raise ConfigError("corruption.shapes: needs at least one shape")
-        if not self.fill_sources or min(self.fill_sources.values()) < 0 or sum(self.fill_sources.values()) <= 0:
-            raise ConfigError(f"corruption.fill_sources: weights must be >= 0 and not all 0, got {self.fill_sources}")
+        weights = list(self.fill_sources.values())
+        if not weights or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError("corruption.fill_sources: weights must be finite, >= 0 and not all 0, got "
+                              f"{self.fill_sources}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,8 @@ class ModelConfig:
             raise ConfigError(f"model.widths: needs positive widths, got {self.widths}")
         if min(self.dilations, default=1) < 1:
             raise ConfigError(f"model.dilations: must be >= 1, got {self.dilations}")
+        if self.in_chans != 3:
+            raise ConfigError(f"model.in_chans = {self.in_chans}: must be 3 (every image is read as RGB)")
 
     @property
     def depth(self) -> int:
@@ -132,6 +140,7 @@ class TrainConfig:
         _check_range("train.grad_clip", self.grad_clip, 0.0, 10**6)
         _check_range("train.w_corrupt", self.w_corrupt, 0.0, 100.0)
         _check_range("train.w_clean", self.w_clean, 0.0, 100.0)
+        _check_range("train.seed", self.seed, 0, MAX_SEED)
         if self.num_threads is not None:
             _check_range("train.num_threads", self.num_threads, 1, 4096)
 
@@ -190,7 +199,7 @@ class Config:
         raw = _migrate(raw)
         unknown = set(raw) - set(sections)
         if unknown:
-            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; valid: {sorted(sections)}")
+            raise ConfigError(f"{source}: unknown section(s) {sorted(map(str, unknown))}; valid: {sorted(sections)}")
         built = {name: _build_section(tp, raw.get(name) or {}, name, source) for name, tp in sections.items()}
         try:
             return cls(**built)

@@ -8,7 +8,7 @@ pixel_threshold. Every export is checked against the PyTorch model on real input
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -50,6 +50,9 @@ def export_model(run_dir: str | Path, fmt: str, out_dir: str | Path, check_image
     size = predictor.image_size
     inputs = _check_inputs(check_images, size)
     out_dir = Path(out_dir)
+    blocking = [p for p in (out_dir / FORMATS[fmt], out_dir / METADATA) if p.is_dir()]
+    if blocking:
+        raise RayadError(f"--out {out_dir}: {blocking[0]} is a folder; the export writes a file there")
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         path = Path(tmp) / FORMATS[fmt]
@@ -61,7 +64,7 @@ def export_model(run_dir: str | Path, fmt: str, out_dir: str | Path, check_image
         metadata = _metadata(predictor, fmt, diff, len(inputs))
         if fmt == "onnx":
             _embed_onnx_metadata(path, metadata)
-        shutil.move(path, out_dir / FORMATS[fmt])
+        os.replace(path, out_dir / FORMATS[fmt])
     atomic_write(out_dir / METADATA, lambda p: p.write_text(json.dumps(metadata, indent=2)))
     return metadata
 

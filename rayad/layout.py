@@ -1,6 +1,7 @@
 """Where everything lives on disk: the model artifact, the results store of an experiment, the metric names.
 
     RUN_DIR/model.safetensors, model.json     a model artifact (rayad.artifact)
+    RUN_DIR/manifest.parquet                  the images a run was trained and calibrated on
     EXP_DIR/experiment.json                   data, space, settings, versions, status, best trial
     EXP_DIR/trials.parquet                    one row per trial (written by rayad.tune.store)
     EXP_DIR/history.parquet                   one row per trial and evaluation
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from rayad.metrics import METRIC_NAMES
 
-WEIGHTS, METADATA = "model.safetensors", "model.json"
+WEIGHTS, METADATA, MANIFEST = "model.safetensors", "model.json", "manifest.parquet"
 EXPERIMENT, TRIALS, HISTORY, STUDY, BEST = "experiment.json", "trials.parquet", "history.parquet", "study.db", "best"
 TEST_METRICS = "test_metrics.json"  # in BEST, beside the model artifact
 TUNE_DIR, TRIALS_DIR = "tune", "trials"  # Ray's state for --resume, and the trials' Train runs
@@ -31,9 +32,9 @@ TRIAL_STATUSES = ("running", "completed", "stopped_early", "error")
 VAL_METRICS = tuple(f"val_{name}" for name in METRIC_NAMES)  # what trials report and searches optimise
 PIXEL_METRICS = ("val_pixel_auroc", "val_aupro")  # need masks in the validation set
 
-__all__ = ["BEST", "EXPERIMENT", "HISTORY", "METADATA", "METRIC_NAMES", "PARAM_PREFIX", "PIXEL_METRICS", "STUDY",
-           "SUMMARY", "TEST_METRICS", "TRIALS", "TRIALS_DIR", "TRIAL_STATUSES", "TUNE_DIR", "VAL_METRICS", "WEIGHTS",
-           "discover_models", "find_experiments", "is_experiment", "is_model"]
+__all__ = ["BEST", "EXPERIMENT", "HISTORY", "MANIFEST", "METADATA", "METRIC_NAMES", "PARAM_PREFIX", "PIXEL_METRICS",
+           "STUDY", "SUMMARY", "TEST_METRICS", "TRIALS", "TRIALS_DIR", "TRIAL_STATUSES", "TUNE_DIR", "VAL_METRICS",
+           "WEIGHTS", "discover_models", "find_experiments", "is_experiment", "is_model"]
 
 
 def is_model(path: Path) -> bool:

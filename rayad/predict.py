@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rayad.artifact import Predictor
-from rayad.data.images import IMAGE_SUFFIXES, decode_image
+from rayad.data.images import IMAGE_SUFFIXES, image_size
 from rayad.errors import DataError
 from rayad.settings import PREDICT_BATCH
 from rayad.visualize import heatmap_image
@@ -47,6 +47,8 @@ def predict_paths(run: str | Path, paths: list[Path], out: Path | None = None, h
     """One row per image (path, score, normalized_score, label, heatmap, error); bad files get an error."""
     predictor = Predictor.load(run)
     files = expand_paths(paths)
+    if not files:
+        raise DataError(f"no images in {', '.join(map(str, paths))} (looked for {', '.join(IMAGE_SUFFIXES)})")
     rows = []
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
@@ -97,7 +99,7 @@ def _write_heatmap(folder: str | Path, name: str, content: bytes, anomaly_map: n
     filesystem.create_dir(base, recursive=True)
     name_part = f"{Path(name).stem}_{hashlib.sha1(name.encode()).hexdigest()[:8]}_heatmap.png"
     buffer = io.BytesIO()
-    heatmap_image(anomaly_map, threshold, decode_image(content).size).save(buffer, format="PNG")
+    heatmap_image(anomaly_map, threshold, image_size(content)).save(buffer, format="PNG")
     with filesystem.open_output_stream(f"{base.rstrip('/')}/{name_part}") as stream:
         stream.write(buffer.getvalue())
     return f"{location.rstrip('/')}/{name_part}"

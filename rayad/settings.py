@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayad.data.images import MAX_IMAGE_PIXELS
+from rayad.data.images import MAX_IMAGE_PIXELS, PILLOW_MAX_PIXELS
 from rayad.errors import ConfigError
 
 LOCAL_HOST = "127.0.0.1"  # servers bind to loopback unless --host says otherwise
@@ -125,7 +125,8 @@ class ServeSettings:
         check(self.ingress_cpus >= 0, "ingress_cpus", ">= 0")
         check(self.max_upload_mb > 0, "max_upload_mb", "> 0")
         check(self.max_batch_mb > 0, "max_batch_mb", "> 0")
-        check(self.max_pixels >= 1, "max_pixels", ">= 1")
+        check(1 <= self.max_pixels <= PILLOW_MAX_PIXELS, "max_pixels",
+              f"from 1 to {PILLOW_MAX_PIXELS:,} (Pillow's limit)")
         check(self.max_batch_images >= 1, "max_batch_images", ">= 1")
 
     @property

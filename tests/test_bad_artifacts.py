@@ -72,6 +72,8 @@ DAMAGE = {
     "pixel thresholds disagree": (_meta(lambda m: {**m, "pixel_threshold": m["pixel_threshold"] * 2}),
                                   "pixel_threshold"),
     "bad config value": (_meta(lambda m: {**m, "config": {**m["config"], "model": {"skip": "nope"}}}), "model.skip"),
+    "precision not a mapping": (_meta(lambda m: {**m, "precision": {"scoring": "bf16"}}),
+                                "'precision' must map train and scoring"),
 }
 
 

@@ -115,7 +115,7 @@ def _read_cache(path: Path, count: int) -> tuple[np.ndarray, np.ndarray, list[st
     except Exception as e:  # noqa: BLE001 - a damaged file raises zipfile, OS or value errors
         log.warning("image cache %s is unreadable (%s); decoding the images again", path, e)
         return None
-    if not len(images) == len(masks) == len(errors) == count:
+    if len(errors) != count or not len(images) == len(masks) == errors.count(""):  # bad images have no pixels
         log.warning("image cache %s does not match its split; decoding the images again", path)
         return None
     return images, masks, errors

@@ -24,7 +24,9 @@ import skimage.data
 from PIL import Image
 from tqdm import tqdm
 
+from rayad.config import MAX_SEED
 from rayad.data.defects import DEFECTS, paint_defect
+from rayad.errors import RayadError
 
 CATEGORIES = ("brick", "grass", "gravel")
 CROP = 128
@@ -44,6 +46,8 @@ def make_demo_dataset(out: str | Path, seed: int = 0, n_train: int = 240, n_test
                       ) -> Path:
     """Write ROOT/<category>/{train/good, validation/good, test/<type>, ground_truth/<type>} and return ROOT;
     `n_val` good validation images (default: a fifth of `n_train`, at least one)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise RayadError(f"demo seed {seed}: must be from 0 to {MAX_SEED}")
     n_val = max(1, n_train // 5) if n_val is None else n_val
     out = Path(out)
     for category in tqdm(categories, desc="demo data", unit="category"):

@@ -13,6 +13,9 @@ from PIL import Image
 from rayad.errors import DataError
 
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
+# Pillow refuses images over twice its Image.MAX_IMAGE_PIXELS in Image.open, before rayad's own limit is checked:
+# the highest that limit can go
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -26,7 +29,7 @@ def decode_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IM
     name = str(source) if isinstance(source, str | Path) else "<bytes>"
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, just below
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
             if image.width * image.height > max_pixels:
                 raise ImageTooLarge(f"{name}: {image.width}x{image.height} pixels is over the limit of "
@@ -38,9 +41,9 @@ def decode_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IM
         raise DataError(f"{name}: file not found") from None
     except Image.UnidentifiedImageError:  # its message names the file object: <_io.BytesIO object at 0x…>
         raise DataError(f"{name}: not a readable image (unknown format, or not an image)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own limit, met first
-        raise ImageTooLarge(f"{name}: over the pixel limit of {max_pixels:,} (a possible decompression bomb)"
-                            ) from None
+    except Image.DecompressionBombError:  # Pillow's own limit, met first
+        raise ImageTooLarge(f"{name}: over the pixel limit of {PILLOW_MAX_PIXELS:,}, Pillow's own (a possible "
+                            "decompression bomb)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{name}: not a readable image ({e})") from None
     if image.mode == "F":
@@ -61,6 +64,13 @@ def to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.array(image, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
+
+
+def image_size(content: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image that `decode_image` has read: from its header, without decoding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(content)).size
 
 
 def load_image(source: str | Path | bytes | BinaryIO, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:

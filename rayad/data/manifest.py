@@ -48,6 +48,20 @@ def load_manifest(path: str | Path) -> pa.Table:
     return pq.read_table(path, schema=SCHEMA)
 
 
+def same_images(saved: pa.Table, new: pa.Table, data_root: str | Path) -> bool:
+    """Whether `new` (read from `data_root`) lists the images of `saved` in the same splits, wherever the
+    dataset lay then: each path is compared by its parts below the data root, the category's folder included."""
+    columns = ["split", "label", "defect_type"]
+    if saved.num_rows != new.num_rows or not saved.select(columns).equals(new.select(columns)):
+        return False
+    root = Path(data_root)
+    for before, now in zip(saved["path"].to_pylist(), new["path"].to_pylist(), strict=True):
+        tail = Path(now).relative_to(root).parts if Path(now).is_relative_to(root) else Path(now).parts
+        if Path(before).parts[-len(tail):] != tail:
+            return False
+    return True
+
+
 def _carve_validation(rows: list[Row], fraction: float, seed: int) -> list[Row]:
     """Move a seeded `fraction` of the training images (at least one when fraction > 0) to "val"."""
     train = [i for i, r in enumerate(rows) if r.split == "train"]

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rayad.config import Config
+from rayad.errors import ArtifactError
 
 KEEP_LAST = 2
 
@@ -41,15 +45,35 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
                     ) -> dict[str, Any]:
     """Restore weights (and optimiser state) in place; returns the JSON metadata (step, config)."""
     directory = Path(directory)
-    meta = json.loads((directory / "state.json").read_text())
-    model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
-    if optimizer is not None:
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in load_file(str(directory / "optimizer.safetensors")).items():
-            index, name = key.split("/")
-            state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    meta = read_state(directory)
+    with _damage_reported(directory):
+        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+        if optimizer is not None:
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in load_file(str(directory / "optimizer.safetensors")).items():
+                index, name = key.split("/")
+                state.setdefault(int(index), {})[name] = value
+            optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    """A checkpoint's JSON metadata: step, config and the optimiser's parameter groups."""
+    directory = Path(directory)
+    with _damage_reported(directory):
+        meta = json.loads((directory / "state.json").read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "config" not in meta:
+            raise ValueError("state.json lacks the step or the config")
+    return meta
+
+
+@contextmanager
+def _damage_reported(directory: Path) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        raise ArtifactError(f"{directory}: damaged checkpoint ({type(e).__name__}: {e}); delete it to resume from "
+                            "the one before, or train into a new --out") from None
 
 
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+import pyarrow as pa
 import torch
 from tqdm import tqdm
 
@@ -30,8 +31,9 @@ from rayad.artifact import build_anomaly_model, calibrate_and_save, require_cpp_
 from rayad.config import Config, TrainConfig
 from rayad.corruption import Corruptor
 from rayad.data.dataset import ImageSet, load_split, to_tensor
-from rayad.data.manifest import build_manifest, save_manifest
+from rayad.data.manifest import build_manifest, load_manifest, same_images, save_manifest
 from rayad.errors import RayadError
+from rayad.layout import MANIFEST
 from rayad.models.loss import reconstruction_loss
 from rayad.precision import autocast, default_device, exact_cuda_math, probe_network, resolve
 from rayad.settings import cpu_count
@@ -40,6 +42,7 @@ from rayad.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    read_state,
     save_checkpoint,
 )
 from rayad.validation import load_validation, validation_metrics
@@ -211,15 +214,16 @@ def load_train_data(cfg: Config, data_root: str | Path, category: str, out_dir: 
     """Build the manifest (saved to `out_dir` when given) and load the train and validation images."""
     manifest = build_manifest(data_root, category, cfg.data)
     if out_dir is not None:
-        save_manifest(manifest, out_dir / "manifest.parquet")
+        save_manifest(manifest, out_dir / MANIFEST)
     d = cfg.data
     data = TrainData(*(load_split(manifest, split, d.image_size, d.on_bad_image, d.max_pixels)
                        for split in ("train", "val")))
     if len(data.train.images) == 0:
         raise RayadError(f"{data_root}/{category}: no usable training images")
     if len(data.val.images) == 0:
-        raise RayadError(f"{data_root}/{category}: no validation images to calibrate the threshold on "
-                         "(set data.val_fraction > 0)")
+        advice = ("set data.val_fraction > 0" if cfg.data.val_fraction == 0 else
+                  "carving them from the training images needs at least 2; add images or a validation/good folder")
+        raise RayadError(f"{data_root}/{category}: no validation images to calibrate the threshold on ({advice})")
     return data
 
 
@@ -289,15 +293,10 @@ class LocalSession:
         return self.bar
 
     def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-        """Continue from the latest checkpoint, if any; only train.steps may differ from its config."""
+        """Continue from the latest checkpoint, if any (`check_resumable` has checked it)."""
         latest = latest_checkpoint(self.checkpoints)
         if latest is None:
             return 0
-        state_file = latest / "state.json"
-        saved = Config.from_dict(json.loads(state_file.read_text())["config"], str(state_file))
-        if saved.replace({"train.steps": self.cfg.train.steps}) != self.cfg:
-            raise RayadError(f"{latest}: was trained with a different configuration; only train.steps may "
-                             "change on --resume")
         step = int(load_checkpoint(latest, network, optimizer)["step"])
         log.info("resuming from %s (step %d)", latest, step)
         return step
@@ -323,13 +322,33 @@ class LocalSession:
             prune_checkpoints(self.checkpoints)
 
 
+def check_resumable(checkpoint: Path, cfg: Config, data_root: str | Path, manifest: pa.Table,
+                    saved_manifest: Path) -> None:
+    """A run continues only as it began: the same configuration but for train.steps, which must be beyond the
+    checkpoint's step, and the same images."""
+    state = read_state(checkpoint)
+    saved = Config.from_dict(state["config"], str(checkpoint / "state.json"))
+    if saved.replace({"train.steps": cfg.train.steps}) != cfg:
+        raise RayadError(f"{checkpoint}: was trained with a different configuration; only train.steps may "
+                         "change on --resume")
+    if state["step"] >= cfg.train.steps:
+        raise RayadError(f"{checkpoint}: the run already reached step {state['step']}, and train.steps is "
+                         f"{cfg.train.steps}; raise --steps to train it further")
+    if saved_manifest.is_file() and not same_images(load_manifest(saved_manifest), manifest, data_root):
+        raise RayadError(f"{saved_manifest}: the run was trained on other images; resume with the --data, "
+                         "--category and data.* settings it began with")
+
+
 def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, resume: bool = False,
         device: str | None = None, progress: bool = True) -> Path:
     """Train in this process, calibrate on the validation split and write the model artifact to `out_dir`."""
     started = time.time()
     out_dir = Path(out_dir)
-    if latest_checkpoint(out_dir / "checkpoints") is not None and not resume:
+    latest = latest_checkpoint(out_dir / "checkpoints")
+    if latest is not None and not resume:
         raise RayadError(f"{out_dir} already holds checkpoints; pass --resume to continue, or pick a new --out")
+    if latest is not None:  # before anything in the run is rewritten
+        check_resumable(latest, cfg, data_root, build_manifest(data_root, category, cfg.data), out_dir / MANIFEST)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_train_data(cfg, data_root, category, out_dir)  # validates the data, fills the cache once
     session = LocalSession(cfg, out_dir, torch.device(device) if device else default_device(), progress)

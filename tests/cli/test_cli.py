@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -54,6 +55,14 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["predict", "--run", "{run}", "{demo}/brick/test/good", "--out", "{tmp}/file/p.parquet"], "is a file"),
     (["predict", "--run", "{run}", "--ray", "{demo}/brick/test/good", "--out", "{tmp}"], "already holds files"),
     (["demo", "--out", "{tmp}/demo", "--categories", "brick", "marble"], "no demo category marble"),
+    (TRAIN + ["--seed", "-1"], "train.seed = -1 is out of range"),
+    (["data", "demo", "--out", "{tmp}/d", "--seed", "-1"], "demo seed -1: must be from 0 to 4294967295"),
+    (TRAIN + ["--set", "corruption.fill_sources={{patch: .nan}}"], "weights must be finite"),
+    (TRAIN + ["--set", "model.in_chans=1"], "model.in_chans = 1: must be 3"),
+    (TRAIN + ["--config", "{tmp}/int_keys.yaml"], "unknown section(s) ['1', 'foo']"),
+    (["predict", "--run", "{run}", "{demo}/brick/test/good", "--batch-size", "0"], "--batch-size and --actors"),
+    (["predict", "--run", "{run}", "{tmp}/empty"], "no images in {tmp}/empty (looked for .png"),
+    (["export", "--run", "{run}", "--format", "torchscript", "--out", "{tmp}/exp"], "exp/model.pt is a folder"),
     # checked before Ray starts; Serve's own check of max_queued_requests ended in a traceback
     (["serve", "--run", "{run}", "--max-queued", "0"], "max_queued_requests = 0 (rayad serve --max-queued): "
                                                         "must be >= 1, or -1 for no limit"),
@@ -65,6 +74,9 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, tra
     blocker = tmp_path / "file"
     blocker.write_text("results already written")
     (tmp_path / "latin1.yaml").write_bytes("train: {steps: 5}  # é\n".encode("latin-1"))
+    (tmp_path / "int_keys.yaml").write_text("1: a\nfoo: b\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "exp" / "model.pt").mkdir(parents=True)
     args = [a.format(demo=demo_root, tmp=tmp_path, run=trained_run) for a in args]
     try:
         code = main(args)
@@ -104,3 +116,15 @@ def test_mlflow_missing_is_one_line_naming_the_extra(tmp_path, demo_root, capsys
     err = capsys.readouterr().err.strip()
     assert err.endswith("--mlflow needs MLflow: pip install 'rayad[mlflow]'") and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()  # failed before any work
+
+
+def test_a_listed_error_is_one_line_with_its_first_item_a_count_and_the_hint(tmp_path, demo_root, capsys):
+    shutil.copytree(demo_root / "brick", tmp_path / "brick")
+    bad = sorted((tmp_path / "brick" / "train" / "good").glob("*.png"))[:2]
+    for path in bad:
+        path.write_bytes(b"not an image")
+    code = main(["train", "--data", str(tmp_path), "--category", "brick", "--out", str(tmp_path / "run"), *TINY_ARGS])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"rayad train: error: 2 bad image(s) in the train split — {bad[0]}: not a readable image")
+    assert err.endswith("(+1 more in the log) (set data.on_bad_image=skip to skip them)"), err

@@ -14,9 +14,9 @@ from PIL import Image
 import rayad.data.dataset as dataset
 from rayad.config import DataConfig
 from rayad.data.dataset import cache_dir, load_split
-from rayad.data.images import load_image, load_mask
+from rayad.data.images import PILLOW_MAX_PIXELS, ImageTooLarge, image_size, load_image, load_mask
 from rayad.data.manifest import build_manifest
-from rayad.errors import DataError
+from rayad.errors import ConfigError, DataError
 
 
 def save(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
@@ -100,6 +100,28 @@ def test_one_conversion_rule_for_every_bit_depth(tmp_path):
         assert all(np.array_equal(out[..., c], gray) for c in range(3)), name
     assert np.array_equal(load_image(_png16_rgb(rgb.astype(np.uint16) * 257), 16), rgb)
     assert np.array_equal(load_image(save(tmp_path / "g8.png", gray), 16)[..., 0], gray)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def test_the_pixel_limit_is_rayads_up_to_pillows_own():
+    over_pillows_warning = _png_header(10_000, 10_000)  # 100 M pixels: Pillow warns over 89.5 M
+    with pytest.raises(ImageTooLarge, match="10000x10000 pixels is over the limit of 64,000,000"):
+        load_image(over_pillows_warning, 16)
+    with pytest.raises(DataError, match="not a readable image") as raised:  # allowed, then found to hold no pixels
+        load_image(over_pillows_warning, 16, max_pixels=150_000_000)
+    assert not isinstance(raised.value, ImageTooLarge)
+    with pytest.raises(ImageTooLarge, match=f"over the pixel limit of {PILLOW_MAX_PIXELS:,}, Pillow's own"):
+        load_image(_png_header(20_000, 20_000), 16, max_pixels=PILLOW_MAX_PIXELS)
+    assert image_size(_png_header(9_000, 7_000)) == (9_000, 7_000)  # from the header: no pixels decoded
+    with pytest.raises(ConfigError, match="data.max_pixels = 200000000 is out of range"):
+        DataConfig(max_pixels=200_000_000)
 
 
 def test_float_images_are_refused_by_name(tmp_path):
@@ -242,7 +264,7 @@ def test_bad_images_error_lists_all(tmp_path):
     assert "on_bad_image=skip" in str(err.value)
 
 
-def test_bad_images_skip_warns_and_keeps_good(tmp_path, caplog):
+def test_bad_images_skip_warns_and_keeps_good(tmp_path, caplog, monkeypatch):
     root, bad = make_bad_train(tmp_path)
     manifest = manifest_of(root)
     with caplog.at_level(logging.WARNING, logger="rayad.data.dataset"):
@@ -253,6 +275,7 @@ def test_bad_images_skip_warns_and_keeps_good(tmp_path, caplog):
     assert sorted(Path(p).name for p in kept) == ["000.png", "001.png", "002.png", "003.png"]
     for image, path in zip(result.images, kept, strict=True):
         assert np.array_equal(image, np.asarray(Image.open(path)))
+    monkeypatch.setattr(dataset, "_decode_all", lambda *a: pytest.fail("a split with bad images was decoded again"))
     cached = load_split(manifest, "train", 16, on_bad_image="skip")
     assert np.array_equal(cached.images, result.images) and cached.rows["path"].to_pylist() == kept
 

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from rayad.config import TrainConfig
-from rayad.errors import RayadError
+from rayad.errors import ArtifactError, RayadError
 from rayad.train import fit
 from rayad.train import loop as loop_module
 from rayad.train.loop import batch_indices, lr_at
@@ -65,11 +66,35 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, demo_root
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-def test_resume_with_other_config_is_refused(tmp_path, demo_root, tiny_config):
-    fit(tiny_config, demo_root, "brick", tmp_path / "r", progress=False)
-    changed = tiny_config.replace({"model.skip": "add"})
-    with pytest.raises(RayadError, match="different configuration"):
-        fit(changed, demo_root, "brick", tmp_path / "r", resume=True, progress=False)
+def test_resume_refuses_what_would_change_the_run_and_leaves_its_files_as_they_were(tmp_path, demo_root, tiny_config):
+    run = fit(tiny_config, demo_root, "brick", tmp_path / "r", progress=False)
+    files = {name: (run / name).read_bytes() for name in ("model.json", "manifest.parquet", "model.safetensors")}
+    refused = [
+        (tiny_config.replace({"model.skip": "add"}), "brick", "different configuration"),
+        (tiny_config.replace({"train.steps": 12}), "grass", "trained on other images"),
+        (tiny_config, "brick", "already reached step 6, and train.steps is 6; raise --steps"),
+        (tiny_config.replace({"train.steps": 4}), "brick", "already reached step 6"),
+    ]
+    for cfg, category, message in refused:
+        with pytest.raises(RayadError, match=message):
+            fit(cfg, demo_root, category, run, resume=True, progress=False)
+        assert all((run / name).read_bytes() == content for name, content in files.items()), message
+    # the dataset moved: the same images, found by their paths below the data root
+    moved = tmp_path / "moved"
+    shutil.copytree(demo_root / "brick", moved / "brick")
+    longer = fit(tiny_config.replace({"train.steps": 9}), moved, "brick", run, resume=True, progress=False)
+    assert json.loads((longer / "model.json").read_text())["train"]["steps"] == 9
+
+
+def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, demo_root, tiny_config):
+    run = fit(tiny_config, demo_root, "brick", tmp_path / "r", progress=False)
+    latest = sorted((run / "checkpoints").glob("step_*"))[-1]
+    (latest / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ArtifactError, match=f"{latest}: damaged checkpoint .*delete it to resume from the one before"):
+        fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", run, resume=True, progress=False)
+    (latest / "state.json").write_text("{")
+    with pytest.raises(ArtifactError, match="damaged checkpoint"):
+        fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", run, resume=True, progress=False)
 
 
 def test_train_step_under_bf16_autocast_keeps_float32_loss_and_learns():
