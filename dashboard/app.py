@@ -6,8 +6,6 @@ set). The app only reads the results store.
 
 import streamlit as st
 
-from rayad import layout
-
 import loaders
 
 st.set_page_config(page_title="rayad", page_icon=":material/troubleshoot:", layout="wide")
@@ -21,9 +19,7 @@ PAGES = [
 ]
 
 page = st.navigation(PAGES)
-runs = loaders.runs_dir()
-names = [str(p.relative_to(runs)) if p != runs else p.name for p in layout.find_experiments(runs)]
 with st.sidebar:
-    st.selectbox("Experiment", names, key="experiment", placeholder="no experiments yet")
-    st.caption(f"Runs directory: `{runs}`")
+    st.selectbox("Experiment", list(loaders.experiments()), key="experiment", placeholder="no experiments yet")
+    st.caption(f"Runs directory: `{loaders.runs_dir()}`")
 page.run()

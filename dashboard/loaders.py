@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from rayad import results
+from rayad import layout, results
 from rayad.layout import BEST, EXPERIMENT, HISTORY, STUDY, TEST_METRICS, TRIALS, WEIGHTS
 
 CACHE_TTL_S = 3600
@@ -28,13 +28,20 @@ def version(exp: Path, *names: str) -> tuple[float, ...]:
     return tuple(results.file_version(exp / name) for name in names)
 
 
+def experiments() -> dict[str, Path]:
+    """The experiments under the runs directory by the name the sidebar shows: their path below it, or the
+    folder's own name when the runs directory is one experiment."""
+    runs = runs_dir()
+    return {str(p.relative_to(runs)) if p != runs else p.name: p for p in layout.find_experiments(runs)}
+
+
 def selected_experiment() -> Path:
     """The experiment picked in the sidebar; stops the page with a hint when there is none."""
-    name = st.session_state.get("experiment")
-    if name is None:
+    path = experiments().get(st.session_state.get("experiment"))
+    if path is None:
         st.info(f"No experiment found under `{runs_dir()}`. Run `rayad tune` or `rayad demo`, then reload.")
         st.stop()
-    return runs_dir() / name
+    return path
 
 
 def or_stop(read, *args):

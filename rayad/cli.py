@@ -340,6 +340,10 @@ def cmd_tune(args) -> None:
     from rayad.tune import format_experiment, load_settings, resolve_space, run_search
 
     if args.resume:
+        given = [f"--{name}" for name in ("data", "category", "space") if getattr(args, name) is not None]
+        if given:
+            raise RayadError(f"{', '.join(given)} with --resume: a search resumes as it began (its settings are "
+                             f"in {args.out}/experiment.json); drop them, or start a new --out")
         settings = load_settings(args.out)
     else:
         missing = [f"--{name}" for name in ("data", "category", "space") if getattr(args, name) is None]

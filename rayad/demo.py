@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -10,10 +11,11 @@ from typing import Any
 from rayad.baselines import nearest_neighbour_image_auroc
 from rayad.cluster import connect
 from rayad.data.demo import CATEGORIES, make_demo_dataset
-from rayad.errors import Interrupted
+from rayad.errors import Interrupted, RayadError
 from rayad.layout import BEST, EXPERIMENT, HISTORY, METRIC_NAMES, STUDY, SUMMARY, TRIALS
 from rayad.settings import DEMO_SPACE, DEMO_TRIALS
-from rayad.tune import SearchSettings, resolve_space, run_search
+from rayad.tune import SearchSettings, load_settings, resolve_space, run_search
+from rayad.tune.search import read_experiment_file
 
 
 def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS,
@@ -32,7 +34,7 @@ def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS
         settings = SearchSettings(data_root=str(data_root), category=category, space=str(resolve_space(space)),
                                   trials=trials, overrides=overrides or {},
                                   config_file=str(config_file) if config_file else None)
-        experiment = _previous(exp)
+        experiment = _previous(exp, settings)
         if experiment is None or experiment["status"] != "finished":
             try:
                 experiment = run_search(settings, exp, address, resume=experiment is not None, verbose=0)
@@ -50,9 +52,17 @@ def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS
     return summary
 
 
-def _previous(exp: Path) -> dict[str, Any] | None:
-    path = exp / EXPERIMENT
-    return json.loads(path.read_text()) if path.is_file() else None
+def _previous(exp: Path, settings: SearchSettings) -> dict[str, Any] | None:
+    """The category's experiment of an earlier run of the demo, which this run reuses or resumes: refused
+    when it was searched with other settings."""
+    if not (exp / EXPERIMENT).is_file():
+        return None
+    before = load_settings(exp)
+    changed = [f.name for f in dataclasses.fields(settings) if getattr(before, f.name) != getattr(settings, f.name)]
+    if changed:
+        raise RayadError(f"{exp}: an earlier demo searched it with other {', '.join(changed)}; run the demo with "
+                         "the flags it used, or give a new --out")
+    return read_experiment_file(exp)
 
 
 def _summary_table(summary: dict[str, Any]) -> str:

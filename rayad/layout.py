@@ -59,22 +59,30 @@ def find_experiments(runs_dir: str | Path) -> list[Path]:
 
 def discover_models(path: str | Path) -> dict[str, str]:
     """Model name -> artifact folder under `path`: a run (named after its folder), an experiment (its best/,
-    named after its category), or a folder of those. Empty when there is none."""
+    named after its category), or a folder of those. Models that would share a name (two experiments of one
+    category) are named after their folders instead. Empty when there is none."""
     path = Path(path)
     found = _model_at(path)
     if found:
-        return found
-    models: dict[str, str] = {}
-    for child in sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []:
-        models.update(_model_at(child))
-    return models
+        return {found[0]: found[1]}
+    children = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+    models = [(child.name, *model) for child in children if (model := _model_at(child))]
+    names = [name for _, name, _ in models]
+    return {(folder if names.count(name) > 1 else name): run for folder, name, run in models}
 
 
-def _model_at(path: Path) -> dict[str, str]:
+def _model_at(path: Path) -> tuple[str, str] | None:
     if is_model(path):
-        return {path.name: str(path.absolute())}
+        return path.name, str(path.absolute())
     if is_model(path / BEST):
-        experiment = path / EXPERIMENT
-        name = json.loads(experiment.read_text())["category"] if experiment.is_file() else path.name
-        return {name: str((path / BEST).absolute())}
-    return {}
+        return _category(path) or path.name, str((path / BEST).absolute())
+    return None
+
+
+def _category(exp_dir: Path) -> str | None:
+    """The category an experiment.json names, or None when it names none (missing, damaged)."""
+    try:
+        category = json.loads((exp_dir / EXPERIMENT).read_text()).get("category")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return category if isinstance(category, str) and category else None

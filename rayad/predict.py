@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from rayad.artifact import Predictor
+from rayad.artifact import Predictor, load_model
 from rayad.data.images import IMAGE_SUFFIXES, image_size
 from rayad.errors import DataError
 from rayad.settings import PREDICT_BATCH
@@ -131,12 +131,17 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
     never through the driver. Returns the row count. Every node must reach the inputs, the run and `out`."""
     import ray
 
+    load_model(run)  # a broken run fails here, in one line, not in every actor
     local = [str(p) for p in expand_paths([Path(i) for i in inputs if "://" not in i])]
     remote = [i for i in inputs if "://" in i]
     if not local and not remote:
         raise DataError(f"no images in {inputs}")
-    dataset = ray.data.read_binary_files(local + remote, include_paths=True, num_cpus=READ_CPUS,
-                                         file_extensions=[s.lstrip(".") for s in IMAGE_SUFFIXES])
+    # Local folders are already expanded to their images, and a file named explicitly gets a row even when it is
+    # no image, as in the single-process path; remote folders are listed by Ray, which keeps their images.
+    reads = [ray.data.read_binary_files(paths, include_paths=True, num_cpus=READ_CPUS, **only)
+             for paths, only in ((local, {}), (remote, {"file_extensions": [s.lstrip(".") for s in IMAGE_SUFFIXES]}))
+             if paths]
+    dataset = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]  # Ray's union needs another dataset
     scored = dataset.map_batches(
         ScoringActor, batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,

@@ -70,11 +70,28 @@ def read_table(path: Path) -> pd.DataFrame:
 
 
 def read_experiment(exp_dir: Path) -> dict[str, Any]:
+    """experiment.json, with the parts the pages read checked for their shape."""
     experiment = read_json(exp_dir / EXPERIMENT)
     missing = [k for k in ("category", "objective", "settings", "space") if k not in experiment]
     if missing:
         raise StoreError(f"{EXPERIMENT} lacks {', '.join(missing)}")
+    goal, params = experiment["objective"], experiment["space"].get("params") if _is_dict(experiment["space"]) else None
+    checks = {
+        "objective.metrics and objective.modes (lists of one name or more)":
+            _is_dict(goal) and all(isinstance(goal.get(k), list) and goal[k] for k in ("metrics", "modes")),
+        "space.params (a mapping of parameters with their kind)":
+            _is_dict(params) and all(_is_dict(p) and "kind" in p for p in params.values()),
+        "started_at (seconds since 1970)": isinstance(experiment.get("started_at"), int | float | None),
+        "settings (a mapping)": _is_dict(experiment["settings"]),
+    }
+    wrong = [what for what, ok in checks.items() if not ok]
+    if wrong:
+        raise StoreError(f"{EXPERIMENT}: unexpected {'; '.join(wrong)}")
     return experiment
+
+
+def _is_dict(value: Any) -> bool:
+    return isinstance(value, dict)
 
 
 def objective(experiment: dict[str, Any]) -> tuple[str, str]:
@@ -107,10 +124,16 @@ def best_value(trials: pd.DataFrame, mode: str) -> float | None:
     return float(trials["best_value"].max() if mode == "max" else trials["best_value"].min())
 
 
+TRIAL_COLUMNS = ("trial_id", "status", "started_at", "best_value")  # what the pages read of every trial
+
+
 def trial_table(trials: pd.DataFrame) -> pd.DataFrame:
     """The trials as shown: in order of start, numbered, params without their prefix."""
     if trials.empty:
         return trials
+    missing = [c for c in TRIAL_COLUMNS if c not in trials]
+    if missing:
+        raise StoreError(f"{TRIALS} lacks the column(s) {', '.join(missing)}: not a rayad results store")
     table = trials.sort_values("started_at").reset_index(drop=True)
     table.insert(0, "number", range(len(table)))
     return table.rename(columns=lambda c: c.removeprefix(PARAM_PREFIX))
@@ -206,7 +229,11 @@ def read_test_results(exp_dir: Path) -> TestResults:
     required = ("scores", "labels", "paths", "threshold")
     if any(k not in metrics for k in required):
         raise StoreError(f"{BEST}/{TEST_METRICS} lacks per-image scores (needs {', '.join(required)})")
-    n = len(metrics["scores"])
+    n = len(metrics["scores"]) if isinstance(metrics["scores"], list) else 0
+    per_image = [metrics.get(k) for k in ("paths", "labels", "defect_types", "mask_paths")]
+    if n == 0 or not all(v is None or (isinstance(v, list) and len(v) == n) for v in [metrics["scores"], *per_image]):
+        raise StoreError(f"{BEST}/{TEST_METRICS}: the per-image lists (scores, labels, paths, ...) are empty or "
+                         "of different lengths")
     images = pd.DataFrame({
         "path": metrics["paths"], "label": np.asarray(metrics["labels"], dtype=int),
         "defect_type": metrics.get("defect_types") or ["good" if y == 0 else "defect" for y in metrics["labels"]],

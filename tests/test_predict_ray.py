@@ -19,16 +19,19 @@ def test_ray_data_scoring_matches_single_process(ray_cluster, trained_run, demo_
     images = tmp_path / "images"
     shutil.copytree(demo_root / "brick" / "test", images)
     (images / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    notes = tmp_path / "notes.txt"  # named explicitly: a row with an error, as in the single-process path
+    notes.write_text("not an image")
     out = tmp_path / "scores"  # written by Ray Data's workers, as a URI (any pyarrow filesystem)
-    code = main(["predict", "--run", str(trained_run), "--ray", "--input", str(images), "--out", f"file://{out}",
+    code = main(["predict", "--run", str(trained_run), "--ray", "--input", str(images), "--input", str(notes),
+                 "--out", f"file://{out}",
                  "--heatmaps", str(tmp_path / "heat"), "--actors", "2", "--cpus-per-actor", "0.5",
                  "--batch-size", "4"])
     assert code == 0 and "wrote" in capsys.readouterr().out
     assert list(out.glob("*.parquet"))
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
-    plain = {r["path"]: r for r in predict_paths(trained_run, [images]).to_pylist()}
+    plain = {r["path"]: r for r in predict_paths(trained_run, [images, notes]).to_pylist()}
     n_images = 4 + 2 * len(DEFECTS)  # the demo_root fixture's brick test split
-    assert rows.keys() == plain.keys() and len(rows) == n_images + 1
+    assert rows.keys() == plain.keys() and len(rows) == n_images + 2
     for path, row in rows.items():
         if plain[path]["error"]:
             assert row["score"] is None and "not a readable image" in row["error"] and path in row["error"]
@@ -37,6 +40,13 @@ def test_ray_data_scoring_matches_single_process(ray_cluster, trained_run, demo_
         assert row["label"] == plain[path]["label"] and row["heatmap"].endswith("_heatmap.png")
         assert Path(row["heatmap"]).is_file()
     assert len(list((tmp_path / "heat").glob("*.png"))) == n_images
+
+
+def test_a_broken_run_fails_in_one_line_before_any_actor_starts(ray_cluster, demo_root, tmp_path, capsys):
+    code = main(["predict", "--run", str(tmp_path), "--ray", "--input", str(demo_root / "brick" / "test"),
+                 "--out", str(tmp_path / "scores")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "not a rayad model" in err, err
 
 
 def test_ray_predict_needs_out(trained_run, demo_root, capsys):

@@ -50,7 +50,7 @@ def experiments_table() -> None:
     for row in table[table["problem"].notna()].itertuples():
         st.warning(f"Experiment `{row.experiment}` ({row.path}) cannot be shown: {row.problem}",
                    icon=":material/warning:")
-    if (table.get("status") == "running").any():
+    if "status" in table and (table["status"] == "running").any():
         st.caption(f"A search is running: this table refreshes every {REFRESH_S} s.")
 
 

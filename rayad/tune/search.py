@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pyarrow as pa
 import ray
 import torch
 from ray import tune
@@ -85,6 +86,10 @@ def plan_search(settings: SearchSettings) -> Plan:
                           "--gpus-per-worker >= 0")
     if s.startup_trials is not None and s.startup_trials < 1:
         raise ConfigError(f"--startup-trials {s.startup_trials}: must be >= 1")
+    if (s.concurrent is not None and s.concurrent < 1) or s.grace_period < 1 or s.reduction_factor < 2:
+        raise ConfigError("--concurrent and --grace-period must be >= 1, and the reduction factor >= 2")
+    if s.max_failures < 0:
+        raise ConfigError(f"--max-failures {s.max_failures}: must be >= 0")
     if s.scheduler not in ("asha", "fifo"):
         raise ConfigError(f"scheduler {s.scheduler!r}: use asha or fifo")
     space = load_space(s.space, load_config(s.config_file))
@@ -112,17 +117,20 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
                verbose: int = 1) -> dict[str, Any]:
     """Run (or resume) an experiment, export the best model to EXP_DIR/best and evaluate it on test."""
     exp_dir = Path(exp_dir).absolute()
-    exp_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_search(settings)
     s = plan.settings
+    if resume:
+        _check_resumable(plan, exp_dir)  # before anything is written
+        previous = read_experiment_file(exp_dir)
+    elif (exp_dir / EXPERIMENT).exists():
+        raise RayadError(f"{exp_dir}: already holds an experiment; add --resume to continue it, or give a new --out")
+    exp_dir.mkdir(parents=True, exist_ok=True)
     _check_data(plan, exp_dir)
     connect(address)
     check_resources(plan.cluster)
     check_shared_paths(s.storage or str(exp_dir), s.data_root)
     concurrent = s.concurrent or fitting_groups(plan.cluster)
     if resume:
-        _check_resumable(plan, exp_dir)  # before anything is written
-        previous = json.loads((exp_dir / EXPERIMENT).read_text())
         experiment = previous | {"status": "running", "resumed_at": [*previous.get("resumed_at", []), time.time()]}
     else:
         experiment = experiment_record(plan, concurrent, exp_dir)
@@ -218,6 +226,10 @@ def _check_resumable(plan: Plan, exp_dir: Path) -> None:
     tune_path = _tune_path(plan, exp_dir)
     if not tune.Tuner.can_restore(tune_path):
         raise RayadError(f"{exp_dir}: no experiment to resume (no Tune state at {tune_path})")
+    try:
+        read_rows(exp_dir / TRIALS)
+    except (OSError, pa.ArrowException) as e:
+        raise RayadError(f"{exp_dir / TRIALS}: unreadable ({e}); the search cannot be resumed") from None
     if "://" not in tune_path:
         check_trusted(Path(tune_path))
 
@@ -330,6 +342,21 @@ def experiment_record(plan: Plan, concurrent: int, exp_dir: Path) -> dict[str, A
 def load_settings(exp_dir: str | Path) -> SearchSettings:
     """The settings of an existing experiment (for --resume)."""
     path = Path(exp_dir) / EXPERIMENT
+    try:
+        return SearchSettings.from_dict(read_experiment_file(exp_dir)["settings"])
+    except (TypeError, KeyError) as e:
+        raise RayadError(f"{path}: its settings are damaged ({type(e).__name__}: {e})") from None
+
+
+def read_experiment_file(exp_dir: str | Path) -> dict[str, Any]:
+    """EXP_DIR/experiment.json as written by a search: a JSON object with its settings."""
+    path = Path(exp_dir) / EXPERIMENT
     if not path.is_file():
         raise RayadError(f"{exp_dir}: not an experiment directory (no {EXPERIMENT})")
-    return SearchSettings.from_dict(json.loads(path.read_text())["settings"])
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RayadError(f"{path}: unreadable ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        raise RayadError(f"{path}: not an experiment record (a JSON object with its settings)")
+    return record

@@ -163,6 +163,7 @@ def parse_space(raw: Any, base: Config, source: str = "space") -> SearchSpace:
     fixed = base.replace({p.key: p.args[0] for p in params if p.kind == "fixed"}, source)
     for p in params:
         _check_values(p, fixed, source)
+        _check_conditions(p, {q.key: q for q in params}, source)
     return SearchSpace(tuple(params), raw.get("metric"), raw.get("mode"), str(raw.get("description", "")), source)
 
 
@@ -225,6 +226,16 @@ def _check_values(p: Param, base: Config, source: str) -> None:
             raise ConfigError(f"{where}: bounds must be finite")
     for value in p.args:
         base.replace({p.key: value}, where)
+
+
+def _check_conditions(p: Param, params: dict[str, Param], source: str) -> None:
+    """A `when:` value its parent can never take would leave the parameter never sampled."""
+    for key, values in p.when.items():
+        parent = params[key]
+        never = [v for v in values if parent.kind in ("choice", "fixed") and v not in parent.args]
+        if never:
+            raise ConfigError(f"{source}: params.{p.key}: when {key} is {never[0]!r}, which {key} never takes "
+                              f"(its values: {list(parent.args)})")
 
 
 def _field_type(base: Config, key: str) -> type:

@@ -155,6 +155,41 @@ def test_broken_files_give_a_message_not_a_crash(runs, monkeypatch, tiny_experim
         assert not at.exception and message in at.error[0].value, page
 
 
+def test_files_of_the_wrong_shape_give_a_message_not_a_crash(runs, monkeypatch):
+    exp = runs / "brick-tiny"
+    experiment, _, test = store(exp)
+    damage = {  # experiment.json
+        "no-modes": ({**experiment, "objective": {"metrics": ["val_image_auroc"]}}, "objective"),
+        "bad-date": ({**experiment, "started_at": "yesterday"}, "started_at"),
+        "no-params": ({**experiment, "space": {"file": "x"}}, "space.params"),
+    }
+    for name, (content, _) in damage.items():
+        shutil.copytree(exp, runs / name)
+        (runs / name / "experiment.json").write_text(json.dumps(content))
+    shutil.copytree(exp, runs / "foreign-trials")
+    trial_ids = pq.read_table(exp / "trials.parquet").select(["trial_id"])
+    pq.write_table(trial_ids, runs / "foreign-trials" / "trials.parquet")
+    shutil.copytree(exp, runs / "short-lists")
+    short = {**test, "labels": test["labels"][1:]}
+    (runs / "short-lists" / "best" / "test_metrics.json").write_text(json.dumps(short))
+    at = open_page(runs, monkeypatch)  # no exception, and the healthy experiments are still listed
+    assert set(at.dataframe[0].value["experiment"]) == {"brick-tiny", "foreign-trials", "short-lists"}
+    warnings = " ".join(w.value for w in at.warning)
+    assert all(f"`{name}`" in warnings and message in warnings for name, (_, message) in damage.items())
+    for name, page, message in [("foreign-trials", "search", "trials.parquet lacks the column(s) status, started_at"),
+                                ("short-lists", "model", "per-image lists"),
+                                ("short-lists", "gallery", "per-image lists")]:
+        at.sidebar.selectbox[0].set_value(name).run()
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert not at.exception and message in at.error[0].value, (name, page)
+
+
+def test_one_experiment_as_the_runs_directory_shows_on_every_page(runs, monkeypatch):
+    for page in ("search", "model", "gallery"):  # `rayad dashboard --runs EXP` sets RAYAD_RUNS to it
+        at = open_page(runs / "brick-tiny", monkeypatch, page)
+        assert not at.error and at.sidebar.selectbox[0].value == "brick-tiny", page
+
+
 def test_a_corrupt_study_db_gives_a_message_on_the_search_page(runs, monkeypatch):
     (runs / "brick-tiny" / "study.db").write_bytes(b"not a database\n" * 512)
     at = open_page(runs, monkeypatch, "search")  # no exception

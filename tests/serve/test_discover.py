@@ -26,3 +26,12 @@ def test_run_experiment_and_folder(trained_run, tmp_path):
     assert card["metrics"]["image_auroc"] == 0.75 and card["image_size"] == 32
     with pytest.raises(RayadError, match="no model found"):
         discover_models(tmp_path / "demo" / "data")
+
+
+def test_two_experiments_of_one_category_and_a_damaged_record_are_all_served(trained_run, tmp_path):
+    folder = tmp_path / "runs"
+    for name, record in [("exp-a", {"category": "brick"}), ("exp-b", {"category": "brick"}), ("exp-c", None)]:
+        shutil.copytree(trained_run, folder / name / "best")
+        (folder / name / "experiment.json").write_text(json.dumps(record) if record else "{")  # exp-c: damaged
+    models = discover_models(folder)  # one of them used to hide the other, and the damaged record stopped all
+    assert models == {name: str((folder / name / "best").absolute()) for name in ("exp-a", "exp-b", "exp-c")}

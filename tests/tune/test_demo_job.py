@@ -13,7 +13,7 @@ from tiny import TINY_BASE
 from rayad.baselines import nearest_neighbour_metrics
 from rayad.cli import main
 from rayad.demo import run_demo
-from rayad.errors import Interrupted
+from rayad.errors import Interrupted, RayadError
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +36,9 @@ def test_demo_searches_keeps_the_best_model_and_summarises(ray_cluster, tiny_spa
     assert _snapshot(exp) == before, "a finished experiment is reused: no file of it is rewritten"
     assert pq.read_table(exp / "trials.parquet").to_pylist() == rows
     assert again["brick"]["image_auroc"] == summary["brick"]["image_auroc"]
+    with pytest.raises(RayadError, match="an earlier demo searched it with other trials; run the demo with"):
+        run_demo(tmp_path, space=str(tiny_space), trials=3, overrides=TINY_BASE, categories=("brick",))
+    assert _snapshot(exp) == before  # its results used to be shown as those of the new flags
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:

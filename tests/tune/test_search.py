@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,3 +177,28 @@ def test_mlflow_runs_equal_the_results_store(tiny_experiment):
     assert best.data.metrics["test_image_auroc"] == pytest.approx(test["image_auroc"])
     artifacts = {a.path for a in client.list_artifacts(best.info.run_id, "model")}
     assert {"model/model.safetensors", "model/model.json"} <= artifacts
+
+
+def test_a_search_never_overwrites_or_merges_with_an_experiment_and_damage_is_named(tiny_experiment, demo_root,
+                                                                                     tiny_space, tmp_path, capsys):
+    exp = tmp_path / "exp"
+    shutil.copytree(tiny_experiment[0], exp)
+    before = {name: (exp / name).read_bytes() for name in ("experiment.json", "trials.parquet")}
+    new = ["tune", "--data", str(demo_root), "--category", "grass", "--space", str(tiny_space), "--out", str(exp)]
+    damaged_json, damaged_rows = tmp_path / "damaged_json", tmp_path / "damaged_rows"
+    for copy in (damaged_json, damaged_rows):
+        shutil.copytree(exp, copy)
+    (damaged_json / "experiment.json").write_text("[]")
+    (damaged_rows / "trials.parquet").write_bytes(before["trials.parquet"][:100])
+    for args, message in [
+        (new, "already holds an experiment; add --resume to continue it"),  # it used to merge the two searches
+        (["tune", "--out", str(exp), "--resume", "--category", "grass"], "--category with --resume"),
+        (new[:-1] + [str(tmp_path / "other"), "--concurrent", "-1"], "--concurrent and --grace-period must be >= 1"),
+        (["tune", "--out", str(damaged_json), "--resume"], "experiment.json: not an experiment record"),
+        (["tune", "--out", str(damaged_rows), "--resume"], "trials.parquet: unreadable"),
+    ]:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert {name: (exp / name).read_bytes() for name in before} == before
+    assert json.loads((damaged_rows / "experiment.json").read_text())["status"] == "finished"

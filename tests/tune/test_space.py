@@ -85,6 +85,8 @@ def test_fixed_values_and_fixed_mappings():
     ({"train.steps": {"int": [100, 200]}}, r"params.train.steps: train.steps sets the trial budget"),
     ({"model.widths": {"choice": [[8]], "when": {"model.encoder": "sdc"}}}, r"when refers to 'model.encoder'"),
     ({"train.lr": {"uniform": [0.1, 0.2], "loguniform": [0.1, 0.2]}}, r"give exactly one distribution"),
+    ({"model.encoder": {"choice": ["sdc"]}, "model.skip": {"choice": ["add"], "when": {"model.encoder": "resnet99"}}},
+     r"params.model.skip: when model.encoder is 'resnet99', which model.encoder never takes \(its values: \['sdc'\]"),
 ])
 def test_bad_spaces_fail_naming_the_key(params, message):
     with pytest.raises(ConfigError, match=message):
