@@ -231,7 +231,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a UTF-8 text file") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+            raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from e
     config = Config.from_dict(raw, str(path or "config"))
     if defaults:
         in_file = {f"{section}.{key}" for section, keys in _migrate(raw).items() if isinstance(keys, dict)
@@ -254,7 +254,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set '{item}': value is not valid YAML ({e})") from e
+            raise ConfigError(f"--set '{item}': value is not valid YAML ({yaml_problem(e)})") from e
     return out
 
 
@@ -306,6 +306,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{where} = {value!r}: expected {tp.__name__}")
     return value
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans several)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(error, 'problem', None) or error}{where}"
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:

@@ -15,7 +15,7 @@ from rayad.errors import Interrupted, RayadError
 from rayad.layout import BEST, EXPERIMENT, HISTORY, METRIC_NAMES, STUDY, SUMMARY, TRIALS
 from rayad.settings import DEMO_SPACE, DEMO_TRIALS
 from rayad.tune import SearchSettings, load_settings, resolve_space, run_search
-from rayad.tune.search import read_experiment_file
+from rayad.tune.search import plan_search, read_experiment_file
 
 
 def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS,
@@ -24,6 +24,13 @@ def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS
     """Search each category (reusing finished experiments, resuming interrupted ones) and print a summary."""
     out = Path(out).absolute()
     data_root = out / "data"
+
+    def settings_for(category: str) -> SearchSettings:
+        return SearchSettings(data_root=str(data_root), category=category, space=str(resolve_space(space)),
+                              trials=trials, overrides=overrides or {},
+                              config_file=str(config_file) if config_file else None)
+
+    plan_search(settings_for(categories[0]))  # the flags, checked before the data is made or Ray starts
     if not all((data_root / c).is_dir() for c in categories):
         make_demo_dataset(data_root, categories=categories)
     connect(address, log_to_driver=False)  # the store prints one line per trial; Tune's tables stay off
@@ -31,9 +38,7 @@ def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS
     for category in categories:
         start = time.perf_counter()
         exp = out / category
-        settings = SearchSettings(data_root=str(data_root), category=category, space=str(resolve_space(space)),
-                                  trials=trials, overrides=overrides or {},
-                                  config_file=str(config_file) if config_file else None)
+        settings = settings_for(category)
         experiment = _previous(exp, settings)
         if experiment is None or experiment["status"] != "finished":
             try:

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from rayad._bundled import bundled
-from rayad.config import Config
+from rayad.config import Config, yaml_problem
 from rayad.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "fixed")
@@ -145,7 +145,7 @@ def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read search space ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
     return parse_space(raw, base or Config(), str(path))
 
 
