@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--run", required=True, type=Path,
                      help="a run, an experiment (serves best/), or a folder of them (e.g. rayad demo's output)")
     srv.add_argument("--host", default=LOCAL_HOST, help="bind address (default: loopback only)")
-    srv.add_argument("--port", type=int, default=SERVE_PORT)
+    srv.add_argument("--port", type=port, default=SERVE_PORT)
     srv.add_argument("--replicas", type=int, help="fixed number of scorer replicas (= --min/--max-replicas)")
     defaults = ServeSettings()
     srv.add_argument("--min-replicas", type=int, default=defaults.min_replicas)
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     dash = sub.add_parser("dashboard", help="browse experiments, trials, metrics and heatmaps (Streamlit)")
     dash.add_argument("--runs", type=Path, default=Path("runs"), help="folder of experiments (default: runs)")
     dash.add_argument("--host", default=LOCAL_HOST, help=f"address to bind (default: {LOCAL_HOST}, local only)")
-    dash.add_argument("--port", type=int, default=DASHBOARD_PORT)
+    dash.add_argument("--port", type=port, default=DASHBOARD_PORT)
     dash.add_argument("--serve-url", help="score uploads on the Try-it page with this Serve endpoint, e.g. "
                       "http://127.0.0.1:8000 (default: a model loaded in the dashboard)")
     dash.set_defaults(func=cmd_dashboard)
@@ -388,6 +388,14 @@ def cmd_dashboard(args) -> None:
 OUTPUTS = {"data": {"out": True}, "train": {"out": True}, "evaluate": {"json": False},
            "predict": {"out": False, "heatmaps": True}, "export": {"out": True}, "tune": {"out": True},
            "demo": {"out": True}}
+
+
+def port(text: str) -> int:
+    """argparse type of --port: a TCP port a server can listen on."""
+    number = int(text)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{number} is not a port (1 to 65535)")
+    return number
 
 
 def check_outputs(args) -> None:

@@ -75,5 +75,5 @@ def _check_masks(rows: list[Row]) -> None:
     anomalous = [r for r in rows if r.label == 1]
     missing = [r.path for r in anomalous if r.mask_path is None]
     if missing and len(missing) < len(anomalous):
-        listed = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
+        listed = "\n  ".join(missing)
         raise DataError(f"{len(missing)} anomalous image(s) have no ground-truth mask:\n  {listed}")

@@ -81,15 +81,19 @@ def plan_search(settings: SearchSettings) -> Plan:
     s = settings
     if s.mlflow:
         require_mlflow()
-    if s.trials < 1 or s.workers_per_trial < 1 or s.cpus_per_worker <= 0 or s.gpus_per_worker < 0:
-        raise ConfigError("--trials and --workers-per-trial must be >= 1, --cpus-per-worker > 0, "
-                          "--gpus-per-worker >= 0")
-    if s.startup_trials is not None and s.startup_trials < 1:
-        raise ConfigError(f"--startup-trials {s.startup_trials}: must be >= 1")
-    if (s.concurrent is not None and s.concurrent < 1) or s.grace_period < 1 or s.reduction_factor < 2:
-        raise ConfigError("--concurrent and --grace-period must be >= 1, and the reduction factor >= 2")
-    if s.max_failures < 0:
-        raise ConfigError(f"--max-failures {s.max_failures}: must be >= 0")
+    for flag, value, ok, need in [
+        ("--trials", s.trials, s.trials >= 1, ">= 1"),
+        ("--workers-per-trial", s.workers_per_trial, s.workers_per_trial >= 1, ">= 1"),
+        ("--cpus-per-worker", s.cpus_per_worker, s.cpus_per_worker > 0, "> 0"),
+        ("--gpus-per-worker", s.gpus_per_worker, s.gpus_per_worker >= 0, ">= 0"),
+        ("--startup-trials", s.startup_trials, s.startup_trials is None or s.startup_trials >= 1, ">= 1"),
+        ("--concurrent", s.concurrent, s.concurrent is None or s.concurrent >= 1, ">= 1"),
+        ("--grace-period", s.grace_period, s.grace_period >= 1, ">= 1"),
+        ("reduction_factor", s.reduction_factor, s.reduction_factor >= 2, ">= 2"),
+        ("--max-failures", s.max_failures, s.max_failures >= 0, ">= 0"),
+    ]:
+        if not ok:
+            raise ConfigError(f"{flag} {value}: must be {need}")
     if s.scheduler not in ("asha", "fifo"):
         raise ConfigError(f"scheduler {s.scheduler!r}: use asha or fifo")
     space = load_space(s.space, load_config(s.config_file))

@@ -55,7 +55,7 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["predict", "--run", "{run}", "{demo}/brick/test/good", "--out", "{tmp}/file/p.parquet"], "is a file"),
     (["predict", "--run", "{run}", "--ray", "{demo}/brick/test/good", "--out", "{tmp}"], "already holds files"),
     (["demo", "--out", "{tmp}/demo", "--categories", "brick", "marble"], "no demo category marble"),
-    (["demo", "--out", "{tmp}/demo", "--trials", "0"], "--trials and"),  # before the data is made or Ray starts
+    (["demo", "--out", "{tmp}/demo", "--trials", "0"], "--trials 0: must be >= 1"),  # before the data or Ray
     (TRAIN + ["--seed", "-1"], "train.seed = -1 is out of range"),
     (["data", "demo", "--out", "{tmp}/d", "--seed", "-1"], "demo seed -1: must be from 0 to 4294967295"),
     (TRAIN + ["--set", "corruption.fill_sources={{patch: .nan}}"], "weights must be finite"),
@@ -70,6 +70,7 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["serve", "--run", "{run}", "--max-batch-size", "0"], "--max-batch-size): must be >= 1"),
     (["serve", "--run", "{run}", "--replicas", "0"], "min_replicas = 0"),
     (["serve", "--run", "{run}", "--max-upload-mb", "-1"], "must be > 0"),
+    (["serve", "--run", "{run}", "--port", "70000"], "--port: 70000 is not a port (1 to 65535)"),
 ])
 def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, trained_run, capsys):
     blocker = tmp_path / "file"

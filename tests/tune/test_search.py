@@ -193,7 +193,7 @@ def test_a_search_never_overwrites_or_merges_with_an_experiment_and_damage_is_na
     for args, message in [
         (new, "already holds an experiment; add --resume to continue it"),  # it used to merge the two searches
         (["tune", "--out", str(exp), "--resume", "--category", "grass"], "--category with --resume"),
-        (new[:-1] + [str(tmp_path / "other"), "--concurrent", "-1"], "--concurrent and --grace-period must be >= 1"),
+        (new[:-1] + [str(tmp_path / "other"), "--concurrent", "-1"], "--concurrent -1: must be >= 1"),
         (["tune", "--out", str(damaged_json), "--resume"], "experiment.json: not an experiment record"),
         (["tune", "--out", str(damaged_rows), "--resume"], "trials.parquet: unreadable"),
     ]:
