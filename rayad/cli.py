@@ -298,9 +298,10 @@ def cmd_predict(args) -> None:
     table = predict_paths(args.run, [Path(p) for p in inputs], args.out and Path(args.out), args.heatmaps,
                           args.batch_size)
     for row in table.to_pylist():
-        status = row["error"] or ("anomalous" if row["label"] else "good")
-        score = "-" if row["score"] is None else f"{row['score']:.6g}"
-        print(f"{score:>12}  {status:<10} {row['path']}")
+        if row["error"]:  # the message names the file
+            print(f"{'-':>12}  {'error':<10} {row['error']}")
+        else:
+            print(f"{row['score']:>12.6g}  {'anomalous' if row['label'] else 'good':<10} {row['path']}")
     if args.out:
         print(f"wrote {table.num_rows} rows to {args.out}")
 
