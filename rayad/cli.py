@@ -220,12 +220,16 @@ def cmd_data_demo(args) -> None:
 def cmd_train(args) -> None:
     cfg = _config(args)
     if args.mlflow:
-        from rayad.tracking import require_mlflow
+        from rayad.tracking import check_tracking_uri
 
-        require_mlflow()
+        check_tracking_uri(args.mlflow)
     if args.workers is None:
+        import torch
+
         from rayad.train import fit
 
+        if args.gpu and not torch.cuda.is_available():
+            raise RayadError("--gpu: this process sees no CUDA GPU (without --workers it trains here)")
         run = fit(cfg, args.data, args.category, args.out, resume=args.resume)
     else:
         from rayad.train.ray_train import fit_distributed
@@ -233,7 +237,7 @@ def cmd_train(args) -> None:
         if args.workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0:
             raise RayadError("--workers must be >= 1, --cpus-per-worker > 0 and --max-failures >= 0")
         cluster = Cluster(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-                          address=args.address, storage=args.storage, max_failures=args.max_failures,
+                          address=args.address, storage=_storage(args.storage), max_failures=args.max_failures,
                           placement="SPREAD" if args.spread else "PACK")
         run = fit_distributed(cfg, args.data, args.category, args.out, cluster)
     meta = json.loads((run / "model.json").read_text())
@@ -358,10 +362,15 @@ def cmd_tune(args) -> None:
             grace_period=args.grace_period, search_seed=args.search_seed, startup_trials=args.startup_trials,
             val_root=str(args.val_data.absolute()) if args.val_data else None,
             config_file=str(args.config) if args.config else None, overrides=_overrides(args),
-            storage=args.storage, max_failures=args.max_failures, mlflow=args.mlflow)
+            storage=_storage(args.storage), max_failures=args.max_failures, mlflow=args.mlflow)
     experiment = run_search(settings, args.out, args.address, resume=args.resume)
 
     print(format_experiment(experiment))
+
+
+def _storage(value: str | None) -> str | None:
+    """--storage as Ray takes it: a URI as given, a path made absolute (Ray reads a relative one as a URI)."""
+    return value if value is None or "://" in value else str(Path(value).absolute())
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -386,8 +395,8 @@ def cmd_dashboard(args) -> None:
 
 
 # The paths each command writes: flag -> True for a folder, False for a file.
-OUTPUTS = {"data": {"out": True}, "train": {"out": True}, "evaluate": {"json": False},
-           "predict": {"out": False, "heatmaps": True}, "export": {"out": True}, "tune": {"out": True},
+OUTPUTS = {"data": {"out": True}, "train": {"out": True, "storage": True}, "evaluate": {"json": False},
+           "predict": {"out": False, "heatmaps": True}, "export": {"out": True}, "tune": {"out": True, "storage": True},
            "demo": {"out": True}}
 
 

@@ -27,10 +27,25 @@ def connect(address: str | None, log_to_driver: bool = True) -> None:
     if address in (None, "", "local"):
         _start_local(log_to_driver)
         return
+    _check_reachable(address)
     try:
         ray.init(address=address, log_to_driver=log_to_driver)
-    except ConnectionError as e:
+    except (ConnectionError, ValueError) as e:
         raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e})") from None
+
+
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT address must answer within seconds: ray.init retries a silent one for ever."""
+    if "://" in address or address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayadError(f"--address {address!r}: expected HOST:PORT, the head node's (e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); is `ray start --head` "
+                         "running there?") from None
 
 
 def _start_local(log_to_driver: bool) -> None:

@@ -27,6 +27,17 @@ def require_mlflow():
     return mlflow
 
 
+def check_tracking_uri(uri: str) -> None:
+    """Fail before any training when MLflow cannot use `uri` (an unknown scheme, a folder it cannot create, a
+    server that does not answer): it would only fail once the work is done."""
+    mlflow = require_mlflow()
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - MLflow raises its own and its stores' errors
+        raise RayadError(f"--mlflow {uri}: MLflow cannot use it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def tune_callback(uri: str, experiment: str):
     """The Tune callback that logs each trial as an MLflow run in `experiment`."""
     require_mlflow()

@@ -45,3 +45,15 @@ def test_workers_of_a_local_ray_ask_its_own_state_api_not_the_last_ray_start():
         result = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ALIVE", "DEAD"]
+
+
+@pytest.mark.parametrize("address, message", [
+    ("garbage", "expected HOST:PORT"),
+    ("127.0.0.1:1", "cannot reach the Ray cluster at '127.0.0.1:1'"),  # ray.init retried it for ever
+])
+def test_an_address_nothing_answers_at_fails_at_once(address, message):
+    from rayad.cluster import _check_reachable
+    from rayad.errors import RayadError
+
+    with pytest.raises(RayadError, match=message):
+        _check_reachable(address)

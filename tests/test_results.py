@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import numpy as np
 import pandas as pd
@@ -87,8 +88,18 @@ def test_dashboard_command_checks_its_flags(tmp_path, capsys):
     argv, env = streamlit_command(tmp_path, "127.0.0.1", 8600, "http://127.0.0.1:8000")
     assert argv[1:4] == ["-m", "streamlit", "run"] and argv[argv.index("--server.address") + 1] == "127.0.0.1"
     assert env["RAYAD_RUNS"] == str(tmp_path) and env["RAYAD_SERVE_URL"] == "http://127.0.0.1:8000"
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = str(taken.getsockname()[1])
     for flags, message in [(["--runs", str(tmp_path / "nope")], "no such directory"),
-                           (["--runs", str(tmp_path), "--port", "0"], "not a TCP port"),
+                           (["--runs", str(tmp_path), "--port", "0"], "0 is not a port"),
+                           (["--runs", str(tmp_path), "--port", busy], f"cannot listen on 127.0.0.1:{busy}"),
                            (["--runs", str(tmp_path), "--serve-url", "localhost:8000"], "needs http://")]:
-        assert main(["dashboard", *flags]) == 2
+        try:
+            code = main(["dashboard", *flags])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        assert code == 2
         assert message in capsys.readouterr().err
+    taken.close()

@@ -7,6 +7,7 @@ validation split and checks the result.
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import numpy as np
 from rayad.config import DataConfig
 from rayad.data.images import list_images
 from rayad.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ def read_mvtec2(root: Path, category: str, cfg: DataConfig) -> list[Row]:
     rows = [Row(str(p), "train", 0, "good") for p in list_images(base / "train" / "good")]
     rows += [Row(str(p), "val", 0, "good") for p in list_images(base / "validation" / "good")]
     test = base / "test_public"
-    rows += [Row(str(p), "test", 0, "good") for p in list_images(test / "good")]
+    rows += [Row(str(p), "test", 0, "good") for p in list_images(test / "good")] if (test / "good").is_dir() else []
     for p in list_images(test / "bad") if (test / "bad").is_dir() else []:
         rows.append(Row(str(p), "test", 1, "bad", _find_mask(test / "ground_truth" / "bad", p.stem)))
     return rows
@@ -58,11 +61,21 @@ def read_visa(root: Path, category: str, cfg: DataConfig) -> list[Row]:
     split_csv = root / "split_csv" / "1cls.csv"
     if not split_csv.is_file():
         raise DataError(f"{split_csv}: VisA split file not found")
-    with split_csv.open(newline="") as f:
-        records = list(csv.DictReader(f))
-    missing = {"object", "split", "label", "image", "mask"} - set(records[0] if records else {})
+    try:
+        with split_csv.open(newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as Excel writes
+            reader = csv.DictReader(f)
+            records = list(reader)
+    except UnicodeDecodeError:
+        raise DataError(f"{split_csv}: not UTF-8 text") from None
+    missing = {"object", "split", "label", "image", "mask"} - set(reader.fieldnames or ())
     if missing:
         raise DataError(f"{split_csv}: missing column(s) {sorted(missing)}")
+    for line, r in enumerate(records, start=2):
+        if any(r[k] is None for k in ("object", "split", "label", "image", "mask")):
+            raise DataError(f"{split_csv}, line {line}: fewer fields than the header")
+        if r["split"] not in VISA_SPLITS or r["label"].strip().lower() not in VISA_LABELS:
+            raise DataError(f"{split_csv}, line {line}: split {r['split']!r} and label {r['label']!r} must be "
+                            f"one of {VISA_SPLITS} and one of {VISA_LABELS}")
     categories = sorted({r["object"] for r in records})
     if category not in categories:
         raise DataError(f"category '{category}' not in {split_csv}; categories: {', '.join(categories)}")
@@ -75,6 +88,9 @@ def read_visa(root: Path, category: str, cfg: DataConfig) -> list[Row]:
     return rows
 
 
+VISA_SPLITS, VISA_LABELS = ("train", "test"), ("normal", "anomaly")
+
+
 def read_folder(root: Path, category: str, cfg: DataConfig) -> list[Row]:
     """ROOT/<category>/{normal_dir, abnormal_dir, [mask_dir]}; a seeded share of normal images goes to test."""
     base = _category_dir(root, category, required=(cfg.normal_dir,))
@@ -84,9 +100,13 @@ def read_folder(root: Path, category: str, cfg: DataConfig) -> list[Row]:
     test_idx = set(order[:n_test].tolist())
     rows = [Row(str(p), "test" if i in test_idx else "train", 0, "good") for i, p in enumerate(normal)]
     abnormal_dir = base / cfg.abnormal_dir
+    defects = list_images(abnormal_dir) if abnormal_dir.is_dir() else []
+    if not defects:
+        log.warning("%s holds no images (data.abnormal_dir): the test split has no defects, so image metrics "
+                    "cannot be computed", abnormal_dir)
     if cfg.mask_dir and not (base / cfg.mask_dir).is_dir():
         raise DataError(f"{base / cfg.mask_dir}: mask folder (data.mask_dir) not found")
-    for p in list_images(abnormal_dir) if abnormal_dir.is_dir() else []:
+    for p in defects:
         mask = _find_mask(base / cfg.mask_dir, p.stem) if cfg.mask_dir else None
         rows.append(Row(str(p), "test", 1, cfg.abnormal_dir, mask))
     return rows
@@ -121,7 +141,7 @@ def _category_dir(root: Path, category: str, required: tuple[str, ...]) -> Path:
 
 
 def _find_mask(mask_dir: Path, stem: str) -> str | None:
-    for name in (f"{stem}_mask.png", f"{stem}.png"):
+    for name in (f"{stem}_mask.png", f"{stem}.png", f"{stem}_mask.PNG", f"{stem}.PNG"):
         if (mask_dir / name).is_file():
             return str(mask_dir / name)
     return None

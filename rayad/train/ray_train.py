@@ -95,9 +95,9 @@ class ProgressCallback(UserCallback):
         m = metrics[0]
         self.first_step = self.first_step if self.first_step is not None else (m["step"], time.time())
         done_since, since = m["step"] - self.first_step[0], time.time() - self.first_step[1]
-        eta = (self.total - m["step"]) * since / done_since if done_since else float("nan")
+        eta = f"{(self.total - m['step']) * since / done_since:.0f}s" if done_since else "-"  # after two reports
         print(f"[rayad] step {m['step']}/{self.total} loss {m['loss']:.5f} "
-              f"{m['interval_images_per_s'] or 0:.1f} img/s ({m['world_size']} workers) ETA {eta:.0f}s"
+              f"{m['interval_images_per_s'] or 0:.1f} img/s ({m['world_size']} workers) ETA {eta}"
               + (" checkpoint" if checkpoint else ""), flush=True)
 
 

@@ -49,7 +49,7 @@ from rayad.layout import (
     VAL_METRICS,
 )
 from rayad.settings import SearchSettings
-from rayad.tracking import log_best, require_mlflow, tune_callback
+from rayad.tracking import check_tracking_uri, log_best, tune_callback
 from rayad.train.checkpoint import load_checkpoint
 from rayad.train.loop import LoopConfig, load_train_data
 from rayad.train.ray_train import build_trainer
@@ -80,7 +80,7 @@ def plan_search(settings: SearchSettings) -> Plan:
     """Check the space, objective and settings; fails before any trial starts, naming what is wrong."""
     s = settings
     if s.mlflow:
-        require_mlflow()
+        check_tracking_uri(s.mlflow)
     for flag, value, ok, need in [
         ("--trials", s.trials, s.trials >= 1, ">= 1"),
         ("--workers-per-trial", s.workers_per_trial, s.workers_per_trial >= 1, ">= 1"),

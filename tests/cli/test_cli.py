@@ -71,6 +71,9 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["serve", "--run", "{run}", "--replicas", "0"], "min_replicas = 0"),
     (["serve", "--run", "{run}", "--max-upload-mb", "-1"], "must be > 0"),
     (["serve", "--run", "{run}", "--port", "70000"], "--port: 70000 is not a port (1 to 65535)"),
+    (TRAIN + ["--workers", "1", "--storage", "{tmp}/file/ckpt"], "--storage {tmp}/file/ckpt: {tmp}/file is a file"),
+    (TRAIN + ["--mlflow", "ftp://x"], "--mlflow ftp://x: MLflow cannot use it"),  # before training, not after
+    (TRAIN + ["--gpu"], "--gpu: this process sees no CUDA GPU"),  # the suite hides GPUs
 ])
 def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, trained_run, capsys):
     blocker = tmp_path / "file"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import zlib
 from pathlib import Path
 
@@ -277,3 +278,36 @@ def test_error_visa_unknown_object(tmp_path):
     with pytest.raises(DataError, match="category 'fryum'") as err:
         build_manifest(tmp_path, "fryum")
     assert "candle, pcb1" in str(err.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text.replace(",test,anomaly,", ",Test,anomaly,", 1), "split 'Test' and label 'anomaly' must be"),
+    (lambda text: text.replace(",anomaly,", ",bad,", 1), "label 'bad' must be one of"),
+    (lambda text: text + "candle,train\n", "fewer fields than the header"),
+    (lambda text: text.encode("latin-1").replace(b"candle", "cändle".encode("latin-1"), 1), "not UTF-8 text"),
+])
+def test_visa_rows_a_reader_would_misread_are_refused(tmp_path, edit, message):
+    make_visa(tmp_path)
+    split_csv = tmp_path / "split_csv" / "1cls.csv"
+    edited = edit(split_csv.read_text())
+    split_csv.write_bytes(edited if isinstance(edited, bytes) else edited.encode())
+    with pytest.raises(DataError, match=message):  # they used to become good images, or training images
+        build_manifest(tmp_path, "candle")
+
+
+def test_visa_csv_saved_by_excel_with_a_byte_order_mark(tmp_path):
+    expected = make_visa(tmp_path)
+    split_csv = tmp_path / "split_csv" / "1cls.csv"
+    split_csv.write_bytes(b"\xef\xbb\xbf" + split_csv.read_bytes())
+    assert rows_of(build_manifest(tmp_path, "candle", NO_VAL)) == expected
+
+
+def test_mvtec2_without_good_test_images_and_masks_with_an_upper_case_extension(tmp_path):
+    make_mvtec2(tmp_path)
+    test = tmp_path / "can" / "test_public"
+    shutil.rmtree(test / "good")
+    for mask in (test / "ground_truth" / "bad").iterdir():
+        mask.rename(mask.with_suffix(".PNG"))
+    rows = build_manifest(tmp_path, "can", DataConfig(val_fraction=0.5)).to_pylist()
+    bad = [r for r in rows if r["split"] == "test"]
+    assert bad and all(r["label"] == 1 and r["mask_path"].endswith("_mask.PNG") for r in bad)

@@ -7,7 +7,8 @@ def test_progress_line_has_step_loss_rate_and_eta(capsys):
     worker_metrics = {"loss": 0.01, "interval_images_per_s": 32.0, "world_size": 2}
     callback.after_report(None, [{**worker_metrics, "step": 10}], None)
     callback.after_report(None, [{**worker_metrics, "step": 20}], checkpoint=object())
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    first, last = capsys.readouterr().out.strip().splitlines()
+    assert first.endswith("ETA -")  # no rate yet (it said "ETA nans")
     assert last.startswith("[rayad] step 20/100 loss 0.01000 32.0 img/s (2 workers) ETA ")
     assert last.endswith("checkpoint")
 
