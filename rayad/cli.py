@@ -204,10 +204,14 @@ def _overrides(args) -> dict:
     from rayad.config import parse_overrides
 
     overrides = parse_overrides(args.overrides)
-    shortcuts = {"train.steps": args.steps, "data.image_size": args.image_size, "train.seed": args.seed,
-                 "data.layout": getattr(args, "layout", None)}
-    overrides.update({k: v for k, v in shortcuts.items() if v is not None})
-    return overrides
+    flags = {"train.steps": "--steps", "data.image_size": "--image-size", "train.seed": "--seed",
+             "data.layout": "--layout"}
+    shortcuts = {key: value for key, flag in flags.items()
+                 if (value := getattr(args, flag[2:].replace("-", "_"), None)) is not None}
+    both = sorted(set(shortcuts) & set(overrides))
+    if both:
+        raise RayadError(f"{flags[both[0]]} and --set {both[0]}: give one of them")
+    return overrides | shortcuts
 
 
 def cmd_data_demo(args) -> None:
