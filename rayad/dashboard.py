@@ -24,8 +24,6 @@ def streamlit_command(runs: Path, host: str, port: int, serve_url: str | None) -
     app = app_path()
     if not app.is_file():
         raise RayadError(f"{app}: the dashboard app is missing from this rayad installation")
-    if not 0 < port < 65536:
-        raise RayadError(f"--port {port}: not a TCP port")
     _check_free(host, port)
     env = {**os.environ, "RAYAD_RUNS": str(runs.absolute())}
     if serve_url:

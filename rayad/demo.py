@@ -14,8 +14,8 @@ from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.errors import Interrupted, RayadError
 from rayad.layout import BEST, EXPERIMENT, HISTORY, METRIC_NAMES, STUDY, SUMMARY, TRIALS
 from rayad.settings import DEMO_SPACE, DEMO_TRIALS
-from rayad.tune import SearchSettings, load_settings, resolve_space, run_search
-from rayad.tune.search import plan_search, read_experiment_file
+from rayad.tune import SearchSettings, resolve_space, run_search
+from rayad.tune.search import plan_search, read_experiment_file, settings_of
 
 
 def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS,
@@ -62,12 +62,13 @@ def _previous(exp: Path, settings: SearchSettings) -> dict[str, Any] | None:
     when it was searched with other settings."""
     if not (exp / EXPERIMENT).is_file():
         return None
-    before = load_settings(exp)
+    record = read_experiment_file(exp)
+    before = settings_of(record, exp)
     changed = [f.name for f in dataclasses.fields(settings) if getattr(before, f.name) != getattr(settings, f.name)]
     if changed:
         raise RayadError(f"{exp}: an earlier demo searched it with other {', '.join(changed)}; run the demo with "
                          "the flags it used, or give a new --out")
-    return read_experiment_file(exp)
+    return record
 
 
 def _summary_table(summary: dict[str, Any]) -> str:

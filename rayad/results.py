@@ -75,23 +75,20 @@ def read_experiment(exp_dir: Path) -> dict[str, Any]:
     missing = [k for k in ("category", "objective", "settings", "space") if k not in experiment]
     if missing:
         raise StoreError(f"{EXPERIMENT} lacks {', '.join(missing)}")
-    goal, params = experiment["objective"], experiment["space"].get("params") if _is_dict(experiment["space"]) else None
+    goal, space = experiment["objective"], experiment["space"]
+    params = space.get("params") if isinstance(space, dict) else None
     checks = {
         "objective.metrics and objective.modes (lists of one name or more)":
-            _is_dict(goal) and all(isinstance(goal.get(k), list) and goal[k] for k in ("metrics", "modes")),
+            isinstance(goal, dict) and all(isinstance(goal.get(k), list) and goal[k] for k in ("metrics", "modes")),
         "space.params (a mapping of parameters with their kind)":
-            _is_dict(params) and all(_is_dict(p) and "kind" in p for p in params.values()),
+            isinstance(params, dict) and all(isinstance(p, dict) and "kind" in p for p in params.values()),
         "started_at (seconds since 1970)": isinstance(experiment.get("started_at"), int | float | None),
-        "settings (a mapping)": _is_dict(experiment["settings"]),
+        "settings (a mapping)": isinstance(experiment["settings"], dict),
     }
     wrong = [what for what, ok in checks.items() if not ok]
     if wrong:
         raise StoreError(f"{EXPERIMENT}: unexpected {'; '.join(wrong)}")
     return experiment
-
-
-def _is_dict(value: Any) -> bool:
-    return isinstance(value, dict)
 
 
 def objective(experiment: dict[str, Any]) -> tuple[str, str]:

@@ -345,11 +345,16 @@ def experiment_record(plan: Plan, concurrent: int, exp_dir: Path) -> dict[str, A
 
 def load_settings(exp_dir: str | Path) -> SearchSettings:
     """The settings of an existing experiment (for --resume)."""
-    path = Path(exp_dir) / EXPERIMENT
+    return settings_of(read_experiment_file(exp_dir), exp_dir)
+
+
+def settings_of(record: dict[str, Any], exp_dir: str | Path) -> SearchSettings:
+    """The settings in an experiment record (`read_experiment_file`)."""
     try:
-        return SearchSettings.from_dict(read_experiment_file(exp_dir)["settings"])
+        return SearchSettings.from_dict(record["settings"])
     except (TypeError, KeyError) as e:
-        raise RayadError(f"{path}: its settings are damaged ({type(e).__name__}: {e})") from None
+        raise RayadError(f"{Path(exp_dir) / EXPERIMENT}: its settings are damaged ({type(e).__name__}: {e})"
+                         ) from None
 
 
 def read_experiment_file(exp_dir: str | Path) -> dict[str, Any]:

@@ -161,9 +161,10 @@ def parse_space(raw: Any, base: Config, source: str = "space") -> SearchSpace:
     for key, spec in raw["params"].items():
         params.append(_parse_param(str(key), spec, base, [p.key for p in params], f"{source}: params.{key}"))
     fixed = base.replace({p.key: p.args[0] for p in params if p.kind == "fixed"}, source)
+    by_key = {p.key: p for p in params}
     for p in params:
         _check_values(p, fixed, source)
-        _check_conditions(p, {q.key: q for q in params}, source)
+        _check_conditions(p, by_key, source)
     return SearchSpace(tuple(params), raw.get("metric"), raw.get("mode"), str(raw.get("description", "")), source)
 
 
