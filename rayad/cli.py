@@ -315,10 +315,8 @@ def cmd_predict(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    import time
-
     from rayad.cluster import connect
-    from rayad.serve import discover_models, start, use_haproxy_ingress
+    from rayad.serve import discover_models, serve_until_stopped, use_haproxy_ingress
 
     low, high = (args.min_replicas, args.max_replicas) if args.replicas is None else (args.replicas, args.replicas)
     settings = ServeSettings(models=discover_models(args.run), min_replicas=low, max_replicas=high,
@@ -330,11 +328,14 @@ def cmd_serve(args) -> None:
                              api_key=os.environ.get("RAYAD_API_KEY") or None)
     address = use_haproxy_ingress(args.address) if args.ingress == "haproxy" else args.address
     connect(address)
-    url = start(settings, args.host, args.port)
-    print(f"serving {sorted(settings.models)} at {url} (API docs: {url}/docs"
-          + ("; API key required" if settings.api_key else "") + "). Ctrl-C stops.", flush=True)
-    while True:
-        time.sleep(3600)
+
+    def announce(url: str) -> None:
+        key = "; API key required" if settings.api_key else ""
+        print(f"serving {sorted(settings.models)} at {url} (API docs: {url}/docs{key}). Ctrl-C or SIGTERM stops.",
+              flush=True)
+
+    stopped_by = serve_until_stopped(settings, args.host, args.port, announce)
+    print(f"stopped by {stopped_by}: the application is deleted", flush=True)
 
 
 def cmd_export(args) -> None:

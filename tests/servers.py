@@ -26,8 +26,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def rayad_serve(args: list[str], log_path: Path) -> Iterator[str]:
-    """`rayad serve ARGS --port P` in its own process, until /readyz answers 200; yields its URL and
-    stops it with Ctrl-C afterwards. Fails the test with the server's log if it never becomes ready."""
+    """`rayad serve ARGS --port P` in its own process, until /readyz answers 200; yields its URL, then stops it
+    with SIGTERM and checks that it stopped cleanly. Fails the test with the server's log if it never becomes
+    ready."""
     port = free_port()
     rayad = Path(sys.executable).with_name("rayad")  # this interpreter's; else the one on PATH (pip --user)
     rayad = rayad if rayad.exists() else Path(shutil.which("rayad") or rayad)
@@ -42,12 +43,13 @@ def rayad_serve(args: list[str], log_path: Path) -> Iterator[str]:
                     pytest.fail(f"rayad serve did not become ready:\n{log_path.read_text()}")
                 time.sleep(1)
             yield url
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0, log_path.read_text()
+            assert "stopped by SIGTERM: the application is deleted" in log_path.read_text()
         finally:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
+            if process.poll() is None:
                 process.kill()
+                process.wait()
 
 
 def _ready(url: str) -> bool:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Callable
 
 from ray import serve
 
@@ -19,7 +22,7 @@ APP_NAME = "rayad"
 HAPROXY_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 
 __all__ = ["APP_NAME", "HAPROXY_INGRESS_ENV", "ServeSettings", "app_builder", "build_app", "discover_models",
-           "start", "use_haproxy_ingress"]
+           "serve_until_stopped", "start", "use_haproxy_ingress"]
 
 
 def use_haproxy_ingress(address: str | None) -> str:
@@ -57,3 +60,24 @@ def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_POR
     serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
+
+
+def serve_until_stopped(settings: ServeSettings, host: str, port: int, on_start: Callable[[str], None]) -> str:
+    """Deploy (see `start`), call `on_start(url)`, and block until Ctrl-C (SIGINT) or SIGTERM; then delete the
+    application, which a cluster would otherwise keep serving after this driver leaves. Returns the signal's
+    name. A signal during the deployment stops once it is done; a second one stops at once."""
+    received: list[str] = []
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signal.Signals(signum).name)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs Ray's own handlers
+        signal.signal(signum, on_signal)
+    on_start(start(settings, host, port))
+    stop.wait()
+    serve.delete(APP_NAME)
+    return received[0]
