@@ -231,11 +231,18 @@ def _check_resumable(plan: Plan, exp_dir: Path) -> None:
     if not tune.Tuner.can_restore(tune_path):
         raise RayadError(f"{exp_dir}: no experiment to resume (no Tune state at {tune_path})")
     try:
-        read_rows(exp_dir / TRIALS)
+        rows = read_rows(exp_dir / TRIALS)
     except (OSError, pa.ArrowException) as e:
         raise RayadError(f"{exp_dir / TRIALS}: unreadable ({e}); the search cannot be resumed") from None
     if "://" not in tune_path:
         check_trusted(Path(tune_path))
+    # Ray Tune does not rerun the trials it finished, so their rows must be in the store already
+    ended = {t.trial_id for t in tune.ExperimentAnalysis(tune_path).trials if t.status in ("TERMINATED", "ERROR")}
+    lost = ended - {row["trial_id"] for row in rows}
+    if lost:
+        raise RayadError(f"{exp_dir / TRIALS}: lacks {len(lost)} of the {len(ended)} trials Ray Tune has finished "
+                         "(deleted or replaced?), and a resumed search does not rerun them; put the file back, or "
+                         "start a new --out")
 
 
 def check_trusted(tune_dir: Path) -> None:
