@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -413,20 +414,22 @@ def port(text: str) -> int:
     return number
 
 
-def check_outputs(args) -> None:
-    """Fail before any work when an output path cannot be written: a file stands where a folder must be
-    created, or a folder where the file goes."""
+def output_paths(args) -> list[tuple[str, Path, bool]]:
+    """The local paths the command writes: (flag, path, True for a folder or False for a file)."""
     outputs = OUTPUTS.get(args.command, {})
     if getattr(args, "ray", False) and args.out:
         outputs = {**outputs, "out": True}  # predict --ray writes a Parquet dataset: a folder
-        if "://" not in args.out and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
-            raise RayadError(f"--out {args.out}: already holds files, and Ray Data adds its Parquet files to "
-                             "them; give a new or empty folder")
-    for flag, folder in outputs.items():
-        path = getattr(args, flag, None)
-        if path is None or "://" in str(path):
-            continue
-        path = Path(path)
+    given = {flag: getattr(args, flag, None) for flag in outputs}
+    return [(flag, Path(path), outputs[flag]) for flag, path in given.items() if path and "://" not in str(path)]
+
+
+def check_outputs(args) -> None:
+    """Fail before any work when an output path cannot be written: a file stands where a folder must be
+    created, or a folder where the file goes."""
+    for flag, path, folder in output_paths(args):
+        if getattr(args, "ray", False) and flag == "out" and path.is_dir() and any(path.iterdir()):
+            raise RayadError(f"--out {path}: already holds files, and Ray Data adds its Parquet files to them; "
+                             "give a new or empty folder")
         for part in ([path] if folder else []) + list(path.parents):
             if part.exists() and not part.is_dir():
                 raise RayadError(f"--{flag} {path}: {part} is a file, not a folder")
@@ -437,9 +440,17 @@ def check_outputs(args) -> None:
             raise RayadError(f"--{flag} {path}: {existing} is not writable")
 
 
+def new_output_folders(args) -> list[Path]:
+    """The output folders, and folders above output files, that do not exist yet: deepest first."""
+    folders = {part for _, path, folder in output_paths(args)
+               for part in ([path] if folder else []) + list(path.parents) if not part.exists()}
+    return sorted(folders, key=lambda part: len(part.parts), reverse=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    new_folders = new_output_folders(args)
     try:
         check_outputs(args)
         args.func(args)
@@ -449,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"rayad {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
+    finally:
+        for folder in new_folders:  # a command that failed before writing leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only an empty one
     return 0
 
 

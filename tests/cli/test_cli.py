@@ -84,6 +84,7 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, tra
     (tmp_path / "empty").mkdir()
     (tmp_path / "exp" / "model.pt").mkdir(parents=True)
     args = [a.format(demo=demo_root, tmp=tmp_path, run=trained_run) for a in args]
+    before = set(tmp_path.rglob("*"))
     try:
         code = main(args)
     except SystemExit as e:  # argparse's own errors
@@ -92,6 +93,7 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, tra
     err = capsys.readouterr().err.strip()
     assert needle.format(tmp=tmp_path) in err and len(err.splitlines()) == 1
     assert blocker.read_text() == "results already written"
+    assert set(tmp_path.rglob("*")) == before  # not even an empty --out folder is left behind
 
 
 
