@@ -45,7 +45,7 @@ def measure(mode: str, run: str, images: str, out: str) -> None:
 
         connect(None, log_to_driver=False)
         start = time.perf_counter()  # Ray's start-up is not scoring
-        rows = predict_with_ray(run, [images], out, actors=2, cpus_per_actor=0.85, batch_size=32)
+        rows = predict_with_ray(run, [images], out, actors=2, cpus_per_actor=0.85, batch_size=32).num_rows
     else:
         import torch
 

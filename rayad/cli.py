@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from rayad.errors import RayadError
+from rayad.errors import DataError, RayadError
 from rayad.settings import (
     DASHBOARD_PORT,
     DEMO_SPACE,
@@ -294,9 +294,10 @@ def cmd_predict(args) -> None:
         if args.cpus_per_actor < 0 or args.gpus_per_actor < 0 or args.cpus_per_actor + args.gpus_per_actor == 0:
             raise RayadError("--cpus-per-actor and --gpus-per-actor must be >= 0, and not both 0")
         connect(args.address)
-        count = predict_with_ray(args.run, inputs, args.out, args.heatmaps, args.batch_size, args.actors,
-                                 args.cpus_per_actor, args.gpus_per_actor)
-        print(f"wrote {count} rows to {args.out}")
+        errors = predict_with_ray(args.run, inputs, args.out, args.heatmaps, args.batch_size, args.actors,
+                                  args.cpus_per_actor, args.gpus_per_actor)["error"]
+        print(f"wrote {len(errors)} rows to {args.out}")
+        _check_scored(errors.to_pylist())
         return
     from rayad.predict import predict_paths
 
@@ -313,6 +314,17 @@ def cmd_predict(args) -> None:
             print(f"{row['score']:>12.6g}  {'anomalous' if row['label'] else 'good':<10} {row['path']}")
     if args.out:
         print(f"wrote {table.num_rows} rows to {args.out}")
+    _check_scored(table["error"].to_pylist())
+
+
+def _check_scored(errors: list[str | None]) -> None:
+    """Fail when no image could be scored (the rows stay written); say how many could not be, when some."""
+    failed = [e for e in errors if e]
+    if failed and len(failed) == len(errors):
+        raise DataError(f"none of the {len(errors)} files could be scored; the first: {failed[0]}")
+    if failed:
+        print(f"rayad predict: {len(failed)} of {len(errors)} files could not be scored (see their rows' error)",
+              file=sys.stderr)
 
 
 def cmd_serve(args) -> None:

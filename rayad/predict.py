@@ -125,10 +125,11 @@ class ScoringActor:
 
 def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str | None = None,
                      batch_size: int = PREDICT_BATCH, actors: int | None = None, cpus_per_actor: float = 1.0,
-                     gpus_per_actor: float = 0.0) -> int:
+                     gpus_per_actor: float = 0.0) -> pa.Table:
     """Stream `inputs` (local files and folders, or URIs such as s3://bucket/images/) through an actor pool;
     Ray Data's workers write the rows as Parquet files into `out` (a folder or a pyarrow filesystem URI),
-    never through the driver. Returns the row count. Every node must reach the inputs, the run and `out`."""
+    never through the driver. Returns the rows' `error` column (null where the image was scored). Every node
+    must reach the inputs, the run and `out`."""
     import ray
 
     load_model(run)  # a broken run fails here, in one line, not in every actor
@@ -151,7 +152,7 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
                                "threads": max(1, int(cpus_per_actor))})
     scored.map_batches(_to_schema, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS
                        ).write_parquet(_absolute(out))
-    return ray.data.read_parquet(_absolute(out)).count()
+    return pa.concat_tables(ray.get(ray.data.read_parquet(_absolute(out), columns=["error"]).to_arrow_refs()))
 
 
 def pool_size(cpus_per_actor: float, gpus_per_actor: float = 0.0) -> int:

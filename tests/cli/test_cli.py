@@ -29,6 +29,16 @@ def test_train_evaluate_predict(tmp_path, demo_root, capsys):
         assert r["score"] == pytest.approx(by_path[r["path"]], rel=1e-6)
 
 
+def test_predict_fails_when_no_file_could_be_scored_and_keeps_the_rows(trained_run, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    assert main(["predict", "--run", str(trained_run), str(notes), "--out", str(tmp_path / "p.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"rayad predict: error: none of the 1 files could be scored; the first: {notes}: not a")
+    assert pq.read_table(tmp_path / "p.parquet").to_pylist()[0]["error"].startswith(str(notes))
+
+
 TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
 
 
