@@ -271,6 +271,7 @@ class Api:
         self.scorer = scorer
         self.settings = ServeSettings(**settings)
         self.cards = {name: model_card(name, run) for name, run in usable_models(self.settings.models).items()}
+        self.scored: set[str] = set()  # the models a scorer has answered for since this replica started
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict[str, str]:
@@ -278,14 +279,20 @@ class Api:
 
     @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self) -> dict[str, Any]:
-        """Ready when the scorer answers for every model (loading them if needed)."""
+        """Ready when the scorer answers for every model (loading them if needed). A full queue is busy, not
+        unready, for a model it has answered for: under load the probe would otherwise take replicas out of
+        service just when they are needed."""
         blank = np.zeros((8, 8, 3), np.uint8)
-        try:
-            for name, card in self.cards.items():
-                image = np.resize(blank, (card["image_size"], card["image_size"], 3))
+        for name, card in self.cards.items():
+            image = np.resize(blank, (card["image_size"], card["image_size"], 3))
+            try:
                 await self.scorer.options(multiplexed_model_id=name).score.remote(image, False)
-        except Exception as e:  # noqa: BLE001 - any failure means not ready
-            raise HTTPException(503, f"not ready: {type(e).__name__}") from None
+            except BackPressureError:
+                if name not in self.scored:
+                    raise HTTPException(503, "not ready: BackPressureError") from None
+            except Exception as e:  # noqa: BLE001 - any other failure means not ready
+                raise HTTPException(503, f"not ready: {type(e).__name__}") from None
+            self.scored.add(name)
         return {"status": "ready", "models": sorted(self.cards)}
 
     @app.get(OPENAPI_URL, include_in_schema=False, dependencies=KEY_REQUIRED)
@@ -362,6 +369,7 @@ class Api:
                 raise HTTPException(503, f"model {name!r} cannot be loaded (its files are damaged; see the "
                                          "server log)") from None
             raise
+        self.scored.add(name)
         card = self.cards[name]
         out = {"model": name, "version": card["version"], "score": result["score"],
                "normalized_score": result["normalized_score"], "label": result["label"],

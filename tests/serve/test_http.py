@@ -236,9 +236,10 @@ def test_unknown_routes_and_wrong_methods_are_json_errors(server):
         "error": "method DELETE is not allowed on /v1/models"}
 
 
-def test_overload_answers_503_quickly(server, demo_root):
+def test_overload_answers_503_quickly_and_the_server_stays_ready(server, demo_root):
     good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
     statuses: list[int] = []
+    probes: list[int] = []  # /readyz under load: busy, not unready (it answered 503 when the queue was full)
 
     def send():
         start = time.perf_counter()
@@ -247,12 +248,16 @@ def test_overload_answers_503_quickly(server, demo_root):
         if response.status_code == 503:
             assert time.perf_counter() - start < 5 and response.headers["Retry-After"] == "1"
 
-    threads = [threading.Thread(target=send) for _ in range(40)]
+    def probe():
+        probes.append(requests.get(f"{server}/readyz", timeout=60).status_code)
+
+    threads = [threading.Thread(target=probe if i % 8 == 7 else send) for i in range(48)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) > 0
+    assert probes == [200] * 6
     assert requests.post(f"{server}/v1/predict?model=brick", data=good, headers=KEY).status_code == 200
 
 
