@@ -340,15 +340,15 @@ def cmd_serve(args) -> None:
                              replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
                              api_key=os.environ.get("RAYAD_API_KEY") or None)
     address = use_haproxy_ingress(args.address) if args.ingress == "haproxy" else args.address
-    connect(address)
+    joined = not connect(address)
 
     def announce(url: str) -> None:
         key = "; API key required" if settings.api_key else ""
         print(f"serving {sorted(settings.models)} at {url} (API docs: {url}/docs{key}). Ctrl-C or SIGTERM stops.",
               flush=True)
 
-    stopped_by = serve_until_stopped(settings, args.host, args.port, announce)
-    print(f"stopped by {stopped_by}: the application is deleted", flush=True)
+    stopped_by = serve_until_stopped(settings, args.host, args.port, announce, delete=joined)
+    print(f"stopped by {stopped_by}" + (": the application is deleted from the cluster" if joined else ""), flush=True)
 
 
 def cmd_export(args) -> None:

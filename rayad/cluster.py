@@ -19,19 +19,21 @@ from rayad.settings import Cluster
 __all__ = ["Cluster", "check_resources", "check_shared_paths", "connect", "fitting_groups"]
 
 
-def connect(address: str | None, log_to_driver: bool = True) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray sized to this machine."""
+def connect(address: str | None, log_to_driver: bool = True) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray sized to this machine; True when
+    it started one (which ends with this process)."""
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address in (None, "", "local"):
         _start_local(log_to_driver)
-        return
+        return True
     _check_reachable(address)
     try:
         ray.init(address=address, log_to_driver=log_to_driver)
     except (ConnectionError, ValueError) as e:
         raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e})") from None
+    return False
 
 
 def _check_reachable(address: str) -> None:

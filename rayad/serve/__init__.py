@@ -62,10 +62,12 @@ def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_POR
     return f"http://{host}:{port}"
 
 
-def serve_until_stopped(settings: ServeSettings, host: str, port: int, on_start: Callable[[str], None]) -> str:
-    """Deploy (see `start`), call `on_start(url)`, and block until Ctrl-C (SIGINT) or SIGTERM; then delete the
-    application, which a cluster would otherwise keep serving after this driver leaves. Returns the signal's
-    name. A signal during the deployment stops once it is done; a second one stops at once."""
+def serve_until_stopped(settings: ServeSettings, host: str, port: int, on_start: Callable[[str], None],
+                        delete: bool) -> str:
+    """Deploy (see `start`), call `on_start(url)`, and block until Ctrl-C (SIGINT) or SIGTERM; then, if `delete`,
+    delete the application, which a cluster this driver joined would otherwise keep serving after it leaves
+    (a local Ray it started ends with it, faster). Returns the signal's name. A signal during the deployment
+    stops once it is done; a second one stops at once."""
     received: list[str] = []
     stop = threading.Event()
 
@@ -79,5 +81,6 @@ def serve_until_stopped(settings: ServeSettings, host: str, port: int, on_start:
         signal.signal(signum, on_signal)
     on_start(start(settings, host, port))
     stop.wait()
-    serve.delete(APP_NAME)
+    if delete:
+        serve.delete(APP_NAME)
     return received[0]

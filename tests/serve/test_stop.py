@@ -1,0 +1,43 @@
+"""Stopping `rayad serve` on a cluster it joined: SIGTERM deletes its application, which the cluster would
+otherwise keep serving after the driver leaves (a local Ray it starts is tested through `servers.rayad_serve`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import requests
+from servers import free_port
+
+from rayad.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_sigterm_deletes_the_application_from_a_joined_cluster(ray_cluster, trained_run, capsys):
+    from ray import serve
+
+    serve.shutdown()  # a Serve instance left by another module would keep its own port
+    url = f"http://127.0.0.1:{free_port()}"
+
+    def stop_when_ready() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/readyz", timeout=30).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, where `main` waits
+
+    threading.Thread(target=stop_when_ready, daemon=True).start()
+    try:
+        assert main(["serve", "--run", str(trained_run), "--port", url.rsplit(":", 1)[1],
+                     "--replica-cpus", "0.5"]) == 0
+        assert "stopped by SIGTERM: the application is deleted from the cluster" in capsys.readouterr().out
+        assert "rayad" not in serve.status().applications
+    finally:
+        serve.shutdown()
