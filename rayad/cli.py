@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from rayad.errors import DataError, RayadError
+from rayad.errors import DataError, RayadError, stop_on_sigterm
 from rayad.settings import (
     DASHBOARD_PORT,
     DEMO_SPACE,
@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     new_folders = new_output_folders(args)
+    stop_on_sigterm()
     try:
         check_outputs(args)
         args.func(args)

@@ -13,7 +13,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from rayad.errors import RayadError
+from rayad.errors import RayadError, stop_on_sigterm
 from rayad.settings import Cluster
 
 __all__ = ["Cluster", "check_resources", "check_shared_paths", "connect", "fitting_groups"]
@@ -27,13 +27,16 @@ def connect(address: str | None, log_to_driver: bool = True) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if address in (None, "", "local"):
         _start_local(log_to_driver)
+        stop_on_sigterm()
         return True
     _check_reachable(address)
     try:
         ray.init(address=address, log_to_driver=log_to_driver)
     except (ConnectionError, ValueError) as e:
         raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e})") from None
+    stop_on_sigterm()
     return False
+
 
 
 def _check_reachable(address: str) -> None:

@@ -1,4 +1,7 @@
-"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+"""User-facing errors: the CLI prints their message on one line and exits with code 2; and stop signals."""
+
+import signal
+import threading
 
 
 class RayadError(ValueError):
@@ -24,3 +27,18 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, done: str, resume: str):
         super().__init__(f"{done}; the state is saved: resume with {resume}")
         self.done, self.resume = done, resume
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (what Kubernetes, systemd and `kill` send) stop this process as Ctrl-C does, through the
+    SIGINT handler of the moment: Ray Tune's and Ray Train's save their state. ray.init installs Ray's own
+    SIGTERM handler, which dumps a C++ stack trace and aborts, so this runs again after it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _as_ctrl_c)
+
+
+def _as_ctrl_c(_signum, frame) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # SIGINT ignored (a background job of a shell, nohup): SIGTERM still stops
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)

@@ -134,7 +134,10 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
     trainer = build_trainer(loop, cluster, "train", storage,
                             CheckpointConfig(num_to_keep=2),
                             [ProgressCallback(cfg.train.steps)] if progress else None)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except SystemExit:  # how Ray Train's driver leaves a run its SIGINT handler aborted (Ctrl-C, or SIGTERM)
+        raise KeyboardInterrupt from None
     if result.checkpoint is None:
         raise RayadError("training finished without a checkpoint")
     network = build_anomaly_model(cfg).network

@@ -1,9 +1,13 @@
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
-from tiny import TINY_ARGS
+from tiny import TINY, TINY_ARGS
 
 from rayad.cli import main
 
@@ -146,3 +150,21 @@ def test_a_listed_error_is_one_line_with_its_first_item_a_count_and_the_hint(tmp
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"rayad train: error: 2 bad image(s) in the train split — {bad[0]}: not a readable image")
     assert err.endswith("(+1 more in the log) (set data.on_bad_image=skip to skip them)"), err
+
+
+def test_sigterm_stops_training_as_ctrl_c_does_even_where_ctrl_c_is_ignored(demo_root, tmp_path):
+    """A shell's background job (and nohup) ignores SIGINT; SIGTERM must still stop it, as Ctrl-C would."""
+    run = tmp_path / "run"
+    budget = {**TINY, "train.steps": 10**6, "train.checkpoint_every": 20}
+    args = [sys.executable, "-m", "rayad.cli", "train", "--data", str(demo_root), "--category", "brick", "--out",
+            str(run), *[arg for key, value in budget.items() for arg in ("--set", f"{key}={value}")]]
+    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 120
+    while not list((run / "checkpoints").glob("step_*")):
+        assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=60)
+    assert driver.returncode == 130 and err.strip().splitlines()[-1] == "rayad train: interrupted", err[-2000:]
+    assert "Traceback" not in err
