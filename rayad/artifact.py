@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from rayad.data.dataset import ImageSet, to_tensor
 from rayad.data.images import load_image
 from rayad.errors import ArtifactError, ConfigError, DataError
 from rayad.inference import TTA_TOLERANCE, AnomalyModel, InferenceBatch, mirror_error_ratios
-from rayad.layout import METADATA, WEIGHTS
+from rayad.layout import METADATA, WEIGHTS, atomic_write
 from rayad.models import create_model
 from rayad.precision import Choice, default_device, exact_cuda_math, native, probe_network, resolve
 from rayad.scoring import f1_threshold
@@ -197,13 +196,6 @@ def require_cpp_compiler(device: str | torch.device) -> None:
     if torch.device(device).type == "cpu" and shutil.which(cxx) is None:
         raise ConfigError(f"scoring.compile needs a C++ compiler on CPU and {cxx!r} is not on PATH: install one "
                           "(e.g. g++), name it in CXX, or set scoring.compile=false")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write `path` through a temporary file renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -266,6 +266,7 @@ def _torch_threads() -> None:
 def cmd_evaluate(args) -> None:
     from rayad.artifact import Predictor
     from rayad.evaluate import evaluate, format_table
+    from rayad.layout import atomic_write
 
     _torch_threads()
     predictor = Predictor.load(args.run)
@@ -276,7 +277,7 @@ def cmd_evaluate(args) -> None:
     print(format_table(metrics))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(metrics, indent=2))
+        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
 
 
 def cmd_predict(args) -> None:

@@ -12,7 +12,7 @@ from rayad.baselines import nearest_neighbour_image_auroc
 from rayad.cluster import connect
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.errors import Interrupted, RayadError
-from rayad.layout import BEST, EXPERIMENT, HISTORY, METRIC_NAMES, STUDY, SUMMARY, TRIALS
+from rayad.layout import BEST, EXPERIMENT, HISTORY, METRIC_NAMES, STUDY, SUMMARY, TRIALS, atomic_write
 from rayad.settings import DEMO_SPACE, DEMO_TRIALS
 from rayad.tune import SearchSettings, resolve_space, run_search
 from rayad.tune.search import plan_search, read_experiment_file, settings_of
@@ -51,7 +51,7 @@ def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS
                              "validation": next(iter(best["validation"].values())), **best["test"],
                              "nn_image_auroc": nearest_neighbour_image_auroc(data_root, category),
                              "seconds": time.perf_counter() - start}
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    atomic_write(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     print(_summary_table(summary))
     print(_next_commands(out, categories[0]))
     return summary

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rayad.artifact import Predictor, atomic_write
+from rayad.artifact import Predictor
 from rayad.data.dataset import to_tensor
 from rayad.errors import RayadError
 from rayad.inference import AnomalyModel
+from rayad.layout import atomic_write
 
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}
 METADATA = "rayad_export.json"

@@ -17,6 +17,8 @@ library and rayad.metrics' names are imported, so that light readers stay light.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from rayad.metrics import METRIC_NAMES
@@ -86,3 +88,14 @@ def _category(exp_dir: Path) -> str | None:
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return None
     return category if isinstance(category, str) and category else None
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write `path` through a temporary file renamed into place: a reader, or a stop midway, never finds half
+    a file, and a file written before stays whole until the new one is complete."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only when the write failed

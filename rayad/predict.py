@@ -21,6 +21,7 @@ import torch
 from rayad.artifact import Predictor, load_model
 from rayad.data.images import IMAGE_SUFFIXES, image_size
 from rayad.errors import DataError
+from rayad.layout import atomic_write
 from rayad.settings import PREDICT_BATCH
 from rayad.visualize import heatmap_image
 
@@ -56,7 +57,7 @@ def predict_paths(run: str | Path, paths: list[Path], out: Path | None = None, h
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, out)
+        atomic_write(out, lambda tmp: pq.write_table(table, tmp))
     return table
 
 

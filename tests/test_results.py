@@ -48,6 +48,19 @@ def test_pixel_curves_are_thinned_points_of_sklearns_curve():
     assert pixel_curves(maps, None) is None and pixel_curves(maps, np.zeros_like(masks)) is None
 
 
+def test_a_write_that_fails_midway_leaves_the_file_as_it_was_and_no_temporary_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text("written before")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        layout.atomic_write(path, fail)
+    assert path.read_text() == "written before" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
 def test_find_experiments_at_one_or_two_levels(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "experiment.json").write_text("{}")

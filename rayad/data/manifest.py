@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from rayad.config import DataConfig
 from rayad.data.layouts import READERS, Row, detect_layout
 from rayad.errors import DataError
+from rayad.layout import atomic_write
 
 SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -41,7 +42,7 @@ def split_rows(manifest: pa.Table, split: str) -> pa.Table:
 
 
 def save_manifest(manifest: pa.Table, path: str | Path) -> None:
-    pq.write_table(manifest, path)
+    atomic_write(Path(path), lambda tmp: pq.write_table(manifest, tmp))
 
 
 def load_manifest(path: str | Path) -> pa.Table:

@@ -16,8 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.tune import Callback
 
-from rayad.artifact import atomic_write
-from rayad.layout import HISTORY, PARAM_PREFIX, TRIALS, VAL_METRICS
+from rayad.layout import HISTORY, PARAM_PREFIX, TRIALS, VAL_METRICS, atomic_write
 
 
 class ResultsStore(Callback):
