@@ -242,7 +242,7 @@ def cmd_train(args) -> None:
         if args.workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0:
             raise RayadError("--workers must be >= 1, --cpus-per-worker > 0 and --max-failures >= 0")
         cluster = Cluster(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-                          address=args.address, storage=_storage(args.storage), max_failures=args.max_failures,
+                          address=args.address, storage=args.storage, max_failures=args.max_failures,
                           placement="SPREAD" if args.spread else "PACK")
         run = fit_distributed(cfg, args.data, args.category, args.out, cluster)
     meta = json.loads((run / "model.json").read_text())
@@ -374,22 +374,17 @@ def cmd_tune(args) -> None:
         if missing:
             raise RayadError(f"{', '.join(missing)} required (or --resume an experiment)")
         settings = SearchSettings(
-            data_root=str(args.data.absolute()), category=args.category, space=str(resolve_space(args.space)),
+            data_root=str(args.data), category=args.category, space=str(resolve_space(args.space)),
             trials=args.trials, concurrent=args.concurrent, workers_per_trial=args.workers_per_trial,
             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
             metric=_split(args.metric), mode=_split(args.mode), scheduler=args.scheduler,
             grace_period=args.grace_period, search_seed=args.search_seed, startup_trials=args.startup_trials,
-            val_root=str(args.val_data.absolute()) if args.val_data else None,
+            val_root=str(args.val_data) if args.val_data else None,
             config_file=str(args.config) if args.config else None, overrides=_overrides(args),
-            storage=_storage(args.storage), max_failures=args.max_failures, mlflow=args.mlflow)
+            storage=args.storage, max_failures=args.max_failures, mlflow=args.mlflow)
     experiment = run_search(settings, args.out, args.address, resume=args.resume)
 
     print(format_experiment(experiment))
-
-
-def _storage(value: str | None) -> str | None:
-    """--storage as Ray takes it: a URI as given, a path made absolute (Ray reads a relative one as a URI)."""
-    return value if value is None or "://" in value else str(Path(value).absolute())
 
 
 def _split(value: str | None) -> tuple[str, ...]:

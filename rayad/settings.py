@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rayad.data.images import MAX_IMAGE_PIXELS, PILLOW_MAX_PIXELS
@@ -24,6 +25,11 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def absolute_path(value: str | os.PathLike | None) -> str | None:
+    """A local path made absolute; a URI (or None) as given."""
+    return value if value is None or "://" in str(value) else str(Path(value).absolute())
+
+
 @dataclass(frozen=True)
 class Cluster:
     """How to run on Ray Train: worker count and resources, where Ray is, where checkpoints go."""
@@ -37,6 +43,9 @@ class Cluster:
     max_failures: int = 0
     placement: str = "PACK"  # or SPREAD: one worker per node where possible
     threads_per_worker: int | None = None
+
+    def __post_init__(self) -> None:  # Ray reads a relative storage path as a URI
+        object.__setattr__(self, "storage", absolute_path(self.storage))
 
     def describe(self) -> str:
         gpu = f" + {self.gpus_per_worker:g} GPU" if self.use_gpu else ""
@@ -73,6 +82,15 @@ class SearchSettings:
     storage: str | None = None  # Tune and Train storage (a path or URI all nodes see); default EXP_DIR
     max_failures: int = 0  # Train worker failures each trial recovers from
     mlflow: str | None = None  # MLflow tracking URI: each trial and the best model are logged there too
+
+    def __post_init__(self) -> None:
+        """Local paths made absolute: a trial runs in its own working folder, a resume may start elsewhere, and
+        Ray reads a relative storage path as a URI. One metric or mode may be given as a plain string."""
+        for name in ("data_root", "val_root", "config_file", "storage"):
+            object.__setattr__(self, name, absolute_path(getattr(self, name)))
+        for name in ("metric", "mode"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
 
     @property
     def tpe_startup_trials(self) -> int:

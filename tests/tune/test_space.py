@@ -10,7 +10,7 @@ import pytest
 from rayad.cli import main
 from rayad.config import Config
 from rayad.errors import ConfigError, RayadError
-from rayad.settings import SearchSettings
+from rayad.settings import Cluster, SearchSettings
 from rayad.tune.space import SPACES_DIR, load_space, parse_space, resolve_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -162,3 +162,16 @@ def test_cli_rejects_zero_startup_trials(tmp_path, demo_root, capsys):
                  "--startup-trials", "0", "--out", str(tmp_path / "exp")])
     assert code == 2
     assert "--startup-trials 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_settings_hold_absolute_paths_and_take_one_metric_as_a_string(tmp_path, monkeypatch):
+    """A trial runs in its own working folder: a relative data root (the README's example) failed every
+    trial. Ray reads a relative storage path as a URI."""
+    monkeypatch.chdir(tmp_path)
+    s = SearchSettings(data_root="demo_data", category="grass", space="quick.yaml", val_root="val",
+                       storage="ckpt", metric="val_image_auroc", mode="max")
+    assert (s.data_root, s.val_root, s.storage) == (str(tmp_path / "demo_data"), str(tmp_path / "val"),
+                                                    str(tmp_path / "ckpt"))
+    assert (s.metric, s.mode) == (("val_image_auroc",), ("max",))
+    assert SearchSettings(data_root="d", category="c", space="s", storage="s3://bucket/x").storage == "s3://bucket/x"
+    assert Cluster(storage="ckpt").storage == str(tmp_path / "ckpt")
