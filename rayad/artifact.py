@@ -23,7 +23,15 @@ from rayad.errors import ArtifactError, ConfigError, DataError
 from rayad.inference import TTA_TOLERANCE, AnomalyModel, InferenceBatch, mirror_error_ratios
 from rayad.layout import METADATA, WEIGHTS, atomic_write
 from rayad.models import create_model
-from rayad.precision import Choice, default_device, exact_cuda_math, native, probe_network, resolve
+from rayad.precision import (
+    Choice,
+    checked_device,
+    default_device,
+    exact_cuda_math,
+    native,
+    probe_network,
+    resolve,
+)
 from rayad.scoring import f1_threshold
 from rayad.settings import PREDICT_BATCH
 
@@ -266,7 +274,7 @@ class Predictor:
     @classmethod
     def load(cls, run_dir: str | Path, device: str | None = None, precision: str | None = None) -> Predictor:
         model, config, metadata = load_model(run_dir)
-        return cls(model, config, metadata, device or str(default_device()), precision)
+        return cls(model, config, metadata, str(checked_device(device) if device else default_device()), precision)
 
     @property
     def image_size(self) -> int:
@@ -284,6 +292,7 @@ class Predictor:
     def predict_arrays(self, images: np.ndarray, batch_size: int = PREDICT_BATCH, reconstructions: bool = False
                        ) -> Predictions:
         """Score pre-processed uint8 images (N, H, W, 3) in batches; outputs reach the CPU once per batch."""
+        self._check_arrays(images, batch_size)
         scores, maps, recons = [np.zeros(0, np.float32)], [np.zeros((0, *images.shape[1:3]), np.float32)], []
         for start in range(0, len(images), batch_size):
             batch = to_tensor(images[start:start + batch_size]).to(self.device, memory_format=torch.channels_last)
@@ -295,6 +304,16 @@ class Predictor:
                               .cpu().numpy())
         return self._calibrated(np.concatenate(scores).astype(np.float64), np.concatenate(maps),
                                 np.concatenate(recons) if reconstructions else None)
+
+    def _check_arrays(self, images: np.ndarray, batch_size: int) -> None:
+        size = self.image_size
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.shape[1:] != (size, size, 3):
+            shape = f"a {images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) \
+                else type(images).__name__
+            raise DataError(f"images: expected a uint8 array of shape (N, {size}, {size}, 3), the model's input "
+                            f"(load_image decodes and resizes a file to it), got {shape}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size {batch_size}: must be >= 1")
 
     def _score(self, batch: torch.Tensor) -> InferenceBatch:
         """The model's outputs for `batch`. A compiled network sees the batch padded with blank images to a
@@ -322,6 +341,11 @@ class Predictor:
         """Decode and score image files (paths or encoded bytes, named by `names` in messages). Unreadable
         ones do not stop the run: predictions cover the readable ones, in order, and the second value holds,
         per source, None or the error message."""
+        if isinstance(sources, str | bytes | Path):
+            raise TypeError(f"sources: a list of paths or encoded images, not one {type(sources).__name__}")
+        sources = list(sources)
+        if names is not None and len(names) != len(sources):
+            raise ValueError(f"names: {len(names)} for {len(sources)} sources")
         images, errors = [], []
         for i, source in enumerate(sources):
             try:

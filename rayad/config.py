@@ -208,6 +208,9 @@ class Config:
 
     def replace(self, overrides: dict[str, Any], source: str = "--set") -> Config:
         """A copy with dotted-key overrides such as {"train.steps": 100}."""
+        if not isinstance(overrides, dict) or not all(isinstance(key, str) for key in overrides):
+            raise ConfigError(f"{source}: overrides must map dotted keys to values, such as "
+                              f"{{'train.steps': 100}}; got {overrides!r}")
         raw = self.to_dict()
         for key, value in overrides.items():
             section, _, name = key.partition(".")
@@ -238,8 +241,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
                    for key in keys}
         config = config.replace({k: v for k, v in defaults.items() if k not in in_file}, "defaults")
     if overrides:
-        if isinstance(overrides, list):
-            overrides = parse_overrides(overrides)
+        if isinstance(overrides, list | tuple):
+            overrides = parse_overrides(list(overrides))
         config = config.replace(overrides)
     return config
 

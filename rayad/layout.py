@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from rayad.errors import RayadError
 from rayad.metrics import METRIC_NAMES
 
 WEIGHTS, METADATA, MANIFEST = "model.safetensors", "model.json", "manifest.parquet"
@@ -99,3 +100,13 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # left only when the write failed
+
+
+def make_folder(path: Path) -> Path:
+    """Create an output folder (and its parents); a file in the way is the user's error, named."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(part for part in [path, *path.parents] if part.exists() and not part.is_dir())
+        raise RayadError(f"{path}: {blocker} is a file, not a folder") from None
+    return path

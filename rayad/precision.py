@@ -85,6 +85,19 @@ def default_device() -> torch.device:
     return torch.device("cuda")
 
 
+def checked_device(device: str | torch.device) -> torch.device:
+    """A device named by the caller, which this process can use."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r}: this process sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {str(device)!r}: rayad runs on cpu or cuda")
+    return device
+
+
 def exact_cuda_math(deterministic: bool = False) -> None:
     """No TF32 in this process's CUDA convolutions and matmuls. cuDNN allows it by default, and it moved an
     H100's scores by up to 1.7e-3 against 6e-7 from the CPU's without it (docs/benchmarks.md, "GPU"). With
@@ -108,6 +121,8 @@ def resolve(requested: str, device: torch.device | str, probe: Callable[[], dict
     """The precision to run `requested` (auto | fp32 | bf16 | fp16) in on `device`. `probe` returns the
     seconds per step in fp32 and bf16; it is only called for `auto` on a device with bf16 units."""
     device = torch.device(device)
+    if requested != "auto" and requested not in DTYPES:
+        raise ConfigError(f"precision {requested!r}: use auto, {', '.join(DTYPES)}")
     if requested == "fp16" and device.type != "cuda":
         raise ConfigError(f"precision fp16 needs a CUDA device (this one is {device.type}); use bf16 or fp32")
     if requested != "auto":

@@ -27,10 +27,13 @@ def decode_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IM
     """Open and fully decode an image from a path, bytes or a binary file; raises DataError naming the source
     (a path, else "<bytes>") if it is bad."""
     name = str(source) if isinstance(source, str | Path) else "<bytes>"
+    encoded = isinstance(source, bytes | bytearray | memoryview)
+    if not (encoded or isinstance(source, str | Path) or hasattr(source, "read")):
+        raise DataError(f"a {type(source).__name__}: not an image path, encoded bytes or a binary file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, just below
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            image = Image.open(io.BytesIO(source) if encoded else source)
             if image.width * image.height > max_pixels:
                 raise ImageTooLarge(f"{name}: {image.width}x{image.height} pixels is over the limit of "
                                     f"{max_pixels:,}")

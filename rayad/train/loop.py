@@ -33,9 +33,9 @@ from rayad.corruption import Corruptor
 from rayad.data.dataset import ImageSet, load_split, to_tensor
 from rayad.data.manifest import build_manifest, load_manifest, same_images, save_manifest
 from rayad.errors import RayadError
-from rayad.layout import MANIFEST
+from rayad.layout import MANIFEST, make_folder
 from rayad.models.loss import reconstruction_loss
-from rayad.precision import autocast, default_device, exact_cuda_math, probe_network, resolve
+from rayad.precision import autocast, checked_device, default_device, exact_cuda_math, probe_network, resolve
 from rayad.settings import cpu_count
 from rayad.train.checkpoint import (
     checkpoint_name,
@@ -342,16 +342,19 @@ def check_resumable(checkpoint: Path, cfg: Config, data_root: str | Path, manife
 def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, resume: bool = False,
         device: str | None = None, progress: bool = True) -> Path:
     """Train in this process, calibrate on the validation split and write the model artifact to `out_dir`."""
+    if not isinstance(cfg, Config):
+        raise TypeError(f"cfg: a rayad.config.Config (load_config builds one), not a {type(cfg).__name__}")
     started = time.time()
     out_dir = Path(out_dir)
+    device = checked_device(device) if device else default_device()
     latest = latest_checkpoint(out_dir / "checkpoints")
     if latest is not None and not resume:
         raise RayadError(f"{out_dir} already holds checkpoints; pass --resume to continue, or pick a new --out")
     if latest is not None:  # before anything in the run is rewritten
         check_resumable(latest, cfg, data_root, build_manifest(data_root, category, cfg.data), out_dir / MANIFEST)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     data = load_train_data(cfg, data_root, category, out_dir)  # validates the data, fills the cache once
-    session = LocalSession(cfg, out_dir, torch.device(device) if device else default_device(), progress)
+    session = LocalSession(cfg, out_dir, device, progress)
     loop = LoopConfig(cfg, str(data_root), category, threads=cfg.train.num_threads or cpu_count(), started=started)
     network, metrics = train_loop(loop, session)
     info = {"steps": cfg.train.steps, "final_loss": metrics["loss"],

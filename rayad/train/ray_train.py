@@ -22,6 +22,7 @@ from rayad.artifact import build_anomaly_model, calibrate_and_save
 from rayad.cluster import Cluster, check_resources, check_shared_paths, connect
 from rayad.config import Config
 from rayad.errors import RayadError
+from rayad.layout import make_folder
 from rayad.train.checkpoint import load_checkpoint, save_checkpoint
 from rayad.train.loop import LoopConfig, load_train_data, train_loop
 
@@ -123,7 +124,7 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
     """
     started = time.time()
     out_dir = Path(out_dir).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     data = load_train_data(cfg, data_root, category, out_dir)  # validates data and fills the cache once
     connect(cluster.address)
     check_resources(cluster)

@@ -47,6 +47,7 @@ from rayad.layout import (
     TRIALS_DIR,
     TUNE_DIR,
     VAL_METRICS,
+    make_folder,
 )
 from rayad.settings import SearchSettings
 from rayad.tracking import check_tracking_uri, log_best, tune_callback
@@ -120,6 +121,8 @@ def plan_search(settings: SearchSettings) -> Plan:
 def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | None = None, resume: bool = False,
                verbose: int = 1) -> dict[str, Any]:
     """Run (or resume) an experiment, export the best model to EXP_DIR/best and evaluate it on test."""
+    if not isinstance(settings, SearchSettings):
+        raise TypeError(f"settings: a rayad.tune.SearchSettings, not a {type(settings).__name__}")
     exp_dir = Path(exp_dir).absolute()
     plan = plan_search(settings)
     s = plan.settings
@@ -128,7 +131,7 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
         previous = read_experiment_file(exp_dir)
     elif (exp_dir / EXPERIMENT).exists():
         raise RayadError(f"{exp_dir}: already holds an experiment; add --resume to continue it, or give a new --out")
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(exp_dir)
     _check_data(plan, exp_dir)
     connect(address)
     check_resources(plan.cluster)

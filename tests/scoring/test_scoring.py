@@ -66,7 +66,7 @@ def test_predictor_labels_only_once_calibrated():
 
     model = AnomalyModel(Darken(), ScoringConfig(sigma=0))
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    predictor = Predictor(model, Config(), {})
+    predictor = Predictor(model, Config().replace({"data.image_size": 8}), {})
     raw = predictor.predict_arrays(images)
     assert raw.threshold is None and raw.labels is None and raw.normalized is None
     with pytest.raises(RuntimeError, match="not calibrated"):

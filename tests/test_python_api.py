@@ -1,0 +1,72 @@
+"""The Python API (README, "Python API") names a caller's mistake instead of failing deep in torch or
+pyarrow, or returning a wrong score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rayad.artifact import Predictor
+from rayad.config import load_config
+from rayad.errors import ConfigError, DataError, RayadError
+from rayad.train import fit
+from rayad.tune import run_search
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_run):
+    return Predictor.load(trained_run, device="cpu")
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((1, 32, 32, 3), np.float32), "got a float32 array of shape (1, 32, 32, 3)"),  # scored 0.047 as good
+    (np.zeros((1, 64, 64, 3), np.uint8), "got a uint8 array of shape (1, 64, 64, 3)"),  # scored at another size
+    (np.zeros((32, 32, 3), np.uint8), "got a uint8 array of shape (32, 32, 3)"),  # a torch permute error
+    ([np.zeros((32, 32, 3), np.uint8)], "got list"),
+])
+def test_predict_arrays_needs_the_models_input(predictor, images, message):
+    with pytest.raises(DataError, match=r"expected a uint8 array of shape \(N, 32, 32, 3\)") as raised:
+        predictor.predict_arrays(images)
+    assert message in str(raised.value)
+
+
+def test_predict_files_names_wrong_arguments_and_scores_the_rest(predictor, demo_root):
+    image = demo_root / "brick" / "test" / "good" / "000.png"
+    with pytest.raises(TypeError, match="a list of paths or encoded images, not one str"):
+        predictor.predict_files(str(image))  # it scored each character as a file name
+    with pytest.raises(ValueError, match="names: 1 for 2 sources"):
+        predictor.predict_files([image, image.read_bytes()], names=["a"])
+    with pytest.raises(ConfigError, match="batch_size 0: must be >= 1"):
+        predictor.predict_files([image], batch_size=0)
+    with pytest.raises(ConfigError, match="batch_size -1"):  # it returned no score and no error
+        predictor.predict_files([image], batch_size=-1)
+    preds, errors = predictor.predict_files([None, bytearray(image.read_bytes()), image])
+    assert errors[0] == "a NoneType: not an image path, encoded bytes or a binary file" and errors[1:] == [None, None]
+    assert preds.scores[0] == preds.scores[1]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"device": "gpu"}, "device 'gpu': use cpu, cuda or cuda:N"),
+    ({"device": "cuda"}, "device 'cuda': this process sees no CUDA GPU"),  # the suite hides GPUs
+    ({"precision": "fp8"}, "precision 'fp8': use auto, fp32, bf16, fp16"),  # a KeyError at the first score
+])
+def test_predictor_load_checks_device_and_precision(trained_run, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        Predictor.load(trained_run, **kwargs)
+
+
+def test_config_fit_and_search_name_arguments_of_the_wrong_kind(demo_root, tmp_path):
+    with pytest.raises(ConfigError, match="overrides must map dotted keys to values"):
+        load_config(overrides="train.steps=7")
+    assert load_config(overrides=("train.steps=7",)).train.steps == 7
+    with pytest.raises(TypeError, match="cfg: a rayad.config.Config"):
+        fit("my.yaml", demo_root, "brick", tmp_path / "run")
+    blocker = tmp_path / "file"
+    blocker.write_text("results already written")
+    with pytest.raises(RayadError, match=f"{blocker}/run: {blocker} is a file, not a folder"):
+        fit(load_config(), demo_root, "brick", blocker / "run")
+    with pytest.raises(ConfigError, match="device 'gpu'"):
+        fit(load_config(), demo_root, "brick", tmp_path / "run", device="gpu")
+    assert not (tmp_path / "run").exists()  # checked before anything is written
+    with pytest.raises(TypeError, match="settings: a rayad.tune.SearchSettings, not a dict"):
+        run_search({"data_root": str(demo_root)}, tmp_path / "exp")
