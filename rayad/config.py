@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -278,20 +279,21 @@ def _build_section(cls: type, raw: Any, section: str, source: str):
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {sorted(f'{section}.{k}' for k in unknown)}; "
                           f"valid: {sorted(hints)}")
-    values = {k: _coerce(v, hints[k], f"{source}: {section}.{k}") for k, v in raw.items()}
+    values = {k: coerce(v, hints[k], f"{source}: {section}.{k}") for k, v in raw.items()}
     try:
         return cls(**values)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against a field's type annotation, converting YAML lists to tuples and ints to floats."""
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against a field's type annotation, converting YAML lists to tuples, ints to floats and
+    numpy numbers to Python's."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), where)
+        return coerce(value, next(a for a in args if a is not type(None)), where)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where} = {value!r} is not one of {list(args)}")
@@ -299,13 +301,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where} = {value!r}: expected a list")
-        return tuple(_coerce(v, args[0], where) for v in value)
+        return tuple(coerce(v, args[0], where) for v in value)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} = {value!r}: expected a mapping")
-        return {_coerce(k, args[0], where): _coerce(v, args[1], where) for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return {coerce(k, args[0], where): coerce(v, args[1], where) for k, v in value.items()}
+    if tp in (int, float) and isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy's too
+        if tp is float:
+            return float(value)
+        if isinstance(value, numbers.Integral):
+            return int(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{where} = {value!r}: expected {tp.__name__}")
     return value

@@ -5,11 +5,14 @@ The command line (`rayad.cli`) reads its defaults from here, so this module impo
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rayad.config import coerce
 from rayad.data.images import MAX_IMAGE_PIXELS, PILLOW_MAX_PIXELS
 from rayad.errors import ConfigError
 
@@ -84,13 +87,16 @@ class SearchSettings:
     mlflow: str | None = None  # MLflow tracking URI: each trial and the best model are logged there too
 
     def __post_init__(self) -> None:
-        """Local paths made absolute: a trial runs in its own working folder, a resume may start elsewhere, and
-        Ray reads a relative storage path as a URI. One metric or mode may be given as a plain string."""
+        """Values checked against the fields' types (one metric or mode may be a plain string), and local paths
+        made absolute: a trial runs in its own working folder, a resume may start elsewhere, and Ray reads a
+        relative storage path as a URI."""
+        hints = typing.get_type_hints(SearchSettings)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            value = (value,) if f.name in ("metric", "mode") and isinstance(value, str) else value
+            object.__setattr__(self, f.name, coerce(value, hints[f.name], f"SearchSettings.{f.name}"))
         for name in ("data_root", "val_root", "config_file", "storage"):
             object.__setattr__(self, name, absolute_path(getattr(self, name)))
-        for name in ("metric", "mode"):
-            value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
 
     @property
     def tpe_startup_trials(self) -> int:

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from rayad.config import Config, load_config, parse_overrides
@@ -61,3 +62,12 @@ def test_config_file_that_is_not_utf8(tmp_path):
     path.write_bytes(b"train: {steps: \xff\xfe}\n")
     with pytest.raises(ConfigError, match="not a UTF-8 text file"):
         load_config(path)
+
+
+def test_numpy_numbers_are_taken_as_python_ones():
+    """A sweep written with numpy gives np.int64 and np.float32 values; ints stay ints, floats floats."""
+    cfg = load_config(overrides={"train.steps": np.int64(5), "train.lr": np.float32(0.5), "corruption.p_corrupt": 1})
+    assert (cfg.train.steps, cfg.train.lr, cfg.corruption.p_corrupt) == (5, 0.5, 1.0)
+    assert type(cfg.train.steps) is int and type(cfg.train.lr) is float
+    with pytest.raises(ConfigError, match="train.steps = np.float64"):
+        load_config(overrides={"train.steps": np.float64(5.0)})

@@ -175,3 +175,10 @@ def test_settings_hold_absolute_paths_and_take_one_metric_as_a_string(tmp_path, 
     assert (s.metric, s.mode) == (("val_image_auroc",), ("max",))
     assert SearchSettings(data_root="d", category="c", space="s", storage="s3://bucket/x").storage == "s3://bucket/x"
     assert Cluster(storage="ckpt").storage == str(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("field, value", [("trials", "8"), ("trials", 2.5), ("cpus_per_worker", None),
+                                          ("search_seed", "a")])
+def test_settings_of_the_wrong_type_are_named(field, value):
+    with pytest.raises(ConfigError, match=f"SearchSettings.{field} = {value!r}: expected"):
+        SearchSettings(data_root="d", category="c", space="s", **{field: value})
