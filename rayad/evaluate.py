@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from rayad.errors import DataError
 from rayad.metrics import METRIC_NAMES, compute_metrics
 from rayad.settings import PREDICT_BATCH
 
+log = logging.getLogger("rayad")
+
 
 def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category: str,
              data: DataConfig | None = None, batch_size: int = PREDICT_BATCH) -> dict[str, Any]:
@@ -23,6 +26,9 @@ def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category:
     if not isinstance(predictor, Predictor):
         predictor = Predictor.load(predictor)
     data = data or predictor.config.data
+    trained_on = predictor.metadata.get("train", {}).get("category")
+    if trained_on not in (None, category):
+        log.warning("the model was trained on %s and is evaluated on %s", trained_on, category)
     manifest = build_manifest(data_root, category, data)
     test = load_split(manifest, "test", predictor.image_size, data.on_bad_image, data.max_pixels,
                       skip_hint="every test image is scored: fix or remove them")

@@ -357,6 +357,6 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
     session = LocalSession(cfg, out_dir, device, progress)
     loop = LoopConfig(cfg, str(data_root), category, threads=cfg.train.num_threads or cpu_count(), started=started)
     network, metrics = train_loop(loop, session)
-    info = {"steps": cfg.train.steps, "final_loss": metrics["loss"],
+    info = {"category": category, "steps": cfg.train.steps, "final_loss": metrics["loss"],
             **{k: metrics.get(k) for k in ("seconds_to_first_step", "images_per_s", "precision", "precision_reason")}}
     return calibrate_and_save(network, cfg, data.val, out_dir, session.device, info)

@@ -145,8 +145,8 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
     with result.checkpoint.as_directory() as directory:
         meta = load_checkpoint(directory, network)
     device = "cuda" if cluster.use_gpu and torch.cuda.is_available() else "cpu"
-    info = {"steps": meta["step"], "workers": cluster.workers, "nodes": result.metrics.get("nodes"),
-            "images_per_s": result.metrics.get("images_per_s"),
+    info = {"category": category, "steps": meta["step"], "workers": cluster.workers,
+            "nodes": result.metrics.get("nodes"), "images_per_s": result.metrics.get("images_per_s"),
             "seconds_to_first_step": result.metrics.get("seconds_to_first_step"),
             "final_loss": result.metrics.get("loss"), "resumed_from_step": result.metrics.get("start_step"),
             "precision": result.metrics.get("precision"), "precision_reason": result.metrics.get("precision_reason"),

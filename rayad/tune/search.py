@@ -329,7 +329,8 @@ def export_best(plan: Plan, row: dict[str, Any], out: Path) -> dict[str, Any]:
         network = build_anomaly_model(cfg).network
         load_checkpoint(directory, network)
     data = load_train_data(cfg, s.data_root, s.category)
-    info = {"steps": state["step"], "search_trial": row["trial_id"], "validation": {plan.metrics[0]: row["best_value"]}}
+    info = {"category": s.category, "steps": state["step"], "search_trial": row["trial_id"],
+            "validation": {plan.metrics[0]: row["best_value"]}}
     calibrate_and_save(network, cfg, data.val, out, "cpu", info)
     metrics = evaluate(Predictor.load(out), s.data_root, s.category)
     write_json(out / TEST_METRICS, metrics)

@@ -1,4 +1,5 @@
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from tiny import TINY, TINY_ARGS
 from rayad.cli import main
 
 
-def test_train_evaluate_predict(tmp_path, demo_root, capsys):
+def test_train_evaluate_predict(tmp_path, demo_root, capsys, caplog):
     run = tmp_path / "run"
     assert main(["train", "--data", str(demo_root), "--category", "grass", "--out", str(run), *TINY_ARGS]) == 0
     out = tmp_path / "m.json"
@@ -21,6 +22,10 @@ def test_train_evaluate_predict(tmp_path, demo_root, capsys):
     metrics = json.loads(out.read_text())
     assert {"image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "n_images", "per_defect"} <= set(metrics)
     assert "image_auroc" in capsys.readouterr().out
+    assert json.loads((run / "model.json").read_text())["train"]["category"] == "grass"
+    with caplog.at_level(logging.WARNING, logger="rayad"):  # allowed, but said
+        assert main(["evaluate", "--run", str(run), "--data", str(demo_root), "--category", "brick"]) == 0
+    assert "the model was trained on grass and is evaluated on brick" in caplog.text
     table = tmp_path / "p.parquet"
     heatmaps = tmp_path / "heat"
     assert main(["predict", "--run", str(run), str(demo_root / "grass" / "test" / "crack"),
