@@ -331,12 +331,12 @@ def check_resumable(checkpoint: Path, cfg: Config, data_root: str | Path, manife
     if saved.replace({"train.steps": cfg.train.steps}) != cfg:
         raise RayadError(f"{checkpoint}: was trained with a different configuration; only train.steps may "
                          "change on --resume")
-    if state["step"] >= cfg.train.steps:
-        raise RayadError(f"{checkpoint}: the run already reached step {state['step']}, and train.steps is "
-                         f"{cfg.train.steps}; raise --steps to train it further")
     if saved_manifest.is_file() and not same_images(load_manifest(saved_manifest), manifest, data_root):
         raise RayadError(f"{saved_manifest}: the run was trained on other images; resume with the --data, "
                          "--category and data.* settings it began with")
+    if state["step"] >= cfg.train.steps:
+        raise RayadError(f"{checkpoint}: the run already reached step {state['step']}, and train.steps is "
+                         f"{cfg.train.steps}; raise --steps to train it further")
 
 
 def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, resume: bool = False,

@@ -72,6 +72,7 @@ def test_resume_refuses_what_would_change_the_run_and_leaves_its_files_as_they_w
     refused = [
         (tiny_config.replace({"model.skip": "add"}), "brick", "different configuration"),
         (tiny_config.replace({"train.steps": 12}), "grass", "trained on other images"),
+        (tiny_config, "grass", "trained on other images"),  # not "raise --steps", as it said
         (tiny_config, "brick", "already reached step 6, and train.steps is 6; raise --steps"),
         (tiny_config.replace({"train.steps": 4}), "brick", "already reached step 6"),
     ]
