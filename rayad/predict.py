@@ -153,7 +153,8 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
                                "threads": max(1, int(cpus_per_actor))})
     scored.map_batches(_to_schema, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS
                        ).write_parquet(_absolute(out))
-    return pa.concat_tables(ray.get(ray.data.read_parquet(_absolute(out), columns=["error"]).to_arrow_refs()))
+    written = ray.data.read_parquet(_absolute(out)).select_columns(["error"])
+    return pa.concat_tables(ray.get(written.to_arrow_refs()))
 
 
 def pool_size(cpus_per_actor: float, gpus_per_actor: float = 0.0) -> int:
