@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from rayad.errors import DataError, RayadError, stop_on_sigterm
+from rayad.errors import DataError, Interrupted, RayadError, stop_on_sigterm
 from rayad.settings import (
     DASHBOARD_PORT,
     DEMO_SPACE,
@@ -235,7 +235,16 @@ def cmd_train(args) -> None:
 
         if args.gpu and not torch.cuda.is_available():
             raise RayadError("--gpu: this process sees no CUDA GPU (without --workers it trains here)")
-        run = fit(cfg, args.data, args.category, args.out, resume=args.resume)
+        try:
+            run = fit(cfg, args.data, args.category, args.out, resume=args.resume)
+        except KeyboardInterrupt:
+            from rayad.train.checkpoint import latest_checkpoint
+
+            latest = latest_checkpoint(args.out / "checkpoints")
+            if latest is None:
+                raise
+            raise Interrupted(f"stopped; its last checkpoint is {latest.name}",
+                              "the same command" + ("" if args.resume else " and --resume")) from None
     else:
         from rayad.train.ray_train import fit_distributed
 

@@ -171,5 +171,8 @@ def test_sigterm_stops_training_as_ctrl_c_does_even_where_ctrl_c_is_ignored(demo
         time.sleep(0.2)
     driver.send_signal(signal.SIGTERM)
     _, err = driver.communicate(timeout=60)
-    assert driver.returncode == 130 and err.strip().splitlines()[-1] == "rayad train: interrupted", err[-2000:]
+    said = err.strip().splitlines()[-1]
+    assert driver.returncode == 130 and said.startswith("rayad train: interrupted: stopped; its last checkpoint is "
+                                                        "step_000"), err[-2000:]
+    assert said.endswith("; the state is saved: resume with the same command and --resume")
     assert "Traceback" not in err
