@@ -25,18 +25,17 @@ def connect(address: str | None, log_to_driver: bool = True) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    if address in (None, "", "local"):
+    local = address in (None, "", "local")
+    if local:
         _start_local(log_to_driver)
-        stop_on_sigterm()
-        return True
-    _check_reachable(address)
-    try:
-        ray.init(address=address, log_to_driver=log_to_driver)
-    except (ConnectionError, ValueError) as e:
-        raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e})") from None
-    stop_on_sigterm()
-    return False
-
+    else:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=log_to_driver)
+        except (ConnectionError, ValueError) as e:
+            raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e})") from None
+    stop_on_sigterm()  # again: ray.init installed Ray's own SIGTERM handler
+    return local
 
 
 def _check_reachable(address: str) -> None:

@@ -10,8 +10,9 @@
     EXP_DIR/tune/, EXP_DIR/trials/            Ray Tune's state and the trials' Train checkpoints
 
 The writers (artifact, tune.store), the readers (results, the dashboard), Serve's model discovery, the demo
-and the benchmarks all take names from here (docs/design.md, "The results store"). Only the standard
-library and rayad.metrics' names are imported, so that light readers stay light.
+and the benchmarks all take names from here (docs/design.md, "The results store"); its writers write
+through `atomic_write`. Only the standard library, rayad.errors and rayad.metrics' names are imported, so
+that light readers stay light.
 """
 
 from __future__ import annotations

@@ -1,4 +1,11 @@
-"""The tiny config every test trains with (seconds on 2 cores), as config overrides and as CLI flags."""
+"""The tiny config every test trains with (seconds on 2 cores), as config overrides and as CLI flags, and a
+tiny training stopped with SIGTERM."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 TINY = {
     "data.image_size": 32,
@@ -18,3 +25,20 @@ TINY_BASE = {k: v for k, v in TINY.items() if k not in ("train.steps", "train.ch
 TINY_ARGS = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
 
 SEARCH_STEPS = 4  # the tiny experiment's --set train.steps, under the tiny space's fixed 6
+
+
+def sigterm_after_first_checkpoint(demo_root: Path, run: Path, checkpoints: str, *flags: str, timeout: float = 120,
+                                   **popen) -> tuple[int, str]:
+    """`rayad train` of the tiny model with a budget it never reaches, in its own process: SIGTERM once a file
+    matching `checkpoints` (a glob under `run`) exists. Returns its exit code and stderr."""
+    budget = {**TINY, "train.steps": 10**6, "train.checkpoint_every": 20}
+    args = [sys.executable, "-m", "rayad.cli", "train", "--data", str(demo_root), "--category", "brick", "--out",
+            str(run), *flags, *[arg for key, value in budget.items() for arg in ("--set", f"{key}={value}")]]
+    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.monotonic() + timeout
+    while not list(run.glob(checkpoints)):
+        assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=timeout)
+    return driver.returncode, err

@@ -2,13 +2,11 @@ import json
 import logging
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
-from tiny import TINY, TINY_ARGS
+from tiny import TINY_ARGS, sigterm_after_first_checkpoint
 
 from rayad.cli import main
 
@@ -135,7 +133,6 @@ def test_train_logs_to_mlflow(tmp_path, demo_root, capsys, monkeypatch):
 
 
 def test_mlflow_missing_is_one_line_naming_the_extra(tmp_path, demo_root, capsys, monkeypatch):
-    import sys
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as when rayad[mlflow] is not installed
     assert main(["train", "--data", str(demo_root), "--category", "brick", "--out", str(tmp_path / "r"),
@@ -159,20 +156,10 @@ def test_a_listed_error_is_one_line_with_its_first_item_a_count_and_the_hint(tmp
 
 def test_sigterm_stops_training_as_ctrl_c_does_even_where_ctrl_c_is_ignored(demo_root, tmp_path):
     """A shell's background job (and nohup) ignores SIGINT; SIGTERM must still stop it, as Ctrl-C would."""
-    run = tmp_path / "run"
-    budget = {**TINY, "train.steps": 10**6, "train.checkpoint_every": 20}
-    args = [sys.executable, "-m", "rayad.cli", "train", "--data", str(demo_root), "--category", "brick", "--out",
-            str(run), *[arg for key, value in budget.items() for arg in ("--set", f"{key}={value}")]]
-    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    deadline = time.monotonic() + 120
-    while not list((run / "checkpoints").glob("step_*")):
-        assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.2)
-    driver.send_signal(signal.SIGTERM)
-    _, err = driver.communicate(timeout=60)
+    code, err = sigterm_after_first_checkpoint(demo_root, tmp_path / "run", "checkpoints/step_*",
+                                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     said = err.strip().splitlines()[-1]
-    assert driver.returncode == 130 and said.startswith("rayad train: interrupted: stopped; its last checkpoint is "
-                                                        "step_000"), err[-2000:]
+    assert code == 130 and said.startswith("rayad train: interrupted: stopped; its last checkpoint is step_000"), \
+        err[-2000:]
     assert said.endswith("; the state is saved: resume with the same command and --resume")
     assert "Traceback" not in err

@@ -3,8 +3,6 @@ file:// storage, recovery from a killed worker, and a fast error when resources 
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import TINY
+from tiny import sigterm_after_first_checkpoint
 
 from rayad.artifact import Predictor
 from rayad.cluster import Cluster
@@ -115,17 +113,7 @@ def test_too_many_workers_fails_before_training(ray_cluster, tmp_path, demo_root
 def test_sigterm_stops_a_ray_train_run_as_ctrl_c_does(ray_cluster, tmp_path, demo_root):
     """Ray Train's SIGINT handler aborts the run and its driver then left with SystemExit(1) and no message;
     SIGTERM went to Ray's own handler, which aborts with a C++ stack dump."""
-    run = tmp_path / "run"
-    budget = {**TINY, "train.steps": 10**6, "train.checkpoint_every": 20}
-    args = [sys.executable, "-m", "rayad.cli", "train", "--data", str(demo_root), "--category", "brick", "--out",
-            str(run), "--workers", "1", "--address", ray_cluster.address,
-            *[arg for key, value in budget.items() for arg in ("--set", f"{key}={value}")]]
-    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not list((run / "ray").glob("train/checkpoint_*")):
-        assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.2)
-    driver.send_signal(signal.SIGTERM)
-    _, err = driver.communicate(timeout=120)
-    assert driver.returncode == 130, err[-3000:]
+    code, err = sigterm_after_first_checkpoint(demo_root, tmp_path / "run", "ray/train/checkpoint_*", "--workers", "1",
+                                               "--address", ray_cluster.address, timeout=180)
+    assert code == 130, err[-3000:]
     assert [line for line in err.splitlines() if line.startswith("rayad train:")] == ["rayad train: interrupted"]
