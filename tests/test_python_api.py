@@ -9,6 +9,7 @@ import pytest
 from rayad.artifact import Predictor
 from rayad.config import load_config
 from rayad.errors import ConfigError, DataError, RayadError
+from rayad.evaluate import evaluate
 from rayad.train import fit
 from rayad.tune import run_search
 
@@ -45,6 +46,11 @@ def test_predict_files_names_wrong_arguments_and_scores_the_rest(predictor, demo
     assert preds.scores[0] == preds.scores[1]
 
 
+def test_evaluate_names_a_category_that_is_no_folder_name(predictor, demo_root):
+    with pytest.raises(TypeError, match="category: the name of a folder under the data root, not None"):
+        evaluate(predictor, demo_root, None)  # pathlib's "unsupported operand type(s) for /" before
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"device": "gpu"}, "device 'gpu': use cpu, cuda or cuda:N"),
     ({"device": "cuda"}, "device 'cuda': this process sees no CUDA GPU"),  # the suite hides GPUs
@@ -67,6 +73,8 @@ def test_config_fit_and_search_name_arguments_of_the_wrong_kind(demo_root, tmp_p
         fit(load_config(), demo_root, "brick", blocker / "run")
     with pytest.raises(ConfigError, match="device 'gpu'"):
         fit(load_config(), demo_root, "brick", tmp_path / "run", device="gpu")
+    with pytest.raises(TypeError, match="category: the name of a folder under the data root, not None"):
+        fit(load_config(), demo_root, None, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # checked before anything is written
     with pytest.raises(TypeError, match="settings: a rayad.tune.SearchSettings, not a dict"):
         run_search({"data_root": str(demo_root)}, tmp_path / "exp")

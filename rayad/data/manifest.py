@@ -25,6 +25,7 @@ SCHEMA = pa.schema([
 
 def build_manifest(root: str | Path, category: str, cfg: DataConfig | None = None) -> pa.Table:
     """Read a dataset layout into a manifest with train / val / test splits."""
+    check_category(category)
     cfg = cfg or DataConfig()
     root = Path(root)
     layout = detect_layout(root, category) if cfg.layout == "auto" else cfg.layout
@@ -35,6 +36,11 @@ def build_manifest(root: str | Path, category: str, cfg: DataConfig | None = Non
     if not any(r.split == "val" for r in rows):
         rows = _carve_validation(rows, cfg.val_fraction, cfg.split_seed)
     return pa.Table.from_pylist([r.__dict__ for r in rows], schema=SCHEMA)
+
+
+def check_category(category: object) -> None:
+    if not isinstance(category, str) or not category:
+        raise TypeError(f"category: the name of a folder under the data root, not {category!r}")
 
 
 def split_rows(manifest: pa.Table, split: str) -> pa.Table:

@@ -31,7 +31,7 @@ from rayad.artifact import build_anomaly_model, calibrate_and_save, require_cpp_
 from rayad.config import Config, TrainConfig
 from rayad.corruption import Corruptor
 from rayad.data.dataset import ImageSet, load_split, to_tensor
-from rayad.data.manifest import build_manifest, load_manifest, same_images, save_manifest
+from rayad.data.manifest import build_manifest, check_category, load_manifest, same_images, save_manifest
 from rayad.errors import RayadError
 from rayad.layout import MANIFEST, make_folder
 from rayad.models.loss import reconstruction_loss
@@ -344,6 +344,7 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
     """Train in this process, calibrate on the validation split and write the model artifact to `out_dir`."""
     if not isinstance(cfg, Config):
         raise TypeError(f"cfg: a rayad.config.Config (load_config builds one), not a {type(cfg).__name__}")
+    check_category(category)
     started = time.time()
     out_dir = Path(out_dir)
     device = checked_device(device) if device else default_device()
