@@ -106,6 +106,13 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return metadata
 
 
+def trained_category(metadata: dict[str, Any]) -> str | None:
+    """The category a model was trained on (`model.json`'s train.category), where recorded."""
+    train = metadata.get("train")
+    category = train.get("category") if isinstance(train, dict) else None
+    return category if isinstance(category, str) else None
+
+
 def read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`model.safetensors`, checked against the state dict the config builds: same keys, shapes and dtypes,
     finite values."""

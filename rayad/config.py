@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -229,7 +230,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     if path is not None:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = load_yaml(path.read_text(encoding="utf-8")) or {}
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config ({e.strerror})") from e
         except UnicodeDecodeError:
@@ -256,7 +257,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set '{item}': expected key=value, e.g. train.steps=500")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key.strip()] = load_yaml(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set '{item}': value is not valid YAML ({yaml_problem(e)})") from e
     return out
@@ -314,6 +315,21 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{where} = {value!r}: expected {tp.__name__}")
     return value
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as PyYAML's safe loader reads it, except that `1e-3` and `1.0e3` are floats (YAML 1.2, and how
+    people write a learning rate), not the strings YAML 1.1 makes of an exponent without a dot or a sign."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse a config, a search space or a `--set` value."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
 
 
 def yaml_problem(error: yaml.YAMLError) -> str:

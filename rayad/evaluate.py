@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from rayad.artifact import Predictor
+from rayad.artifact import Predictor, trained_category
 from rayad.config import DataConfig
 from rayad.data.dataset import load_split
 from rayad.data.manifest import build_manifest
@@ -26,7 +26,7 @@ def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category:
     if not isinstance(predictor, Predictor):
         predictor = Predictor.load(predictor)
     data = data or predictor.config.data
-    trained_on = predictor.metadata.get("train", {}).get("category")
+    trained_on = trained_category(predictor.metadata)
     if trained_on not in (None, category):
         log.warning("the model was trained on %s and is evaluated on %s", trained_on, category)
     manifest = build_manifest(data_root, category, data)

@@ -3,6 +3,7 @@ import pytest
 
 from rayad.config import Config, load_config, parse_overrides
 from rayad.errors import ConfigError
+from rayad.tune.space import load_space
 
 
 def test_defaults_round_trip_through_dict():
@@ -17,6 +18,20 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.model.skip == "add" and cfg.model.widths == (8, 16)
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.train.steps == 7 and cfg.corruption.shapes == ("ellipse",)
+
+
+def test_an_exponent_without_a_dot_is_a_float_in_files_overrides_and_spaces(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string, which train.lr refused ("expected float")
+    assert parse_overrides(["train.lr=1e-3", "train.weight_decay=1E-5", "model.skip=add"]) == {
+        "train.lr": 0.001, "train.weight_decay": 1e-5, "model.skip": "add"}
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 2e-3\n")
+    assert load_config(path).train.lr == 0.002
+    with pytest.raises(ConfigError, match="train.warmup_steps = 10.0: expected int"):  # a float, as in YAML 1.2
+        load_config(overrides=["train.warmup_steps=1e1"])
+    space = tmp_path / "s.yaml"
+    space.write_text("params:\n  train.lr: {loguniform: [1e-3, 4e-3]}\n")
+    assert load_space(space).searched[0].args == (0.001, 0.004)
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -41,7 +41,7 @@ from starlette.requests import ClientDisconnect
 from starlette.requests import Request as StarletteRequest
 
 from rayad import __version__, layout
-from rayad.artifact import Predictor, load_model, read_metadata
+from rayad.artifact import Predictor, load_model, read_metadata, trained_category
 from rayad.data.images import ImageTooLarge, load_image
 from rayad.errors import ArtifactError, DataError, RayadError
 from rayad.layout import BEST, METADATA, METRIC_NAMES, TEST_METRICS, WEIGHTS
@@ -92,8 +92,8 @@ def model_card(name: str, run_dir: str) -> dict[str, Any]:
     meta = read_metadata(run / METADATA)
     metrics_file = run / TEST_METRICS
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    return {"name": name, "version": model_version(run), "category": name, "threshold": meta["threshold"],
-            "pixel_threshold": meta["pixel_threshold"],
+    return {"name": name, "version": model_version(run), "category": trained_category(meta),
+            "threshold": meta["threshold"], "pixel_threshold": meta["pixel_threshold"],
             "image_size": meta["image_size"], "normalization": meta["normalization"],
             "metrics": {k: metrics.get(k) for k in METRIC_NAMES}}
 

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from rayad._bundled import bundled
-from rayad.config import Config, yaml_problem
+from rayad.config import Config, load_yaml, yaml_problem
 from rayad.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "fixed")
@@ -141,7 +141,7 @@ def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
     """Read and check a space file against `base` (default: the default config)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except OSError as e:
         raise ConfigError(f"{path}: cannot read search space ({e.strerror})") from None
     except yaml.YAMLError as e:

@@ -24,6 +24,7 @@ def test_run_experiment_and_folder(trained_run, tmp_path):
     assert models == {"brick": str((exp / "best").absolute()), "grass": str((tmp_path / "demo" / "grass").absolute())}
     card = model_card("brick", models["brick"])
     assert card["metrics"]["image_auroc"] == 0.75 and card["image_size"] == 32
+    assert card["name"] == "brick" and model_card("grass", models["grass"])["category"] == "brick"  # trained on
     with pytest.raises(RayadError, match="no model found"):
         discover_models(tmp_path / "demo" / "data")
 

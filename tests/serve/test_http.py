@@ -65,6 +65,7 @@ def test_health_and_models(server):
     assert requests.get(f"{server}/readyz", timeout=60).json()["models"] == ["brick", "grass"]
     models = requests.get(f"{server}/v1/models", headers=KEY).json()["models"]
     assert [m["name"] for m in models] == ["brick", "grass"]
+    assert [m["category"] for m in models] == ["brick", "brick"]  # "grass" serves a copy of the brick model
     assert models[0]["image_size"] == 32 and models[0]["threshold"] > 0 and len(models[0]["version"]) == 12
 
 
