@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from rayad.cluster import Cluster
 from rayad.config import load_config
 from rayad.data.demo import make_demo_dataset
 from rayad.layout import METADATA
+from rayad.precision import cpu_summary
 from rayad.train import fit
 from rayad.train.ray_train import fit_distributed
 
@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--address", help="an existing Ray cluster (default: a local one)")
     parser.add_argument("--gpu", action="store_true")
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: images/s leave out the first step (warm-up)")
     cpus = os.cpu_count() or 1
     threads = max(1, cpus // args.workers)  # each worker gets its share of the cores
     cfg = load_config(overrides={"train.steps": args.steps, "train.log_every": 10,
@@ -53,7 +55,7 @@ def main() -> None:
             rows[f"Ray Train, {workers} worker(s)"] = train_info(run)
     ray.shutdown()
     plain, one, many = (rows[k]["images_per_s"] for k in rows)
-    machine = torch.cuda.get_device_name() if args.gpu else f"{platform.machine()}, {cpus} cores"
+    machine = torch.cuda.get_device_name() if args.gpu else f"{cpu_summary()}, {cpus} cores"
     precision = ", ".join(f"{name}: {info['precision']} ({info['precision_reason']})" for name, info in rows.items())
     print(f"\nmachine: {machine}; {args.steps} steps, batch {cfg.train.batch_size} per worker, "
           f"{threads} torch thread(s) per worker, image {cfg.data.image_size}²; precision {precision}")

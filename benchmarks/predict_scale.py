@@ -1,7 +1,7 @@
 """Batch scoring that scales out: `rayad predict` in one process against `rayad predict --ray` (Ray Data,
 2 actors), on 500 and 2,000 image files, with the images/s of each and the driver's peak memory.
 
-    python benchmarks/predict_scale.py [--counts 500 2000]
+    python benchmarks/predict_scale.py [--counts 500 2000] [--tta flips|none]
 
 Each measurement runs in its own process (a fresh local Ray for --ray), which prints its peak RSS. The
 rows of --ray are written by Ray Data's workers into a Parquet dataset, so the driver's memory should
@@ -60,6 +60,8 @@ def measure(mode: str, run: str, images: str, out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[500, 2000])
+    parser.add_argument("--tta", choices=["flips", "none"], default="flips",
+                        help="scoring.tta of the model (flips: what `auto` settles on for textures; 4x the network)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -68,7 +70,7 @@ def main() -> None:
     from serve_load import make_model
 
     work = Path(tempfile.mkdtemp(prefix="rayad-predict-scale-"))
-    run = make_model(work / "model")
+    run = make_model(work / "model", args.tta)
     results = {}
     for n in args.counts:
         images = make_images(work / f"images-{n}", n)
@@ -77,7 +79,7 @@ def main() -> None:
                                   capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results[(mode, n)] = json.loads(line)
     print(f"machine: {cpu_summary()}, 2 cores; "
-          "default SDC-CCM at 128²; Ray Data: 2 actors x 0.85 CPU, batches of 32")
+          f"default SDC-CCM at 128², scoring.tta {args.tta}; Ray Data: 2 actors x 0.85 CPU, batches of 32")
     print("| files | single process images/s | Ray Data images/s | ratio | single peak RSS (MB) | "
           "Ray driver peak RSS (MB) |")
     print("|---|---|---|---|---|---|")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 from rayad.cluster import connect
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.layout import METRIC_NAMES, TRIALS
+from rayad.precision import cpu_summary
 from rayad.tune import SearchSettings, resolve_space, run_search
 from rayad.tune.search import export_best, plan_search
 
@@ -50,7 +50,7 @@ def run_pair(data_root: Path, category: str, out: Path, space: str, trials: int,
 
 
 def report(results: dict, trials: int, space: str) -> str:
-    lines = [f"machine: {platform.processor() or platform.machine()}, {_cpus()} CPUs; space {space}, "
+    lines = [f"machine: {cpu_summary()}, {_cpus()} CPUs; space {space}, "
              f"{trials} trials per experiment", "",
              f"{'category':<9}{'FIFO trials/h':>14}{'ASHA trials/h':>14}{'steps ASHA/FIFO':>16}"
              f"{'best val FIFO':>14}{'best val ASHA':>14}{'ASHA/FIFO':>10}"]
