@@ -3,6 +3,7 @@ them without pickle. `Predictor.predict_arrays` is the one batch-scoring path (d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -104,6 +105,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path}: image_size {metadata.get('image_size')!r} disagrees with the config's "
                             f"data.image_size {size!r}")
     return metadata
+
+
+def model_version(run: Path) -> str:
+    """The first 12 hex digits of the weights' SHA-256: changes whenever the model does (Serve's
+    `GET /v1/models` reports it, and the dashboard finds a served model by it)."""
+    return hashlib.sha256((Path(run) / WEIGHTS).read_bytes()).hexdigest()[:12]
 
 
 def trained_category(metadata: dict[str, Any]) -> str | None:

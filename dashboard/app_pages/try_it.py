@@ -13,8 +13,10 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
+from rayad.artifact import model_version
 from rayad.data.images import IMAGE_SUFFIXES, load_image
 from rayad.errors import DataError
+from rayad.layout import BEST, WEIGHTS
 from rayad.results import StoreError
 from rayad.visualize import heatmap_image
 
@@ -31,15 +33,35 @@ st.caption(f"Scored by the Serve endpoint {url}" if url else "Scored here with t
 upload = st.file_uploader("Image", type=[s.lstrip(".") for s in IMAGE_SUFFIXES])
 
 
-def score_remote(content: bytes, model: str) -> dict:
-    """POST /v1/predict?heatmap=true, as documented in the README's Serve API."""
-    query = urllib.parse.urlencode({"model": model, "heatmap": "true"})
-    request = urllib.request.Request(f"{url.rstrip('/')}/v1/predict?{query}", data=content, method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
+def call_serve(path: str, content: bytes | None = None) -> dict:
+    """GET (or POST `content` to) the Serve endpoint's `path`, with the API key when one is set."""
+    request = urllib.request.Request(f"{url.rstrip('/')}{path}", data=content, method="GET" if content is None
+                                     else "POST", headers={"Content-Type": "application/octet-stream"})
     if os.environ.get("RAYAD_API_KEY"):
         request.add_header("X-API-Key", os.environ["RAYAD_API_KEY"])
     with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
-        out = json.loads(response.read())
+        return json.loads(response.read())
+
+
+def served_name() -> str:
+    """The name the endpoint serves this experiment's best model under, found by its version (the weights'
+    hash): the category alone may name another experiment's model, or none (two of one category are served
+    under their folders' names)."""
+    try:
+        version = model_version(exp / BEST)
+    except OSError as e:
+        raise StoreError(f"{exp / BEST / WEIGHTS}: cannot read ({e.strerror})") from None
+    names = [m["name"] for m in call_serve("/v1/models")["models"] if m["version"] == version]
+    if not names:
+        raise LookupError(f"The Serve endpoint {url} does not serve this experiment's best model (version "
+                          f"{version}); serve it with `rayad serve --run {exp}`, or the folder holding it")
+    return experiment["category"] if experiment["category"] in names else names[0]
+
+
+def score_remote(content: bytes) -> dict:
+    """POST /v1/predict?heatmap=true to this experiment's model, as documented in the README's Serve API."""
+    query = urllib.parse.urlencode({"model": served_name(), "heatmap": "true"})
+    out = call_serve(f"/v1/predict?{query}", content)
     return {**out, "heatmap": np.asarray(Image.open(io.BytesIO(base64.b64decode(out["heatmap_png"])))),
             "mask": np.asarray(Image.open(io.BytesIO(base64.b64decode(out["mask_png"]))))}
 
@@ -55,12 +77,15 @@ def score_local(content: bytes) -> dict:
 if upload is not None:
     content = upload.getvalue()
     try:
-        result = score_remote(content, experiment["category"]) if url else score_local(content)
+        result = score_remote(content) if url else score_local(content)
     except StoreError as e:  # the best model's files are broken
         st.error(f"Experiment `{exp}`: {e}", icon=":material/error:")
         st.stop()
     except DataError as e:
         st.error(f"Not a usable image: {e}")
+        st.stop()
+    except LookupError as e:
+        st.error(str(e))
         st.stop()
     except urllib.error.HTTPError as e:
         st.error(f"The Serve endpoint answered {e.code}: {e.read().decode(errors='replace')}")

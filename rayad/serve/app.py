@@ -12,7 +12,6 @@ Images are decoded with `load_image` and scored with `Predictor.score`, exactly 
 # decorated, so everything their methods use is defined above them.
 import asyncio
 import base64
-import hashlib
 import hmac
 import io
 import json
@@ -41,10 +40,10 @@ from starlette.requests import ClientDisconnect
 from starlette.requests import Request as StarletteRequest
 
 from rayad import __version__, layout
-from rayad.artifact import Predictor, load_model, read_metadata, trained_category
+from rayad.artifact import Predictor, load_model, model_version, read_metadata, trained_category
 from rayad.data.images import ImageTooLarge, load_image
 from rayad.errors import ArtifactError, DataError, RayadError
-from rayad.layout import BEST, METADATA, METRIC_NAMES, TEST_METRICS, WEIGHTS
+from rayad.layout import BEST, METADATA, METRIC_NAMES, TEST_METRICS
 from rayad.settings import ServeSettings
 from rayad.visualize import heatmap_image
 
@@ -96,11 +95,6 @@ def model_card(name: str, run_dir: str) -> dict[str, Any]:
             "threshold": meta["threshold"], "pixel_threshold": meta["pixel_threshold"],
             "image_size": meta["image_size"], "normalization": meta["normalization"],
             "metrics": {k: metrics.get(k) for k in METRIC_NAMES}}
-
-
-def model_version(run: Path) -> str:
-    """The first 12 hex digits of the weights' SHA-256: changes whenever the model does."""
-    return hashlib.sha256((run / WEIGHTS).read_bytes()).hexdigest()[:12]
 
 
 def _is_multipart(request: Request) -> bool:

@@ -303,14 +303,24 @@ def test_dashboard_try_it_page_scores_through_serve(server, tiny_experiment, tra
     from streamlit.testing.v1 import AppTest
 
     exp, _ = tiny_experiment
-    shutil.copytree(exp, tmp_path / exp.name)  # category brick, which the server serves (trained_run)
+    shutil.copytree(exp, tmp_path / exp.name)  # category brick; its best model is not the one served
     for name, value in {"RAYAD_RUNS": str(tmp_path), "RAYAD_SERVE_URL": server, "RAYAD_API_KEY": "secret"}.items():
         monkeypatch.setenv(name, value)
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py"), default_timeout=120)
-    at.run()
-    at.switch_page("app_pages/try_it.py").run()
     image = demo_root / "brick" / "test" / "hole" / "001.png"
-    at.file_uploader[0].set_value(("hole.png", image.read_bytes(), "image/png")).run()
+
+    def upload():
+        at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py"),
+                               default_timeout=120)
+        at.run()
+        at.switch_page("app_pages/try_it.py").run()
+        return at.file_uploader[0].set_value(("hole.png", image.read_bytes(), "image/png")).run()
+
+    at = upload()  # the served "brick" used to score it: another model's number, shown as this experiment's
+    assert not at.exception and not at.metric
+    assert "does not serve this experiment's best model" in at.error[0].value
+    shutil.rmtree(tmp_path / exp.name / "best")
+    shutil.copytree(trained_run, tmp_path / exp.name / "best")  # now the served brick (and grass) model
+    at = upload()
     assert not at.exception and server in at.caption[0].value
     expected = Predictor.load(trained_run).predict_files([image])[0]
     assert {m.label: m.value for m in at.metric}["Score"] == f"{expected.scores[0]:.6f}"
