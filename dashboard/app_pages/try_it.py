@@ -51,7 +51,7 @@ def served_name() -> str:
         version = model_version(exp / BEST)
     except OSError as e:
         raise StoreError(f"{exp / BEST / WEIGHTS}: cannot read ({e.strerror})") from None
-    names = [m["name"] for m in call_serve("/v1/models")["models"] if m["version"] == version]
+    names = [m.get("name") for m in call_serve("/v1/models").get("models", []) if m.get("version") == version]
     if not names:
         raise LookupError(f"The Serve endpoint {url} does not serve this experiment's best model (version "
                           f"{version}); serve it with `rayad serve --run {exp}`, or the folder holding it")
