@@ -13,11 +13,11 @@ import loaders
 from widgets import threshold_slider
 
 PER_PAGE = 12
-VIEWS = {  # view -> (outcomes shown, worst first means highest score first)
-    "All": (None, True),
-    "Misses": (("false negative", "false positive"), True),
-    "False negatives": (("false negative",), False),
-    "False positives": (("false positive",), True),
+VIEWS = {  # view -> the outcomes shown (None: all)
+    "All": None,
+    "Misses": ("false negative", "false positive"),
+    "False negatives": ("false negative",),
+    "False positives": ("false positive",),
 }
 OVERLAY_ALPHA = 0.5
 
@@ -29,17 +29,21 @@ threshold = threshold_slider(str(exp), test.images["score"].to_numpy(), test.thr
 images = test.images.assign(outcome=results.outcome(test.images, threshold))
 left, middle, right = st.columns([2, 2, 1])
 view = left.segmented_control("Show", list(VIEWS), default="All", key="gallery_view",
-                              help="Misses are sorted worst first: false negatives by lowest score, false "
-                                   "positives by highest.") or "All"
+                              help="Worst first: the images furthest on the wrong side of the threshold (false "
+                                   "negatives by lowest score, false positives by highest); in All, highest score "
+                                   "first.") or "All"
 types = middle.multiselect("Defect types", sorted(images["defect_type"].unique()), key="gallery_types",
                            placeholder="all types")
 order = right.selectbox("Order", ["worst first", "score high to low", "score low to high"], key="gallery_order")
 
-outcomes, high_first = VIEWS[view]
+outcomes = VIEWS[view]
 shown = images if outcomes is None else images[images["outcome"].isin(outcomes)]
 shown = shown[shown["defect_type"].isin(types)] if types else shown
-descending = high_first if order == "worst first" else order == "score high to low"
-shown = shown.sort_values("score", ascending=not descending, kind="stable")
+if order == "worst first" and outcomes is not None:
+    wrong_by = np.where(shown["outcome"] == "false negative", threshold - shown["score"], shown["score"] - threshold)
+    shown = shown.assign(wrong_by=wrong_by).sort_values("wrong_by", ascending=False, kind="stable")
+else:
+    shown = shown.sort_values("score", ascending=order == "score low to high", kind="stable")
 counts = images["outcome"].value_counts()
 st.caption(f"{len(shown)} of {len(images)} images · false negatives {counts.get('false negative', 0)} · "
            f"false positives {counts.get('false positive', 0)} at threshold {threshold:.6f} · predicted masks: "

@@ -24,8 +24,15 @@ for col, name in zip(cols, METRIC_NAMES, strict=True):
 overall = {"defect type": "all", **{k: test.metrics.get(k) for k in (*METRIC_NAMES, "n_images")}}
 per_type = [{"defect type": name, **m} for name, m in sorted(test.metrics.get("per_defect", {}).items())]
 per_defect = pd.DataFrame([overall, *per_type])
-st.dataframe(per_defect, hide_index=True, column_config={k: st.column_config.NumberColumn(format="%.4f")
-                                                          for k in METRIC_NAMES})
+st.dataframe(per_defect, hide_index=True, column_config={
+    **{k: st.column_config.NumberColumn(format="%.4f") for k in METRIC_NAMES},
+    "n_images": st.column_config.NumberColumn("images", help="A defect type is scored against every good test "
+                                              "image, as in the MVTec AD benchmark: its images plus the good ones.")})
+defective = int(test.images["label"].sum())
+if 0 < defective < len(test.images):  # F1 rewards calling everything defective when most images are
+    all_defective_f1 = 2 * defective / (defective + len(test.images))
+    st.caption(f"For scale: calling every image defective gives F1 {all_defective_f1:.4f} "
+               f"({defective} defective, {len(test.images) - defective} good).")
 
 st.subheader("Curves")
 image_curves = results.image_curves(test.images)

@@ -88,12 +88,17 @@ def test_model_page_metrics_and_live_threshold(runs, monkeypatch):
     per_defect = at.dataframe[0].value.set_index("defect type")
     assert set(per_defect.index) == {"all", *test["per_defect"]}
     assert per_defect.loc["hole", "image_auroc"] == test["per_defect"]["hole"]["image_auroc"]
-    slider = at.slider[0]
-    assert slider.value == pytest.approx(test["threshold"])
+    defective = sum(test["labels"])
+    assert f"calling every image defective gives F1 {2 * defective / (defective + len(test['labels'])):.4f}" in \
+        " ".join(c.value for c in at.caption)
+    slider = at.select_slider[0]
+    assert slider.value == test["threshold"]
     scores, labels = np.array(test["scores"]), np.array(test["labels"])
-    chosen = float(np.median(scores))
+    assert slider.options == [f"{v:.6f}" for v in np.unique(np.r_[scores, test["threshold"]])]  # a stop per image
+    chosen = float(np.sort(scores)[len(scores) // 2])
     slider.set_value(chosen).run()
-    expected = threshold_stats(scores, labels, at.slider[0].value)
+    assert at.select_slider[0].value == chosen
+    expected = threshold_stats(scores, labels, chosen)
     shown = {m.label: m.value for m in at.metric}
     assert shown["Precision"] == f"{expected['precision']:.3f}" and shown["F1"] == f"{expected['f1']:.3f}"
     confusion = at.table[0].value
@@ -106,15 +111,18 @@ def test_gallery_shows_the_worst_misses_first(runs, monkeypatch):
     _, _, test = store(runs / "brick-tiny")
     scores, labels = np.array(test["scores"]), np.array(test["labels"])
     assert len(at.image) == 5 * min(12, len(scores))
-    at.slider[0].set_value(float(np.median(scores))).run()
-    threshold = at.slider[0].value
+    threshold = float(np.sort(scores)[len(scores) // 2])
+    at.select_slider[0].set_value(threshold).run()
     misses = (scores >= threshold) != labels.astype(bool)
     at.segmented_control[0].set_value("Misses").run()
     assert not at.exception
     assert f"{misses.sum()} of {len(scores)} images" in at.caption[0].value
     captions = [c for image in at.image for c in image.captions if " · score " in c]
     shown_scores = [float(c.rsplit(" ", 1)[1]) for c in captions]
-    assert shown_scores == sorted(shown_scores, reverse=True) and len(shown_scores) == min(12, misses.sum())
+    # how far each miss lies on the wrong side: false negatives (defective) below, false positives above
+    wrong_by = np.where(labels[misses] == 1, threshold - scores[misses], scores[misses] - threshold)
+    expected = [f"{s:.6f}" for s in scores[misses][np.argsort(-wrong_by, kind="stable")]][:12]
+    assert [f"{s:.6f}" for s in shown_scores] == expected  # false negatives came highest score first
 
 
 def test_try_it_scores_an_upload_like_predict(runs, monkeypatch, demo_root):
