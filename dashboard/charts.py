@@ -92,16 +92,22 @@ def curve(data: pd.DataFrame, x: str, y: str, title: str, diagonal: bool = False
 
 
 def score_histogram(images: pd.DataFrame, calibrated: float, selected: float) -> alt.Chart:
-    """Scores of good vs defective test images, with the calibrated (dashed) and selected (solid) thresholds."""
-    data = images.assign(kind=np.where(images["label"] == 1, "defective", "good"))
+    """Scores of good vs defective test images, with the calibrated (dashed) and selected (solid) thresholds.
+    Positive scores are binned on a log scale: defects can score a hundred times the good images, and even bins
+    would put every good image, the threshold and the hardest defects in one bar."""
+    log = bool((images["score"] > 0).all()) and min(calibrated, selected) > 0
+    x = np.log10 if log else (lambda v: v)
+    data = images.assign(kind=np.where(images["label"] == 1, "defective", "good"), x=x(images["score"]))
+    axis = alt.Axis(labelExpr="format(pow(10, datum.value), '.2g')") if log else alt.Axis()
+    title = "image score (log scale)" if log else "image score"
     bars = alt.Chart(data).mark_bar(opacity=0.6, binSpacing=0).encode(
-        x=alt.X("score:Q", bin=alt.Bin(maxbins=40), title="image score"),
+        x=alt.X("x:Q", bin=alt.Bin(maxbins=40), title=title, axis=axis),
         y=alt.Y("count():Q", stack=None, title="images"),
         color=alt.Color("kind:N", scale=alt.Scale(domain=["good", "defective"], range=["#1f77b4", "#d62728"]),
                         title=None))
     marks = pd.DataFrame({"threshold": [calibrated, selected], "which": ["calibrated", "selected"]})
-    rules = alt.Chart(marks).mark_rule(color="black", size=2).encode(
-        x="threshold:Q", strokeDash=alt.StrokeDash("which:N", scale=alt.Scale(
+    rules = alt.Chart(marks.assign(x=x(marks["threshold"]))).mark_rule(color="black", size=2).encode(
+        x="x:Q", strokeDash=alt.StrokeDash("which:N", scale=alt.Scale(
             domain=["calibrated", "selected"], range=[[6, 4], [1, 0]]), title="threshold"),
         tooltip=["which", alt.Tooltip("threshold:Q", format=".6f")])
     return bars + rules
