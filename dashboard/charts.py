@@ -12,7 +12,8 @@ STATUS_COLORS = alt.Scale(domain=["completed", "stopped_early", "running", "erro
 
 def optimisation_history(history: pd.DataFrame, metric: str) -> alt.Chart:
     """Each trial's best validation value in start order, and the best so far."""
-    base = alt.Chart(history).encode(x=alt.X("number:Q", title="trial (start order)"))
+    base = alt.Chart(history).encode(x=alt.X("number:Q", title="trial (start order)",
+                                             axis=alt.Axis(tickMinStep=1, format="d")))
     points = base.mark_circle(size=50, opacity=0.8).encode(
         y=alt.Y("best_value:Q", title=metric, scale=alt.Scale(zero=False)),
         color=alt.Color("status:N", scale=STATUS_COLORS, title="status"),

@@ -37,15 +37,15 @@ types = middle.multiselect("Defect types", sorted(images["defect_type"].unique()
 order = right.selectbox("Order", ["worst first", "score high to low", "score low to high"], key="gallery_order")
 
 outcomes = VIEWS[view]
-shown = images if outcomes is None else images[images["outcome"].isin(outcomes)]
-shown = shown[shown["defect_type"].isin(types)] if types else shown
+typed = images[images["defect_type"].isin(types)] if types else images
+shown = typed if outcomes is None else typed[typed["outcome"].isin(outcomes)]
 if order == "worst first" and outcomes is not None:
     wrong_by = np.where(shown["outcome"] == "false negative", threshold - shown["score"], shown["score"] - threshold)
     shown = shown.assign(wrong_by=wrong_by).sort_values("wrong_by", ascending=False, kind="stable")
 else:
     shown = shown.sort_values("score", ascending=order == "score low to high", kind="stable")
-counts = images["outcome"].value_counts()
-st.caption(f"{len(shown)} of {len(images)} images · false negatives {counts.get('false negative', 0)} · "
+counts = typed["outcome"].value_counts()  # of the types shown
+st.caption(f"{len(shown)} of {len(typed)} images · false negatives {counts.get('false negative', 0)} · "
            f"false positives {counts.get('false positive', 0)} at threshold {threshold:.6f} · predicted masks: "
            f"the map over the calibrated pixel threshold {test.pixel_threshold:.6f}")
 if shown.empty:

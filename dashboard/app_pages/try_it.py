@@ -30,7 +30,8 @@ url = loaders.serve_url()
 st.title(f"Try it: {exp.name}")
 st.caption(f"Scored by the Serve endpoint {url}" if url else "Scored here with the experiment's best model "
            "(start the dashboard with `--serve-url` to use a Serve deployment).")
-upload = st.file_uploader("Image", type=[s.lstrip(".") for s in IMAGE_SUFFIXES])
+upload = st.file_uploader("Image", type=[s.lstrip(".") for s in IMAGE_SUFFIXES],
+                          key=f"upload:{exp}")  # another experiment starts without this one's upload
 
 
 def call_serve(path: str, content: bytes | None = None) -> dict:

@@ -123,6 +123,10 @@ def test_gallery_shows_the_worst_misses_first(runs, monkeypatch):
     wrong_by = np.where(labels[misses] == 1, threshold - scores[misses], scores[misses] - threshold)
     expected = [f"{s:.6f}" for s in scores[misses][np.argsort(-wrong_by, kind="stable")]][:12]
     assert [f"{s:.6f}" for s in shown_scores] == expected  # false negatives came highest score first
+    at.multiselect[0].set_value(["hole"]).run()
+    hole = np.array(test["defect_types"]) == "hole"
+    assert at.caption[0].value.startswith(f"{(misses & hole).sum()} of {hole.sum()} images · false negatives "
+                                          f"{(misses & hole).sum()} · false positives 0 ")  # counts of all types before
 
 
 def test_try_it_scores_an_upload_like_predict(runs, monkeypatch, demo_root):
