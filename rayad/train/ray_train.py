@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer, prepare_model
 from rayad.artifact import build_anomaly_model, calibrate_and_save
 from rayad.cluster import Cluster, check_resources, check_shared_paths, connect
 from rayad.config import Config
+from rayad.data.manifest import check_category
 from rayad.errors import RayadError
 from rayad.layout import make_folder
 from rayad.train.checkpoint import load_checkpoint, save_checkpoint
@@ -122,6 +123,7 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
 
     Re-running with the same `out_dir` resumes from the run's latest checkpoint in storage.
     """
+    check_category(category)  # before the output folder is made, as fit does
     started = time.time()
     out_dir = Path(out_dir).absolute()
     make_folder(out_dir)
