@@ -19,6 +19,7 @@ import torch
 
 from rayad.cluster import Cluster
 from rayad.config import load_config
+from rayad.cpu import use_cpus
 from rayad.data.demo import make_demo_dataset
 from rayad.layout import METADATA
 from rayad.precision import cpu_summary
@@ -46,7 +47,7 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = make_demo_dataset(Path(tmp) / "data", categories=("brick",))
-        torch.set_num_threads(threads)
+        use_cpus(threads)
         rows["plain loop, 1 process"] = train_info(fit(cfg, root, "brick", Path(tmp) / "plain", progress=False))
         for workers in (1, args.workers):
             cluster = Cluster(workers=workers, use_gpu=args.gpu, cpus_per_worker=cpus / args.workers,

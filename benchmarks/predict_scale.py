@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from rayad.cpu import use_cpus
 from rayad.precision import cpu_summary
 
 
@@ -47,9 +48,7 @@ def measure(mode: str, run: str, images: str, out: str) -> None:
         start = time.perf_counter()  # Ray's start-up is not scoring
         rows = predict_with_ray(run, [images], out, actors=2, cpus_per_actor=0.85, batch_size=32).num_rows
     else:
-        import torch
-
-        torch.set_num_threads(2)
+        use_cpus(2)  # as `rayad predict` on 2 cores
         rows = predict_paths(run, [Path(images)], Path(out)).num_rows
     seconds = time.perf_counter() - start
     assert rows == n

@@ -34,6 +34,7 @@ from PIL import Image
 from rayad.artifact import Predictor, build_anomaly_model, save_artifact
 from rayad.cluster import connect
 from rayad.config import Config
+from rayad.cpu import use_cpus
 from rayad.precision import cpu_summary
 from rayad.predict import predict_paths, predict_with_ray
 from rayad.serve import ServeSettings, start, use_haproxy_ingress
@@ -61,7 +62,7 @@ def make_images(folder: Path, n: int) -> list[Path]:
 
 
 def raw_throughput(run: Path, images: np.ndarray, seconds: float) -> dict[int, float]:
-    torch.set_num_threads(THREADS)
+    use_cpus(THREADS)
     predictor = Predictor.load(run, device="cpu")
     rates = {}
     for batch in (1, 4, 8, 16, 32):

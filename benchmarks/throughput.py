@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from rayad.artifact import compile_network
 from rayad.config import load_config
 from rayad.corruption import Corruptor
+from rayad.cpu import keep_freed_memory, use_cpus
 from rayad.data.dataset import load_split, to_tensor
 from rayad.data.demo import make_demo_dataset
 from rayad.data.manifest import build_manifest
@@ -161,7 +162,7 @@ def concurrent_training(seconds: float, precision: str) -> dict[str, float]:
 
 
 def train_worker(threads: int, seconds: float, precision: str) -> None:
-    torch.set_num_threads(threads)
+    use_cpus(threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = make_demo_dataset(Path(tmp), categories=("brick",), n_train=32, n_test_good=1, n_per_defect=1)
         bench = Bench(128, 16, torch.device("cpu"), root)
@@ -192,6 +193,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.train_worker:
         return train_worker(args.train_worker, args.seconds, args.precision)
+    keep_freed_memory()  # as every rayad process that trains or scores (benchmarks/heap.py compares)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         root = make_demo_dataset(Path(tmp), categories=("brick",))

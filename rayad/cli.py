@@ -264,12 +264,11 @@ def cmd_train(args) -> None:
 
 
 def _torch_threads() -> None:
-    """Scoring in this process: one torch thread per CPU it may run on, never more."""
-    import torch
-
+    """Scoring in this process: one torch thread per CPU it may run on, never more (rayad.cpu)."""
+    from rayad.cpu import use_cpus
     from rayad.settings import cpu_count
 
-    torch.set_num_threads(cpu_count())
+    use_cpus(cpu_count())
 
 
 def cmd_evaluate(args) -> None:

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
 
 from rayad.artifact import Predictor, load_model
+from rayad.cpu import use_cpus
 from rayad.data.images import IMAGE_SUFFIXES, image_size
 from rayad.errors import DataError
 from rayad.layout import atomic_write
@@ -115,7 +115,7 @@ class ScoringActor:
     """A Ray Data actor: loads the Predictor once, scores batches of encoded images into rows."""
 
     def __init__(self, run_dir: str, heatmaps: str | None, threads: int):
-        torch.set_num_threads(threads)
+        use_cpus(threads)
         self.predictor = Predictor.load(run_dir)  # on cuda only when Ray reserved a GPU for this actor
         self.heatmaps = heatmaps
 

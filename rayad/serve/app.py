@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -41,6 +40,7 @@ from starlette.requests import Request as StarletteRequest
 
 from rayad import __version__, layout
 from rayad.artifact import Predictor, load_model, model_version, read_metadata, trained_category
+from rayad.cpu import use_cpus
 from rayad.data.images import ImageTooLarge, load_image
 from rayad.errors import ArtifactError, DataError, RayadError
 from rayad.layout import BEST, METADATA, METRIC_NAMES, TEST_METRICS
@@ -166,7 +166,7 @@ class Scorer:
 
     def __init__(self, settings: dict[str, Any], threads: int):
         self.settings = ServeSettings(**settings)
-        torch.set_num_threads(threads)
+        use_cpus(threads)
         self.score_batch.set_max_batch_size(self.settings.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(self.settings.batch_wait_s)
 

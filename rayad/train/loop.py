@@ -30,6 +30,7 @@ from tqdm import tqdm
 from rayad.artifact import build_anomaly_model, calibrate_and_save, require_cpp_compiler
 from rayad.config import Config, TrainConfig
 from rayad.corruption import Corruptor
+from rayad.cpu import use_cpus
 from rayad.data.dataset import ImageSet, load_split, to_tensor
 from rayad.data.manifest import build_manifest, check_category, load_manifest, same_images, save_manifest
 from rayad.errors import RayadError
@@ -231,8 +232,7 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
     """Train `loop.config` on this session's share of every batch; returns the (unwrapped) network and
     the last report's metrics."""
     cfg, rank, world = loop.config, session.rank, session.world_size
-    if loop.threads:
-        torch.set_num_threads(loop.threads)
+    use_cpus(loop.threads)
     if cfg.scoring.compile:  # calibration compiles: know before training that it can
         require_cpp_compiler(session.device)
     tc = dataclasses.replace(cfg.train, lr=scaled_lr(cfg.train.lr, world))
