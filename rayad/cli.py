@@ -390,6 +390,7 @@ def cmd_tune(args) -> None:
             val_root=str(args.val_data) if args.val_data else None,
             config_file=str(args.config) if args.config else None, overrides=_overrides(args),
             storage=args.storage, max_failures=args.max_failures, mlflow=args.mlflow)
+    _torch_threads()  # the driver evaluates the best trial's model on the test split
     experiment = run_search(settings, args.out, args.address, resume=args.resume)
 
     print(format_experiment(experiment))
@@ -406,6 +407,7 @@ def cmd_demo(args) -> None:
     unknown = sorted(set(args.categories or ()) - set(CATEGORIES))
     if unknown:
         raise RayadError(f"--categories: no demo category {', '.join(unknown)}; the demo has {' '.join(CATEGORIES)}")
+    _torch_threads()  # the driver evaluates each category's best model and the baseline
     run_demo(args.out, args.space, args.trials, _overrides(args), args.address, args.config,
              tuple(args.categories or CATEGORIES))
 
