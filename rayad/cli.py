@@ -264,7 +264,8 @@ def cmd_train(args) -> None:
 
 
 def _torch_threads() -> None:
-    """Scoring in this process: one torch thread per CPU it may run on, never more (rayad.cpu)."""
+    """Scoring in this process: one torch thread per CPU it may run on, never more, and the heap kept for
+    the next batch (rayad.cpu.use_cpus)."""
     from rayad.cpu import use_cpus
     from rayad.settings import cpu_count
 
