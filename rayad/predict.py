@@ -129,8 +129,8 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
                      gpus_per_actor: float = 0.0) -> pa.Table:
     """Stream `inputs` (local files and folders, or URIs such as s3://bucket/images/) through an actor pool;
     Ray Data's workers write the rows as Parquet files into `out` (a folder or a pyarrow filesystem URI),
-    never through the driver. Returns the rows' `error` column (null where the image was scored). Every node
-    must reach the inputs, the run and `out`."""
+    never through the driver, which reads back only their `error` column and returns it (null where the image
+    was scored). Every node must reach the inputs, the run and `out`."""
     import ray
 
     load_model(run)  # a broken run fails here, in one line, not in every actor
@@ -147,14 +147,17 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
     scored = dataset.map_batches(
         ScoringActor, batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors or pool_size(cpus_per_actor, gpus_per_actor)),
+        # a fixed pool: one that autoscales from 1 actor stayed at 1 on a 2-CPU node (docs/benchmarks.md)
+        compute=ray.data.ActorPoolStrategy(size=actors or pool_size(cpus_per_actor, gpus_per_actor)),
         fn_constructor_kwargs={"run_dir": str(Path(run).absolute()),
                                "heatmaps": _absolute(heatmaps) if heatmaps else None,
                                "threads": max(1, int(cpus_per_actor))})
+    location = _absolute(out)
+    # writing takes a small CPU share, as reading does: with a whole CPU it waited for the actors to finish
     scored.map_batches(_to_schema, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS
-                       ).write_parquet(_absolute(out))
-    written = ray.data.read_parquet(_absolute(out)).select_columns(["error"])
-    return pa.concat_tables(ray.get(written.to_arrow_refs()))
+                       ).write_parquet(location, ray_remote_args={"num_cpus": READ_CPUS})
+    filesystem, path = pafs.FileSystem.from_uri(location)
+    return pq.read_table(path, columns=["error"], filesystem=filesystem)
 
 
 def pool_size(cpus_per_actor: float, gpus_per_actor: float = 0.0) -> int:

@@ -15,7 +15,15 @@ from rayad.predict import predict_paths
 pytestmark = pytest.mark.slow
 
 
+def _scoring_actors() -> set[str]:
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(ScoringActor))")],
+                                            limit=1000, raise_on_missing_output=False)}
+
+
 def test_ray_data_scoring_matches_single_process(ray_cluster, trained_run, demo_root, tmp_path, capsys):
+    before = _scoring_actors()
     images = tmp_path / "images"
     shutil.copytree(demo_root / "brick" / "test", images)
     (images / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -28,6 +36,7 @@ def test_ray_data_scoring_matches_single_process(ray_cluster, trained_run, demo_
                  "--batch-size", "4"])
     said = capsys.readouterr()
     assert code == 0 and "wrote" in said.out
+    assert len(_scoring_actors() - before) == 2  # the pool held the actors asked for, not just one
     assert f"rayad predict: 2 of {4 + 2 * len(DEFECTS) + 2} files could not be scored" in said.err
     assert list(out.glob("*.parquet"))
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
