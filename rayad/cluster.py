@@ -13,6 +13,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from rayad.cpu import ONE_ARENA_ENV
 from rayad.errors import RayadError, stop_on_sigterm
 from rayad.settings import Cluster
 
@@ -61,6 +62,8 @@ def _start_local(log_to_driver: bool) -> None:
     waits for them forever (docs/design.md, "Ray clusters"). Ray's processes inherit this environment."""
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    for name, value in ONE_ARENA_ENV.items():  # the heap kept in the threads that score and train (rayad.cpu)
+        os.environ.setdefault(name, value)
     ray.init(address="local", dashboard_port=port, log_to_driver=log_to_driver)
 
 

@@ -15,6 +15,11 @@ log = logging.getLogger(__name__)
 # glibc's mallopt parameters (malloc.h), and how much freed memory the heap may keep (both thresholds)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 HEAP_KEEP_BYTES = 1 << 30
+# glibc gives each thread but the first an arena of its own, whose heaps stop at 64 MB: a larger block there is
+# mapped from the kernel and unmapped when freed, whatever mallopt says. Ray runs rayad's work in such threads
+# (Ray Data's map workers, Serve replicas, Ray Train's training function), so the Ray processes rayad starts
+# get this environment (glibc reads it at start-up): one arena, the main one, for every thread.
+ONE_ARENA_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
 def use_cpus(threads: int | None) -> None:

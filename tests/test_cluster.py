@@ -1,5 +1,6 @@
 """The Ray that rayad starts on this machine: its processes find its own state API, whatever other Ray a
-`ray start` left behind (Ray Train's placement-group cleaner depends on it: docs/design.md, "Ray clusters")."""
+`ray start` left behind (Ray Train's placement-group cleaner depends on it: docs/design.md, "Ray clusters"), and
+every thread of theirs allocates from one heap (rayad.cpu.ONE_ARENA_ENV)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from rayad.cpu import ONE_ARENA_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +30,17 @@ def state_of(actor_id):
     from ray.util.state import get_actor
     return get_actor(actor_id, timeout=20).state  # what Ray Train's placement-group cleaner asks
 
+@ray.remote(num_cpus=0)
+def environment(name):
+    import os
+    return os.environ.get(name)
+
 connect(None, log_to_driver=False)
 actor = Alive.remote()
 ray.get(actor.__ray_ready__.remote())
 alive = ray.get(state_of.remote(actor._actor_id.hex()))
 ray.kill(actor)
-print(alive, ray.get(state_of.remote(actor._actor_id.hex())))
+print(alive, ray.get(state_of.remote(actor._actor_id.hex())), ray.get(environment.remote("MALLOC_ARENA_MAX")))
 """
 
 
@@ -41,10 +49,11 @@ def test_workers_of_a_local_ray_ask_its_own_state_api_not_the_last_ray_start():
     with tempfile.TemporaryDirectory(prefix="rayad-") as tmp:
         (Path(tmp) / "ray").mkdir()
         (Path(tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")  # a cluster that is gone
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_TMPDIR": tmp}
-        result = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "MALLOC_ARENA_MAX"}
+        result = subprocess.run([sys.executable, "-c", PROBE], env=env | {"RAY_TMPDIR": tmp}, capture_output=True,
+                                text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["ALIVE", "DEAD"]
+    assert result.stdout.split() == ["ALIVE", "DEAD", ONE_ARENA_ENV["MALLOC_ARENA_MAX"]]  # and one heap (rayad.cpu)
 
 
 @pytest.mark.parametrize("address, message", [

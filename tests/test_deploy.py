@@ -18,6 +18,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from rayad.cli import build_parser
+from rayad.cpu import ONE_ARENA_ENV
 from rayad.serve import ServeSettings, app_builder
 from rayad.tune import resolve_space
 
@@ -118,6 +119,14 @@ def test_every_pod_runs_the_image_on_this_ray_version_with_the_shared_volume(kin
         volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
         assert set(volumes.values()) == {claim}
         assert {m["name"] for c in pod["containers"] for m in c["volumeMounts"]} <= set(volumes)
+
+
+@pytest.mark.parametrize("kind", list(CLUSTERS))
+def test_every_worker_pod_gives_ray_one_heap_arena(kind):
+    """Where Ray runs scoring and training, as the local Ray rayad starts does (rayad.cpu.ONE_ARENA_ENV)."""
+    for group in CLUSTERS[kind]["workerGroupSpecs"]:
+        for container in group["template"]["spec"]["containers"]:
+            assert {e["name"]: e["value"] for e in container.get("env", [])}.items() >= ONE_ARENA_ENV.items()
 
 
 def _mount_points(pod: dict) -> list[str]:
