@@ -45,7 +45,7 @@ def _check_reachable(address: str) -> None:
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise RayadError(f"--address {address!r}: expected HOST:PORT, the head node's (e.g. 10.0.0.1:6379)")
+        raise RayadError(f"address {address!r} (--address): expected HOST:PORT, the head node's (e.g. 10.0.0.1:6379)")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:

@@ -208,10 +208,10 @@ class Config:
         except ConfigError as e:  # a rule across sections
             raise ConfigError(f"{source}: {e}") from None
 
-    def replace(self, overrides: dict[str, Any], source: str = "--set") -> Config:
+    def replace(self, overrides: dict[str, Any], source: str = "overrides (--set)") -> Config:
         """A copy with dotted-key overrides such as {"train.steps": 100}."""
         if not isinstance(overrides, dict) or not all(isinstance(key, str) for key in overrides):
-            raise ConfigError(f"{source}: overrides must map dotted keys to values, such as "
+            raise ConfigError(f"{source}: must map dotted keys to values, such as "
                               f"{{'train.steps': 100}}; got {overrides!r}")
         raw = self.to_dict()
         for key, value in overrides.items():

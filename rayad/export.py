@@ -45,7 +45,7 @@ def export_model(run_dir: str | Path, fmt: str, out_dir: str | Path, check_image
                  ) -> dict[str, Any]:
     """Write `out_dir/model.pt|model.onnx` and `out_dir/rayad_export.json`; returns the metadata."""
     if fmt not in FORMATS:
-        raise RayadError(f"--format {fmt!r}: choose from {sorted(FORMATS)}")
+        raise RayadError(f"format {fmt!r} (--format): choose from {sorted(FORMATS)}")
     predictor = Predictor.load(run_dir, device="cpu")
     graph = ScoringGraph(predictor.model).eval()
     size = predictor.image_size
@@ -53,7 +53,7 @@ def export_model(run_dir: str | Path, fmt: str, out_dir: str | Path, check_image
     out_dir = Path(out_dir)
     blocking = [p for p in (out_dir / FORMATS[fmt], out_dir / METADATA) if p.is_dir()]
     if blocking:
-        raise RayadError(f"--out {out_dir}: {blocking[0]} is a folder; the export writes a file there")
+        raise RayadError(f"{out_dir}: {blocking[0]} is a folder; the export writes a file there")
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         path = Path(tmp) / FORMATS[fmt]

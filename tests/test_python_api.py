@@ -62,7 +62,7 @@ def test_predictor_load_checks_device_and_precision(trained_run, kwargs, message
 
 
 def test_config_fit_and_search_name_arguments_of_the_wrong_kind(demo_root, tmp_path):
-    with pytest.raises(ConfigError, match="overrides must map dotted keys to values"):
+    with pytest.raises(ConfigError, match="overrides \\(--set\\): must map dotted keys to values"):
         load_config(overrides="train.steps=7")
     assert load_config(overrides=("train.steps=7",)).train.steps == 7
     with pytest.raises(TypeError, match="cfg: a rayad.config.Config"):

@@ -350,7 +350,8 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
     device = checked_device(device) if device else default_device()
     latest = latest_checkpoint(out_dir / "checkpoints")
     if latest is not None and not resume:
-        raise RayadError(f"{out_dir} already holds checkpoints; pass --resume to continue, or pick a new --out")
+        raise RayadError(f"{out_dir} already holds checkpoints; resume them (--resume, or resume=True), or train "
+                         "into a new folder")
     if latest is not None:  # before anything in the run is rewritten
         check_resumable(latest, cfg, data_root, build_manifest(data_root, category, cfg.data), out_dir / MANIFEST)
     make_folder(out_dir)

@@ -82,19 +82,20 @@ def plan_search(settings: SearchSettings) -> Plan:
     s = settings
     if s.mlflow:
         check_tracking_uri(s.mlflow)
-    for flag, value, ok, need in [
-        ("--trials", s.trials, s.trials >= 1, ">= 1"),
-        ("--workers-per-trial", s.workers_per_trial, s.workers_per_trial >= 1, ">= 1"),
-        ("--cpus-per-worker", s.cpus_per_worker, s.cpus_per_worker > 0, "> 0"),
-        ("--gpus-per-worker", s.gpus_per_worker, s.gpus_per_worker >= 0, ">= 0"),
-        ("--startup-trials", s.startup_trials, s.startup_trials is None or s.startup_trials >= 1, ">= 1"),
-        ("--concurrent", s.concurrent, s.concurrent is None or s.concurrent >= 1, ">= 1"),
-        ("--grace-period", s.grace_period, s.grace_period >= 1, ">= 1"),
-        ("reduction_factor", s.reduction_factor, s.reduction_factor >= 2, ">= 2"),
-        ("--max-failures", s.max_failures, s.max_failures >= 0, ">= 0"),
+    for name, ok, need in [
+        ("trials", s.trials >= 1, ">= 1"),
+        ("workers_per_trial", s.workers_per_trial >= 1, ">= 1"),
+        ("cpus_per_worker", s.cpus_per_worker > 0, "> 0"),
+        ("gpus_per_worker", s.gpus_per_worker >= 0, ">= 0"),
+        ("startup_trials", s.startup_trials is None or s.startup_trials >= 1, ">= 1"),
+        ("concurrent", s.concurrent is None or s.concurrent >= 1, ">= 1"),
+        ("grace_period", s.grace_period >= 1, ">= 1"),
+        ("reduction_factor", s.reduction_factor >= 2, ">= 2"),
+        ("max_failures", s.max_failures >= 0, ">= 0"),
     ]:
         if not ok:
-            raise ConfigError(f"{flag} {value}: must be {need}")
+            flag = "" if name == "reduction_factor" else f" (--{name.replace('_', '-')})"  # no flag sets it
+            raise ConfigError(f"search setting {name} = {getattr(s, name)!r}{flag}: must be {need}")
     if s.scheduler not in ("asha", "fifo"):
         raise ConfigError(f"scheduler {s.scheduler!r}: use asha or fifo")
     space = load_space(s.space, load_config(s.config_file))
@@ -130,7 +131,8 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
         _check_resumable(plan, exp_dir)  # before anything is written
         previous = read_experiment_file(exp_dir)
     elif (exp_dir / EXPERIMENT).exists():
-        raise RayadError(f"{exp_dir}: already holds an experiment; add --resume to continue it, or give a new --out")
+        raise RayadError(f"{exp_dir}: already holds an experiment; resume it (--resume, or resume=True), or give "
+                         "a new folder")
     make_folder(exp_dir)
     _check_data(plan, exp_dir)
     connect(address)

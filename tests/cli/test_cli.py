@@ -72,7 +72,7 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["predict", "--run", "{run}", "{demo}/brick/test/good", "--out", "{tmp}/file/p.parquet"], "is a file"),
     (["predict", "--run", "{run}", "--ray", "{demo}/brick/test/good", "--out", "{tmp}"], "already holds files"),
     (["demo", "--out", "{tmp}/demo", "--categories", "brick", "marble"], "no demo category marble"),
-    (["demo", "--out", "{tmp}/demo", "--trials", "0"], "--trials 0: must be >= 1"),  # before the data or Ray
+    (["demo", "--out", "{tmp}/demo", "--trials", "0"], "trials = 0 (--trials): must be >= 1"),  # before data, Ray
     (TRAIN + ["--seed", "-1"], "train.seed = -1 is out of range"),
     (["data", "demo", "--out", "{tmp}/d", "--seed", "-1"], "demo seed -1: must be from 0 to 4294967295"),
     (TRAIN + ["--set", "corruption.fill_sources={{patch: .nan}}"], "weights must be finite"),

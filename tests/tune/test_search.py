@@ -195,9 +195,9 @@ def test_a_search_never_overwrites_or_merges_with_an_experiment_and_damage_is_na
     (damaged_rows / "trials.parquet").write_bytes(before["trials.parquet"][:100])
     (lost_rows / "trials.parquet").unlink()  # resuming used to end "interrupted" again, every time
     for args, message in [
-        (new, "already holds an experiment; add --resume to continue it"),  # it used to merge the two searches
+        (new, "already holds an experiment; resume it"),  # it used to merge the two searches
         (["tune", "--out", str(exp), "--resume", "--category", "grass"], "--category with --resume"),
-        (new[:-1] + [str(tmp_path / "other"), "--concurrent", "-1"], "--concurrent -1: must be >= 1"),
+        (new[:-1] + [str(tmp_path / "other"), "--concurrent", "-1"], "concurrent = -1 (--concurrent): must be >= 1"),
         (["tune", "--out", str(damaged_json), "--resume"], "experiment.json: not an experiment record"),
         (["tune", "--out", str(damaged_rows), "--resume"], "trials.parquet: unreadable"),
         (["tune", "--out", str(lost_rows), "--resume"], "trials.parquet: lacks 4 of the 4 trials Ray Tune has"),

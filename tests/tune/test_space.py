@@ -161,7 +161,7 @@ def test_cli_rejects_zero_startup_trials(tmp_path, demo_root, capsys):
     code = main(["tune", "--data", str(demo_root), "--category", "brick", "--space", "quick",
                  "--startup-trials", "0", "--out", str(tmp_path / "exp")])
     assert code == 2
-    assert "--startup-trials 0: must be >= 1" in capsys.readouterr().err
+    assert "startup_trials = 0 (--startup-trials): must be >= 1" in capsys.readouterr().err
 
 
 def test_settings_hold_absolute_paths_and_take_one_metric_as_a_string(tmp_path, monkeypatch):
