@@ -34,7 +34,7 @@ COLUMNS = {
     "test pixel_auroc": st.column_config.NumberColumn("Test pixel AUROC", format="%.4f"),
     "test aupro": st.column_config.NumberColumn("Test AUPRO", format="%.4f"),
     "test f1_max": st.column_config.NumberColumn("Test F1-max", format="%.4f"),
-    "started": st.column_config.DatetimeColumn("Started", format="YYYY-MM-DD HH:mm"),
+    "started": st.column_config.DatetimeColumn("Started (UTC)", format="YYYY-MM-DD HH:mm"),
     "objective": st.column_config.TextColumn("Objective"),
     "dataset": st.column_config.TextColumn("Dataset"),
 }

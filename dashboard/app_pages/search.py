@@ -10,6 +10,7 @@ import loaders
 
 LIVE_REFRESH_S = 10
 CURVES_DEFAULT = 5
+FEW_TRIALS = 20  # PED-ANOVA contrasts the best 10% of the finished trials with all of them
 
 exp = loaders.selected_experiment()
 experiment = loaders.or_stop(loaders.experiment, str(exp), loaders.experiment_versions(exp))
@@ -61,6 +62,11 @@ except results.StoreError as e:  # a missing or corrupt study.db: the rest of th
 else:
     if values:
         st.altair_chart(charts.importances(values), width="stretch")
+        done = int((loaders.or_stop(loaders.trials, str(exp), loaders.experiment_versions(exp))["status"]
+                    == "completed").sum())
+        few = f"; with under {FEW_TRIALS}, that best 10% is one or two trials: a hint, not a ranking"
+        st.caption(f"How much each parameter matters for reaching the best 10% of the {done} trials that ran their "
+                   f"whole budget (Optuna's PED-ANOVA){few if done < FEW_TRIALS else ''}.")
     else:
         st.caption("Needs at least two finished trials.")
 
