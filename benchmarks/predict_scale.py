@@ -1,7 +1,7 @@
 """Batch scoring that scales out: `rayad predict` in one process against `rayad predict --ray` (Ray Data,
-2 actors), on 500 and 2,000 image files, with the images/s of each and the driver's peak memory.
+its default pool), on 500 and 2,000 image files, with the images/s of each and the driver's peak memory.
 
-    python benchmarks/predict_scale.py [--counts 500 2000] [--tta flips|none]
+    python benchmarks/predict_scale.py [--counts 500 2000] [--tta flips|none] [--cpus-per-actor C]
 
 Each measurement runs in its own process (a fresh local Ray for --ray), which prints its peak RSS. The
 rows of --ray are written by Ray Data's workers into a Parquet dataset, so the driver's memory should
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from PIL import Image
 
 from rayad.cpu import use_cpus
 from rayad.precision import cpu_summary
+from rayad.predict import actor_threads
+from rayad.settings import PREDICT_BATCH
 
 
 def make_images(folder: Path, n: int) -> Path:
@@ -35,25 +38,27 @@ def make_images(folder: Path, n: int) -> Path:
     return folder
 
 
-def measure(mode: str, run: str, images: str, out: str) -> None:
+def measure(mode: str, run: str, images: str, out: str, cpus_per_actor: str) -> None:
     """In a child process: score `images` and print images/s and this process's peak RSS as JSON."""
-    from rayad.predict import expand_paths, predict_paths, predict_with_ray
+    from rayad.predict import default_actor_cpus, expand_paths, pool_size, predict_paths, predict_with_ray
 
     n = len(expand_paths([Path(images)]))
-    start = time.perf_counter()
+    start, shape = time.perf_counter(), {}
     if mode == "ray":
         from rayad.cluster import connect
 
         connect(None, log_to_driver=False)
+        cpus = float(cpus_per_actor) if cpus_per_actor != "default" else default_actor_cpus()
+        shape = {"actors": pool_size(cpus), "cpus_per_actor": cpus}
         start = time.perf_counter()  # Ray's start-up is not scoring
-        rows = predict_with_ray(run, [images], out, actors=2, cpus_per_actor=0.85, batch_size=32).num_rows
+        rows = predict_with_ray(run, [images], out, cpus_per_actor=cpus).num_rows
     else:
         use_cpus(2)  # as `rayad predict` on 2 cores
         rows = predict_paths(run, [Path(images)], Path(out)).num_rows
     seconds = time.perf_counter() - start
     assert rows == n
     print(json.dumps({"images_per_s": n / seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                      / 1024}))
+                      / 1024, **shape}))
 
 
 def main() -> None:
@@ -61,7 +66,8 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[500, 2000])
     parser.add_argument("--tta", choices=["flips", "none"], default="flips",
                         help="scoring.tta of the model (flips: what `auto` settles on for textures; 4x the network)")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--cpus-per-actor", default="default", help="as `rayad predict --ray`'s (default: its default)")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return measure(*args.child)
@@ -74,11 +80,14 @@ def main() -> None:
     for n in args.counts:
         images = make_images(work / f"images-{n}", n)
         for mode, out in (("single", work / f"single-{n}.parquet"), ("ray", work / f"ray-{n}")):
-            line = subprocess.run([sys.executable, __file__, "--child", mode, str(run), str(images), str(out)],
+            line = subprocess.run([sys.executable, __file__, "--child", mode, str(run), str(images), str(out),
+                                   str(args.cpus_per_actor)],
                                   capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results[(mode, n)] = json.loads(line)
-    print(f"machine: {cpu_summary()}, 2 cores; "
-          f"default SDC-CCM at 128², scoring.tta {args.tta}; Ray Data: 2 actors x 0.85 CPU, batches of 32")
+    pool = results[("ray", args.counts[0])]
+    print(f"machine: {cpu_summary()}, {os.cpu_count()} cores; default SDC-CCM at 128², scoring.tta {args.tta}; "
+          f"Ray Data: {pool['actors']} actors x {pool['cpus_per_actor']} CPU, "
+          f"{actor_threads(pool['cpus_per_actor'])} thread(s) each, batches of {PREDICT_BATCH}")
     print("| files | single process images/s | Ray Data images/s | ratio | single peak RSS (MB) | "
           "Ray driver peak RSS (MB) |")
     print("|---|---|---|---|---|---|")

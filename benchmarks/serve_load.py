@@ -36,7 +36,7 @@ from rayad.cluster import connect
 from rayad.config import Config
 from rayad.cpu import use_cpus
 from rayad.precision import cpu_summary
-from rayad.predict import predict_paths, predict_with_ray
+from rayad.predict import default_actor_cpus, pool_size, predict_paths, predict_with_ray
 from rayad.serve import ServeSettings, start, use_haproxy_ingress
 
 THREADS = 2
@@ -167,13 +167,14 @@ def healthz_during_batch(url: str, images: int = 16) -> dict[str, float]:
             "batch_s": batch["seconds"], "status": batch["status"], "mb": sum(len(f[1][1]) for f in files) / 2**20}
 
 
-def batch_scoring(run: Path, paths: list[Path], out: Path) -> tuple[float, float]:
+def batch_scoring(run: Path, paths: list[Path], out: Path) -> tuple[float, float, int]:
+    """Images/s in one process and on Ray Data's default pool (as `rayad predict --ray`), and that pool's size."""
     start = time.perf_counter()
     predict_paths(run, paths)
     plain = len(paths) / (time.perf_counter() - start)
     start = time.perf_counter()
-    predict_with_ray(run, [str(paths[0].parent)], out, actors=2, cpus_per_actor=0.85, batch_size=32)
-    return plain, len(paths) / (time.perf_counter() - start)
+    predict_with_ray(run, [str(paths[0].parent)], out)
+    return plain, len(paths) / (time.perf_counter() - start), pool_size(default_actor_cpus())
 
 
 def main() -> None:
@@ -194,7 +195,7 @@ def main() -> None:
     best_batch = max(raw, key=raw.get)
     connect(use_haproxy_ingress(None) if args.ingress == "haproxy" else None, log_to_driver=False)
     served, h = serve_runs(run, paths[0].read_bytes(), args)
-    plain, with_ray = batch_scoring(run, paths, work / "scores.parquet")
+    plain, with_ray, actors = batch_scoring(run, paths, work / "scores.parquet")
 
     precision = Predictor.load(run, device="cpu").precision  # what the Predictor, replicas and actors score in
     print(f"machine: {cpu_summary()}, "
@@ -215,7 +216,7 @@ def main() -> None:
     print(f"/healthz while a 16-image batch of 2048² PNGs ({h['mb']:.1f} MB, HTTP {h['status']}, "
           f"{h['batch_s']:.2f} s) decodes and scores: p50 {h['busy_p50']:.1f} ms, max {h['busy_max']:.1f} ms "
           f"(idle p50 {h['idle_p50']:.1f} ms)")
-    print(f"batch scoring of {len(paths)} files: single process {plain:.1f} img/s, Ray Data 2 actors "
+    print(f"batch scoring of {len(paths)} files: single process {plain:.1f} img/s, Ray Data {actors} actors "
           f"{with_ray:.1f} img/s (ratio {with_ray / plain:.2f})")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from rayad.layout import atomic_write
 from rayad.settings import PREDICT_BATCH
 from rayad.visualize import heatmap_image
 
-READ_CPUS = 0.25  # reading files is I/O: the read tasks take a small CPU share
+READ_CPUS = 0.25  # reading and writing files is I/O: those tasks take a small CPU share
 SCHEMA = pa.schema([("path", pa.string()), ("score", pa.float64()), ("normalized_score", pa.float64()),
                     ("label", pa.bool_()), ("heatmap", pa.string()), ("error", pa.string())])
 
@@ -125,12 +126,13 @@ class ScoringActor:
 
 
 def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str | None = None,
-                     batch_size: int = PREDICT_BATCH, actors: int | None = None, cpus_per_actor: float = 1.0,
-                     gpus_per_actor: float = 0.0) -> pa.Table:
+                     batch_size: int = PREDICT_BATCH, actors: int | None = None,
+                     cpus_per_actor: float | None = None, gpus_per_actor: float = 0.0) -> pa.Table:
     """Stream `inputs` (local files and folders, or URIs such as s3://bucket/images/) through an actor pool;
     Ray Data's workers write the rows as Parquet files into `out` (a folder or a pyarrow filesystem URI),
     never through the driver, which reads back only their `error` column and returns it (null where the image
-    was scored). Every node must reach the inputs, the run and `out`."""
+    was scored). Every node must reach the inputs, the run and `out`. `cpus_per_actor` defaults to
+    `default_actor_cpus()`."""
     import ray
 
     load_model(run)  # a broken run fails here, in one line, not in every actor
@@ -144,6 +146,8 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
              for paths, only in ((local, {}), (remote, {"file_extensions": [s.lstrip(".") for s in IMAGE_SUFFIXES]}))
              if paths]
     dataset = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]  # Ray's union needs another dataset
+    if cpus_per_actor is None:
+        cpus_per_actor = default_actor_cpus()
     scored = dataset.map_batches(
         ScoringActor, batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
@@ -151,7 +155,7 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
         compute=ray.data.ActorPoolStrategy(size=actors or pool_size(cpus_per_actor, gpus_per_actor)),
         fn_constructor_kwargs={"run_dir": str(Path(run).absolute()),
                                "heatmaps": _absolute(heatmaps) if heatmaps else None,
-                               "threads": max(1, int(cpus_per_actor))})
+                               "threads": actor_threads(cpus_per_actor)})
     location = _absolute(out)
     # writing takes a small CPU share, as reading does: with a whole CPU it waited for the actors to finish
     scored.map_batches(_to_schema, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS
@@ -160,16 +164,34 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
     return pq.read_table(path, columns=["error"], filesystem=filesystem)
 
 
+def default_actor_cpus() -> float:
+    """One scoring actor per core, each node keeping a quarter of a core beside them for one read or write task
+    at a time: 0.875 CPU on 2-core nodes. A whole CPU each left room for one actor on 2 cores, and a larger
+    remainder let I/O tasks crowd the actors (docs/benchmarks.md). Rounded down to Ray's precision, 1e-4 CPU."""
+    import ray
+
+    cores = min((node["Resources"]["CPU"] for node in ray.nodes()
+                 if node["Alive"] and node["Resources"].get("CPU", 0) >= 1), default=1)
+    return math.floor((1 - READ_CPUS / cores) * 1e4) / 1e4
+
+
+def actor_threads(cpus_per_actor: float) -> int:
+    return max(1, int(cpus_per_actor))
+
+
 def pool_size(cpus_per_actor: float, gpus_per_actor: float = 0.0) -> int:
     """How many scoring actors the cluster holds: by its GPUs when the actors ask for GPUs, and by its CPUs
-    (leaving room for the read tasks, or they starve)."""
+    (leaving room for the read tasks, or they starve), never with more torch threads than cores."""
     import ray
 
     resources = ray.cluster_resources()
-    fits = [int((resources.get("CPU", 1) - READ_CPUS) // cpus_per_actor)] if cpus_per_actor else []
+    cpus = resources.get("CPU", 1)
+    fits = [int(cpus // actor_threads(cpus_per_actor))]
+    if cpus_per_actor:
+        fits.append(int((cpus - READ_CPUS) / cpus_per_actor + 1e-9))  # a float quotient may fall just short
     if gpus_per_actor:
         fits.append(int(resources.get("GPU", 0) // gpus_per_actor))
-    return max(1, min(fits, default=1))
+    return max(1, min(fits))
 
 
 def _to_schema(batch: pa.Table) -> pa.Table:

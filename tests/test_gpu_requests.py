@@ -26,13 +26,33 @@ def test_serve_scorer_replicas_reserve_the_gpus_asked_for(gpus):
 
 @pytest.mark.parametrize("resources, cpus, gpus, expected", [
     ({"CPU": 16.0}, 1.0, 0.0, 15),  # by CPUs, less the read tasks' share
+    ({"CPU": 16.0}, 0.5, 0.0, 16),  # never more torch threads than cores
+    ({"CPU": 16.0}, 2.0, 0.0, 7),  # 2 threads each
     ({"CPU": 16.0, "GPU": 2.0}, 1.0, 1.0, 2),  # by GPUs when actors ask for them
     ({"CPU": 16.0, "GPU": 2.0}, 1.0, 0.5, 4),  # fractions share a GPU
     ({"CPU": 2.0, "GPU": 4.0}, 1.0, 0.5, 1),  # and never more than the CPUs hold
 ])
-def test_ray_data_pool_is_sized_by_gpus_when_actors_ask_for_them(monkeypatch, resources, cpus, gpus, expected):
+def test_ray_data_pool_is_sized_by_cpus_or_by_the_gpus_actors_ask_for(monkeypatch, resources, cpus, gpus, expected):
     monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
     assert predict.pool_size(cpus, gpus) == expected
+
+
+@pytest.mark.parametrize("node_cpus, share", [
+    ([2.0], 0.875),  # one actor per core, a quarter core left for one read or write at a time
+    ([2.0, 2.0], 0.875),
+    ([16.0], 0.9843),  # 63/64, to Ray's 1e-4
+    ([3.0], 0.9166),
+    ([1.0, 1.0], 0.75),  # the test cluster
+    ([0.0, 2.0, 16.0], 0.875),  # a head without CPUs holds no actor; the smallest worker node sets the share
+])
+def test_ray_data_actors_fill_every_core_by_default(monkeypatch, node_cpus, share):
+    dead = {"Alive": False, "Resources": {"CPU": 1.0}}
+    nodes = [{"Alive": True, "Resources": {"CPU": c}} for c in node_cpus] + [dead]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": sum(node_cpus)})
+    assert predict.default_actor_cpus() == share
+    assert predict.pool_size(share) == sum(int(c) for c in node_cpus)
+    assert all(int(c) * share <= c - predict.READ_CPUS for c in node_cpus if c)
 
 
 def test_ray_data_actors_ask_for_their_gpus(monkeypatch, trained_run, demo_root):
