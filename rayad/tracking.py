@@ -23,7 +23,7 @@ def require_mlflow():
     try:
         import mlflow
     except ImportError:
-        raise RayadError("--mlflow needs MLflow: pip install 'rayad[mlflow]'") from None
+        raise RayadError("mlflow (--mlflow) needs MLflow: pip install 'rayad[mlflow]'") from None
     return mlflow
 
 
@@ -34,7 +34,7 @@ def check_tracking_uri(uri: str) -> None:
     try:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - MLflow raises its own and its stores' errors
-        raise RayadError(f"--mlflow {uri}: MLflow cannot use it ({type(e).__name__}: "
+        raise RayadError(f"mlflow {uri!r} (--mlflow): MLflow cannot use it ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 

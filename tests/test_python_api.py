@@ -11,7 +11,7 @@ from rayad.config import load_config
 from rayad.errors import ConfigError, DataError, RayadError
 from rayad.evaluate import evaluate
 from rayad.train import fit
-from rayad.tune import run_search
+from rayad.tune import SearchSettings, run_search
 
 
 @pytest.fixture(scope="module")
@@ -76,5 +76,8 @@ def test_config_fit_and_search_name_arguments_of_the_wrong_kind(demo_root, tmp_p
     with pytest.raises(TypeError, match="category: the name of a folder under the data root, not None"):
         fit(load_config(), demo_root, None, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # checked before anything is written
+    with pytest.raises(RayadError, match=r"mlflow 'ftp://x' \(--mlflow\): MLflow cannot use it"):
+        run_search(SearchSettings(str(demo_root), "brick", "quick", mlflow="ftp://x"), tmp_path / "exp")
+    assert not (tmp_path / "exp").exists()
     with pytest.raises(TypeError, match="settings: a rayad.tune.SearchSettings, not a dict"):
         run_search({"data_root": str(demo_root)}, tmp_path / "exp")

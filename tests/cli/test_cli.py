@@ -89,7 +89,7 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["serve", "--run", "{run}", "--max-upload-mb", "-1"], "must be > 0"),
     (["serve", "--run", "{run}", "--port", "70000"], "--port: 70000 is not a port (1 to 65535)"),
     (TRAIN + ["--workers", "1", "--storage", "{tmp}/file/ckpt"], "--storage {tmp}/file/ckpt: {tmp}/file is a file"),
-    (TRAIN + ["--mlflow", "ftp://x"], "--mlflow ftp://x: MLflow cannot use it"),  # before training, not after
+    (TRAIN + ["--mlflow", "ftp://x"], "mlflow 'ftp://x' (--mlflow): MLflow cannot use it"),  # before training
     (TRAIN + ["--gpu"], "--gpu: this process sees no CUDA GPU"),  # the suite hides GPUs
     (TRAIN + ["--steps", "5", "--set", "train.steps=abc"], "--steps and --set train.steps: give one of them"),
 ])
@@ -138,7 +138,7 @@ def test_mlflow_missing_is_one_line_naming_the_extra(tmp_path, demo_root, capsys
     assert main(["train", "--data", str(demo_root), "--category", "brick", "--out", str(tmp_path / "r"),
                  "--mlflow", "sqlite:///x.db", *TINY_ARGS]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("--mlflow needs MLflow: pip install 'rayad[mlflow]'") and len(err.splitlines()) == 1
+    assert err.endswith("mlflow (--mlflow) needs MLflow: pip install 'rayad[mlflow]'") and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()  # failed before any work
 
 
