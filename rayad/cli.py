@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images in one batch request (more get 413)")
     srv.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
                      help="larger images are refused with 413 before they are decoded")
-    srv.add_argument("--replica-cpus", type=float, default=defaults.replica_cpus)
+    srv.add_argument("--replica-cpus", type=float, default=defaults.replica_cpus,
+                     help="CPUs each scorer replica reserves; its torch threads are the whole CPUs, at least 1 "
+                     "(default: the smallest node's cores shared by --max-replicas, at least 1)")
     srv.add_argument("--replica-gpus", type=float, default=defaults.replica_gpus,
                      help="GPUs each scorer replica reserves (0.5: two replicas per GPU); it scores on cuda then")
     srv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")

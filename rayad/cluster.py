@@ -17,7 +17,7 @@ from rayad.cpu import ONE_ARENA_ENV
 from rayad.errors import RayadError, stop_on_sigterm
 from rayad.settings import Cluster
 
-__all__ = ["Cluster", "check_resources", "check_shared_paths", "connect", "fitting_groups"]
+__all__ = ["Cluster", "check_resources", "check_shared_paths", "connect", "fitting_groups", "smallest_node_cpus"]
 
 
 def connect(address: str | None, log_to_driver: bool = True) -> bool:
@@ -87,6 +87,13 @@ def check_resources(cluster: Cluster) -> None:
     if need_cpu > have_cpu or need_gpu > have_gpu:
         raise RayadError(f"asked for {cluster.describe()} = {need_cpu:g} CPU, {need_gpu:g} GPU; "
                          f"the cluster has {have_cpu:g} CPU, {have_gpu:g} GPU")
+
+
+def smallest_node_cpus() -> float:
+    """The CPUs of the smallest live node that has any (a head started with 0 CPUs runs no work), or 1. The
+    defaults of Ray Data's scoring actors and Serve's scorer replicas fill a node of this size."""
+    return min((node["Resources"]["CPU"] for node in ray.nodes()
+                if node["Alive"] and node["Resources"].get("CPU", 0) >= 1), default=1)
 
 
 def fitting_groups(cluster: Cluster) -> int:

@@ -168,11 +168,9 @@ def default_actor_cpus() -> float:
     """One scoring actor per core, each node keeping a quarter of a core beside them for one read or write task
     at a time: 0.875 CPU on 2-core nodes. A whole CPU each left room for one actor on 2 cores, and a larger
     remainder let I/O tasks crowd the actors (docs/benchmarks.md). Rounded down to Ray's precision, 1e-4 CPU."""
-    import ray
+    from rayad.cluster import smallest_node_cpus
 
-    cores = min((node["Resources"]["CPU"] for node in ray.nodes()
-                 if node["Alive"] and node["Resources"].get("CPU", 0) >= 1), default=1)
-    return math.floor((1 - READ_CPUS / cores) * 1e4) / 1e4
+    return math.floor((1 - READ_CPUS / smallest_node_cpus()) * 1e4) / 1e4
 
 
 def actor_threads(cpus_per_actor: float) -> int:

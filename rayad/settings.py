@@ -121,7 +121,9 @@ class ServeSettings:
     max_replicas: int = 1
     target_ongoing_requests: float = 8.0
     max_queued_requests: int = 64  # per scorer replica; beyond it requests get 503 at once
-    replica_cpus: float = 1.0
+    # CPUs per scorer replica (its torch threads: the whole CPUs, at least 1); None: the smallest node's cores
+    # shared by max_replicas (rayad.serve.app.scorer_cpus)
+    replica_cpus: float | None = None
     replica_gpus: float = 0.0  # GPUs each scorer replica reserves (fractions share one); cuda only then
     ingress_cpus: float = 0.0
     max_upload_mb: float = 20.0  # one image
@@ -144,7 +146,7 @@ class ServeSettings:
         check(self.target_ongoing_requests > 0, "target_ongoing_requests", "> 0")
         check(self.max_queued_requests >= 1 or self.max_queued_requests == -1, "max_queued_requests",
               ">= 1, or -1 for no limit")
-        check(self.replica_cpus >= 0, "replica_cpus", ">= 0")
+        check(self.replica_cpus is None or self.replica_cpus >= 0, "replica_cpus", ">= 0")
         check(self.replica_gpus >= 0, "replica_gpus", ">= 0")
         check(self.ingress_cpus >= 0, "ingress_cpus", ">= 0")
         check(self.max_upload_mb > 0, "max_upload_mb", "> 0")

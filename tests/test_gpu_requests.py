@@ -1,4 +1,4 @@
-"""GPU resources asked for by Serve replicas and Ray Data actors, and where a Predictor runs: checked on
+"""CPU and GPU resources asked for by Serve replicas and Ray Data actors, and where a Predictor runs: checked on
 CPU machines (the CUDA paths themselves are in tests/gpu, marked `gpu`)."""
 
 from __future__ import annotations
@@ -24,6 +24,29 @@ def test_serve_scorer_replicas_reserve_the_gpus_asked_for(gpus):
     assert "num_gpus" not in ingress.ray_actor_options  # the ingress only routes
 
 
+def _nodes(monkeypatch, node_cpus: list[float]) -> None:
+    dead = {"Alive": False, "Resources": {"CPU": 1.0}}
+    nodes = [{"Alive": True, "Resources": {"CPU": c}} for c in node_cpus] + [dead]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": sum(node_cpus)})
+
+
+@pytest.mark.parametrize("node_cpus, max_replicas, asked, expected", [
+    ([2.0], 1, None, 2.0),  # by default one replica takes the node's cores (2 threads)
+    ([2.0], 4, None, 1.0),  # shared by the replicas it may scale to, at least 1
+    ([16.0], 4, None, 4.0),
+    ([0.0, 4.0, 16.0], 2, None, 2.0),  # the smallest node that has CPUs
+    ([2.0], 1, 0.5, 0.5),  # as asked
+])
+def test_serve_scorer_replicas_fill_the_smallest_node_by_default(monkeypatch, node_cpus, max_replicas, asked,
+                                                                 expected):
+    _nodes(monkeypatch, node_cpus)
+    app = build_app(ServeSettings(models={"m": "/models/m"}, max_replicas=max_replicas, replica_cpus=asked))
+    scorer = app._bound_deployment.init_args[0]._bound_deployment
+    assert scorer.ray_actor_options["num_cpus"] == expected
+    assert scorer.init_args[1] == max(1, int(expected))  # its torch threads
+
+
 @pytest.mark.parametrize("resources, cpus, gpus, expected", [
     ({"CPU": 16.0}, 1.0, 0.0, 15),  # by CPUs, less the read tasks' share
     ({"CPU": 16.0}, 0.5, 0.0, 16),  # never more torch threads than cores
@@ -46,10 +69,7 @@ def test_ray_data_pool_is_sized_by_cpus_or_by_the_gpus_actors_ask_for(monkeypatc
     ([0.0, 2.0, 16.0], 0.875),  # a head without CPUs holds no actor; the smallest worker node sets the share
 ])
 def test_ray_data_actors_fill_every_core_by_default(monkeypatch, node_cpus, share):
-    dead = {"Alive": False, "Resources": {"CPU": 1.0}}
-    nodes = [{"Alive": True, "Resources": {"CPU": c}} for c in node_cpus] + [dead]
-    monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": sum(node_cpus)})
+    _nodes(monkeypatch, node_cpus)
     assert predict.default_actor_cpus() == share
     assert predict.pool_size(share) == sum(int(c) for c in node_cpus)
     assert all(int(c) * share <= c - predict.READ_CPUS for c in node_cpus if c)

@@ -40,6 +40,7 @@ from starlette.requests import Request as StarletteRequest
 
 from rayad import __version__, layout
 from rayad.artifact import Predictor, load_model, model_version, read_metadata, trained_category
+from rayad.cluster import smallest_node_cpus
 from rayad.cpu import use_cpus
 from rayad.data.images import ImageTooLarge, load_image
 from rayad.errors import ArtifactError, DataError, RayadError
@@ -411,16 +412,26 @@ class Api:
         return body
 
 
+def scorer_cpus(settings: ServeSettings) -> float:
+    """A scorer replica's CPUs: `replica_cpus`, or by default the smallest node's cores shared by `max_replicas`
+    replicas, at least 1. On 2 cores one replica with both served 1.3x the requests of one with 1 CPU, and two
+    replicas of 1 CPU no more (docs/benchmarks.md)."""
+    if settings.replica_cpus is not None:
+        return settings.replica_cpus
+    return float(max(1, int(smallest_node_cpus()) // settings.max_replicas))
+
+
 def build_app(settings: ServeSettings):
-    """The Serve application graph for `serve.run` (and `rayad serve`)."""
-    raw = asdict(settings)
+    """The Serve application graph for `serve.run` (and `rayad serve`), on a connected Ray cluster."""
+    raw, cpus = asdict(settings), scorer_cpus(settings)
+    log.info("scorer replicas: %g CPU each, %d torch threads", cpus, max(1, int(cpus)))
     scorer = Scorer.options(
-        ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus},
+        ray_actor_options={"num_cpus": cpus, "num_gpus": settings.replica_gpus},
         autoscaling_config={"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
                             "target_ongoing_requests": settings.target_ongoing_requests},
         max_ongoing_requests=max(2 * settings.max_batch_size, int(settings.target_ongoing_requests)),
         max_queued_requests=settings.max_queued_requests,
-    ).bind(raw, max(1, int(settings.replica_cpus)))
+    ).bind(raw, max(1, int(cpus)))
     return Api.options(ray_actor_options={"num_cpus": settings.ingress_cpus}, max_ongoing_requests=1000).bind(
         scorer, raw)
 
