@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     dist = train.add_argument_group("distributed training on Ray Train (used when --workers is given)")
     dist.add_argument("--workers", type=int, help="number of DDP workers")
     dist.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
-    dist.add_argument("--cpus-per-worker", type=float, default=Cluster.cpus_per_worker)
+    dist.add_argument("--cpus-per-worker", type=float, default=Cluster.cpus_per_worker,
+                      help="CPUs each worker reserves; its torch threads are the whole CPUs, at least 1 (default: the "
+                      "smallest node's cores shared by the workers, at least 1)")
     dist.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     dist.add_argument("--storage", help="checkpoint storage: a path or URI such as file:///shared or s3://b/p")
     dist.add_argument("--max-failures", type=int, default=Cluster.max_failures, help="worker failures to recover from")
@@ -253,7 +255,8 @@ def cmd_train(args) -> None:
     else:
         from rayad.train.ray_train import fit_distributed
 
-        if args.workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0:
+        cpus = args.cpus_per_worker
+        if args.workers < 1 or (cpus is not None and cpus <= 0) or args.max_failures < 0:
             raise RayadError("--workers must be >= 1, --cpus-per-worker > 0 and --max-failures >= 0")
         cluster = Cluster(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
                           address=args.address, storage=args.storage, max_failures=args.max_failures,

@@ -39,7 +39,7 @@ class Cluster:
 
     workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: the smallest node's cores shared by the workers (with_worker_cpus)
     gpus_per_worker: float = 1.0  # used when use_gpu; fractions share a GPU between workers
     address: str | None = None
     storage: str | None = None  # local path or pyarrow URI (file://, s3://, gs://); default RUN_DIR/ray

@@ -1,5 +1,5 @@
-"""CPU and GPU resources asked for by Serve replicas and Ray Data actors, and where a Predictor runs: checked on
-CPU machines (the CUDA paths themselves are in tests/gpu, marked `gpu`)."""
+"""CPU and GPU resources asked for by Serve replicas, Ray Data actors and Ray Train workers, and where a Predictor
+runs: checked on CPU machines (the CUDA paths themselves are in tests/gpu, marked `gpu`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ray
 import torch
 
 from rayad import predict
-from rayad.cluster import Cluster, check_resources, check_shared_paths
+from rayad.cluster import Cluster, check_resources, check_shared_paths, with_worker_cpus
 from rayad.errors import RayadError
 from rayad.precision import default_device
 from rayad.serve.app import build_app
@@ -45,6 +45,20 @@ def test_serve_scorer_replicas_fill_the_smallest_node_by_default(monkeypatch, no
     scorer = app._bound_deployment.init_args[0]._bound_deployment
     assert scorer.ray_actor_options["num_cpus"] == expected
     assert scorer.init_args[1] == max(1, int(expected))  # its torch threads
+
+
+@pytest.mark.parametrize("node_cpus, workers, asked, expected", [
+    ([2.0], 1, None, 2.0),  # by default one worker takes the node's cores (2 threads)
+    ([2.0], 2, None, 1.0),  # shared by the workers
+    ([1.0, 1.0], 2, None, 1.0),  # the test cluster
+    ([0.0, 4.0, 16.0], 3, None, 1.0),  # the smallest node that has CPUs, at least 1
+    ([16.0], 4, None, 4.0),
+    ([2.0], 1, 0.5, 0.5),  # as asked
+])
+def test_ray_train_workers_fill_the_smallest_node_by_default(monkeypatch, node_cpus, workers, asked, expected):
+    _nodes(monkeypatch, node_cpus)
+    cluster = with_worker_cpus(Cluster(workers=workers, cpus_per_worker=asked))
+    assert cluster.cpus_per_worker == expected and cluster.worker_threads == max(1, int(expected))
 
 
 @pytest.mark.parametrize("resources, cpus, gpus, expected", [

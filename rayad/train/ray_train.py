@@ -19,7 +19,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, prepare_model
 
 from rayad.artifact import build_anomaly_model, calibrate_and_save
-from rayad.cluster import Cluster, check_resources, check_shared_paths, connect
+from rayad.cluster import Cluster, check_resources, check_shared_paths, connect, with_worker_cpus
 from rayad.config import Config
 from rayad.data.manifest import check_category
 from rayad.errors import RayadError
@@ -129,6 +129,7 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
     make_folder(out_dir)
     data = load_train_data(cfg, data_root, category, out_dir)  # validates data and fills the cache once
     connect(cluster.address)
+    cluster = with_worker_cpus(cluster)
     check_resources(cluster)
     storage = cluster.storage or str(out_dir / "ray")
     check_shared_paths(storage, str(data_root))
