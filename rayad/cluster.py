@@ -93,7 +93,8 @@ def check_resources(cluster: Cluster) -> None:
 
 def smallest_node_cpus() -> float:
     """The CPUs of the smallest live node that has any (a head started with 0 CPUs runs no work), or 1. The
-    defaults of Ray Data's scoring actors and Serve's scorer replicas fill a node of this size."""
+    default CPUs of Ray Train workers, Ray Data's scoring actors and Serve's scorer replicas fill a node of this
+    size."""
     return min((node["Resources"]["CPU"] for node in ray.nodes()
                 if node["Alive"] and node["Resources"].get("CPU", 0) >= 1), default=1)
 
