@@ -26,8 +26,7 @@ from PIL import Image
 
 from rayad.cpu import use_cpus
 from rayad.precision import cpu_summary
-from rayad.predict import actor_threads
-from rayad.settings import PREDICT_BATCH
+from rayad.settings import PREDICT_BATCH, threads_for
 
 
 def make_images(folder: Path, n: int) -> Path:
@@ -87,7 +86,7 @@ def main() -> None:
     pool = results[("ray", args.counts[0])]
     print(f"machine: {cpu_summary()}, {os.cpu_count()} cores; default SDC-CCM at 128², scoring.tta {args.tta}; "
           f"Ray Data: {pool['actors']} actors x {pool['cpus_per_actor']} CPU, "
-          f"{actor_threads(pool['cpus_per_actor'])} thread(s) each, batches of {PREDICT_BATCH}")
+          f"{threads_for(pool['cpus_per_actor'])} thread(s) each, batches of {PREDICT_BATCH}")
     print("| files | single process images/s | Ray Data images/s | ratio | single peak RSS (MB) | "
           "Ray driver peak RSS (MB) |")
     print("|---|---|---|---|---|---|")

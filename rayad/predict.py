@@ -23,7 +23,7 @@ from rayad.cpu import use_cpus
 from rayad.data.images import IMAGE_SUFFIXES, image_size
 from rayad.errors import DataError
 from rayad.layout import atomic_write
-from rayad.settings import PREDICT_BATCH
+from rayad.settings import PREDICT_BATCH, threads_for
 from rayad.visualize import heatmap_image
 
 READ_CPUS = 0.25  # reading and writing files is I/O: those tasks take a small CPU share
@@ -155,7 +155,7 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
         compute=ray.data.ActorPoolStrategy(size=actors or pool_size(cpus_per_actor, gpus_per_actor)),
         fn_constructor_kwargs={"run_dir": str(Path(run).absolute()),
                                "heatmaps": _absolute(heatmaps) if heatmaps else None,
-                               "threads": actor_threads(cpus_per_actor)})
+                               "threads": threads_for(cpus_per_actor)})
     location = _absolute(out)
     # writing takes a small CPU share, as reading does: with a whole CPU it waited for the actors to finish
     scored.map_batches(_to_schema, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS
@@ -173,10 +173,6 @@ def default_actor_cpus() -> float:
     return math.floor((1 - READ_CPUS / smallest_node_cpus()) * 1e4) / 1e4
 
 
-def actor_threads(cpus_per_actor: float) -> int:
-    return max(1, int(cpus_per_actor))
-
-
 def pool_size(cpus_per_actor: float, gpus_per_actor: float = 0.0) -> int:
     """How many scoring actors the cluster holds: by its GPUs when the actors ask for GPUs, and by its CPUs
     (leaving room for the read tasks, or they starve), never with more torch threads than cores."""
@@ -184,7 +180,7 @@ def pool_size(cpus_per_actor: float, gpus_per_actor: float = 0.0) -> int:
 
     resources = ray.cluster_resources()
     cpus = resources.get("CPU", 1)
-    fits = [int(cpus // actor_threads(cpus_per_actor))]
+    fits = [int(cpus // threads_for(cpus_per_actor))]
     if cpus_per_actor:
         fits.append(int((cpus - READ_CPUS) / cpus_per_actor + 1e-9))  # a float quotient may fall just short
     if gpus_per_actor:

@@ -28,6 +28,11 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def threads_for(cpus: float) -> int:
+    """The torch threads of a Ray worker, actor or replica that reserved `cpus`: its whole CPUs, at least 1."""
+    return max(1, int(cpus))
+
+
 def absolute_path(value: str | os.PathLike | None) -> str | None:
     """A local path made absolute; a URI (or None) as given."""
     return value if value is None or "://" in str(value) else str(Path(value).absolute())
@@ -57,7 +62,7 @@ class Cluster:
     @property
     def worker_threads(self) -> int:
         """torch threads per worker: its CPU share (Ray sets OMP_NUM_THREADS, torch needs it explicitly)."""
-        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+        return self.threads_per_worker or threads_for(self.cpus_per_worker)
 
 
 @dataclass(frozen=True)

@@ -40,12 +40,12 @@ from starlette.requests import Request as StarletteRequest
 
 from rayad import __version__, layout
 from rayad.artifact import Predictor, load_model, model_version, read_metadata, trained_category
-from rayad.cluster import smallest_node_cpus
+from rayad.cluster import node_share
 from rayad.cpu import use_cpus
 from rayad.data.images import ImageTooLarge, load_image
 from rayad.errors import ArtifactError, DataError, RayadError
 from rayad.layout import BEST, METADATA, METRIC_NAMES, TEST_METRICS
-from rayad.settings import ServeSettings
+from rayad.settings import ServeSettings, threads_for
 from rayad.visualize import heatmap_image
 
 log = logging.getLogger(__name__)
@@ -418,20 +418,21 @@ def scorer_cpus(settings: ServeSettings) -> float:
     replicas of 1 CPU no more (docs/benchmarks.md)."""
     if settings.replica_cpus is not None:
         return settings.replica_cpus
-    return float(max(1, int(smallest_node_cpus()) // settings.max_replicas))
+    return node_share(settings.max_replicas)
 
 
 def build_app(settings: ServeSettings):
     """The Serve application graph for `serve.run` (and `rayad serve`), on a connected Ray cluster."""
     raw, cpus = asdict(settings), scorer_cpus(settings)
-    log.info("scorer replicas: %g CPU each, %d torch threads", cpus, max(1, int(cpus)))
+    threads = threads_for(cpus)
+    log.info("scorer replicas: %g CPU each, %d torch threads", cpus, threads)
     scorer = Scorer.options(
         ray_actor_options={"num_cpus": cpus, "num_gpus": settings.replica_gpus},
         autoscaling_config={"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
                             "target_ongoing_requests": settings.target_ongoing_requests},
         max_ongoing_requests=max(2 * settings.max_batch_size, int(settings.target_ongoing_requests)),
         max_queued_requests=settings.max_queued_requests,
-    ).bind(raw, max(1, int(cpus)))
+    ).bind(raw, threads)
     return Api.options(ray_actor_options={"num_cpus": settings.ingress_cpus}, max_ongoing_requests=1000).bind(
         scorer, raw)
 
