@@ -8,12 +8,12 @@ import pandas as pd
 
 STATUS_COLORS = alt.Scale(domain=["completed", "stopped_early", "running", "error"],
                           range=["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"])
+COUNTS = alt.Axis(tickMinStep=1, format="d")  # trial numbers and training steps: whole ticks only
 
 
 def optimisation_history(history: pd.DataFrame, metric: str) -> alt.Chart:
     """Each trial's best validation value in start order, and the best so far."""
-    base = alt.Chart(history).encode(x=alt.X("number:Q", title="trial (start order)",
-                                             axis=alt.Axis(tickMinStep=1, format="d")))
+    base = alt.Chart(history).encode(x=alt.X("number:Q", title="trial (start order)", axis=COUNTS))
     points = base.mark_circle(size=50, opacity=0.8).encode(
         y=alt.Y("best_value:Q", title=metric, scale=alt.Scale(zero=False)),
         color=alt.Color("status:N", scale=STATUS_COLORS, title="status"),
@@ -77,7 +77,8 @@ def importances(values: dict[str, float]) -> alt.Chart:
 
 def learning_curves(history: pd.DataFrame, metric: str) -> alt.Chart:
     return alt.Chart(history).mark_line(point=True).encode(
-        x=alt.X("step:Q", title="training step"), y=alt.Y(f"{metric}:Q", title=metric, scale=alt.Scale(zero=False)),
+        x=alt.X("step:Q", title="training step", axis=COUNTS),
+        y=alt.Y(f"{metric}:Q", title=metric, scale=alt.Scale(zero=False)),
         color=alt.Color("trial_id:N", title="trial"),
         tooltip=["trial_id", "step", alt.Tooltip(f"{metric}:Q", format=".4f")])
 
