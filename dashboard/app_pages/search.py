@@ -40,16 +40,13 @@ def trials_section() -> None:
         "best_value": st.column_config.NumberColumn(f"best {metric}", format="%.4f"),
         "duration_s": st.column_config.NumberColumn("duration (s)", format="%.0f")})
     history = results.optimisation_history(table, mode)
-    left, right = st.columns(2)
-    with left:
-        st.subheader("Optimisation history")
-        st.altair_chart(charts.optimisation_history(history, metric), width="stretch")
-    with right:
-        st.subheader("Parallel coordinates")
-        if params and len(history) > 1:
-            st.altair_chart(charts.parallel_coordinates(table, params, metric), width="stretch")
-        else:
-            st.caption("Needs two scored trials and a searched parameter.")
+    st.subheader("Optimisation history")
+    st.altair_chart(charts.optimisation_history(history, metric), width="stretch")
+    st.subheader("Parallel coordinates")  # the page's width: a half column ran the axes' end labels together
+    if params and len(history) > 1:
+        st.altair_chart(charts.parallel_coordinates(table, params, metric), width="stretch")
+    else:
+        st.caption("Needs two scored trials and a searched parameter.")
 
 
 trials_section()
