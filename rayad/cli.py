@@ -267,7 +267,7 @@ def cmd_train(args) -> None:
     if args.mlflow:
         from rayad.tracking import log_training
 
-        run_id = log_training(args.mlflow, run.name, run, cfg.to_dict(), run / "train_log.jsonl")
+        run_id = log_training(args.mlflow, run.name, run, cfg.to_dict())
         print(f"logged to MLflow at {args.mlflow} (run {run_id})")
 
 

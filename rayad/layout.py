@@ -2,6 +2,7 @@
 
     RUN_DIR/model.safetensors, model.json     a model artifact (rayad.artifact)
     RUN_DIR/manifest.parquet                  the images a run was trained and calibrated on
+    RUN_DIR/train_log.jsonl                   every logged training step's report (loss, lr, images/s)
     EXP_DIR/experiment.json                   data, space, settings, versions, status, best trial
     EXP_DIR/trials.parquet                    one row per trial (written by rayad.tune.store)
     EXP_DIR/history.parquet                   one row per trial and evaluation
@@ -26,6 +27,7 @@ from rayad.errors import RayadError
 from rayad.metrics import METRIC_NAMES
 
 WEIGHTS, METADATA, MANIFEST = "model.safetensors", "model.json", "manifest.parquet"
+TRAIN_LOG = "train_log.jsonl"  # in RUN_DIR, one JSON line per logged step
 EXPERIMENT, TRIALS, HISTORY, STUDY, BEST = "experiment.json", "trials.parquet", "history.parquet", "study.db", "best"
 TEST_METRICS = "test_metrics.json"  # in BEST, beside the model artifact
 TUNE_DIR, TRIALS_DIR = "tune", "trials"  # Ray's state for --resume, and the trials' Train runs
@@ -37,8 +39,8 @@ VAL_METRICS = tuple(f"val_{name}" for name in METRIC_NAMES)  # what trials repor
 PIXEL_METRICS = ("val_pixel_auroc", "val_aupro")  # need masks in the validation set
 
 __all__ = ["BEST", "EXPERIMENT", "HISTORY", "MANIFEST", "METADATA", "METRIC_NAMES", "PARAM_PREFIX", "PIXEL_METRICS",
-           "STUDY", "SUMMARY", "TEST_METRICS", "TRIALS", "TRIALS_DIR", "TRIAL_STATUSES", "TUNE_DIR", "VAL_METRICS",
-           "WEIGHTS", "discover_models", "find_experiments", "is_experiment", "is_model"]
+           "STUDY", "SUMMARY", "TEST_METRICS", "TRAIN_LOG", "TRIALS", "TRIALS_DIR", "TRIAL_STATUSES", "TUNE_DIR",
+           "VAL_METRICS", "WEIGHTS", "discover_models", "find_experiments", "is_experiment", "is_model"]
 
 
 def is_model(path: Path) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rayad.errors import RayadError
-from rayad.layout import BEST, METADATA, WEIGHTS
+from rayad.layout import BEST, METADATA, TRAIN_LOG, WEIGHTS
 
 
 def require_mlflow():
@@ -57,13 +57,15 @@ def log_best(uri: str, experiment: str, exp_dir: Path, record: dict[str, Any]) -
     return run.info.run_id
 
 
-def log_training(uri: str, experiment: str, run_dir: Path, config: dict[str, Any], log_file: Path | None) -> str:
-    """One run for `rayad train`: the config, the loss at every logged step, the artifact."""
+def log_training(uri: str, experiment: str, run_dir: Path, config: dict[str, Any]) -> str:
+    """One run for `rayad train`: the config, the loss at every logged step (RUN_DIR/train_log.jsonl), the
+    artifact."""
     mlflow = _client_for(uri, experiment)
     with mlflow.start_run(run_name=run_dir.name, tags={"rayad": "train"}) as run:
         mlflow.log_params({f"{section}.{key}": value for section, values in config.items()
                            for key, value in values.items()})
-        if log_file is not None and log_file.is_file():
+        log_file = run_dir / TRAIN_LOG
+        if log_file.is_file():
             for line in log_file.read_text().splitlines():
                 entry = json.loads(line)
                 mlflow.log_metrics(_numbers(entry, skip=("step",)), step=int(entry.get("step", 0)))

@@ -34,7 +34,7 @@ from rayad.cpu import use_cpus
 from rayad.data.dataset import ImageSet, load_split, to_tensor
 from rayad.data.manifest import build_manifest, check_category, load_manifest, same_images, save_manifest
 from rayad.errors import RayadError
-from rayad.layout import MANIFEST, make_folder
+from rayad.layout import MANIFEST, TRAIN_LOG, make_folder
 from rayad.models.loss import reconstruction_loss
 from rayad.precision import autocast, checked_device, default_device, exact_cuda_math, probe_network, resolve
 from rayad.settings import cpu_count
@@ -284,7 +284,7 @@ class LocalSession:
 
     def __init__(self, cfg: Config, out_dir: Path, device: torch.device, progress: bool):
         self.cfg, self.device, self.progress = cfg, device, progress
-        self.checkpoints, self.log_file = out_dir / "checkpoints", out_dir / "train_log.jsonl"
+        self.checkpoints, self.log_file = out_dir / "checkpoints", out_dir / TRAIN_LOG
         self.bar: tqdm | None = None
 
     def steps(self, start: int, total: int) -> Iterable[int]:

@@ -6,6 +6,7 @@ Each worker runs `rayad.train.loop.train_loop` with a `RaySession`; `build_train
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -23,7 +24,7 @@ from rayad.cluster import Cluster, check_resources, check_shared_paths, connect,
 from rayad.config import Config
 from rayad.data.manifest import check_category
 from rayad.errors import RayadError
-from rayad.layout import make_folder
+from rayad.layout import TRAIN_LOG, make_folder
 from rayad.train.checkpoint import load_checkpoint, save_checkpoint
 from rayad.train.loop import LoopConfig, load_train_data, train_loop
 
@@ -86,15 +87,21 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
     train_loop(loop, RaySession(loop.config))
 
 
-class ProgressCallback(UserCallback):
-    """Prints step, loss, images/s and ETA on the Train controller (Ray forwards it to the driver)."""
+class RunLogCallback(UserCallback):
+    """On the Train controller, which Ray Train places on the driver's node: appends rank 0's reports to
+    RUN_DIR/train_log.jsonl, as a single-process run does, and with `progress` prints step, loss, images/s and
+    ETA (Ray forwards it to the driver)."""
 
-    def __init__(self, total_steps: int):
-        self.total = total_steps
+    def __init__(self, total_steps: int, log_file: Path, progress: bool = True):
+        self.total, self.log_file, self.progress = total_steps, log_file, progress
         self.first_step = None
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0]
+        with self.log_file.open("a") as history:
+            history.write(json.dumps(m) + "\n")
+        if not self.progress:
+            return
         self.first_step = self.first_step if self.first_step is not None else (m["step"], time.time())
         done_since, since = m["step"] - self.first_step[0], time.time() - self.first_step[1]
         eta = f"{(self.total - m['step']) * since / done_since:.0f}s" if done_since else "-"  # after two reports
@@ -137,7 +144,7 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
                       started=started)
     trainer = build_trainer(loop, cluster, "train", storage,
                             CheckpointConfig(num_to_keep=2),
-                            [ProgressCallback(cfg.train.steps)] if progress else None)
+                            [RunLogCallback(cfg.train.steps, out_dir / TRAIN_LOG, progress)])
     try:
         result = trainer.fit()
     except SystemExit:  # how Ray Train's driver leaves a run its SIGINT handler aborted (Ctrl-C, or SIGTERM)

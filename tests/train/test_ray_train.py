@@ -1,6 +1,7 @@
 """Ray Train on a real 2-node local cluster: parity with the single-process loop, SPREAD over nodes,
 file:// storage, recovery from a killed worker, and a fast error when resources are missing."""
 
+import json
 import os
 import signal
 import threading
@@ -39,6 +40,10 @@ def test_one_worker_matches_single_process(ray_cluster, tmp_path, demo_root, tin
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    logs = [[json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+            for run in (single, ray_run)]  # with --workers too, the loss curve `--mlflow` logs
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [2, 3, 4, 6]  # log_every 2, checkpoints
+    assert [r["loss"] for r in logs[1]] == pytest.approx([r["loss"] for r in logs[0]], abs=1e-5)
 
 
 def test_two_workers_on_two_nodes_with_file_uri_storage(ray_cluster, tmp_path, demo_root, tiny_config):
