@@ -304,7 +304,6 @@ def cmd_predict(args) -> None:
     if args.batch_size < 1 or (args.actors is not None and args.actors < 1):
         raise RayadError("--batch-size and --actors must be >= 1")
     if args.ray:
-        from rayad.cluster import connect
         from rayad.predict import predict_with_ray
 
         if args.out is None:
@@ -312,9 +311,8 @@ def cmd_predict(args) -> None:
         cpus = args.cpus_per_actor
         if (cpus is not None and cpus < 0) or args.gpus_per_actor < 0 or cpus == args.gpus_per_actor == 0:
             raise RayadError("--cpus-per-actor and --gpus-per-actor must be >= 0, and not both 0")
-        connect(args.address)
         errors = predict_with_ray(args.run, inputs, args.out, args.heatmaps, args.batch_size, args.actors,
-                                  args.cpus_per_actor, args.gpus_per_actor)["error"]
+                                  args.cpus_per_actor, args.gpus_per_actor, args.address)["error"]
         print(f"wrote {len(errors)} rows to {args.out}")
         _check_scored(errors.to_pylist())
         return

@@ -32,11 +32,15 @@ SCHEMA = pa.schema([("path", pa.string()), ("score", pa.float64()), ("normalized
 
 
 def expand_paths(paths: list[Path]) -> list[Path]:
-    """Files as given; folders expand to the images below them (recursively, sorted)."""
+    """Files as given; folders expand to the images below them (recursively, sorted). A folder without any
+    image is an error: among several inputs it would otherwise pass unnoticed (a mistyped path)."""
     out = []
     for p in paths:
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            images = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise DataError(f"no images in {p} (looked for {', '.join(IMAGE_SUFFIXES)})")
+            out += images
         elif p.exists():
             out.append(p)
         else:
@@ -50,7 +54,7 @@ def predict_paths(run: str | Path, paths: list[Path], out: Path | None = None, h
     predictor = Predictor.load(run)
     files = expand_paths(paths)
     if not files:
-        raise DataError(f"no images in {', '.join(map(str, paths))} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise DataError("give image files or folders to score")
     rows = []
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
@@ -127,19 +131,24 @@ class ScoringActor:
 
 def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str | None = None,
                      batch_size: int = PREDICT_BATCH, actors: int | None = None,
-                     cpus_per_actor: float | None = None, gpus_per_actor: float = 0.0) -> pa.Table:
+                     cpus_per_actor: float | None = None, gpus_per_actor: float = 0.0,
+                     address: str | None = None) -> pa.Table:
     """Stream `inputs` (local files and folders, or URIs such as s3://bucket/images/) through an actor pool;
     Ray Data's workers write the rows as Parquet files into `out` (a folder or a pyarrow filesystem URI),
     never through the driver, which reads back only their `error` column and returns it (null where the image
     was scored). Every node must reach the inputs, the run and `out`. `cpus_per_actor` defaults to
-    `default_actor_cpus()`."""
+    `default_actor_cpus()`. Joins the cluster at `address` (see `rayad.cluster.connect`) once the run and the
+    local inputs are checked."""
     import ray
+
+    from rayad.cluster import connect
 
     load_model(run)  # a broken run fails here, in one line, not in every actor
     local = [str(p) for p in expand_paths([Path(i) for i in inputs if "://" not in i])]
     remote = [i for i in inputs if "://" in i]
     if not local and not remote:
-        raise DataError(f"no images in {inputs}")
+        raise DataError("give image files, folders or URIs to score")
+    connect(address)
     # Local folders are already expanded to their images, and a file named explicitly gets a row even when it is
     # no image, as in the single-process path; remote folders are listed by Ray, which keeps their images.
     reads = [ray.data.read_binary_files(paths, include_paths=True, num_cpus=READ_CPUS, **only)

@@ -80,6 +80,8 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (TRAIN + ["--config", "{tmp}/int_keys.yaml"], "unknown section(s) ['1', 'foo']"),
     (["predict", "--run", "{run}", "{demo}/brick/test/good", "--batch-size", "0"], "--batch-size and --actors"),
     (["predict", "--run", "{run}", "{tmp}/empty"], "no images in {tmp}/empty (looked for .png"),
+    (["predict", "--run", "{run}", "{demo}/brick/test/good", "{tmp}/empty"], "no images in {tmp}/empty"),  # a typo
+    (["predict", "--run", "{run}", "--ray", "{tmp}/empty", "--out", "{tmp}/p"], "no images in {tmp}/empty"),
     (["export", "--run", "{run}", "--format", "torchscript", "--out", "{tmp}/exp"], "exp/model.pt is a folder"),
     # checked before Ray starts; Serve's own check of max_queued_requests ended in a traceback
     (["serve", "--run", "{run}", "--max-queued", "0"], "max_queued_requests = 0 (rayad serve --max-queued): "
