@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", help="write one row per image to this Parquet file (with --ray: a folder or "
                          "URI that gets a Parquet dataset)")
     predict.add_argument("--heatmaps", help="write a heatmap PNG per image to this folder (or URI, with --ray)")
-    predict.add_argument("--batch-size", type=int, default=PREDICT_BATCH)
+    predict.add_argument("--batch-size", type=int, default=PREDICT_BATCH,
+                         help=f"images per forward pass (default {PREDICT_BATCH})")
     offline = predict.add_argument_group("offline batch scoring on Ray Data (--ray)")
     offline.add_argument("--ray", action="store_true", help="stream the images through a Ray Data actor pool")
     offline.add_argument("--actors", type=int, help="scoring actors (default: as many as the cluster's CPUs hold)")
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: one actor per core, with a quarter core per node for reading and writing: "
                          "0.875 on 2-core nodes)")
     offline.add_argument("--gpus-per-actor", type=float, default=0.0,
-                         help="GPUs each actor reserves (fractions share one); the pool is then sized by GPUs")
+                         help="GPUs each actor reserves (fractions share one); the pool then holds as many actors "
+                         "as the GPUs allow, and no more than the CPUs hold")
     offline.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     predict.set_defaults(func=cmd_predict)
 
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     srv.add_argument("--ingress", choices=["python", "haproxy"], default="python",
                      help="HTTP path: Ray's Python proxy (default), or Ray 2.60's experimental HAProxy ingress "
-                          "(about 1.4x the throughput on 2 cores; see docs/benchmarks.md)")
+                          "(1.26x the requests/s at 32 clients on 2 cores; see docs/benchmarks.md)")
     srv.set_defaults(func=cmd_serve)
 
     export = sub.add_parser("export", help="export a model to TorchScript or ONNX (threshold in the metadata)")

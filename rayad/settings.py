@@ -20,7 +20,7 @@ LOCAL_HOST = "127.0.0.1"  # servers bind to loopback unless --host says otherwis
 SERVE_PORT, DASHBOARD_PORT = 8000, 8501
 PREDICT_BATCH = 32  # images per forward pass in offline scoring
 DEMO_SPACE = "demo"  # tune_spaces/demo.yaml
-DEMO_TRIALS = 4  # per category: the demo takes 12-17 minutes on 2 cores with bf16 (docs/benchmarks.md)
+DEMO_TRIALS = 4  # per category: the demo takes 12-20 minutes on 2 cores with bf16 (docs/benchmarks.md)
 
 
 def cpu_count() -> int:
