@@ -84,7 +84,7 @@ def _decode_all(rows: pa.Table, size: int, max_pixels: int) -> tuple[np.ndarray,
             pixels = to_rgb_array(image, size)
             mask = np.zeros((size, size), bool)
             if mask_path:
-                mask = load_mask(mask_path, size, (image.height, image.width))
+                mask = load_mask(mask_path, size, (image.height, image.width), max_pixels)
         except DataError as e:
             errors.append(str(e))
             continue

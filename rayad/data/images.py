@@ -81,14 +81,19 @@ def load_image(source: str | Path | bytes | BinaryIO, size: int, max_pixels: int
     return to_rgb_array(decode_image(source, max_pixels), size)
 
 
-def load_mask(path: str | Path, size: int, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """Load a ground-truth mask as bool (size, size); `expected_hw` checks it matches its image."""
-    image = decode_image(path)
+def load_mask(path: str | Path, size: int, expected_hw: tuple[int, int] | None = None,
+              max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Load a ground-truth mask as bool (size, size); `expected_hw` checks it matches its image. Every pixel
+    that is not 0 marks a defect: masks stored as 0/255 (MVTec), as 0/1 (VisA's originals) or as palette
+    indices read alike."""
+    image = decode_image(path, max_pixels)
     if expected_hw is not None and (image.height, image.width) != expected_hw:
         raise DataError(f"{path}: mask is {image.width}x{image.height} but its image is "
                         f"{expected_hw[1]}x{expected_hw[0]}")
+    if image.mode == "P":  # palette indices, not their colours: a dark defect colour is still a defect
+        image = Image.fromarray(np.asarray(image))
     mask = image.convert("L").resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(mask) > 127
+    return np.asarray(mask) > 0
 
 
 def list_images(directory: Path) -> list[Path]:

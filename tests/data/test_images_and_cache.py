@@ -170,6 +170,26 @@ def test_load_mask_binarises_and_resizes(tmp_path):
     assert load_mask(path, 8).shape == (8, 8)
 
 
+@pytest.mark.parametrize("mode", ["0/255", "0/1", "bilevel", "palette", "16-bit"])
+def test_every_nonzero_mask_pixel_is_a_defect_however_the_mask_is_stored(tmp_path, mode):
+    """VisA's original masks hold 0/1: read as 0/255 masks are (over 127), they were empty, silently."""
+    defect = square_mask() > 127
+    image = {"0/255": lambda: Image.fromarray(defect.astype(np.uint8) * 255),
+             "0/1": lambda: Image.fromarray(defect.astype(np.uint8)),
+             "bilevel": lambda: Image.fromarray(defect),
+             "palette": lambda: _palette(defect),
+             "16-bit": lambda: Image.fromarray(defect.astype(np.uint16) * 300)}[mode]()
+    image.save(tmp_path / "m.png")
+    assert np.array_equal(load_mask(tmp_path / "m.png", 16), defect)
+
+
+def _palette(defect: np.ndarray) -> Image.Image:
+    """Index 0 white, index 1 a dark red: the defect's colour is darker than the background's."""
+    image = Image.fromarray(defect.astype(np.uint8), mode="P")
+    image.putpalette([255, 255, 255, 60, 0, 0] + [0] * 762)
+    return image
+
+
 def test_load_mask_wrong_size_raises(tmp_path):
     path = save(tmp_path / "m.png", square_mask(16))
     with pytest.raises(DataError, match="mask is 16x16 but its image is 24x20") as err:
