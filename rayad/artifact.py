@@ -22,7 +22,7 @@ from rayad.data.dataset import ImageSet, to_tensor
 from rayad.data.images import load_image
 from rayad.errors import ArtifactError, ConfigError, DataError
 from rayad.inference import TTA_TOLERANCE, AnomalyModel, InferenceBatch, mirror_error_ratios
-from rayad.layout import METADATA, WEIGHTS, atomic_write
+from rayad.layout import METADATA, WEIGHTS, atomic_write, follow_umask
 from rayad.models import create_model
 from rayad.precision import (
     Choice,
@@ -131,6 +131,8 @@ def read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, tor
         state = load_file(str(path))
     except ArtifactError:
         raise
+    except PermissionError:
+        raise ArtifactError(f"{path}: permission denied (this user may not read it)") from None
     except Exception as e:  # noqa: BLE001 - safetensors raises its own errors for every kind of damage
         raise ArtifactError(f"{path} is unreadable (not a safetensors file: {type(e).__name__})") from None
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -171,7 +173,7 @@ def save_artifact(model: AnomalyModel, config: Config, out_dir: str | Path, extr
         "normalization": {"score_mean": float(model.score_mean), "score_std": float(model.score_std)},
         **(extra or {}),
     }
-    atomic_write(out_dir / WEIGHTS, lambda p: save_file(state, str(p)))
+    atomic_write(out_dir / WEIGHTS, lambda p: (save_file(state, str(p)), follow_umask(p)))
     atomic_write(out_dir / METADATA, lambda p: p.write_text(json.dumps(metadata, indent=2)))
     return out_dir
 

@@ -94,6 +94,17 @@ def _category(exp_dir: Path) -> str | None:
     return category if isinstance(category, str) and category else None
 
 
+# The process's umask, read once at import (reading it means setting it; it is set back at once)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file the mode `open()` gives new files. safetensors creates its files readable by their owner
+    alone (0600): a model trained by one account could not be served or scored by another."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write `path` through a temporary file renamed into place: a reader, or a stop midway, never finds half
     a file, and a file written before stays whole until the new one is complete."""

@@ -26,6 +26,16 @@ def test_artifact_holds_config_threshold_and_normalisation(trained_run):
     assert meta["image_size"] == 32 and meta["threshold"] > 0 and meta["pixel_threshold"] > 0
 
 
+def test_the_model_and_its_checkpoints_follow_the_umask_as_other_files_do(trained_run):
+    """safetensors creates 0600 files: another account (a server's) could not read a model trained by this one."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    weights = [trained_run / "model.safetensors", *trained_run.glob("checkpoints/*/*.safetensors")]
+    assert len(weights) >= 3
+    for path in [*weights, trained_run / "model.json"]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
 def test_masks_use_the_pixel_threshold_the_quantile_of_good_map_maxima(trained_run, demo_root):
     predictor = Predictor.load(trained_run)
     cfg = predictor.config

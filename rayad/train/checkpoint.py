@@ -17,6 +17,7 @@ from torch import nn
 
 from rayad.config import Config
 from rayad.errors import ArtifactError
+from rayad.layout import follow_umask
 
 KEEP_LAST = 2
 
@@ -30,10 +31,12 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     tmp.mkdir(parents=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
+    follow_umask(tmp / "model.safetensors")
     opt_state = optimizer.state_dict()
     tensors = {f"{index}/{name}": value.detach().cpu().contiguous()
                for index, state in opt_state["state"].items() for name, value in state.items()}
     save_file(tensors, str(tmp / "optimizer.safetensors"))
+    follow_umask(tmp / "optimizer.safetensors")
     meta = {"step": step, "config": config.to_dict(), "param_groups": opt_state["param_groups"]}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
