@@ -34,7 +34,7 @@ from rayad.cpu import use_cpus
 from rayad.data.dataset import ImageSet, load_split, to_tensor
 from rayad.data.manifest import build_manifest, check_category, load_manifest, same_images, save_manifest
 from rayad.errors import RayadError
-from rayad.layout import MANIFEST, TRAIN_LOG, make_folder
+from rayad.layout import MANIFEST, METADATA, TRAIN_LOG, make_folder
 from rayad.models.loss import reconstruction_loss
 from rayad.precision import autocast, checked_device, default_device, exact_cuda_math, probe_network, resolve
 from rayad.settings import cpu_count
@@ -352,9 +352,15 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
     if latest is not None and not resume:
         raise RayadError(f"{out_dir} already holds checkpoints; resume them (--resume, or resume=True), or train "
                          "into a new folder")
+    if latest is None and resume:  # a mistyped --out would otherwise start a new run
+        raise RayadError(f"{out_dir}: no checkpoint to resume; train without --resume to start a run there")
+    if latest is None and (out_dir / METADATA).exists():
+        raise RayadError(f"{out_dir} already holds a model; train into a new folder")
     if latest is not None:  # before anything in the run is rewritten
         check_resumable(latest, cfg, data_root, build_manifest(data_root, category, cfg.data), out_dir / MANIFEST)
     make_folder(out_dir)
+    if latest is None:  # a run stopped before its first checkpoint starts again: its log starts again too
+        (out_dir / TRAIN_LOG).unlink(missing_ok=True)
     data = load_train_data(cfg, data_root, category, out_dir)  # validates the data, fills the cache once
     session = LocalSession(cfg, out_dir, device, progress)
     loop = LoopConfig(cfg, str(data_root), category, threads=cfg.train.num_threads or cpu_count(), started=started)

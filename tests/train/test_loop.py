@@ -87,6 +87,24 @@ def test_resume_refuses_what_would_change_the_run_and_leaves_its_files_as_they_w
     assert json.loads((longer / "model.json").read_text())["train"]["steps"] == 9
 
 
+def test_a_run_without_checkpoints_is_neither_resumed_nor_overwritten(tmp_path, demo_root, tiny_config):
+    run = fit(tiny_config, demo_root, "brick", tmp_path / "r", progress=False)
+    shutil.rmtree(run / "checkpoints")
+    files = {path: path.read_bytes() for path in run.iterdir()}
+    with pytest.raises(RayadError, match="already holds a model; train into a new folder"):
+        fit(tiny_config.replace({"train.lr": 1e-2}), demo_root, "brick", run, progress=False)
+    with pytest.raises(RayadError, match="no checkpoint to resume; train without --resume"):  # a mistyped --out
+        fit(tiny_config, demo_root, "brick", tmp_path / "typo", resume=True, progress=False)
+    assert {path: path.read_bytes() for path in run.iterdir()} == files and not (tmp_path / "typo").exists()
+    # stopped before its first checkpoint: it starts again, and so does its log
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "train_log.jsonl").write_text('{"step": 2, "loss": 1.0}\n' * 3)
+    fit(tiny_config, demo_root, "brick", stopped, progress=False)
+    steps = [json.loads(line)["step"] for line in (stopped / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [2, 3, 4, 6]
+
+
 def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, demo_root, tiny_config):
     run = fit(tiny_config, demo_root, "brick", tmp_path / "r", progress=False)
     latest = sorted((run / "checkpoints").glob("step_*"))[-1]
