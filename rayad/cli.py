@@ -455,6 +455,10 @@ def check_outputs(args) -> None:
     """Fail before any work when an output path cannot be written: a file stands where a folder must be
     created, or a folder where the file goes."""
     for flag, path, folder in output_paths(args):
+        dangling = next((part for part in [path, *path.parents] if part.is_symlink() and not part.exists()), None)
+        if dangling is not None:
+            raise RayadError(f"--{flag} {path}: {dangling} is a symbolic link to {os.readlink(dangling)}, which "
+                             "does not exist")
         if getattr(args, "ray", False) and flag == "out" and path.is_dir() and any(path.iterdir()):
             raise RayadError(f"--out {path}: already holds files, and Ray Data adds its Parquet files to them; "
                              "give a new or empty folder")
@@ -485,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except RayadError as e:
         print(f"rayad {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a folder this user may not write: one line too; --verbose logs the trace
+        log.debug("rayad %s failed", args.command, exc_info=True)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"rayad {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"rayad {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)

@@ -107,11 +107,20 @@ def follow_umask(path: Path) -> None:
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write `path` through a temporary file renamed into place: a reader, or a stop midway, never finds half
-    a file, and a file written before stays whole until the new one is complete."""
+    a file, and a file written before stays whole until the new one is complete. A symbolic link stays: its
+    target is replaced; a target that is no regular file (/dev/stdout, a pipe) is written in place."""
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        write(path)
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e  # the file asked for, not the temporary one
     finally:
         tmp.unlink(missing_ok=True)  # left only when the write failed
 

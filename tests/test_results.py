@@ -61,6 +61,25 @@ def test_a_write_that_fails_midway_leaves_the_file_as_it_was_and_no_temporary_fi
     assert path.read_text() == "written before" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
+def test_a_write_through_a_symbolic_link_replaces_its_target_and_keeps_the_link(tmp_path):
+    (tmp_path / "shared").mkdir()
+    target, link = tmp_path / "shared" / "metrics.json", tmp_path / "metrics.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    layout.atomic_write(link, lambda p: p.write_text("new"))
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["metrics.json"]
+
+
+def test_a_failed_write_names_the_file_asked_for_not_the_temporary_one(tmp_path):
+    def fail(tmp):
+        raise PermissionError(13, "Permission denied", str(tmp))
+
+    with pytest.raises(PermissionError) as err:
+        layout.atomic_write(tmp_path / "metrics.json", fail)
+    assert err.value.filename == str(tmp_path / "metrics.json") and err.value.strerror == "Permission denied"
+
+
 def test_find_experiments_at_one_or_two_levels(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "experiment.json").write_text("{}")

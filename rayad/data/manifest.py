@@ -39,8 +39,10 @@ def build_manifest(root: str | Path, category: str, cfg: DataConfig | None = Non
 
 
 def check_category(category: object) -> None:
-    if not isinstance(category, str) or not category:
+    if not isinstance(category, str):
         raise TypeError(f"category: the name of a folder under the data root, not {category!r}")
+    if not category.strip() or category in (".", "..") or "/" in category:
+        raise DataError(f"category {category!r}: must name a folder under the data root")
 
 
 def split_rows(manifest: pa.Table, split: str) -> pa.Table:
@@ -52,7 +54,10 @@ def save_manifest(manifest: pa.Table, path: str | Path) -> None:
 
 
 def load_manifest(path: str | Path) -> pa.Table:
-    return pq.read_table(path, schema=SCHEMA)
+    try:
+        return pq.read_table(path, schema=SCHEMA)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: damaged ({e}); it lists the images the run was trained on") from None
 
 
 def same_images(saved: pa.Table, new: pa.Table, data_root: str | Path) -> bool:

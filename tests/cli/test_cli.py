@@ -94,6 +94,15 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (TRAIN + ["--mlflow", "ftp://x"], "mlflow 'ftp://x' (--mlflow): MLflow cannot use it"),  # before training
     (TRAIN + ["--gpu"], "--gpu: this process sees no CUDA GPU"),  # the suite hides GPUs
     (TRAIN + ["--steps", "5", "--set", "train.steps=abc"], "--steps and --set train.steps: give one of them"),
+    (["train", "--data", "{demo}", "--category", "", "--out", "{tmp}/o"], "category '': must name a folder"),
+    (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", ".."], "category '..': must name a folder"),
+    (["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/dangling"],
+     "{tmp}/dangling is a symbolic link to {tmp}/nowhere, which does not exist"),
+    (["predict", "--run", "{run}", "{demo}/brick/test/good", "--out", "{tmp}/dangling/p.parquet"], "nowhere, which"),
+    (["data", "demo", "--out", "{tmp}/dangling"], "is a symbolic link"),
+    # an OSError past the checks (here: /proc takes no new files) is one line too, naming the file asked for
+    (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "brick", "--json", "/proc/rayad.json"],
+     "rayad evaluate: error: /proc/rayad.json: No such file or directory"),
 ])
 def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, trained_run, capsys):
     blocker = tmp_path / "file"
@@ -101,6 +110,7 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, tra
     (tmp_path / "latin1.yaml").write_bytes("train: {steps: 5}  # é\n".encode("latin-1"))
     (tmp_path / "int_keys.yaml").write_text("1: a\nfoo: b\n")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     (tmp_path / "exp" / "model.pt").mkdir(parents=True)
     args = [a.format(demo=demo_root, tmp=tmp_path, run=trained_run) for a in args]
     before = set(tmp_path.rglob("*"))

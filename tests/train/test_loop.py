@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from rayad.config import TrainConfig
-from rayad.errors import ArtifactError, RayadError
+from rayad.errors import ArtifactError, DataError, RayadError
 from rayad.train import fit
 from rayad.train import loop as loop_module
 from rayad.train.loop import batch_indices, lr_at
@@ -113,6 +113,10 @@ def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, demo_root, tiny_confi
         fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", run, resume=True, progress=False)
     (latest / "state.json").write_text("{")
     with pytest.raises(ArtifactError, match="damaged checkpoint"):
+        fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", run, resume=True, progress=False)
+    shutil.rmtree(latest)
+    (run / "manifest.parquet").write_text("x")
+    with pytest.raises(DataError, match="manifest.parquet: damaged .*it lists the images the run was trained on"):
         fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", run, resume=True, progress=False)
 
 
