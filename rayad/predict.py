@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from rayad.artifact import Predictor, load_model
 from rayad.cpu import use_cpus
-from rayad.data.images import IMAGE_SUFFIXES, image_size
+from rayad.data.images import IMAGE_SUFFIXES, image_size, utf8_path
 from rayad.errors import DataError
 from rayad.layout import atomic_write
 from rayad.settings import PREDICT_BATCH, threads_for
@@ -37,12 +37,14 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     out = []
     for p in paths:
         if p.is_dir():
-            images = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            images = sorted(utf8_path(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
             if not images:
                 raise DataError(f"no images in {p} (looked for {', '.join(IMAGE_SUFFIXES)})")
             out += images
-        elif p.exists():
-            out.append(p)
+        elif p.is_file():
+            out.append(utf8_path(p))
+        elif p.exists():  # a pipe or a device would block the read
+            raise DataError(f"{p}: not a regular file")
         else:
             raise DataError(f"{p}: no such file or folder")
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -98,4 +99,14 @@ def load_mask(path: str | Path, size: int, expected_hw: tuple[int, int] | None =
 
 def list_images(directory: Path) -> list[Path]:
     """Image files directly inside `directory`, sorted."""
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(utf8_path(p) for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def utf8_path(path: Path) -> Path:
+    """`path`, whose name must be valid UTF-8: manifests, predictions and served results store paths as text."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise DataError(f"{shown}: the file name is not valid UTF-8; rename it") from None
+    return path

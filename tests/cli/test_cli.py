@@ -1,8 +1,10 @@
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -96,6 +98,8 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (TRAIN + ["--steps", "5", "--set", "train.steps=abc"], "--steps and --set train.steps: give one of them"),
     (["train", "--data", "{demo}", "--category", "", "--out", "{tmp}/o"], "category '': must name a folder"),
     (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", ".."], "category '..': must name a folder"),
+    (["predict", "--run", "{run}", "{tmp}/latin"], "latin/caf\\xe9.png: the file name is not valid UTF-8; rename it"),
+    (["predict", "--run", "{run}", "{tmp}/pipe.png"], "pipe.png: not a regular file"),  # reading it would block
     (["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/dangling"],
      "{tmp}/dangling is a symbolic link to {tmp}/nowhere, which does not exist"),
     (["predict", "--run", "{run}", "{demo}/brick/test/good", "--out", "{tmp}/dangling/p.parquet"], "nowhere, which"),
@@ -111,6 +115,9 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, tra
     (tmp_path / "int_keys.yaml").write_text("1: a\nfoo: b\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "latin").mkdir()
+    Path(os.fsdecode(os.fsencode(tmp_path / "latin") + b"/caf\xe9.png")).write_bytes(b"")  # a Latin-1 name
+    os.mkfifo(tmp_path / "pipe.png")
     (tmp_path / "exp" / "model.pt").mkdir(parents=True)
     args = [a.format(demo=demo_root, tmp=tmp_path, run=trained_run) for a in args]
     before = set(tmp_path.rglob("*"))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import zlib
 from pathlib import Path
@@ -311,3 +312,12 @@ def test_mvtec2_without_good_test_images_and_masks_with_an_upper_case_extension(
     rows = build_manifest(tmp_path, "can", DataConfig(val_fraction=0.5)).to_pylist()
     bad = [r for r in rows if r["split"] == "test"]
     assert bad and all(r["label"] == 1 and r["mask_path"].endswith("_mask.PNG") for r in bad)
+
+
+def test_a_file_name_that_is_not_utf8_is_named_in_one_line(tmp_path):
+    """Manifests store paths as text: such a name crashed training with a UnicodeEncodeError."""
+    from rayad.data.images import list_images
+
+    Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.png")).write_bytes(b"")
+    with pytest.raises(DataError, match=r"caf\\xe9.png: the file name is not valid UTF-8; rename it"):
+        list_images(tmp_path)
