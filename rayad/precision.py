@@ -116,15 +116,21 @@ def cuda_bf16_native(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def check_precision(requested: str, device: torch.device | str) -> None:
+    """Refuse a precision that is not one, or fp16 off CUDA."""
+    if requested != "auto" and requested not in DTYPES:
+        raise ConfigError(f"precision {requested!r}: use auto, {', '.join(DTYPES)}")
+    if requested == "fp16" and torch.device(device).type != "cuda":
+        raise ConfigError(f"precision fp16 needs a CUDA device (this one is {torch.device(device).type}); use bf16 "
+                          "or fp32")
+
+
 def resolve(requested: str, device: torch.device | str, probe: Callable[[], dict[str, float]],
             cpu_flags: frozenset[str] | None = None, cuda_native: bool | None = None) -> Choice:
     """The precision to run `requested` (auto | fp32 | bf16 | fp16) in on `device`. `probe` returns the
     seconds per step in fp32 and bf16; it is only called for `auto` on a device with bf16 units."""
     device = torch.device(device)
-    if requested != "auto" and requested not in DTYPES:
-        raise ConfigError(f"precision {requested!r}: use auto, {', '.join(DTYPES)}")
-    if requested == "fp16" and device.type != "cuda":
-        raise ConfigError(f"precision fp16 needs a CUDA device (this one is {device.type}); use bf16 or fp32")
+    check_precision(requested, device)
     if requested != "auto":
         return Choice(requested, "configured")
     if device.type == "cuda":

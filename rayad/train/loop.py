@@ -36,7 +36,15 @@ from rayad.data.manifest import build_manifest, check_category, load_manifest, s
 from rayad.errors import RayadError
 from rayad.layout import MANIFEST, METADATA, TRAIN_LOG, make_folder
 from rayad.models.loss import reconstruction_loss
-from rayad.precision import autocast, checked_device, default_device, exact_cuda_math, probe_network, resolve
+from rayad.precision import (
+    autocast,
+    check_precision,
+    checked_device,
+    default_device,
+    exact_cuda_math,
+    probe_network,
+    resolve,
+)
 from rayad.settings import cpu_count
 from rayad.train.checkpoint import (
     checkpoint_name,
@@ -339,6 +347,17 @@ def check_resumable(checkpoint: Path, cfg: Config, data_root: str | Path, manife
                          f"{cfg.train.steps}; raise --steps to train it further")
 
 
+def check_buildable(cfg: Config, device: torch.device | str) -> None:
+    """What only building the run checks (the model's and the corruption's names, a pretrained file, fp16 off
+    CUDA, a C++ compiler for scoring.compile), checked before the run writes its first file."""
+    build_anomaly_model(cfg)
+    Corruptor(cfg.corruption)
+    for precision in (cfg.train.precision, cfg.scoring.precision):
+        check_precision(precision, device)
+    if cfg.scoring.compile:
+        require_cpp_compiler(device)
+
+
 def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, resume: bool = False,
         device: str | None = None, progress: bool = True) -> Path:
     """Train in this process, calibrate on the validation split and write the model artifact to `out_dir`."""
@@ -358,6 +377,7 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
         raise RayadError(f"{out_dir} already holds a model; train into a new folder")
     if latest is not None:  # before anything in the run is rewritten
         check_resumable(latest, cfg, data_root, build_manifest(data_root, category, cfg.data), out_dir / MANIFEST)
+    check_buildable(cfg, device)
     make_folder(out_dir)
     if latest is None:  # a run stopped before its first checkpoint starts again: its log starts again too
         (out_dir / TRAIN_LOG).unlink(missing_ok=True)

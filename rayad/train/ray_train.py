@@ -26,7 +26,7 @@ from rayad.data.manifest import check_category
 from rayad.errors import RayadError
 from rayad.layout import TRAIN_LOG, make_folder
 from rayad.train.checkpoint import load_checkpoint, save_checkpoint
-from rayad.train.loop import LoopConfig, load_train_data, train_loop
+from rayad.train.loop import LoopConfig, check_buildable, load_train_data, train_loop
 
 T = TypeVar("T")
 
@@ -133,6 +133,7 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
     check_category(category)  # before the output folder is made, as fit does
     started = time.time()
     out_dir = Path(out_dir).absolute()
+    check_buildable(cfg, "cuda" if cluster.use_gpu else "cpu")
     make_folder(out_dir)
     data = load_train_data(cfg, data_root, category, out_dir)  # validates data and fills the cache once
     connect(cluster.address)

@@ -98,6 +98,11 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (TRAIN + ["--steps", "5", "--set", "train.steps=abc"], "--steps and --set train.steps: give one of them"),
     (["train", "--data", "{demo}", "--category", "", "--out", "{tmp}/o"], "category '': must name a folder"),
     (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", ".."], "category '..': must name a folder"),
+    # checked when the model or the corruption is built: still before the run writes its manifest
+    (TRAIN + ["--set", "corruption.shapes=[bogus]"], "corruption.shapes: unknown ['bogus']"),
+    (TRAIN + ["--set", "model.act=bogus"], "model.act = 'bogus' is not an activation"),
+    (TRAIN + ["--set", "train.precision=fp16"], "precision fp16 needs a CUDA device"),
+    (TRAIN + ["--workers", "1", "--set", "model.name=bogus"], "model.name = 'bogus'; registered models"),
     (["predict", "--run", "{run}", "{tmp}/latin"], "latin/caf\\xe9.png: the file name is not valid UTF-8; rename it"),
     (["predict", "--run", "{run}", "{tmp}/pipe.png"], "pipe.png: not a regular file"),  # reading it would block
     (["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/dangling"],
