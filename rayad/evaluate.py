@@ -26,10 +26,10 @@ def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category:
     if not isinstance(predictor, Predictor):
         predictor = Predictor.load(predictor)
     data = data or predictor.config.data
+    manifest = build_manifest(data_root, category, data)  # a category that is not there fails before the warning
     trained_on = trained_category(predictor.metadata)
     if trained_on not in (None, category):
         log.warning("the model was trained on %s and is evaluated on %s", trained_on, category)
-    manifest = build_manifest(data_root, category, data)
     test = load_split(manifest, "test", predictor.image_size, data.on_bad_image, data.max_pixels,
                       skip_hint="every test image is scored: fix or remove them")
     if len(test.images) == 0:

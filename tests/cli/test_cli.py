@@ -98,6 +98,7 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (TRAIN + ["--steps", "5", "--set", "train.steps=abc"], "--steps and --set train.steps: give one of them"),
     (["train", "--data", "{demo}", "--category", "", "--out", "{tmp}/o"], "category '': must name a folder"),
     (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", ".."], "category '..': must name a folder"),
+    (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "grass2"], "category 'grass2' not found"),
     # checked when the model or the corruption is built: still before the run writes its manifest
     (TRAIN + ["--set", "corruption.shapes=[bogus]"], "corruption.shapes: unknown ['bogus']"),
     (TRAIN + ["--set", "model.act=bogus"], "model.act = 'bogus' is not an activation"),
