@@ -42,6 +42,7 @@ FORMAT = "rayad-model/2"  # model.json's "format"; an artifact of another format
 FORMAT_1 = "rayad-model/1"  # read too: before pixel_threshold, masks used the image threshold (max scores)
 MAX_WEIGHTS_HEADER = 16 * 2**20  # bytes of safetensors JSON header (the network's is a few kB)
 CALIBRATION = ("threshold", "pixel_threshold", "score_mean", "score_std")  # AnomalyModel's, set by calibrate
+PREPROCESSING = {"color": "RGB", "resize": "bilinear", "scale": "x / 255"}  # rayad.data.images, as model.json says
 COMPILED_GRAPHS = 64  # scoring.compile: graphs one process may compile before torch falls back to eager
 
 
@@ -100,7 +101,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
     precision = metadata.get("precision") or {}
     if not isinstance(precision, dict) or not all(isinstance(v, dict) for v in precision.values()):
         raise ArtifactError(f"{path}: 'precision' must map train and scoring to what was chosen, got {precision!r}")
-    size = (metadata["config"].get("data") or {}).get("image_size", DataConfig.image_size)
+    data = metadata["config"].get("data") or {}
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: config section 'data' must be a mapping, got {data!r}")
+    size = data.get("image_size", DataConfig.image_size)
     if metadata.get("image_size") != size:
         raise ArtifactError(f"{path}: image_size {metadata.get('image_size')!r} disagrees with the config's "
                             f"data.image_size {size!r}")
@@ -167,7 +171,7 @@ def save_artifact(model: AnomalyModel, config: Config, out_dir: str | Path, extr
         "rayad_version": __version__,
         "config": config.to_dict(),
         "image_size": config.data.image_size,
-        "preprocessing": {"color": "RGB", "resize": "bilinear", "scale": "x / 255"},
+        "preprocessing": PREPROCESSING,
         "threshold": float(model.threshold),
         "pixel_threshold": float(model.pixel_threshold),
         "normalization": {"score_mean": float(model.score_mean), "score_std": float(model.score_std)},

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rayad.artifact import Predictor
+from rayad.artifact import PREPROCESSING, Predictor
 from rayad.data.dataset import to_tensor
 from rayad.errors import RayadError
 from rayad.inference import AnomalyModel
@@ -120,7 +120,7 @@ def _metadata(predictor: Predictor, fmt: str, diff: float, n_checked: int) -> di
     meta = predictor.metadata
     return {
         "format": fmt, "file": FORMATS[fmt], "rayad_version": meta.get("rayad_version"),
-        "image_size": predictor.image_size, "preprocessing": meta["preprocessing"],
+        "image_size": predictor.image_size, "preprocessing": PREPROCESSING,
         "input": {"name": "images", "shape": ["batch", 3, predictor.image_size, predictor.image_size],
                   "dtype": "float32", "range": [0, 1]},
         "outputs": {"scores": "raw image score (batch,)", "anomaly_maps": "(batch, H, W)"},

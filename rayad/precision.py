@@ -214,7 +214,7 @@ def _cached(key: dict, measure: Callable[[], dict[str, float]]) -> dict[str, flo
 
     path, name = cache_dir() / PROBE_CACHE, json.dumps(key, sort_keys=True)
     entries = _read_json(path)
-    if name not in entries:
+    if not _is_timing(entries.get(name)):  # missing, or an entry this rayad did not write
         entries = {**_read_json(path), name: measure()}  # re-read: another process may have written
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +222,10 @@ def _cached(key: dict, measure: Callable[[], dict[str, float]]) -> dict[str, flo
         except OSError as e:
             log.warning("could not cache the precision probe in %s: %s", path, e)
     return entries[name]
+
+
+def _is_timing(entry: object) -> bool:
+    return isinstance(entry, dict) and all(isinstance(entry.get(p), int | float) for p in ("fp32", "bf16"))
 
 
 def _read_json(path: Path) -> dict:

@@ -72,6 +72,8 @@ DAMAGE = {
     "pixel thresholds disagree": (_meta(lambda m: {**m, "pixel_threshold": m["pixel_threshold"] * 2}),
                                   "pixel_threshold"),
     "bad config value": (_meta(lambda m: {**m, "config": {**m["config"], "model": {"skip": "nope"}}}), "model.skip"),
+    "config section a list": (_meta(lambda m: {**m, "config": {**m["config"], "data": [1, 2]}}),
+                              "config section 'data' must be a mapping, got [1, 2]"),
     "precision not a mapping": (_meta(lambda m: {**m, "precision": {"scoring": "bf16"}}),
                                 "'precision' must map train and scoring"),
 }

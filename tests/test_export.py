@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
-from rayad.artifact import Predictor
+from rayad.artifact import PREPROCESSING, Predictor
 from rayad.cli import main
 from rayad.data.dataset import load_split
 from rayad.data.manifest import build_manifest
@@ -36,6 +37,7 @@ def test_export_matches_pytorch_on_test_images(fmt, trained_run, test_images, tm
     model_json = json.loads((trained_run / "model.json").read_text())
     assert written["threshold"] == model_json["threshold"] == predictor.threshold
     assert written["normalization"] == model_json["normalization"]
+    assert written["preprocessing"] == model_json["preprocessing"] == PREPROCESSING
     assert written["parity"]["max_abs_difference"] <= TOLERANCE[fmt]
 
 
@@ -48,7 +50,11 @@ def test_onnx_file_carries_its_metadata(trained_run, tmp_path):
 
 
 def test_cli_export_and_errors(trained_run, tmp_path, capsys):
-    assert main(["export", "--run", str(trained_run), "--format", "torchscript", "--out", str(tmp_path)]) == 0
+    run = tmp_path / "run"  # a model.json without preprocessing, which predict accepts: export did not (KeyError)
+    shutil.copytree(trained_run, run)
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "preprocessing"}))
+    assert main(["export", "--run", str(run), "--format", "torchscript", "--out", str(tmp_path)]) == 0
     assert "max difference to PyTorch" in capsys.readouterr().out and (tmp_path / "model.pt").is_file()
     assert main(["export", "--run", str(tmp_path / "nope"), "--format", "onnx", "--out", str(tmp_path)]) == 2
     assert "not a rayad model" in capsys.readouterr().err

@@ -70,6 +70,10 @@ def test_probe_is_cached_per_network_shape_and_leaves_the_network_untouched(tmp_
     other = create_model(ModelConfig(widths=(8, 32), dilations=(1,)))
     probe_network(other, 16, training=True, device="cpu", batch_size=16)()
     assert len(calls) == 4 and len(json.loads((tmp_path / precision_module.PROBE_CACHE).read_text())) == 2
+    cache = tmp_path / precision_module.PROBE_CACHE  # an entry this rayad did not write is measured again
+    cache.write_text(json.dumps(dict.fromkeys(json.loads(cache.read_text()), {"fp32": "fast"})))
+    assert probe_network(network, 16, training=True, device="cpu", batch_size=16)().keys() == {"fp32", "bf16"}
+    assert len(calls) == 6
 
 
 def test_old_configs_with_amp_load():

@@ -67,6 +67,8 @@ def read_visa(root: Path, category: str, cfg: DataConfig) -> list[Row]:
             records = list(reader)
     except UnicodeDecodeError:
         raise DataError(f"{split_csv}: not UTF-8 text") from None
+    except csv.Error as e:  # a stray quote can make one field swallow the rest of the file
+        raise DataError(f"{split_csv}: not a readable CSV file ({e})") from None
     missing = {"object", "split", "label", "image", "mask"} - set(reader.fieldnames or ())
     if missing:
         raise DataError(f"{split_csv}: missing column(s) {sorted(missing)}")

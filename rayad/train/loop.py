@@ -335,10 +335,13 @@ def check_resumable(checkpoint: Path, cfg: Config, data_root: str | Path, manife
     """A run continues only as it began: the same configuration but for train.steps, which must be beyond the
     checkpoint's step, and the same images."""
     state = read_state(checkpoint)
-    saved = Config.from_dict(state["config"], str(checkpoint / "state.json"))
-    if saved.replace({"train.steps": cfg.train.steps}) != cfg:
-        raise RayadError(f"{checkpoint}: was trained with a different configuration; only train.steps may "
-                         "change on --resume")
+    saved = Config.from_dict(state["config"], str(checkpoint / "state.json")).replace({"train.steps": cfg.train.steps})
+    if saved != cfg:
+        then, now = saved.to_dict(), cfg.to_dict()
+        changed = [f"{section}.{key}: {then[section][key]!r} then, {value!r} now" for section in now
+                   for key, value in now[section].items() if then[section][key] != value]
+        raise RayadError(f"{checkpoint}: was trained with a different configuration ({'; '.join(changed)}); only "
+                         "train.steps may change on --resume")
     if saved_manifest.is_file() and not same_images(load_manifest(saved_manifest), manifest, data_root):
         raise RayadError(f"{saved_manifest}: the run was trained on other images; resume with the --data, "
                          "--category and data.* settings it began with")

@@ -286,6 +286,7 @@ def test_error_visa_unknown_object(tmp_path):
     (lambda text: text.replace(",anomaly,", ",bad,", 1), "label 'bad' must be one of"),
     (lambda text: text + "candle,train\n", "fewer fields than the header"),
     (lambda text: text.encode("latin-1").replace(b"candle", "cändle".encode("latin-1"), 1), "not UTF-8 text"),
+    (lambda text: text + 'candle,test,"' + "x" * 200_000 + "\n", "not a readable CSV file"),
 ])
 def test_visa_rows_a_reader_would_misread_are_refused(tmp_path, edit, message):
     make_visa(tmp_path)

@@ -70,7 +70,8 @@ def test_resume_refuses_what_would_change_the_run_and_leaves_its_files_as_they_w
     run = fit(tiny_config, demo_root, "brick", tmp_path / "r", progress=False)
     files = {name: (run / name).read_bytes() for name in ("model.json", "manifest.parquet", "model.safetensors")}
     refused = [
-        (tiny_config.replace({"model.skip": "add"}), "brick", "different configuration"),
+        (tiny_config.replace({"model.skip": "add"}), "brick",
+         r"different configuration \(model.skip: 'ccm' then, 'add' now\)"),
         (tiny_config.replace({"train.steps": 12}), "grass", "trained on other images"),
         (tiny_config, "grass", "trained on other images"),  # not "raise --steps", as it said
         (tiny_config, "brick", "already reached step 6, and train.steps is 6; raise --steps"),
