@@ -481,7 +481,9 @@ def new_output_folders(args) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    # rayad's own messages from INFO; other libraries' (the ONNX exporter logs dozens of lines) from WARNING
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     new_folders = new_output_folders(args)
     stop_on_sigterm()
     try:
