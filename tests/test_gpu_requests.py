@@ -102,6 +102,7 @@ def test_ray_data_actors_ask_for_their_gpus(monkeypatch, trained_run, demo_root)
 
     monkeypatch.setattr(ray.data, "read_binary_files", lambda *a, **k: Files())
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # as if joined: predict_with_ray starts no Ray here
     with pytest.raises(Stop):
         predict.predict_with_ray(trained_run, [str(demo_root / "brick" / "test")], "/tmp/out", cpus_per_actor=2,
                                  gpus_per_actor=0.25)
