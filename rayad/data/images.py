@@ -48,8 +48,9 @@ def decode_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IM
     except Image.DecompressionBombError:  # Pillow's own limit, met first
         raise ImageTooLarge(f"{name}: over the pixel limit of {PILLOW_MAX_PIXELS:,}, Pillow's own (a possible "
                             "decompression bomb)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{name}: not a readable image ({e})") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many kinds (TypeError, NotImplementedError,
+        # struct.error, ...) on crafted files: whatever the kind, the file is no image rayad can read
+        raise DataError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
     if image.mode == "F":
         raise DataError(f"{name}: a 32-bit float image has no fixed conversion to 8 bits; save it with 8 or 16 "
                         "bits per sample")

@@ -158,6 +158,14 @@ def test_load_image_truncated_png_names_file(tmp_path):
     assert str(path) in str(err.value)
 
 
+def test_a_crafted_header_that_makes_pillow_raise_a_type_error_is_a_bad_image():
+    """Pillow's IM reader turns this size into a TypeError: it reached Serve as a 500 and crashed predict."""
+    header = b"Image type: RGB image\r\nImage size (x*y): 2.*24\r\nFile size (no of images): 1\r\n"
+    crafted = header + bytes(511 - len(header)) + b"\x1a" + bytes(range(256)) * 7
+    with pytest.raises(DataError, match=r"<bytes>: not a readable image \(TypeError"):
+        load_image(crafted, 16)
+
+
 def test_load_image_missing_file(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         load_image(tmp_path / "gone.png", 16)
