@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     dist = train.add_argument_group("distributed training on Ray Train (used when --workers is given)")
     dist.add_argument("--workers", type=int, help="number of DDP workers")
     dist.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
-    dist.add_argument("--cpus-per-worker", type=float, default=Cluster.cpus_per_worker,
+    dist.add_argument("--cpus-per-worker", type=number, default=Cluster.cpus_per_worker,
                       help="CPUs each worker reserves; its torch threads are the whole CPUs, at least 1 (default: the "
                       "smallest node's cores shared by the workers, at least 1)")
     dist.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -81,11 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     offline = predict.add_argument_group("offline batch scoring on Ray Data (--ray)")
     offline.add_argument("--ray", action="store_true", help="stream the images through a Ray Data actor pool")
     offline.add_argument("--actors", type=int, help="scoring actors (default: as many as the cluster's CPUs hold)")
-    offline.add_argument("--cpus-per-actor", type=float,
+    offline.add_argument("--cpus-per-actor", type=number,
                          help="CPUs each actor reserves; its torch threads are the whole CPUs in it, at least 1 "
                          "(default: one actor per core, with a quarter core per node for reading and writing: "
                          "0.875 on 2-core nodes)")
-    offline.add_argument("--gpus-per-actor", type=float, default=0.0,
+    offline.add_argument("--gpus-per-actor", type=number, default=0.0,
                          help="GPUs each actor reserves (fractions share one); the pool then holds as many actors "
                          "as the GPUs allow, and no more than the CPUs hold")
     offline.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -100,23 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = ServeSettings()
     srv.add_argument("--min-replicas", type=int, default=defaults.min_replicas)
     srv.add_argument("--max-replicas", type=int, default=defaults.max_replicas, help="autoscaling upper bound")
-    srv.add_argument("--target-ongoing", type=float, default=defaults.target_ongoing_requests,
+    srv.add_argument("--target-ongoing", type=number, default=defaults.target_ongoing_requests,
                      help="autoscaling target per replica")
     srv.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
-    srv.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_s * 1000)
+    srv.add_argument("--batch-wait-ms", type=number, default=defaults.batch_wait_s * 1000)
     srv.add_argument("--max-queued", type=int, default=defaults.max_queued_requests,
                      help="queued requests per replica before 503")
-    srv.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb, help="one image")
-    srv.add_argument("--max-batch-mb", type=float, default=defaults.max_batch_mb,
+    srv.add_argument("--max-upload-mb", type=number, default=defaults.max_upload_mb, help="one image")
+    srv.add_argument("--max-batch-mb", type=number, default=defaults.max_batch_mb,
                      help="a whole batch request (bounds the ingress's memory)")
     srv.add_argument("--max-batch-images", type=int, default=defaults.max_batch_images,
                      help="images in one batch request (more get 413)")
     srv.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
                      help="larger images are refused with 413 before they are decoded")
-    srv.add_argument("--replica-cpus", type=float, default=defaults.replica_cpus,
+    srv.add_argument("--replica-cpus", type=number, default=defaults.replica_cpus,
                      help="CPUs each scorer replica reserves; its torch threads are the whole CPUs, at least 1 "
                      "(default: the smallest node's cores shared by --max-replicas, at least 1)")
-    srv.add_argument("--replica-gpus", type=float, default=defaults.replica_gpus,
+    srv.add_argument("--replica-gpus", type=number, default=defaults.replica_gpus,
                      help="GPUs each scorer replica reserves (0.5: two replicas per GPU); it scores on cuda then")
     srv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     srv.add_argument("--ingress", choices=["python", "haproxy"], default="python",
@@ -157,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--concurrent", type=int, help="trials at a time (default: as many as the cluster holds)")
     res.add_argument("--workers-per-trial", type=int, default=SearchSettings.workers_per_trial,
                      help="Ray Train DDP workers per trial")
-    res.add_argument("--cpus-per-worker", type=float, default=SearchSettings.cpus_per_worker)
-    res.add_argument("--gpus-per-worker", type=float, default=SearchSettings.gpus_per_worker)
+    res.add_argument("--cpus-per-worker", type=number, default=SearchSettings.cpus_per_worker)
+    res.add_argument("--gpus-per-worker", type=number, default=SearchSettings.gpus_per_worker)
     res.add_argument("--max-failures", type=int, default=SearchSettings.max_failures,
                      help="worker failures each trial recovers from")
     res.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -432,6 +433,17 @@ def cmd_dashboard(args) -> None:
 OUTPUTS = {"data": {"out": True}, "train": {"out": True, "storage": True}, "evaluate": {"json": False},
            "predict": {"out": False, "heatmaps": True}, "export": {"out": True}, "tune": {"out": True, "storage": True},
            "demo": {"out": True}}
+
+
+def number(text: str) -> float:
+    """argparse type of every fractional flag: a finite number (inf and nan passed, then overflowed later)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def port(text: str) -> int:

@@ -92,6 +92,9 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["serve", "--run", "{run}", "--replicas", "0"], "min_replicas = 0"),
     (["serve", "--run", "{run}", "--max-upload-mb", "-1"], "must be > 0"),
     (["serve", "--run", "{run}", "--port", "70000"], "--port: 70000 is not a port (1 to 65535)"),
+    # inf passed as a float and overflowed later (a 500 on every upload; a traceback from --replica-cpus inf)
+    (["serve", "--run", "{run}", "--max-upload-mb", "inf"], "argument --max-upload-mb: 'inf' is not a finite number"),
+    (["predict", "--run", "{run}", "--ray", "{tmp}", "--cpus-per-actor", "nan"], "'nan' is not a finite number"),
     (TRAIN + ["--workers", "1", "--storage", "{tmp}/file/ckpt"], "--storage {tmp}/file/ckpt: {tmp}/file is a file"),
     (TRAIN + ["--mlflow", "ftp://x"], "mlflow 'ftp://x' (--mlflow): MLflow cannot use it"),  # before training
     (TRAIN + ["--gpu"], "--gpu: this process sees no CUDA GPU"),  # the suite hides GPUs
