@@ -82,6 +82,8 @@ def check_resources(cluster: Cluster) -> None:
         raise RayadError(f"{cluster.workers} DDP workers with {cluster.gpus_per_worker:g} GPU each would put "
                          "several ranks on one GPU, which NCCL refuses (\"Duplicate GPU detected\"); give each "
                          "worker a whole GPU, or train with one worker")
+    check_fits("a worker (--cpus-per-worker, --gpu)", cluster.cpus_per_worker,
+               cluster.gpus_per_worker if cluster.use_gpu else 0)
     total = ray.cluster_resources()
     need_cpu = cluster.workers * cluster.cpus_per_worker
     need_gpu = cluster.workers * cluster.gpus_per_worker if cluster.use_gpu else 0
@@ -89,6 +91,16 @@ def check_resources(cluster: Cluster) -> None:
     if need_cpu > have_cpu or need_gpu > have_gpu:
         raise RayadError(f"asked for {cluster.describe()} = {need_cpu:g} CPU, {need_gpu:g} GPU; "
                          f"the cluster has {have_cpu:g} CPU, {have_gpu:g} GPU")
+
+
+def check_fits(what: str, cpus: float, gpus: float) -> None:
+    """Fail within seconds when no live node has `cpus` CPUs and `gpus` GPUs for one process: Ray would wait for
+    such a node forever (Serve, Ray Data and Ray Train alike)."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+        raise RayadError(f"{what} asks for {cpus:g} CPU and {gpus:g} GPU, more than any node of the cluster has "
+                         f"(the largest: {largest.get('CPU', 0):g} CPU, {largest.get('GPU', 0):g} GPU)")
 
 
 def smallest_node_cpus() -> float:

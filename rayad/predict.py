@@ -143,7 +143,7 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
     local inputs are checked."""
     import ray
 
-    from rayad.cluster import connect
+    from rayad.cluster import check_fits, connect
 
     load_model(run)  # a broken run fails here, in one line, not in every actor
     local = [str(p) for p in expand_paths([Path(i) for i in inputs if "://" not in i])]
@@ -159,6 +159,7 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
     dataset = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]  # Ray's union needs another dataset
     if cpus_per_actor is None:
         cpus_per_actor = default_actor_cpus()
+    check_fits("a scoring actor (--cpus-per-actor, --gpus-per-actor)", cpus_per_actor, gpus_per_actor)
     scored = dataset.map_batches(
         ScoringActor, batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,

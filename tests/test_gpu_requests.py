@@ -8,7 +8,7 @@ import ray
 import torch
 
 from rayad import predict
-from rayad.cluster import Cluster, check_resources, check_shared_paths, with_worker_cpus
+from rayad.cluster import Cluster, check_fits, check_resources, check_shared_paths, with_worker_cpus
 from rayad.errors import RayadError
 from rayad.precision import default_device
 from rayad.serve.app import build_app
@@ -103,6 +103,7 @@ def test_ray_data_actors_ask_for_their_gpus(monkeypatch, trained_run, demo_root)
     monkeypatch.setattr(ray.data, "read_binary_files", lambda *a, **k: Files())
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # as if joined: predict_with_ray starts no Ray here
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 1.0}}])
     with pytest.raises(Stop):
         predict.predict_with_ray(trained_run, [str(demo_root / "brick" / "test")], "/tmp/out", cpus_per_actor=2,
                                  gpus_per_actor=0.25)
@@ -118,6 +119,33 @@ def test_an_actor_without_a_reserved_gpu_runs_on_the_cpu(monkeypatch):
     assert default_device().type == "cpu"
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
     assert default_device().type == "cuda"
+
+
+@pytest.mark.parametrize("cpus, gpus, fits", [
+    (2.0, 0.0, True), (0.5, 1.0, True),
+    (3.0, 0.0, False),  # the cluster has 2.5 CPUs, but no node has 3
+    (1.0, 1.0, False),  # a node with the GPU, another with the CPU: one process needs both on one node
+    (0.5, 2.0, False),  # only the dead node had them
+])
+def test_a_process_no_node_can_hold_fails_at_once_instead_of_waiting_forever(monkeypatch, cpus, gpus, fits):
+    nodes = [{"Alive": True, "Resources": {"CPU": 0.5, "GPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 2.0}},
+             {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 2.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    if fits:
+        check_fits("a scorer replica", cpus, gpus)
+        return
+    with pytest.raises(RayadError, match=rf"a scorer replica asks for {cpus:g} CPU and {gpus:g} GPU, more than any "
+                                         r"node of the cluster has \(the largest: 0.5 CPU, 1 GPU\)"):
+        check_fits("a scorer replica", cpus, gpus)
+
+
+def test_serve_refuses_a_replica_no_node_can_hold_before_it_starts(ray_cluster, trained_run):
+    """It waited forever ("No available node types can fulfill"), and deferred Ctrl-C until the models were up."""
+    from rayad.serve import start
+
+    settings = ServeSettings(models={"brick": str(trained_run)}, replica_cpus=1.5)  # the test nodes have 1 CPU
+    with pytest.raises(RayadError, match=r"a scorer replica \(--replica-cpus, --replica-gpus\) asks for 1.5 CPU"):
+        start(settings, port=1)  # before Serve starts: port 1 is never bound
 
 
 @pytest.mark.parametrize("workers, gpus", [(2, 0.5), (4, 0.25)])

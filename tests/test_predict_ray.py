@@ -59,6 +59,14 @@ def test_a_broken_run_fails_in_one_line_before_any_actor_starts(ray_cluster, dem
     assert code == 2 and len(err.splitlines()) == 1 and "not a rayad model" in err, err
 
 
+def test_an_actor_larger_than_any_node_fails_in_one_line(ray_cluster, trained_run, demo_root, tmp_path, capsys):
+    """Each test node has 1 CPU: Ray Data would wait forever for a node of 1.5 ("The job may hang forever")."""
+    args = ["predict", "--run", str(trained_run), "--ray", str(demo_root / "brick" / "test"), "--out",
+            str(tmp_path / "out"), "--cpus-per-actor", "1.5"]
+    assert main(args) == 2
+    assert "a scoring actor (--cpus-per-actor, --gpus-per-actor) asks for 1.5 CPU and 0 GPU" in capsys.readouterr().err
+
+
 def test_ray_predict_needs_out(trained_run, demo_root, capsys):
     assert main(["predict", "--run", str(trained_run), "--ray", str(demo_root / "brick" / "test")]) == 2
     assert "--out" in capsys.readouterr().err

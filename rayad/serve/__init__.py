@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 from ray import serve
 
+from rayad.cluster import check_fits
 from rayad.errors import RayadError
-from rayad.serve.app import app_builder, build_app, discover_models
+from rayad.serve.app import app_builder, build_app, discover_models, scorer_cpus
 from rayad.settings import LOCAL_HOST, SERVE_PORT, ServeSettings
 
 APP_NAME = "rayad"
@@ -57,6 +58,7 @@ def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_POR
           ) -> str:
     """Deploy the application on the connected Ray cluster, serving HTTP on host:port; returns its URL.
     One HTTP proxy, on the head node, by default (`serve deploy serve/config.yaml` runs one per node)."""
+    check_fits("a scorer replica (--replica-cpus, --replica-gpus)", scorer_cpus(settings), settings.replica_gpus)
     serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
