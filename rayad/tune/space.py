@@ -95,7 +95,7 @@ class SearchSpace:
 
     def define_by_run(self, trial) -> dict[str, Any]:
         """Optuna's define-by-run function: suggests the active parameters, returns the fixed values."""
-        chosen: dict[str, Any] = {}
+        chosen = dict(self.fixed)  # a condition may name a fixed parameter too
         for p in self.searched:
             if self._active(p, chosen):
                 chosen[p.key] = p.decode(p.suggest(trial))
@@ -113,7 +113,7 @@ class SearchSpace:
         point: dict[str, Any] = {}
         for p in self.searched:
             value = flat[p.key]
-            if self._active(p, point) and p.contains(value):
+            if self._active(p, {**self.fixed, **point}) and p.contains(value):
                 point[p.key] = value
         return {k: self._param(k).encode(v) for k, v in point.items()}
 

@@ -63,6 +63,14 @@ def test_conditional_parameter_is_sampled_only_when_its_condition_holds():
     assert seen["sdc"] and seen["resnet18"]
 
 
+def test_a_condition_on_a_fixed_parameter_holds_or_not_by_its_value():
+    """`_active` looked only at searched parameters: such a parameter was never sampled, silently."""
+    space = parse_space({"params": {"train.steps": 4, "train.checkpoint_every": 2,
+                                    "train.lr": {"uniform": [0.001, 0.01], "when": {"train.steps": 4}}}}, Config())
+    assert all("train.lr" in params for params in sample(space, Config(), 3, seed=0))
+    assert set(space.default_point(Config().replace({"train.lr": 0.002}))) == {"train.lr"}
+
+
 def test_fixed_values_and_fixed_mappings():
     space = parse_space({"params": {"train.steps": 50, "train.checkpoint_every": 25,
                                     "corruption.fill_sources": {"fixed": {"patch": 1.0}},
