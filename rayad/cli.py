@@ -408,7 +408,7 @@ def cmd_tune(args) -> None:
 
 
 def _split(value: str | None) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",")) if value else ()
+    return tuple(v.strip() for v in value.split(",")) if value is not None else ()  # "" is refused, not default
 
 
 def cmd_demo(args) -> None:

@@ -138,13 +138,15 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
     connect(address)
     check_resources(plan.cluster)
     check_shared_paths(s.storage or str(exp_dir), s.data_root)
-    concurrent = s.concurrent or fitting_groups(plan.cluster)
+    fits = fitting_groups(plan.cluster)
+    concurrent = s.concurrent or fits
     if resume:
         experiment = previous | {"status": "running", "resumed_at": [*previous.get("resumed_at", []), time.time()]}
     else:
         experiment = experiment_record(plan, concurrent, exp_dir)
     write_json(exp_dir / EXPERIMENT, experiment)
-    print(f"[rayad] search {s.category}: {s.trials} trials, {concurrent} at a time, each {plan.cluster.describe()}; "
+    at_once = f"{concurrent}" if concurrent <= fits else f"{fits} (--concurrent {concurrent}; the cluster holds {fits})"
+    print(f"[rayad] search {s.category}: {s.trials} trials, {at_once} at a time, each {plan.cluster.describe()}; "
           f"objective {'/'.join(plan.metrics)} on the validation set; scheduler {s.scheduler}; "
           f"cluster {ray.cluster_resources().get('CPU', 0):g} CPU, {ray.cluster_resources().get('GPU', 0):g} GPU",
           flush=True)

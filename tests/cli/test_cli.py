@@ -102,6 +102,8 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["train", "--data", "{demo}", "--category", "", "--out", "{tmp}/o"], "category '': must name a folder"),
     (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", ".."], "category '..': must name a folder"),
     (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "grass2"], "category 'grass2' not found"),
+    (["tune", "--data", "{demo}", "--category", "brick", "--space", "quick", "--out", "{tmp}/t", "--metric", ""],
+     "metric '': choose from"),  # it searched the default metric
     # checked when the model or the corruption is built: still before the run writes its manifest
     (TRAIN + ["--set", "corruption.shapes=[bogus]"], "corruption.shapes: unknown ['bogus']"),
     (TRAIN + ["--set", "model.act=bogus"], "model.act = 'bogus' is not an activation"),
