@@ -367,7 +367,7 @@ def cmd_serve(args) -> None:
         print(f"serving {sorted(settings.models)} at {url} (API docs: {url}/docs{key}). Ctrl-C or SIGTERM stops.",
               flush=True)
 
-    stopped_by = serve_until_stopped(settings, args.host, args.port, announce, delete=joined)
+    stopped_by = serve_until_stopped(settings, args.host, args.port, announce)
     print(f"stopped by {stopped_by}" + (": the application is deleted from the cluster" if joined else ""), flush=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import shutil
 import signal
@@ -25,10 +26,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def rayad_serve(args: list[str], log_path: Path) -> Iterator[str]:
+def rayad_serve(args: list[str], log_path: Path, in_flight: bytes | None = None) -> Iterator[str]:
     """`rayad serve ARGS --port P` in its own process, until /readyz answers 200; yields its URL, then stops it
-    with SIGTERM and checks that it stopped cleanly. Fails the test with the server's log if it never becomes
-    ready."""
+    with SIGTERM and checks that it stopped cleanly. With `in_flight` (an image), SIGTERM comes while a request to
+    score it is waiting in the scorer (give --batch-wait-ms of seconds), which must still get its score. Fails the
+    test with the server's log if it never becomes ready."""
     port = free_port()
     rayad = Path(sys.executable).with_name("rayad")  # this interpreter's; else the one on PATH (pip --user)
     rayad = rayad if rayad.exists() else Path(shutil.which("rayad") or rayad)
@@ -43,7 +45,13 @@ def rayad_serve(args: list[str], log_path: Path) -> Iterator[str]:
                     pytest.fail(f"rayad serve did not become ready:\n{log_path.read_text()}")
                 time.sleep(1)
             yield url
-            process.send_signal(signal.SIGTERM)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(requests.post, f"{url}/v1/predict", data=in_flight, timeout=60) \
+                    if in_flight else None
+                time.sleep(0.5 if in_flight else 0)
+                process.send_signal(signal.SIGTERM)
+                if answer is not None:  # drained: the replica finished it before stopping
+                    assert answer.result().status_code == 200, answer.result().text
             assert process.wait(timeout=60) == 0, log_path.read_text()
             assert "stopped by SIGTERM" in log_path.read_text()
         finally:

@@ -38,6 +38,9 @@ def use_haproxy_ingress(address: str | None) -> str:
         return address
     os.environ.update(HAPROXY_INGRESS_ENV)
     os.environ.update(private_haproxy_state())
+    # Ray keeps a stopping ingress replica up for 30 s, for load balancers in front of the nodes to notice; the
+    # local HAProxy checks every 5 s, and Ctrl-C of an idle server took 35 s
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
     return "local"
 
 
@@ -64,12 +67,12 @@ def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_POR
     return f"http://{host}:{port}"
 
 
-def serve_until_stopped(settings: ServeSettings, host: str, port: int, on_start: Callable[[str], None],
-                        delete: bool) -> str:
-    """Deploy (see `start`), call `on_start(url)`, and block until Ctrl-C (SIGINT) or SIGTERM; then, if `delete`,
-    delete the application, which a cluster this driver joined would otherwise keep serving after it leaves
-    (a local Ray it started ends with it, faster). Returns the signal's name. A signal during the deployment
-    stops once it is done; a second one stops at once."""
+def serve_until_stopped(settings: ServeSettings, host: str, port: int, on_start: Callable[[str], None]) -> str:
+    """Deploy (see `start`), call `on_start(url)`, and block until Ctrl-C (SIGINT) or SIGTERM; then delete the
+    application. Deleting drains it: each replica first finishes the requests it holds (Serve's graceful
+    shutdown, up to 20 s), and a cluster this driver joined would otherwise keep serving it after it leaves.
+    Returns the signal's name. A signal during the deployment stops once it is done; a second one stops at
+    once."""
     received: list[str] = []
     stop = threading.Event()
 
@@ -83,6 +86,5 @@ def serve_until_stopped(settings: ServeSettings, host: str, port: int, on_start:
         signal.signal(signum, on_signal)
     on_start(start(settings, host, port))
     stop.wait()
-    if delete:
-        serve.delete(APP_NAME)
+    serve.delete(APP_NAME)
     return received[0]
