@@ -33,11 +33,13 @@ from rayad import __version__
 from rayad.artifact import Predictor, build_anomaly_model, calibrate_and_save
 from rayad.cluster import Cluster, check_resources, check_shared_paths, connect, fitting_groups
 from rayad.config import Config, load_config
+from rayad.data.manifest import build_manifest, save_manifest
 from rayad.errors import ConfigError, Interrupted, RayadError
 from rayad.evaluate import evaluate
 from rayad.layout import (
     BEST,
     EXPERIMENT,
+    MANIFEST,
     METRIC_NAMES,
     PIXEL_METRICS,
     STUDY,
@@ -133,11 +135,13 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
     elif (exp_dir / EXPERIMENT).exists():
         raise RayadError(f"{exp_dir}: already holds an experiment; resume it (--resume, or resume=True), or give "
                          "a new folder")
+    _check_data(plan)
     make_folder(exp_dir)
-    _check_data(plan, exp_dir)
     connect(address)
     check_resources(plan.cluster)
     check_shared_paths(s.storage or str(exp_dir), s.data_root)
+    # written once every check passed: a search refused before it began leaves no folder behind
+    save_manifest(build_manifest(s.data_root, s.category, plan.base.data), exp_dir / MANIFEST)
     fits = fitting_groups(plan.cluster)
     concurrent = s.concurrent or fits
     if resume:
@@ -159,10 +163,10 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
     return _finish(plan, exp_dir, experiment, rows)
 
 
-def _check_data(plan: Plan, exp_dir: Path) -> None:
+def _check_data(plan: Plan) -> None:
     """Validate the data (and fill the image cache once) and check the objective can be computed."""
     s = plan.settings
-    load_train_data(plan.base, s.data_root, s.category, exp_dir)
+    load_train_data(plan.base, s.data_root, s.category)
     vset = load_validation(plan.base, s.data_root, s.category, s.val_root)
     missing = [m for m in plan.metrics if m in PIXEL_METRICS and not vset.has_masks]
     if missing:

@@ -104,6 +104,9 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "grass2"], "category 'grass2' not found"),
     (["tune", "--data", "{demo}", "--category", "brick", "--space", "quick", "--out", "{tmp}/t", "--metric", ""],
      "metric '': choose from"),  # it searched the default metric
+    # refused before the search began: no folder is left, not even one holding the manifest
+    (["tune", "--data", "{demo}", "--category", "brick", "--space", "quick", "--out", "{tmp}/t", "--val-data",
+      "{tmp}/empty"], "category 'brick' not found in {tmp}/empty"),
     # checked when the model or the corruption is built: still before the run writes its manifest
     (TRAIN + ["--set", "corruption.shapes=[bogus]"], "corruption.shapes: unknown ['bogus']"),
     (TRAIN + ["--set", "model.act=bogus"], "model.act = 'bogus' is not an activation"),
