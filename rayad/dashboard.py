@@ -20,7 +20,7 @@ def app_path() -> Path:
 def streamlit_command(runs: Path, host: str, port: int, serve_url: str | None) -> tuple[list[str], dict[str, str]]:
     """The `streamlit run` command line and environment that show `runs`."""
     if not runs.is_dir():
-        raise RayadError(f"--runs {runs}: no such directory")
+        raise RayadError(f"--runs {runs}: " + ("a file, not a folder" if runs.exists() else "no such directory"))
     app = app_path()
     if not app.is_file():
         raise RayadError(f"{app}: the dashboard app is missing from this rayad installation")

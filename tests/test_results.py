@@ -124,7 +124,9 @@ def test_dashboard_command_checks_its_flags(tmp_path, capsys):
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     busy = str(taken.getsockname()[1])
+    (tmp_path / "runs.txt").write_text("")
     for flags, message in [(["--runs", str(tmp_path / "nope")], "no such directory"),
+                           (["--runs", str(tmp_path / "runs.txt")], "runs.txt: a file, not a folder"),
                            (["--runs", str(tmp_path), "--port", "0"], "0 is not a port"),
                            (["--runs", str(tmp_path), "--port", busy], f"cannot listen on 127.0.0.1:{busy}"),
                            (["--runs", str(tmp_path), "--serve-url", "localhost:8000"], "needs http://")]:

@@ -63,6 +63,8 @@ def _client_message(message: str) -> str:
 
 def discover_models(path: str | Path) -> dict[str, str]:
     """The usable models under `path` (see `rayad.layout.discover_models`); an error when there is none."""
+    if Path(path).is_file():
+        raise RayadError(f"{path}: a file; give a run's folder, an experiment or a folder of those")
     models = layout.discover_models(path)
     if not models:
         raise RayadError(f"{path}: no model found (a run with {METADATA}, an experiment with {BEST}/{METADATA}, "
@@ -313,7 +315,8 @@ class Api:
         if _is_multipart(request):
             async with _uploads(request, self.settings.max_upload_mb, max_files=1) as files:
                 if not files:
-                    raise HTTPException(400, "no file in the multipart upload (send it in the field 'file')")
+                    raise HTTPException(400, "no file in the multipart upload (send it in the field 'file' as a "
+                                             "file: curl -F file=@image.png)")
                 body = await files[0][1].read()
         else:
             body = await self._read_body(request, self.settings.max_upload_mb)

@@ -27,6 +27,8 @@ def test_run_experiment_and_folder(trained_run, tmp_path):
     assert card["name"] == "brick" and model_card("grass", models["grass"])["category"] == "brick"  # trained on
     with pytest.raises(RayadError, match="no model found"):
         discover_models(tmp_path / "demo" / "data")
+    with pytest.raises(RayadError, match="model.json: a file; give a run's folder"):  # it said "no model found"
+        discover_models(tmp_path / "demo" / "grass" / "model.json")
 
 
 def test_two_experiments_of_one_category_and_a_damaged_record_are_all_served(trained_run, tmp_path):

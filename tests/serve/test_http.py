@@ -135,6 +135,12 @@ def test_media_types_are_case_blind(server, demo_root):
         assert response.status_code == 200, (route, response.text)
 
 
+def test_a_file_sent_as_a_text_field_is_told_how_to_send_it(server):
+    """`curl -F "file=<image.png"` sends the field as text: the message said to use the field it had used."""
+    response = requests.post(f"{server}/v1/predict?model=brick", files={"file": (None, "text")}, headers=KEY)
+    assert response.status_code == 400 and "'file' as a file: curl -F file=@image.png" in response.json()["error"]
+
+
 def test_a_client_that_hangs_up_mid_upload_is_no_server_error(server, ray_cluster):
     host, port = server.removeprefix("http://").split(":")
     logs = Path(ray_cluster.head_node.get_logs_dir_path())
