@@ -94,9 +94,21 @@ def _category(exp_dir: Path) -> str | None:
     return category if isinstance(category, str) and category else None
 
 
-# The process's umask, read once at import (reading it means setting it; it is set back at once)
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+def _read_umask() -> int:
+    """The process's umask, from /proc on Linux; elsewhere by setting it (to the strictest mask, so that a file
+    another thread creates meanwhile is never more open than it would be) and back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import
 
 
 def follow_umask(path: Path) -> None:
