@@ -96,6 +96,8 @@ def test_dashboard_in_headless_chromium(dashboard, tiny_experiment, demo_root, t
             page.get_by_role("link", name=name).click()
             page.get_by_role("heading", name=f"{name}: {exp.name}").wait_for(timeout=RENDER_TIMEOUT_MS)
             settle(page)
+        # the script can be done before the browser has mounted its images: wait for the fifth
+        page.locator('[data-testid="stImage"] img').nth(4).wait_for(timeout=RENDER_TIMEOUT_MS)
         assert page.locator('[data-testid="stImage"] img').count() >= 5
         page.screenshot(path=str(shots / "dashboard_gallery.png"))
 
