@@ -46,7 +46,7 @@ def sort_per_metric(scores, labels, types, maps, masks) -> dict:
                 "f1_max": f1_max(s, lab)[0], "n_images": int(len(lab))}
 
     out = metrics(scores, labels, maps, masks)
-    out |= {"image_auroc_ci": auroc_ci(scores, labels), "pixel_auroc_ci": pixel_auroc_ci(maps, masks, labels),
+    out |= {"image_auroc_ci": auroc_ci(scores, labels), "pixel_auroc_ci": pixel_auroc_ci(maps, masks),
             "pixel_curves": pixel_curves(maps, masks), "per_defect": {}}
     kinds = np.asarray(types)
     for defect in sorted(set(types) - {"good"}):

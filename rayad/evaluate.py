@@ -12,7 +12,7 @@ from rayad.artifact import Predictor, trained_category
 from rayad.config import DataConfig
 from rayad.data.dataset import load_split
 from rayad.data.manifest import build_manifest
-from rayad.errors import DataError
+from rayad.errors import DataError, RayadError
 from rayad.metrics import METRIC_NAMES, compute_metrics
 from rayad.settings import PREDICT_BATCH
 
@@ -35,6 +35,10 @@ def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category:
     if len(test.images) == 0:
         raise DataError(f"{data_root}/{category}: the test split is empty")
     preds = predictor.predict_arrays(test.images, batch_size)
+    bad = np.flatnonzero(~np.isfinite(preds.scores) | ~np.isfinite(preds.maps).all(axis=(1, 2)))
+    if bad.size:
+        raise RayadError(f"the model's output is NaN or infinite on {len(bad)} of {len(preds.scores)} test images "
+                         f"(first: {test.rows['path'][int(bad[0])]}): it has no metrics")
     metrics = compute_metrics(preds.scores, test.labels, test.defect_types, preds.maps, test.masks, curves=True)
     return {**metrics, "threshold": predictor.threshold, "pixel_threshold": predictor.pixel_threshold,
             "scores": preds.scores.tolist(),

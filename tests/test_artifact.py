@@ -111,6 +111,14 @@ def test_evaluate_names_a_bad_test_image_without_suggesting_a_flag_it_lacks(trai
     assert "fix or remove them" in caplog.text and "on_bad_image" not in caplog.text + err
 
 
+def test_a_model_whose_output_overflows_has_no_metrics(trained_run, demo_root):
+    predictor = Predictor.load(trained_run)
+    with torch.no_grad():  # finite weights (loading refuses NaN ones) whose output overflows float32
+        next(predictor.model.network.parameters()).mul_(1e38)
+    with pytest.raises(RayadError, match=r"the model's output is NaN or infinite on \d+ of \d+ test images \(first: "):
+        evaluate(predictor, demo_root, "brick")
+
+
 def test_the_same_picture_scores_the_same_with_8_or_16_bits(trained_run, demo_root, tmp_path):
     from PIL import Image
 

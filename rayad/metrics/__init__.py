@@ -20,17 +20,19 @@ CURVE_POINTS = 400  # stored curves keep at most this many of their exact points
 def compute_metrics(scores: np.ndarray, labels: np.ndarray, defect_types: list[str] | None = None,
                     maps: np.ndarray | None = None, masks: np.ndarray | None = None, n_boot: int = N_BOOT,
                     seed: int = 0, curves: bool = False) -> dict:
-    """Metrics of a test set. Pixel metrics are None without masks. `image_auroc_ci` and `pixel_auroc_ci`
-    are 95 % bootstrap intervals [low, high] over `n_boot` stratified resamples of the images
-    (`rayad.metrics.bootstrap`), None where the metric is None or n_boot is 0. With `defect_types`, also the
+    """Metrics of a test set. Pixel metrics are None without masks that hold both defect and defect-free
+    pixels, image metrics without both good and defective images; scores or maps that are NaN or infinite
+    are a ValueError. `image_auroc_ci` and `pixel_auroc_ci` are 95 % bootstrap intervals [low, high] over
+    `n_boot` stratified resamples of the images (`rayad.metrics.bootstrap`), None where the metric is None
+    or n_boot is 0. With `defect_types`, also the
     metrics per defect type (without intervals), each scored against all good images, as the MVTec AD
     benchmark and anomalib do. With `curves`, also `pixel_curves`. The pixels are sorted once: every pixel
     metric, of all images or of a defect type's, takes its ranking from that sort."""
-    order = descending_order(maps) if _has_pixel_metrics(labels, maps, masks) else None
+    order = descending_order(maps) if _has_pixel_metrics(maps, masks) else None
     out = _metrics(scores, labels, maps, masks, order)
     pixel = out["pixel_auroc"] is not None
     out["image_auroc_ci"] = auroc_ci(scores, labels, n_boot, seed) if out["image_auroc"] is not None else None
-    out["pixel_auroc_ci"] = pixel_auroc_ci(maps, masks, labels, n_boot, seed) if pixel else None
+    out["pixel_auroc_ci"] = pixel_auroc_ci(maps, masks, n_boot, seed) if pixel else None
     if curves:
         out["pixel_curves"] = None if maps is None else pixel_curves(maps, masks, order=order)
     if defect_types is None:
@@ -47,14 +49,13 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, defect_types: list[s
     return out
 
 
-def _has_pixel_metrics(labels, maps, masks) -> bool:
-    return (0 < labels.sum() < len(labels) and maps is not None and masks is not None
-            and bool(masks.any()) and not masks.all())
+def _has_pixel_metrics(maps, masks) -> bool:
+    return maps is not None and masks is not None and bool(masks.any()) and not masks.all()
 
 
 def _metrics(scores, labels, maps, masks, order) -> dict:
     both = 0 < labels.sum() < len(labels)
-    pixel = _has_pixel_metrics(labels, maps, masks)
+    pixel = _has_pixel_metrics(maps, masks)
     return {
         "image_auroc": auroc(scores, labels) if both else None,
         "pixel_auroc": auroc(maps, masks, order) if pixel else None,

@@ -5,17 +5,26 @@ from __future__ import annotations
 import numpy as np
 
 
+def finite(values: np.ndarray) -> np.ndarray:
+    """`values` flattened as float64; a ValueError if any is NaN or infinite, as sklearn raises: they have no
+    place in a ranking (NaN sorted last, and equal infinities were split into separate thresholds)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if not np.isfinite(values).all():
+        raise ValueError(f"{np.count_nonzero(~np.isfinite(values))} of {values.size} scores are NaN or infinite")
+    return values
+
+
 def descending_order(values: np.ndarray) -> np.ndarray:
     """Indices of the flattened `values` from highest to lowest, equal values in index order (a stable sort).
     The metrics below take it as `order`, so that one sort serves every metric of the same values."""
-    return np.argsort(-np.asarray(values, dtype=np.float64).ravel(), kind="stable")
+    return np.argsort(-finite(values), kind="stable")
 
 
 def binary_counts(scores: np.ndarray, labels: np.ndarray,
                   order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """True and false positives at each distinct threshold, highest first, and those thresholds; `order` is
     `descending_order(scores)`, computed here when not given."""
-    scores = np.asarray(scores, dtype=np.float64).ravel()
+    scores = finite(scores)
     labels = np.asarray(labels).ravel().astype(bool)
     order = descending_order(scores) if order is None else order
     scores, labels = scores[order], labels[order]

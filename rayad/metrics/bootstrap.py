@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from rayad.metrics.auroc import finite
+
 N_BOOT = 1000
 LEVEL = 0.95
 BINS = 8192
@@ -55,14 +57,15 @@ def auroc_ci(scores: np.ndarray, labels: np.ndarray, n_boot: int = N_BOOT, seed:
     return _pair_auroc_ci(scores, labels[:, None], labels, n_boot, seed, level, bins)
 
 
-def pixel_auroc_ci(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, n_boot: int = N_BOOT,
-                   seed: int = 0, level: float = LEVEL, bins: int = BINS) -> list[float] | None:
+def pixel_auroc_ci(maps: np.ndarray, masks: np.ndarray, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL,
+                   bins: int = BINS) -> list[float] | None:
     """Interval of pixel AUROC over maps (N, H, W) and masks (N, H, W); whole images resampled within their
-    image label (good or defective)."""
+    kind, with defect pixels or without (the good and defective images where every defective image has its
+    mask), so that every resample has both kinds of pixel."""
     n = len(maps)
     values = np.asarray(maps).reshape(n, -1)
     positive = np.asarray(masks).astype(bool).reshape(n, -1)
-    return _pair_auroc_ci(values, positive, np.asarray(labels), n_boot, seed, level, bins)
+    return _pair_auroc_ci(values, positive, positive.any(axis=1), n_boot, seed, level, bins)
 
 
 def pair_counts(values: np.ndarray, positive: np.ndarray, bins: int = BINS):
@@ -81,6 +84,7 @@ def pair_counts(values: np.ndarray, positive: np.ndarray, bins: int = BINS):
 def _pair_auroc_ci(values, positive, strata, n_boot, seed, level, bins) -> list[float] | None:
     if n_boot <= 0:
         return None
+    finite(values)
     n = len(values)
     idx = resample_indices(strata, n_boot, seed)
     flat = (np.arange(n_boot)[:, None] * n + idx).ravel()

@@ -279,10 +279,19 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
             metrics = {"step": done, "loss": float(loss), "lr": lr_at(step, tc), "start_step": start,
                        "world_size": world, "nodes": nodes, "interval_images_per_s": meter.interval(),
                        **meter.summary(), "precision": precision.precision, "precision_reason": precision.reason}
+            check_converging(metrics["loss"], done, tc, scaler)
             if save and validation is not None:  # model selection: scored at every checkpoint
                 metrics |= validation_metrics(network, cfg, validation, session.device)
             session.report(metrics, network, optimizer, save)
     return network, metrics
+
+
+def check_converging(loss: float, step: int, cfg: TrainConfig, scaler: torch.amp.GradScaler | None) -> None:
+    """Stop a run whose loss is NaN or infinite: its weights are lost, and every score after would be too. In
+    fp16 the loss scaler skips such steps itself."""
+    if scaler is None and not math.isfinite(loss):
+        raise RayadError(f"training diverged: the loss is {loss} at step {step}; lower train.lr (now {cfg.lr:g}) "
+                         "or train.grad_clip")
 
 
 class LocalSession:

@@ -53,13 +53,21 @@ def test_image_interval_is_the_sklearn_bootstrap(ties):
 def test_pixel_interval_is_the_sklearn_bootstrap_over_whole_images():
     maps, masks, labels = pixel_case(1)  # rounded maps: fewer distinct values than bins, so exact
     expected = bootstrap_ci(sk_pixel_auroc, [maps, masks], labels, n_boot=200, seed=2)
-    assert np.allclose(pixel_auroc_ci(maps, masks, labels, n_boot=200, seed=2), expected, rtol=0, atol=1e-12)
+    assert np.allclose(pixel_auroc_ci(maps, masks, n_boot=200, seed=2), expected, rtol=0, atol=1e-12)
+
+
+def test_pixel_resamples_keep_the_images_with_defect_pixels_apart_from_the_others():
+    # a defective image without its mask has no defect pixel: a resample of defective images could hold none
+    maps, masks, labels = pixel_case(3, n_good=2, n_bad=3)
+    masks[np.flatnonzero(labels)[:2]] = False
+    expected = bootstrap_ci(sk_pixel_auroc, [maps, masks], masks.any(axis=(1, 2)), n_boot=300, seed=0)
+    assert np.allclose(pixel_auroc_ci(maps, masks, n_boot=300, seed=0), expected, rtol=0, atol=1e-12)
 
 
 def test_binned_pixel_interval_stays_within_the_binning_bound():
     maps, masks, labels = pixel_case(2, decimals=None)  # all values distinct: 32 bins of pooled values
     expected = bootstrap_ci(sk_pixel_auroc, [maps, masks], labels, n_boot=100, seed=0)
-    binned = pixel_auroc_ci(maps, masks, labels, n_boot=100, seed=0, bins=32)
+    binned = pixel_auroc_ci(maps, masks, n_boot=100, seed=0, bins=32)
     # a bin holds 1/32 of the pixels; a resample's AUROC moves by at most half a bin's negatives over all
     bound = 0.5 * (maps.size / 32 + 1) * 5 / (~masks).sum()  # 5: room for a heavy resample of one bin
     assert np.allclose(binned, expected, rtol=0, atol=bound)
@@ -72,7 +80,7 @@ def test_point_estimate_lies_inside_the_interval():
         low, high = auroc_ci(scores, labels)
         assert low <= skm.roc_auc_score(labels, scores) <= high and low < high
         maps, masks, labels = pixel_case(seed)
-        low, high = pixel_auroc_ci(maps, masks, labels)
+        low, high = pixel_auroc_ci(maps, masks)
         assert low <= sk_pixel_auroc(maps, masks) <= high and low < high
 
 
@@ -83,7 +91,7 @@ def test_interval_narrows_with_more_data():
     small, large = image_case(0, 20, 30), image_case(0, 200, 300)
     assert width(auroc_ci(*large)) < 0.5 * width(auroc_ci(*small))
     small, large = pixel_case(0, 4, 6), pixel_case(0, 40, 60)
-    assert width(pixel_auroc_ci(*large)) < 0.5 * width(pixel_auroc_ci(*small))
+    assert width(pixel_auroc_ci(*large[:2])) < 0.5 * width(pixel_auroc_ci(*small[:2]))
 
 
 def test_interval_covers_the_true_auroc_about_95_percent_of_the_time():
@@ -98,8 +106,8 @@ def test_intervals_are_deterministic_given_the_seed():
     assert auroc_ci(scores, labels, seed=1) == auroc_ci(scores, labels, seed=1)
     assert auroc_ci(scores, labels, seed=1) != auroc_ci(scores, labels, seed=2)
     maps, masks, labels = pixel_case(4)
-    assert pixel_auroc_ci(maps, masks, labels, seed=1) == pixel_auroc_ci(maps, masks, labels, seed=1)
-    assert pixel_auroc_ci(maps, masks, labels, seed=1) != pixel_auroc_ci(maps, masks, labels, seed=2)
+    assert pixel_auroc_ci(maps, masks, seed=1) == pixel_auroc_ci(maps, masks, seed=1)
+    assert pixel_auroc_ci(maps, masks, seed=1) != pixel_auroc_ci(maps, masks, seed=2)
 
 
 def test_compute_metrics_carries_the_intervals():
@@ -108,7 +116,7 @@ def test_compute_metrics_carries_the_intervals():
     types = ["good" if y == 0 else "dent" for y in labels]
     out = compute_metrics(scores, labels, types, maps, masks, n_boot=300, seed=3)
     assert out["image_auroc_ci"] == auroc_ci(scores, labels, n_boot=300, seed=3)
-    assert out["pixel_auroc_ci"] == pixel_auroc_ci(maps, masks, labels, n_boot=300, seed=3)
+    assert out["pixel_auroc_ci"] == pixel_auroc_ci(maps, masks, n_boot=300, seed=3)
     assert out["image_auroc_ci"][0] <= out["image_auroc"] <= out["image_auroc_ci"][1]
     assert out["pixel_auroc_ci"][0] <= out["pixel_auroc"] <= out["pixel_auroc_ci"][1]
     assert all(isinstance(v, float) for v in out["image_auroc_ci"] + out["pixel_auroc_ci"])

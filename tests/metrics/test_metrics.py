@@ -378,6 +378,33 @@ def test_compute_metrics_only_good_images_gives_none(test_set):
     assert out["per_defect"] == {}
 
 
+def test_only_defective_images_still_have_pixel_metrics(test_set):
+    # their good pixels are the negatives: pixel metrics need no good image, image metrics do
+    scores, labels, types, maps, masks = (v[8:] for v in test_set)
+    out = compute_metrics(scores, labels, types, maps, masks, n_boot=50)
+    assert out["image_auroc"] is None and out["f1_max"] is None and out["image_auroc_ci"] is None
+    assert np.isclose(out["pixel_auroc"], skm.roc_auc_score(masks.ravel(), maps.ravel()), rtol=0, atol=1e-12)
+    assert np.isclose(out["aupro"], reference_aupro(maps, masks), rtol=0, atol=1e-9)
+    assert out["pixel_auroc_ci"][0] <= out["pixel_auroc"] <= out["pixel_auroc_ci"][1]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_infinite_scores_are_refused_as_sklearn_refuses_them(test_set, bad):
+    """NaN ranked below everything and equal infinities split into separate thresholds: the metrics were
+    numbers that depended on the images' order. A model whose output overflows has no metrics."""
+    scores, labels, types, maps, masks = test_set
+    bad_scores, bad_maps = scores.copy(), maps.copy()
+    bad_scores[[0, 9]], bad_maps[9, 0, 0] = bad, bad
+    for call in (lambda: auroc(bad_scores, labels), lambda: f1_max(bad_scores, labels),
+                 lambda: auroc(bad_maps, masks), lambda: aupro(bad_maps, masks), lambda: pixel_curves(bad_maps, masks),
+                 lambda: compute_metrics(bad_scores, labels, types, maps, masks),
+                 lambda: compute_metrics(scores, labels, types, bad_maps, masks)):
+        with pytest.raises(ValueError, match="are NaN or infinite"):
+            call()
+    with pytest.raises(ValueError):
+        skm.roc_auc_score(labels, bad_scores)
+
+
 def test_speed_benchmark_checks_both_ways_agree_and_names_the_machine():
     script = Path(__file__).parents[2] / "benchmarks" / "metrics_speed.py"
     out = subprocess.run([sys.executable, str(script), "--images", "30", "--sizes", "16", "--repeats", "1"],

@@ -106,6 +106,14 @@ def test_a_run_without_checkpoints_is_neither_resumed_nor_overwritten(tmp_path, 
     assert steps == [2, 3, 4, 6]
 
 
+def test_a_run_whose_loss_turns_nan_stops_and_writes_no_model(tmp_path, demo_root, tiny_config, monkeypatch):
+    real = loop_module.reconstruction_loss
+    monkeypatch.setattr(loop_module, "reconstruction_loss", lambda *args: real(*args) * float("nan"))  # diverged
+    with pytest.raises(RayadError, match=r"training diverged: the loss is nan at step 2; lower train.lr \(now "):
+        fit(tiny_config, demo_root, "brick", tmp_path / "r", progress=False)
+    assert not (tmp_path / "r" / "model.json").exists()
+
+
 def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, demo_root, tiny_config):
     run = fit(tiny_config, demo_root, "brick", tmp_path / "r", progress=False)
     latest = sorted((run / "checkpoints").glob("step_*"))[-1]
