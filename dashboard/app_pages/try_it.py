@@ -99,6 +99,7 @@ if upload is not None:
     cols[1].metric("Label", "defective" if result["label"] else "good")
     cols[2].metric("Threshold", f"{result['threshold']:.6f}")
     cols = st.columns(3)
-    cols[0].image(upload.getvalue(), caption="input")
+    # the pixels the model scored, beside its maps (the upload itself may be a file no browser shows: 16-bit)
+    cols[0].image(load_image(content, result["heatmap"].shape[0]), caption="input, as the model sees it")
     cols[1].image(result["heatmap"], caption="anomaly heatmap")
     cols[2].image(result["mask"], caption="predicted mask")

@@ -65,6 +65,8 @@ def to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
     if image.mode.startswith("I"):  # I;16, I;16B, I;16L, I
         arr = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
         image = Image.fromarray(arr.astype(np.uint8))
+    elif image.mode == "La":  # premultiplied alpha (a TIFF's), which Pillow converts only to LA
+        image = image.convert("LA")
     image = image.convert("RGB")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from rayad.artifact import Predictor
@@ -145,6 +146,18 @@ def test_try_it_scores_an_upload_like_predict(runs, monkeypatch, demo_root):
     assert shown["Score"] == f"{expected.scores[0]:.6f}"
     assert shown["Label"] == ("defective" if expected.labels[0] else "good")
     assert len(at.image[0].value) == 1 and len(at.image) == 3
+
+
+def test_try_it_shows_a_16_bit_upload_as_the_model_sees_it(runs, monkeypatch, demo_root, tmp_path):
+    # the upload was shown as it came, and Streamlit cannot re-encode 16-bit pixels for the browser
+    monkeypatch.delenv("RAYAD_SERVE_URL", raising=False)
+    gray = np.asarray(Image.open(demo_root / "brick" / "test" / "crack" / "000.png").convert("L"))
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    at = open_page(runs, monkeypatch, "try_it")
+    at.file_uploader[0].set_value(("deep.png", (tmp_path / "deep.png").read_bytes(), "image/png")).run()
+    assert not at.exception and len(at.image) == 3
+    expected = Predictor.load(runs / "brick-tiny" / "best").predict_files([tmp_path / "deep.png"])[0]
+    assert {m.label: m.value for m in at.metric}["Score"] == f"{expected.scores[0]:.6f}"
 
 
 def test_try_it_reports_bad_uploads_and_an_unreachable_serve_endpoint(runs, monkeypatch):

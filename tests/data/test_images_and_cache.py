@@ -131,6 +131,26 @@ def test_float_images_are_refused_by_name(tmp_path):
         load_image(path, 16)
 
 
+def _premultiplied_gray_tiff(gray: np.ndarray) -> bytes:
+    """A grayscale TIFF with an opaque alpha marked premultiplied (ExtraSamples 1), which Pillow opens as
+    mode "La" and cannot write itself: Pillow's LA TIFF with that tag changed."""
+    buf = io.BytesIO()
+    Image.fromarray(np.dstack([gray, np.full_like(gray, 255)]), "LA").save(buf, format="TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for entry in range(ifd + 2, ifd + 2 + 12 * struct.unpack_from("<H", data, ifd)[0], 12):
+        if struct.unpack_from("<H", data, entry)[0] == 338:  # ExtraSamples: 2 (unassociated alpha) -> 1
+            struct.pack_into("<H", data, entry + 8, 1)
+    return bytes(data)
+
+
+def test_premultiplied_gray_alpha_reads_as_its_gray(tmp_path):
+    gray = noise(5, (16, 16))
+    source = _premultiplied_gray_tiff(gray)
+    assert Image.open(io.BytesIO(source)).mode == "La"  # Pillow converts it only to LA: every path crashed
+    assert all(np.array_equal(load_image(source, 16)[..., c], gray) for c in range(3))
+
+
 def test_load_image_rgba_drops_alpha(tmp_path):
     rgba = noise(3, (16, 16, 4))
     rgba[..., 3] = 0
