@@ -96,9 +96,10 @@ def scored_image(exp: str, versions: tuple[float, ...], path: str, mask_path: st
     from rayad.data.images import load_image, load_mask
 
     model = predictor(exp, versions)
-    image = load_image(path, model.image_size)
+    limit = model.config.data.max_pixels  # as evaluate read them
+    image = load_image(path, model.image_size, limit)
     out = model.predict_arrays(image[None], reconstructions=True)
-    mask = load_mask(mask_path, model.image_size) if mask_path else np.zeros(image.shape[:2], bool)
+    mask = load_mask(mask_path, model.image_size, max_pixels=limit) if mask_path else np.zeros(image.shape[:2], bool)
     return {"image": image, "reconstruction": out.reconstructions[0], "map": out.maps[0], "mask": mask}
 
 

@@ -14,7 +14,7 @@ import streamlit as st
 from PIL import Image
 
 from rayad.artifact import model_version
-from rayad.data.images import IMAGE_SUFFIXES, load_image
+from rayad.data.images import IMAGE_SUFFIXES, PILLOW_MAX_PIXELS, load_image
 from rayad.errors import DataError
 from rayad.layout import BEST, WEIGHTS
 from rayad.results import StoreError
@@ -67,9 +67,12 @@ def score_remote(content: bytes) -> dict:
             "mask": np.asarray(Image.open(io.BytesIO(base64.b64decode(out["mask_png"]))))}
 
 
-def score_local(content: bytes) -> dict:
+def score_local(content: bytes, name: str) -> dict:
+    """Scored as `rayad predict` scores a file: the same decoding, pixel limit and messages."""
     model = loaders.predictor(str(exp), loaders.best_versions(exp))
-    out = model.predict_arrays(load_image(content, model.image_size)[None])
+    out, errors = model.predict_files([content], names=[name])
+    if errors[0]:
+        raise DataError(errors[0])
     return {"score": float(out.scores[0]), "label": bool(out.labels[0]), "threshold": model.threshold,
             "heatmap": np.asarray(heatmap_image(out.maps[0], model.pixel_threshold)),
             "mask": out.masks()[0].astype(np.uint8) * 255}
@@ -78,7 +81,7 @@ def score_local(content: bytes) -> dict:
 if upload is not None:
     content = upload.getvalue()
     try:
-        result = score_remote(content) if url else score_local(content)
+        result = score_remote(content) if url else score_local(content, upload.name)
     except StoreError as e:  # the best model's files are broken
         st.error(f"Experiment `{exp}`: {e}", icon=":material/error:")
         st.stop()
@@ -100,6 +103,7 @@ if upload is not None:
     cols[2].metric("Threshold", f"{result['threshold']:.6f}")
     cols = st.columns(3)
     # the pixels the model scored, beside its maps (the upload itself may be a file no browser shows: 16-bit)
-    cols[0].image(load_image(content, result["heatmap"].shape[0]), caption="input, as the model sees it")
+    shown = load_image(content, result["heatmap"].shape[0], PILLOW_MAX_PIXELS)  # the scorer read it within its limit
+    cols[0].image(shown, caption="input, as the model sees it")
     cols[1].image(result["heatmap"], caption="anomaly heatmap")
     cols[2].image(result["mask"], caption="predicted mask")

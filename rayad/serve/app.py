@@ -42,7 +42,7 @@ from rayad import __version__, layout
 from rayad.artifact import Predictor, load_model, model_version, read_metadata, trained_category
 from rayad.cluster import node_share
 from rayad.cpu import use_cpus
-from rayad.data.images import ImageTooLarge, load_image
+from rayad.data.images import MAX_IMAGE_PIXELS, ImageTooLarge, load_image
 from rayad.errors import ArtifactError, DataError, RayadError
 from rayad.layout import BEST, METADATA, METRIC_NAMES, TEST_METRICS
 from rayad.settings import ServeSettings, threads_for
@@ -97,6 +97,7 @@ def model_card(name: str, run_dir: str) -> dict[str, Any]:
     return {"name": name, "version": model_version(run), "category": trained_category(meta),
             "threshold": meta["threshold"], "pixel_threshold": meta["pixel_threshold"],
             "image_size": meta["image_size"], "normalization": meta["normalization"],
+            "max_pixels": meta["config"]["data"].get("max_pixels", MAX_IMAGE_PIXELS),  # as `rayad predict` reads
             "metrics": {k: metrics.get(k) for k in METRIC_NAMES}}
 
 
@@ -392,8 +393,9 @@ class Api:
         if isinstance(content, bytes) and not content:
             raise HTTPException(400, "empty image")
         try:
-            return await asyncio.to_thread(load_image, content, self.cards[name]["image_size"],
-                                           self.settings.max_pixels)
+            card = self.cards[name]
+            return await asyncio.to_thread(load_image, content, card["image_size"],
+                                           min(self.settings.max_pixels, card["max_pixels"]))
         except ImageTooLarge as e:
             raise HTTPException(413, _client_message(str(e))) from None
         except DataError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ from rayad.serve import ServeSettings, discover_models, start
 pytestmark = pytest.mark.slow
 
 KEY = {"X-API-Key": "secret"}
+GRASS_MAX_PIXELS = 20_000  # the served "grass" model's data.max_pixels: its images are 128² (16,384 pixels)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,9 @@ def server(ray_cluster, trained_run, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     shutil.copytree(trained_run, models / "brick")
     shutil.copytree(trained_run, models / "grass")
+    meta = json.loads((models / "grass" / "model.json").read_text())
+    meta["config"]["data"]["max_pixels"] = GRASS_MAX_PIXELS  # under the server's --max-pixels
+    (models / "grass" / "model.json").write_text(json.dumps(meta))
     settings = ServeSettings(models=discover_models(models), max_batch_size=4, batch_wait_s=0.02,
                              max_queued_requests=2, replica_cpus=0.5, max_upload_mb=0.25, max_pixels=1_000_000,
                              max_batch_images=8, api_key="secret")
@@ -85,6 +90,15 @@ def test_served_score_equals_predict_and_evaluate(server, trained_run, demo_root
         assert upload["score"] == pytest.approx(raw["score"], abs=1e-6)
         assert raw["label"] == plain[str(path)]["label"] and raw["model"] == "brick"
         assert raw["normalized_score"] == pytest.approx(plain[str(path)]["normalized_score"], abs=normalized_tolerance)
+
+
+def test_a_model_refuses_over_its_own_pixel_limit_as_predict_does(server):
+    limits = {m["name"]: m["max_pixels"] for m in requests.get(f"{server}/v1/models", headers=KEY).json()["models"]}
+    assert limits == {"brick": 64_000_000, "grass": GRASS_MAX_PIXELS}
+    image = _png(np.zeros((150, 150, 3), np.uint8))  # 22,500 pixels: under the server's 1,000,000
+    assert requests.post(f"{server}/v1/predict?model=brick", data=image, headers=KEY).status_code == 200
+    refused = requests.post(f"{server}/v1/predict?model=grass", data=image, headers=KEY)
+    assert refused.status_code == 413 and "over the limit of 20,000" in refused.json()["error"]
 
 
 def test_heatmap_and_mask(server, trained_run, demo_root):
