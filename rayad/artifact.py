@@ -42,7 +42,12 @@ FORMAT = "rayad-model/2"  # model.json's "format"; an artifact of another format
 FORMAT_1 = "rayad-model/1"  # read too: before pixel_threshold, masks used the image threshold (max scores)
 MAX_WEIGHTS_HEADER = 16 * 2**20  # bytes of safetensors JSON header (the network's is a few kB)
 CALIBRATION = ("threshold", "pixel_threshold", "score_mean", "score_std")  # AnomalyModel's, set by calibrate
-PREPROCESSING = {"color": "RGB", "resize": "bilinear", "scale": "x / 255"}  # rayad.data.images, as model.json says
+# rayad.data.images.to_rgb_array in words, as model.json and exports say it: what a runtime must do before the graph
+PREPROCESSING = {"color": "RGB: grayscale replicated, alpha dropped (premultiplied alpha undone first)",
+                 "bit_depth": "each sample's 8 most significant bits: 16-bit v -> v >> 8 (32-bit integers clipped to "
+                              "0..65535 first); 32-bit float refused",
+                 "orientation": "as stored: an EXIF orientation tag is not applied",
+                 "resize": "bilinear (Pillow's Image.resize) to image_size x image_size", "scale": "x / 255"}
 COMPILED_GRAPHS = 64  # scoring.compile: graphs one process may compile before torch falls back to eager
 
 
