@@ -110,6 +110,12 @@ class RunLogCallback(UserCallback):
               + (" checkpoint" if checkpoint else ""), flush=True)
 
 
+def worker_error(error: ray.train.WorkerGroupError) -> Exception:
+    """The lowest rank's RayadError (a run whose loss turned NaN), which the CLI says in one line; else Ray
+    Train's own error, with every worker's traceback."""
+    return next((e for _, e in sorted(error.worker_failures.items()) if isinstance(e, RayadError)), error)
+
+
 def build_trainer(loop: LoopConfig, cluster: Cluster, name: str, storage: str,
                   checkpoint_config: CheckpointConfig, callbacks: list | None = None) -> TorchTrainer:
     """The `TorchTrainer` of one training run: `cluster.workers` workers, each running the loop."""
@@ -150,6 +156,8 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
         result = trainer.fit()
     except SystemExit:  # how Ray Train's driver leaves a run its SIGINT handler aborted (Ctrl-C, or SIGTERM)
         raise KeyboardInterrupt from None
+    except ray.train.WorkerGroupError as e:
+        raise worker_error(e) from None
     if result.checkpoint is None:
         raise RayadError("training finished without a checkpoint")
     network = build_anomaly_model(cfg).network

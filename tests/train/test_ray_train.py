@@ -106,6 +106,18 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path, demo_
     assert errors == [None] and preds.scores[0] > 0
 
 
+def test_a_workers_own_error_is_said_as_the_cli_says_rayads_errors():
+    from ray.train import WorkerGroupError
+
+    from rayad.train.ray_train import worker_error
+
+    diverged = RayadError("training diverged: the loss is nan at step 2; lower train.lr (now 0.002)")
+    crash = ZeroDivisionError("division by zero")
+    assert worker_error(WorkerGroupError("rank 0 ...", {1: diverged, 0: crash})) is diverged
+    ray_own = WorkerGroupError("rank 0 ...", {0: crash})
+    assert worker_error(ray_own) is ray_own  # anything else keeps Ray Train's message, with every traceback
+
+
 def test_too_many_workers_fails_before_training(ray_cluster, tmp_path, demo_root, tiny_config):
     """Ray Train would wait forever for the workers: the check refuses before a trainer starts."""
     with pytest.raises(RayadError, match=r"asked for 8 worker\(s\).*the cluster has 2 CPU"):
