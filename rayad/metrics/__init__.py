@@ -24,10 +24,10 @@ def compute_metrics(scores: np.ndarray, labels: np.ndarray, defect_types: list[s
     pixels, image metrics without both good and defective images; scores or maps that are NaN or infinite
     are a ValueError. `image_auroc_ci` and `pixel_auroc_ci` are 95 % bootstrap intervals [low, high] over
     `n_boot` stratified resamples of the images (`rayad.metrics.bootstrap`), None where the metric is None
-    or n_boot is 0. With `defect_types`, also the
-    metrics per defect type (without intervals), each scored against all good images, as the MVTec AD
-    benchmark and anomalib do. With `curves`, also `pixel_curves`. The pixels are sorted once: every pixel
-    metric, of all images or of a defect type's, takes its ranking from that sort."""
+    or n_boot is 0. With `defect_types`, also the metrics per defect type (without intervals), each scored
+    against all good images, as the MVTec AD benchmark and anomalib do. With `curves`, also `pixel_curves`.
+    The pixels are sorted once: every pixel metric, of all images or of a defect type's, takes its ranking
+    from that sort."""
     order = descending_order(maps) if _has_pixel_metrics(maps, masks) else None
     out = _metrics(scores, labels, maps, masks, order)
     pixel = out["pixel_auroc"] is not None

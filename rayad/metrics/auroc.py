@@ -23,8 +23,8 @@ def descending_order(values: np.ndarray) -> np.ndarray:
 def binary_counts(scores: np.ndarray, labels: np.ndarray,
                   order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """True and false positives at each distinct threshold, highest first, and those thresholds; `order` is
-    `descending_order(scores)`, computed here when not given."""
-    scores = finite(scores)
+    `descending_order(scores)` (which refuses NaN and infinities), computed here when not given."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).ravel().astype(bool)
     order = descending_order(scores) if order is None else order
     scores, labels = scores[order], labels[order]
