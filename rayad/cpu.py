@@ -37,7 +37,7 @@ def keep_freed_memory() -> bool:
     kernel and unmaps it when freed, and hands the top of the heap back once 128 KB or more of it is free.
     A batch's activations are such blocks, so each pass page-faults them in again. Kept, they made
     training 2-13% and offline scoring 6-27% faster on a 2-core EPYC, for up to 6% more peak memory, which
-    the process then holds between batches (docs/benchmarks.md, "Threads and memory"). Other C libraries
+    the process then holds between batches (docs/benchmarks.md, "Threads and memory: the heap"). Other C libraries
     (musl, macOS) keep their own allocator: nothing to do.
     """
     try:
