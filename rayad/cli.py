@@ -463,10 +463,25 @@ def output_paths(args) -> list[tuple[str, Path, bool]]:
     return [(flag, Path(path), outputs[flag]) for flag, path in given.items() if path and "://" not in str(path)]
 
 
+def ray_job_copy() -> Path | None:
+    """The current folder when this process is the driver of a Ray job submitted with a working directory
+    (`ray job submit --working-dir`): Ray's temporary copy of that directory, which it deletes later."""
+    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray for a job's driver
+    try:
+        runtime_env = json.loads(config or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    return Path.cwd() if isinstance(runtime_env, dict) and runtime_env.get("working_dir") else None
+
+
 def check_outputs(args) -> None:
     """Fail before any work when an output path cannot be written: a file stands where a folder must be
-    created, or a folder where the file goes."""
+    created, or a folder where the file goes, or it would land in a Ray job's temporary working directory."""
+    job_copy = ray_job_copy()
     for flag, path, folder in output_paths(args):
+        if job_copy is not None and path.resolve().is_relative_to(job_copy.resolve()):
+            raise RayadError(f"--{flag} {path}: lies in this Ray job's working directory, a temporary copy that Ray "
+                             f"deletes ({job_copy}); give an absolute path, on storage that outlives the job")
         dangling = next((part for part in [path, *path.parents] if part.is_symlink() and not part.exists()), None)
         if dangling is not None:
             raise RayadError(f"--{flag} {path}: {dangling} is a symbolic link to {os.readlink(dangling)}, which "

@@ -73,13 +73,17 @@ def trained_run(tmp_path_factory, demo_root):
 def ray_cluster():
     """One real 2-node Ray cluster on loopback (a head and a worker node, 1 CPU each, own raylets),
     shared by every Ray test of the session. The head runs the dashboard: Ray Train's placement-group
-    cleanup, needed when Tune stops a trial, asks its state API."""
+    cleanup, needed when Tune stops a trial, asks its state API, and it takes Ray job submissions."""
     import ray
     from ray.cluster_utils import Cluster
+    from servers import free_port
 
     node_args = {"num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 1024**2}
-    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": True})
-    cluster.add_node(**node_args)
+    # each node's agent on a port of its own: on Ray's one default port, one agent of the two lost the race
+    # and ran without its HTTP server, and the head's, which takes job submissions, lost it
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": True,
+                                                            "dashboard_agent_listen_port": free_port()})
+    cluster.add_node(**node_args, dashboard_agent_listen_port=free_port())
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     yield cluster

@@ -5,12 +5,15 @@ every thread of theirs allocates from one heap (rayad.cpu.ONE_ARENA_ENV)."""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+from tiny import TINY_ARGS
 
 from rayad.cpu import ONE_ARENA_ENV
 
@@ -66,3 +69,25 @@ def test_an_address_nothing_answers_at_fails_at_once(address, message):
 
     with pytest.raises(RayadError, match=message):
         _check_reachable(address)
+
+
+def test_a_ray_job_refuses_outputs_in_its_temporary_working_directory(ray_cluster, demo_root, tmp_path):
+    """`ray job submit --working-dir DIR` runs the command in Ray's temporary copy of DIR: a relative `--out`
+    put the model there, which Ray deletes, and the job reported success. An absolute one still works."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(f"http://{ray_cluster.head_node.webui_url}")
+    (tmp_path / "project").mkdir()
+    train = [sys.executable, "-m", "rayad.cli", "train", "--data", str(demo_root), "--category", "brick", *TINY_ARGS]
+    refused, kept = [*train, "--out", "runs/brick"], [*train, "--out", str(tmp_path / "brick")]
+    job = client.submit_job(entrypoint=f"{shlex.join(refused)}; {shlex.join(kept)}",
+                            runtime_env={"working_dir": str(tmp_path / "project")})
+    deadline = time.monotonic() + 180
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, "the job did not end"
+        time.sleep(0.5)
+    logs = client.get_job_logs(job)
+    said = [line for line in logs.splitlines() if line.startswith("rayad train:")]
+    assert len(said) == 1 and said[0].startswith("rayad train: error: --out runs/brick: lies in this Ray job's "
+                                                 "working directory, a temporary copy that Ray deletes ("), logs
+    assert status == JobStatus.SUCCEEDED and (tmp_path / "brick" / "model.json").is_file(), logs
