@@ -22,7 +22,7 @@ from rayad.artifact import PREPROCESSING, Predictor
 from rayad.data.dataset import to_tensor
 from rayad.errors import RayadError
 from rayad.inference import AnomalyModel
-from rayad.layout import atomic_write
+from rayad.layout import atomic_write, writing
 
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}
 METADATA = "rayad_export.json"
@@ -51,23 +51,33 @@ def export_model(run_dir: str | Path, fmt: str, out_dir: str | Path, check_image
     size = predictor.image_size
     inputs = _check_inputs(check_images, size)
     out_dir = Path(out_dir)
+    with writing(out_dir):
+        _check_export_folder(out_dir, fmt)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            path = Path(tmp) / FORMATS[fmt]
+            (_export_torchscript if fmt == "torchscript" else _export_onnx)(graph, inputs, path)
+            diff = _max_difference(graph, inputs, path, fmt)
+            if diff > TOLERANCE[fmt]:
+                raise RayadError(f"the {fmt} export differs from the PyTorch model by {diff:.3g} "
+                                 f"(tolerance {TOLERANCE[fmt]:g}); not written")
+            metadata = _metadata(predictor, fmt, diff, len(inputs))
+            if fmt == "onnx":
+                _embed_onnx_metadata(path, metadata)
+            os.replace(path, out_dir / FORMATS[fmt])
+        atomic_write(out_dir / METADATA, lambda p: p.write_text(json.dumps(metadata, indent=2)))
+    return metadata
+
+
+def _check_export_folder(out_dir: Path, fmt: str) -> None:
+    """An export folder holds one model file and the METADATA that describes it: no folder where they go, and
+    no other format's file, which the new METADATA would describe wrongly."""
     blocking = [p for p in (out_dir / FORMATS[fmt], out_dir / METADATA) if p.is_dir()]
     if blocking:
         raise RayadError(f"{out_dir}: {blocking[0]} is a folder; the export writes a file there")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        path = Path(tmp) / FORMATS[fmt]
-        (_export_torchscript if fmt == "torchscript" else _export_onnx)(graph, inputs, path)
-        diff = _max_difference(graph, inputs, path, fmt)
-        if diff > TOLERANCE[fmt]:
-            raise RayadError(f"the {fmt} export differs from the PyTorch model by {diff:.3g} "
-                             f"(tolerance {TOLERANCE[fmt]:g}); not written")
-        metadata = _metadata(predictor, fmt, diff, len(inputs))
-        if fmt == "onnx":
-            _embed_onnx_metadata(path, metadata)
-        os.replace(path, out_dir / FORMATS[fmt])
-    atomic_write(out_dir / METADATA, lambda p: p.write_text(json.dumps(metadata, indent=2)))
-    return metadata
+    other = next((name for other_fmt, name in FORMATS.items() if other_fmt != fmt and (out_dir / name).exists()), None)
+    if other is not None:
+        raise RayadError(f"{out_dir}: holds {other}, another format's export, which {METADATA} describes; export "
+                         f"{fmt} into another folder")
 
 
 def _check_inputs(images: np.ndarray | None, size: int) -> torch.Tensor:

@@ -18,9 +18,12 @@ that light readers stay light.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rayad.errors import RayadError
@@ -41,6 +44,8 @@ PIXEL_METRICS = ("val_pixel_auroc", "val_aupro")  # need masks in the validation
 __all__ = ["BEST", "EXPERIMENT", "HISTORY", "MANIFEST", "METADATA", "METRIC_NAMES", "PARAM_PREFIX", "PIXEL_METRICS",
            "STUDY", "SUMMARY", "TEST_METRICS", "TRAIN_LOG", "TRIALS", "TRIALS_DIR", "TRIAL_STATUSES", "TUNE_DIR",
            "VAL_METRICS", "WEIGHTS", "discover_models", "find_experiments", "is_experiment", "is_model"]
+
+log = logging.getLogger("rayad")
 
 
 def is_model(path: Path) -> bool:
@@ -145,3 +150,31 @@ def make_folder(path: Path) -> Path:
         blocker = next(part for part in [path, *path.parents] if part.exists() and not part.is_dir())
         raise RayadError(f"{path}: {blocker} is a file, not a folder") from None
     return path
+
+
+@contextlib.contextmanager
+def writing(folder: Path) -> Iterator[Path]:
+    """Hold the output folder of a run, a search or an export (made if missing) while one command writes it: a
+    second rayad command that would write there fails at once, instead of mixing its files with this one's. An
+    advisory lock (flock) on the folder itself, so nothing is left behind, released when the command ends
+    however it ends; skipped where the filesystem has no such locks. A folder made here is removed again when
+    the command fails before writing anything into it."""
+    made = not folder.exists()
+    make_folder(folder)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RayadError(f"{folder}: another rayad command is writing there; wait for it to end, or give "
+                             "another folder") from None
+        except OSError as e:  # e.g. a network filesystem without flock
+            log.debug("%s: not locked (%s)", folder, e)
+        yield folder
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only an empty one
+        raise
+    finally:
+        os.close(fd)

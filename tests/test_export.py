@@ -14,6 +14,7 @@ from rayad.data.dataset import load_split
 from rayad.data.manifest import build_manifest
 from rayad.errors import RayadError
 from rayad.export import FORMATS, METADATA, TOLERANCE, export_model, run_exported
+from rayad.layout import writing
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,20 @@ def test_cli_export_and_errors(trained_run, tmp_path, capsys):
     assert "not a rayad model" in capsys.readouterr().err
     with pytest.raises(RayadError, match="choose from"):
         export_model(trained_run, "tflite", tmp_path)
+
+
+def test_an_export_folder_holds_one_format_written_by_one_command(trained_run, tmp_path, capsys):
+    """An onnx export into a folder that held a torchscript one left model.pt beside a rayad_export.json that
+    described the onnx file (and, from another run, another threshold)."""
+    out = tmp_path / "exported"
+    assert main(["export", "--run", str(trained_run), "--format", "torchscript", "--out", str(out)]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    capsys.readouterr()
+    assert main(["export", "--run", str(trained_run), "--format", "onnx", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"rayad export: error: {out}: holds model.pt, another format's export, which "
+                                       f"{METADATA} describes; export onnx into another folder\n")
+    with writing(out):  # as another rayad command does while it writes there
+        assert main(["export", "--run", str(trained_run), "--format", "torchscript", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"rayad export: error: {out}: another rayad command is writing there; wait "
+                                       "for it to end, or give another folder\n")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before

@@ -12,6 +12,7 @@ worker reproduces the single-process run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -34,7 +35,7 @@ from rayad.cpu import use_cpus
 from rayad.data.dataset import ImageSet, load_split, to_tensor
 from rayad.data.manifest import build_manifest, check_category, load_manifest, same_images, save_manifest
 from rayad.errors import RayadError
-from rayad.layout import MANIFEST, METADATA, TRAIN_LOG, make_folder
+from rayad.layout import MANIFEST, METADATA, TRAIN_LOG, atomic_write, writing
 from rayad.models.loss import reconstruction_loss
 from rayad.precision import (
     autocast,
@@ -340,9 +341,10 @@ class LocalSession:
 
 
 def check_resumable(checkpoint: Path, cfg: Config, data_root: str | Path, manifest: pa.Table,
-                    saved_manifest: Path) -> None:
+                    saved_manifest: Path, has_model: bool) -> int:
     """A run continues only as it began: the same configuration but for train.steps, which must be beyond the
-    checkpoint's step, and the same images."""
+    checkpoint's step (or at it, when the run stopped before writing its model), and the same images. Returns
+    the checkpoint's step."""
     state = read_state(checkpoint)
     saved = Config.from_dict(state["config"], str(checkpoint / "state.json")).replace({"train.steps": cfg.train.steps})
     if saved != cfg:
@@ -354,9 +356,10 @@ def check_resumable(checkpoint: Path, cfg: Config, data_root: str | Path, manife
     if saved_manifest.is_file() and not same_images(load_manifest(saved_manifest), manifest, data_root):
         raise RayadError(f"{saved_manifest}: the run was trained on other images; resume with the --data, "
                          "--category and data.* settings it began with")
-    if state["step"] >= cfg.train.steps:
+    if state["step"] > cfg.train.steps or (state["step"] == cfg.train.steps and has_model):
         raise RayadError(f"{checkpoint}: the run already reached step {state['step']}, and train.steps is "
                          f"{cfg.train.steps}; raise --steps to train it further")
+    return state["step"]
 
 
 def check_buildable(cfg: Config, device: torch.device | str) -> None:
@@ -379,6 +382,30 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
     started = time.time()
     out_dir = Path(out_dir)
     device = checked_device(device) if device else default_device()
+    with writing(out_dir):
+        resumed = _check_run_folder(cfg, data_root, category, out_dir, resume)
+        check_buildable(cfg, device)
+        if resumed is None:  # a run stopped before its first checkpoint starts again: its log starts again too
+            (out_dir / TRAIN_LOG).unlink(missing_ok=True)
+            logged = None
+        else:
+            logged = keep_log_until(out_dir / TRAIN_LOG, resumed)
+        data = load_train_data(cfg, data_root, category, out_dir)  # validates the data, fills the cache once
+        session = LocalSession(cfg, out_dir, device, progress)
+        loop = LoopConfig(cfg, str(data_root), category, threads=cfg.train.num_threads or cpu_count(), started=started)
+        network, metrics = train_loop(loop, session)
+        # a run stopped between its last checkpoint and its model resumes without a step: its loss is the log's
+        final_loss = metrics["loss"] if metrics["loss"] is not None else (logged or {}).get("loss")
+        info = {"category": category, "steps": cfg.train.steps, "final_loss": final_loss,
+                **{k: metrics.get(k) for k in ("seconds_to_first_step", "images_per_s", "precision",
+                                               "precision_reason")}}
+        return calibrate_and_save(network, cfg, data.val, out_dir, session.device, info)
+
+
+def _check_run_folder(cfg: Config, data_root: str | Path, category: str, out_dir: Path, resume: bool
+                      ) -> int | None:
+    """What `fit` may do in `out_dir`: start a run in a new folder, or resume the run it holds as it began.
+    Returns the step it resumes from (None for a new run)."""
     latest = latest_checkpoint(out_dir / "checkpoints")
     if latest is not None and not resume:
         raise RayadError(f"{out_dir} already holds checkpoints; resume them (--resume, or resume=True), or train "
@@ -387,16 +414,23 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
         raise RayadError(f"{out_dir}: no checkpoint to resume; train without --resume to start a run there")
     if latest is None and (out_dir / METADATA).exists():
         raise RayadError(f"{out_dir} already holds a model; train into a new folder")
-    if latest is not None:  # before anything in the run is rewritten
-        check_resumable(latest, cfg, data_root, build_manifest(data_root, category, cfg.data), out_dir / MANIFEST)
-    check_buildable(cfg, device)
-    make_folder(out_dir)
-    if latest is None:  # a run stopped before its first checkpoint starts again: its log starts again too
-        (out_dir / TRAIN_LOG).unlink(missing_ok=True)
-    data = load_train_data(cfg, data_root, category, out_dir)  # validates the data, fills the cache once
-    session = LocalSession(cfg, out_dir, device, progress)
-    loop = LoopConfig(cfg, str(data_root), category, threads=cfg.train.num_threads or cpu_count(), started=started)
-    network, metrics = train_loop(loop, session)
-    info = {"category": category, "steps": cfg.train.steps, "final_loss": metrics["loss"],
-            **{k: metrics.get(k) for k in ("seconds_to_first_step", "images_per_s", "precision", "precision_reason")}}
-    return calibrate_and_save(network, cfg, data.val, out_dir, session.device, info)
+    if latest is None:
+        return None
+    return check_resumable(latest, cfg, data_root, build_manifest(data_root, category, cfg.data),
+                           out_dir / MANIFEST, has_model=(out_dir / METADATA).exists())
+
+
+def keep_log_until(log_file: Path, step: int) -> dict[str, Any] | None:
+    """Drop the reports a stopped run logged past `step`, which it logs again when resumed from there, and a
+    line a kill cut short; returns the last report kept."""
+    if not log_file.is_file():
+        return None
+    lines = log_file.read_text().splitlines()
+    kept = []
+    for line in lines:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+    if len(kept) < len(lines):
+        atomic_write(log_file, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
+    return json.loads(kept[-1]) if kept else None

@@ -24,7 +24,7 @@ from rayad.cluster import Cluster, check_resources, check_shared_paths, connect,
 from rayad.config import Config
 from rayad.data.manifest import check_category
 from rayad.errors import RayadError
-from rayad.layout import TRAIN_LOG, make_folder
+from rayad.layout import TRAIN_LOG, writing
 from rayad.train.checkpoint import load_checkpoint, save_checkpoint
 from rayad.train.loop import LoopConfig, check_buildable, load_train_data, train_loop
 
@@ -139,8 +139,13 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
     check_category(category)  # before the output folder is made, as fit does
     started = time.time()
     out_dir = Path(out_dir).absolute()
+    with writing(out_dir):  # the run's folder, its log and (by default) its storage: one command at a time
+        return _fit_distributed(cfg, data_root, category, out_dir, cluster, progress, started)
+
+
+def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: Path, cluster: Cluster,
+                     progress: bool, started: float) -> Path:
     check_buildable(cfg, "cuda" if cluster.use_gpu else "cpu")
-    make_folder(out_dir)
     data = load_train_data(cfg, data_root, category, out_dir)  # validates data and fills the cache once
     connect(cluster.address)
     cluster = with_worker_cpus(cluster)

@@ -49,7 +49,7 @@ from rayad.layout import (
     TRIALS_DIR,
     TUNE_DIR,
     VAL_METRICS,
-    make_folder,
+    writing,
 )
 from rayad.settings import SearchSettings
 from rayad.tracking import check_tracking_uri, log_best, tune_callback
@@ -128,6 +128,11 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
         raise TypeError(f"settings: a rayad.tune.SearchSettings, not a {type(settings).__name__}")
     exp_dir = Path(exp_dir).absolute()
     plan = plan_search(settings)
+    with writing(exp_dir):  # one search, or resume, at a time: a second would mix its trials into the store
+        return _search(plan, exp_dir, address, resume, verbose)
+
+
+def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbose: int) -> dict[str, Any]:
     s = plan.settings
     if resume:
         _check_resumable(plan, exp_dir)  # before anything is written
@@ -136,7 +141,6 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
         raise RayadError(f"{exp_dir}: already holds an experiment; resume it (--resume, or resume=True), or give "
                          "a new folder")
     _check_data(plan)
-    make_folder(exp_dir)
     connect(address)
     check_resources(plan.cluster)
     check_shared_paths(s.storage or str(exp_dir), s.data_root)

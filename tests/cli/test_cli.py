@@ -3,14 +3,17 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from tiny import TINY_ARGS, sigterm_after_first_checkpoint
+from tiny import TINY, TINY_ARGS, sigterm_after_first_checkpoint
 
 from rayad.cli import main
+from rayad.layout import writing
 
 
 def test_train_evaluate_predict(tmp_path, demo_root, capsys, caplog):
@@ -185,6 +188,37 @@ def test_a_listed_error_is_one_line_with_its_first_item_a_count_and_the_hint(tmp
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"rayad train: error: 2 bad image(s) in the train split — {bad[0]}: not a readable image")
     assert err.endswith("(+1 more in the log) (set data.on_bad_image=skip to skip them)"), err
+
+
+def test_a_folder_that_a_running_command_writes_is_refused_to_a_second(demo_root, tiny_space, tmp_path, capsys):
+    """Two `rayad train` into one folder both ran: the later resumed the other's checkpoint without --resume, and
+    their logs and models mixed. Two searches into one folder mixed their trials."""
+    run = tmp_path / "run"
+    budget = [arg for key, value in {**TINY, "train.steps": 10**6, "train.checkpoint_every": 20}.items()
+              for arg in ("--set", f"{key}={value}")]
+    train = ["train", "--data", str(demo_root), "--category", "brick", "--out", str(run), *budget]
+    first = subprocess.Popen([sys.executable, "-m", "rayad.cli", *train], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "train_log.jsonl").exists():  # training has begun
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
+            time.sleep(0.2)
+        for again in (train, [*train, "--resume"]):
+            assert main(again) == 2
+            assert capsys.readouterr().err == (f"rayad train: error: {run}: another rayad command is writing there; "
+                                               "wait for it to end, or give another folder\n")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 130 and "another rayad command" not in err, err[-2000:]
+    exp = tmp_path / "exp"
+    search = ["tune", "--data", str(demo_root), "--category", "brick", "--space", str(tiny_space), "--trials", "1",
+              "--out", str(exp)]
+    with writing(exp):  # as a running search, or its --resume, does (taken before Ray starts)
+        assert main(search) == 2
+    assert capsys.readouterr().err == (f"rayad tune: error: {exp}: another rayad command is writing there; wait for "
+                                       "it to end, or give another folder\n")
 
 
 def test_sigterm_stops_training_as_ctrl_c_does_even_where_ctrl_c_is_ignored(demo_root, tmp_path):

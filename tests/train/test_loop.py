@@ -64,6 +64,29 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, demo_root
     resumed = fit(tiny_config, demo_root, "brick", tmp_path / "cut", resume=True, progress=False)
     wa, wb = _weights(full), _weights(resumed)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    # step 4, logged before the stop and again after the resume from step 3, is logged once
+    assert _logged_steps(resumed) == _logged_steps(full) == [2, 3, 4, 6]
+
+
+def _logged_steps(run):
+    return [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_run_stopped_before_writing_its_model_resumes_and_writes_it(tmp_path, demo_root, tiny_config):
+    """The last step's checkpoint comes before calibration: a run stopped in between was refused by --resume
+    ('already reached step 6') and by a new run ('already holds checkpoints')."""
+    run = fit(tiny_config, demo_root, "brick", tmp_path / "r", progress=False)
+    weights, meta = _weights(run), json.loads((run / "model.json").read_text())
+    (run / "model.json").unlink()
+    (run / "model.safetensors").unlink()
+    with (run / "train_log.jsonl").open("a") as log:
+        log.write('{"step": 6, "lo')  # a line a kill cut short
+    fit(tiny_config, demo_root, "brick", run, resume=True, progress=False)
+    again = json.loads((run / "model.json").read_text())
+    assert all(torch.equal(weights[k], _weights(run)[k]) for k in weights)
+    assert again["threshold"] == meta["threshold"] and again["pixel_threshold"] == meta["pixel_threshold"]
+    assert again["train"]["final_loss"] == meta["train"]["final_loss"] is not None
+    assert _logged_steps(run) == [2, 3, 4, 6]
 
 
 def test_resume_refuses_what_would_change_the_run_and_leaves_its_files_as_they_were(tmp_path, demo_root, tiny_config):
