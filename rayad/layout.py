@@ -45,7 +45,7 @@ __all__ = ["BEST", "EXPERIMENT", "HISTORY", "MANIFEST", "METADATA", "METRIC_NAME
            "STUDY", "SUMMARY", "TEST_METRICS", "TRAIN_LOG", "TRIALS", "TRIALS_DIR", "TRIAL_STATUSES", "TUNE_DIR",
            "VAL_METRICS", "WEIGHTS", "discover_models", "find_experiments", "is_experiment", "is_model"]
 
-log = logging.getLogger("rayad")
+log = logging.getLogger(__name__)
 
 
 def is_model(path: Path) -> bool:
