@@ -8,7 +8,8 @@
     EXP_DIR/history.parquet                   one row per trial and evaluation
     EXP_DIR/study.db                          the Optuna study (SQLite)
     EXP_DIR/best/                             the best trial's model artifact + test_metrics.json
-    EXP_DIR/tune/, EXP_DIR/trials/            Ray Tune's state and the trials' Train checkpoints
+    EXP_DIR/tune/, EXP_DIR/trials/            Ray Tune's state and the trials' Train checkpoints (with a
+                                              --storage, there: `in_storage`)
 
 The writers (artifact, tune.store), the readers (results, the dashboard), Serve's model discovery, the demo
 and the benchmarks all take names from here (docs/design.md, "The results store"); its writers write
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -150,6 +152,14 @@ def make_folder(path: Path) -> Path:
         blocker = next(part for part in [path, *path.parents] if part.exists() and not part.is_dir())
         raise RayadError(f"{path}: {blocker} is a file, not a folder") from None
     return path
+
+
+def in_storage(storage: str, folder: Path) -> str:
+    """Where the run or experiment writing `folder` keeps Ray's state and checkpoints in a `--storage` that
+    others may share (one bucket for every run): a folder named after it and a hash of its absolute path, so
+    that two runs never share checkpoints (the second would resume the first's) or two searches Tune's state."""
+    folder = Path(folder).absolute()
+    return f"{storage.rstrip('/')}/{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
 
 
 @contextlib.contextmanager

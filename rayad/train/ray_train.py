@@ -24,7 +24,7 @@ from rayad.cluster import Cluster, check_resources, check_shared_paths, connect,
 from rayad.config import Config
 from rayad.data.manifest import check_category
 from rayad.errors import RayadError
-from rayad.layout import TRAIN_LOG, writing
+from rayad.layout import TRAIN_LOG, in_storage, writing
 from rayad.train.checkpoint import load_checkpoint, save_checkpoint
 from rayad.train.loop import LoopConfig, check_buildable, load_train_data, train_loop
 
@@ -150,8 +150,8 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
     connect(cluster.address)
     cluster = with_worker_cpus(cluster)
     check_resources(cluster)
-    storage = cluster.storage or str(out_dir / "ray")
-    check_shared_paths(storage, str(data_root))
+    check_shared_paths(cluster.storage or str(out_dir / "ray"), str(data_root))
+    storage = in_storage(cluster.storage, out_dir) if cluster.storage else str(out_dir / "ray")
     loop = LoopConfig(cfg, str(Path(data_root).absolute()), category, threads=cluster.worker_threads,
                       started=started)
     trainer = build_trainer(loop, cluster, "train", storage,

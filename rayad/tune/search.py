@@ -49,6 +49,7 @@ from rayad.layout import (
     TRIALS_DIR,
     TUNE_DIR,
     VAL_METRICS,
+    in_storage,
     writing,
 )
 from rayad.settings import SearchSettings
@@ -179,7 +180,7 @@ def _check_data(plan: Plan) -> None:
 
 def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: int) -> tune.Tuner:
     s = plan.settings
-    storage = s.storage or str(exp_dir)
+    storage = _storage(plan, exp_dir)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, plan=plan, storage=f"{storage.rstrip('/')}/{TRIALS_DIR}"),
         # The trial's driver only waits for its TorchTrainer: it takes no CPU (a CPU each would deadlock a
@@ -238,7 +239,13 @@ class HonestOptunaSearch(OptunaSearch):
 
 
 def _tune_path(plan: Plan, exp_dir: Path) -> str:
-    return f"{(plan.settings.storage or str(exp_dir)).rstrip('/')}/{TUNE_DIR}"
+    return f"{_storage(plan, exp_dir)}/{TUNE_DIR}"
+
+
+def _storage(plan: Plan, exp_dir: Path) -> str:
+    """Where Tune keeps its state and the trials their checkpoints: EXP_DIR, or a folder of its own in a
+    shared --storage."""
+    return in_storage(plan.settings.storage, exp_dir) if plan.settings.storage else str(exp_dir)
 
 
 def _check_resumable(plan: Plan, exp_dir: Path) -> None:

@@ -53,7 +53,14 @@ def test_two_workers_on_two_nodes_with_file_uri_storage(ray_cluster, tmp_path, d
     meta = Predictor.load(run).metadata
     assert meta["train"]["nodes"] == 2 and meta["train"]["workers"] == 2
     assert meta["train"]["steps"] == tiny_config.train.steps
-    assert list(storage.glob("train/checkpoint_*/state.json")), "checkpoints land in the shared storage"
+    assert list(storage.glob("run-*/train/checkpoint_*/state.json")), "checkpoints land in the shared storage"
+    # a second run into the same storage (one bucket for every run) found the first's checkpoints: it trained no
+    # step and wrote the first's weights as its model
+    other = fit_distributed(tiny_config.replace({"train.seed": 1}), demo_root, "brick", tmp_path / "other",
+                            Cluster(workers=1, storage=storage.as_uri()), progress=False)
+    logged = [json.loads(line)["step"] for line in (other / "train_log.jsonl").read_text().splitlines()]
+    assert logged == [2, 3, 4, 6] and not torch.equal(_weights(run)["network.head.0.weight"],
+                                                      _weights(other)["network.head.0.weight"])
 
 
 def _train_worker_pids(started_after: float) -> list[int]:
