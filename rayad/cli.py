@@ -264,7 +264,7 @@ def cmd_train(args) -> None:
         cluster = Cluster(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
                           address=args.address, storage=args.storage, max_failures=args.max_failures,
                           placement="SPREAD" if args.spread else "PACK")
-        run = fit_distributed(cfg, args.data, args.category, args.out, cluster)
+        run = fit_distributed(cfg, args.data, args.category, args.out, cluster, resume=args.resume)
     meta = json.loads((run / "model.json").read_text())
     print(f"model written to {run} (threshold {meta['threshold']:.6g})")
     if args.mlflow:

@@ -49,7 +49,7 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     """Restore weights (and optimiser state) in place; returns the JSON metadata (step, config)."""
     directory = Path(directory)
     meta = read_state(directory)
-    with _damage_reported(directory):
+    with damage_reported(directory):
         model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
         if optimizer is not None:
             state: dict[int, dict[str, torch.Tensor]] = {}
@@ -60,18 +60,19 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     return meta
 
 
-def read_state(directory: str | Path) -> dict[str, Any]:
-    """A checkpoint's JSON metadata: step, config and the optimiser's parameter groups."""
+def read_state(directory: str | Path, text: str | bytes | None = None) -> dict[str, Any]:
+    """A checkpoint's JSON metadata: step, config and the optimiser's parameter groups (from `text`, where the
+    caller read state.json itself, as from a storage URI)."""
     directory = Path(directory)
-    with _damage_reported(directory):
-        meta = json.loads((directory / "state.json").read_text())
+    with damage_reported(directory):
+        meta = json.loads((directory / "state.json").read_text() if text is None else text)
         if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "config" not in meta:
             raise ValueError("state.json lacks the step or the config")
     return meta
 
 
 @contextmanager
-def _damage_reported(directory: Path) -> Iterator[None]:
+def damage_reported(directory: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:

@@ -340,13 +340,12 @@ class LocalSession:
             prune_checkpoints(self.checkpoints)
 
 
-def check_resumable(checkpoint: Path, cfg: Config, data_root: str | Path, manifest: pa.Table,
+def check_resumable(checkpoint: str, state: dict[str, Any], cfg: Config, data_root: str | Path, manifest: pa.Table,
                     saved_manifest: Path, has_model: bool) -> int:
     """A run continues only as it began: the same configuration but for train.steps, which must be beyond the
     checkpoint's step (or at it, when the run stopped before writing its model), and the same images. Returns
     the checkpoint's step."""
-    state = read_state(checkpoint)
-    saved = Config.from_dict(state["config"], str(checkpoint / "state.json")).replace({"train.steps": cfg.train.steps})
+    saved = Config.from_dict(state["config"], f"{checkpoint}/state.json").replace({"train.steps": cfg.train.steps})
     if saved != cfg:
         then, now = saved.to_dict(), cfg.to_dict()
         changed = [f"{section}.{key}: {then[section][key]!r} then, {value!r} now" for section in now
@@ -383,13 +382,11 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
     out_dir = Path(out_dir)
     device = checked_device(device) if device else default_device()
     with writing(out_dir):
-        resumed = _check_run_folder(cfg, data_root, category, out_dir, resume)
+        latest = latest_checkpoint(out_dir / "checkpoints")
+        resumed = check_run_folder(cfg, data_root, category, out_dir, resume,
+                                   None if latest is None else (str(latest), read_state(latest)))
         check_buildable(cfg, device)
-        if resumed is None:  # a run stopped before its first checkpoint starts again: its log starts again too
-            (out_dir / TRAIN_LOG).unlink(missing_ok=True)
-            logged = None
-        else:
-            logged = keep_log_until(out_dir / TRAIN_LOG, resumed)
+        logged = restart_log(out_dir, resumed)
         data = load_train_data(cfg, data_root, category, out_dir)  # validates the data, fills the cache once
         session = LocalSession(cfg, out_dir, device, progress)
         loop = LoopConfig(cfg, str(data_root), category, threads=cfg.train.num_threads or cpu_count(), started=started)
@@ -402,11 +399,10 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
         return calibrate_and_save(network, cfg, data.val, out_dir, session.device, info)
 
 
-def _check_run_folder(cfg: Config, data_root: str | Path, category: str, out_dir: Path, resume: bool
-                      ) -> int | None:
-    """What `fit` may do in `out_dir`: start a run in a new folder, or resume the run it holds as it began.
-    Returns the step it resumes from (None for a new run)."""
-    latest = latest_checkpoint(out_dir / "checkpoints")
+def check_run_folder(cfg: Config, data_root: str | Path, category: str, out_dir: Path, resume: bool,
+                     latest: tuple[str, dict[str, Any]] | None) -> int | None:
+    """What a training run may do in `out_dir`, given its latest checkpoint (where, and its state): start in a
+    new folder, or resume the run it holds as it began. Returns the step it resumes from (None for a new run)."""
     if latest is not None and not resume:
         raise RayadError(f"{out_dir} already holds checkpoints; resume them (--resume, or resume=True), or train "
                          "into a new folder")
@@ -416,8 +412,17 @@ def _check_run_folder(cfg: Config, data_root: str | Path, category: str, out_dir
         raise RayadError(f"{out_dir} already holds a model; train into a new folder")
     if latest is None:
         return None
-    return check_resumable(latest, cfg, data_root, build_manifest(data_root, category, cfg.data),
+    return check_resumable(*latest, cfg, data_root, build_manifest(data_root, category, cfg.data),
                            out_dir / MANIFEST, has_model=(out_dir / METADATA).exists())
+
+
+def restart_log(out_dir: Path, resumed: int | None) -> dict[str, Any] | None:
+    """RUN_DIR/train_log.jsonl as the run goes on: a new run (or one stopped before its first checkpoint)
+    starts it again; a resumed one keeps what it logged up to its checkpoint. Returns the last report kept."""
+    if resumed is None:
+        (out_dir / TRAIN_LOG).unlink(missing_ok=True)
+        return None
+    return keep_log_until(out_dir / TRAIN_LOG, resumed)
 
 
 def keep_log_until(log_file: Path, step: int) -> dict[str, Any] | None:

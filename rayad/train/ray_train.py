@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pyarrow.fs
 import ray
 import ray.train
 import torch
@@ -23,12 +24,20 @@ from rayad.artifact import build_anomaly_model, calibrate_and_save
 from rayad.cluster import Cluster, check_resources, check_shared_paths, connect, with_worker_cpus
 from rayad.config import Config
 from rayad.data.manifest import check_category
-from rayad.errors import RayadError
+from rayad.errors import Interrupted, RayadError
 from rayad.layout import TRAIN_LOG, in_storage, writing
-from rayad.train.checkpoint import load_checkpoint, save_checkpoint
-from rayad.train.loop import LoopConfig, check_buildable, load_train_data, train_loop
+from rayad.train.checkpoint import damage_reported, load_checkpoint, read_state, save_checkpoint
+from rayad.train.loop import (
+    LoopConfig,
+    check_buildable,
+    check_run_folder,
+    load_train_data,
+    restart_log,
+    train_loop,
+)
 
 T = TypeVar("T")
+RUN_NAME = "train"  # Ray Train's run in its storage: STORAGE/train/checkpoint_*, checkpoint_manager_snapshot.json
 
 
 class RaySession:
@@ -116,6 +125,20 @@ def worker_error(error: ray.train.WorkerGroupError) -> Exception:
     return next((e for _, e in sorted(error.worker_failures.items()) if isinstance(e, RayadError)), error)
 
 
+def latest_recorded(storage: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint Ray Train recorded for the run whose storage is `storage` (a path or a pyarrow
+    URI), which a rerun resumes from: where it is, and its state (step, config). None before the first."""
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (pyarrow.fs.LocalFileSystem(), storage)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{RUN_NAME}", allow_not_found=True))
+    recorded = sorted(info.path for info in found
+                      if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"))
+    if not recorded:
+        return None
+    with damage_reported(Path(recorded[-1])), fs.open_input_stream(f"{recorded[-1]}/state.json") as state:
+        text = state.read()
+    return recorded[-1], read_state(recorded[-1], text)
+
+
 def build_trainer(loop: LoopConfig, cluster: Cluster, name: str, storage: str,
                   checkpoint_config: CheckpointConfig, callbacks: list | None = None) -> TorchTrainer:
     """The `TorchTrainer` of one training run: `cluster.workers` workers, each running the loop."""
@@ -131,36 +154,40 @@ def build_trainer(loop: LoopConfig, cluster: Cluster, name: str, storage: str,
 
 
 def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, cluster: Cluster,
-                    progress: bool = True) -> Path:
-    """Train with Ray Train, calibrate on the driver and write the artifact to `out_dir`.
-
-    Re-running with the same `out_dir` resumes from the run's latest checkpoint in storage.
-    """
+                    progress: bool = True, resume: bool = False) -> Path:
+    """Train with Ray Train, calibrate on the driver and write the artifact to `out_dir`. With `resume`, the run
+    continues from the latest checkpoint Ray Train recorded in its storage, as it began (`check_run_folder`)."""
     check_category(category)  # before the output folder is made, as fit does
     started = time.time()
     out_dir = Path(out_dir).absolute()
     with writing(out_dir):  # the run's folder, its log and (by default) its storage: one command at a time
-        return _fit_distributed(cfg, data_root, category, out_dir, cluster, progress, started)
+        return _fit_distributed(cfg, data_root, category, out_dir, cluster, progress, started, resume)
 
 
 def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: Path, cluster: Cluster,
-                     progress: bool, started: float) -> Path:
+                     progress: bool, started: float, resume: bool) -> Path:
+    storage = in_storage(cluster.storage, out_dir) if cluster.storage else str(out_dir / "ray")
+    resumed = check_run_folder(cfg, data_root, category, out_dir, resume, latest_recorded(storage))
     check_buildable(cfg, "cuda" if cluster.use_gpu else "cpu")
+    restart_log(out_dir, resumed)
     data = load_train_data(cfg, data_root, category, out_dir)  # validates data and fills the cache once
     connect(cluster.address)
     cluster = with_worker_cpus(cluster)
     check_resources(cluster)
     check_shared_paths(cluster.storage or str(out_dir / "ray"), str(data_root))
-    storage = in_storage(cluster.storage, out_dir) if cluster.storage else str(out_dir / "ray")
     loop = LoopConfig(cfg, str(Path(data_root).absolute()), category, threads=cluster.worker_threads,
                       started=started)
-    trainer = build_trainer(loop, cluster, "train", storage,
+    trainer = build_trainer(loop, cluster, RUN_NAME, storage,
                             CheckpointConfig(num_to_keep=2),
                             [RunLogCallback(cfg.train.steps, out_dir / TRAIN_LOG, progress)])
     try:
         result = trainer.fit()
     except SystemExit:  # how Ray Train's driver leaves a run its SIGINT handler aborted (Ctrl-C, or SIGTERM)
-        raise KeyboardInterrupt from None
+        latest = latest_recorded(storage)
+        if latest is None:
+            raise KeyboardInterrupt from None
+        raise Interrupted(f"stopped; its last checkpoint is {latest[0]}",
+                          "the same command" + (" with" if resume else " and") + " --resume") from None
     except ray.train.WorkerGroupError as e:
         raise worker_error(e) from None
     if result.checkpoint is None:

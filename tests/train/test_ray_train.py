@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import sigterm_after_first_checkpoint
+from tiny import TINY, sigterm_after_first_checkpoint
 
 from rayad.artifact import Predictor
+from rayad.cli import main
 from rayad.cluster import Cluster
 from rayad.errors import RayadError
 from rayad.train import fit
-from rayad.train.ray_train import fit_distributed
+from rayad.train.ray_train import fit_distributed, latest_recorded
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +100,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path, demo_
     thread = threading.Thread(target=train)
     thread.start()
     deadline = time.time() + 300
-    while len(list(storage.glob("train/checkpoint_*"))) < 2 and time.time() < deadline:  # the first is committed
+    while len(list(storage.glob("run-*/train/checkpoint_*"))) < 2 and time.time() < deadline:  # the first is committed
         time.sleep(0.2)
     pids = _train_worker_pids(began)
     assert pids, "no training worker process of this run found"
@@ -134,10 +135,29 @@ def test_too_many_workers_fails_before_training(ray_cluster, tmp_path, demo_root
     assert not (tmp_path / "run" / "ray").exists(), "no Train run was started"
 
 
-def test_sigterm_stops_a_ray_train_run_as_ctrl_c_does(ray_cluster, tmp_path, demo_root):
+def test_sigterm_stops_a_ray_train_run_as_ctrl_c_does_and_resume_continues_it(ray_cluster, tmp_path, demo_root,
+                                                                               capsys):
     """Ray Train's SIGINT handler aborts the run and its driver then left with SystemExit(1) and no message;
     SIGTERM went to Ray's own handler, which aborts with a C++ stack dump."""
     code, err = sigterm_after_first_checkpoint(demo_root, tmp_path / "run", "ray/train/checkpoint_*", "--workers", "1",
                                                "--address", ray_cluster.address, timeout=180)
     assert code == 130, err[-3000:]
-    assert [line for line in err.splitlines() if line.startswith("rayad train:")] == ["rayad train: interrupted"]
+    said = [line for line in err.splitlines() if line.startswith("rayad train:")]
+    assert len(said) == 1 and said[0].startswith(f"rayad train: interrupted: stopped; its last checkpoint is "
+                                                 f"{tmp_path / 'run' / 'ray' / 'train'}/checkpoint_"), said
+    assert said[0].endswith("; the state is saved: resume with the same command and --resume")
+    # as the single-process run: no second run over it without --resume, and a resume only as it began
+    run = tmp_path / "run"
+    step = latest_recorded(str(run / "ray"))[1]["step"]
+    budget = {**TINY, "train.steps": 10**6, "train.checkpoint_every": 20}
+    train = ["train", "--data", str(demo_root), "--category", "brick", "--out", str(run), "--workers", "1",
+             "--address", ray_cluster.address, *[a for k, v in budget.items() for a in ("--set", f"{k}={v}")]]
+    changed = [*train, "--resume", "--set", "model.skip=add"]
+    for args, message in [(train, "already holds checkpoints; resume them (--resume"),
+                          (changed, "was trained with a different configuration (model.skip: 'ccm' then, 'add' now)")]:
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+    assert main([*train, "--resume", "--set", f"train.steps={step + 2}"]) == 0
+    logged = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged)) and logged[-1] == step + 2  # each step logged once
+    assert Predictor.load(run).metadata["train"]["resumed_from_step"] == step
