@@ -43,7 +43,7 @@ from rayad.artifact import build_anomaly_model, save_artifact
 from rayad.data.defects import DEFECTS
 from rayad.data.demo import make_demo_dataset
 from rayad.evaluate import METRIC_NAMES, evaluate
-from rayad.layout import BEST, EXPERIMENT, STUDY, TEST_METRICS, TRIALS, VAL_METRICS
+from rayad.layout import BEST, EVALUATION, EXPERIMENT, STUDY, TEST_METRICS, TRIALS, VAL_METRICS
 from rayad.tune import SearchSettings, resolve_space
 from rayad.tune.search import experiment_record, plan_search
 from rayad.tune.store import ResultsStore, read_rows, write_json
@@ -100,7 +100,7 @@ def _feed_trial(store: ResultsStore, trial_id: str, params: dict, max_iterations
     store.on_trial_start(0, [], trial)
     for it in range(1, evaluations + 1):
         value = float(np.clip(quality * (1 - 0.5 ** it) + rng.normal(0, 0.02), 0, 1))
-        store.on_trial_result(0, [], trial, {"training_iteration": it, "step": 75 * it, "loss": 0.01 / it,
+        store.on_trial_result(0, [], trial, {EVALUATION: it, "step": 75 * it, "loss": 0.01 / it,
                                              **{m: value for m in VAL_METRICS}, "time_total_s": 12.0 * it,
                                              "interval_images_per_s": 100.0})
     store.on_trial_complete(0, [], trial)

@@ -39,13 +39,15 @@ TUNE_DIR, TRIALS_DIR = "tune", "trials"  # Ray's state for --resume, and the tri
 SUMMARY = "summary.json"  # `rayad demo`'s table of the best model per category
 PARAM_PREFIX = "config/"  # trials.parquet names a parameter's column config/<key>
 TRIAL_STATUSES = ("running", "completed", "stopped_early", "error")
+# a trial report's evaluation count, from its step: Tune's training_iteration starts again at 1 in a resumed trial
+EVALUATION = "evaluation"
 
 VAL_METRICS = tuple(f"val_{name}" for name in METRIC_NAMES)  # what trials report and searches optimise
 PIXEL_METRICS = ("val_pixel_auroc", "val_aupro")  # need masks in the validation set
 
-__all__ = ["BEST", "EXPERIMENT", "HISTORY", "MANIFEST", "METADATA", "METRIC_NAMES", "PARAM_PREFIX", "PIXEL_METRICS",
-           "STUDY", "SUMMARY", "TEST_METRICS", "TRAIN_LOG", "TRIALS", "TRIALS_DIR", "TRIAL_STATUSES", "TUNE_DIR",
-           "VAL_METRICS", "WEIGHTS", "discover_models", "find_experiments", "is_experiment", "is_model"]
+__all__ = ["BEST", "EVALUATION", "EXPERIMENT", "HISTORY", "MANIFEST", "METADATA", "METRIC_NAMES", "PARAM_PREFIX",
+           "PIXEL_METRICS", "STUDY", "SUMMARY", "TEST_METRICS", "TRAIN_LOG", "TRIALS", "TRIALS_DIR", "TRIAL_STATUSES",
+           "TUNE_DIR", "VAL_METRICS", "WEIGHTS", "discover_models", "find_experiments", "is_experiment", "is_model"]
 
 log = logging.getLogger(__name__)
 

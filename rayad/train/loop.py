@@ -35,7 +35,7 @@ from rayad.cpu import use_cpus
 from rayad.data.dataset import ImageSet, load_split, to_tensor
 from rayad.data.manifest import build_manifest, check_category, load_manifest, same_images, save_manifest
 from rayad.errors import RayadError
-from rayad.layout import MANIFEST, METADATA, TRAIN_LOG, atomic_write, writing
+from rayad.layout import EVALUATION, MANIFEST, METADATA, TRAIN_LOG, atomic_write, writing
 from rayad.models.loss import reconstruction_loss
 from rayad.precision import (
     autocast,
@@ -283,6 +283,7 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
             check_converging(metrics["loss"], done, tc, scaler)
             if save and validation is not None:  # model selection: scored at every checkpoint
                 metrics |= validation_metrics(network, cfg, validation, session.device)
+                metrics[EVALUATION] = math.ceil(done / tc.checkpoint_every)
             session.report(metrics, network, optimizer, save)
     return network, metrics
 

@@ -26,6 +26,7 @@ import torch
 from ray import tune
 from ray.train import Checkpoint, CheckpointConfig
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -38,6 +39,7 @@ from rayad.errors import ConfigError, Interrupted, RayadError
 from rayad.evaluate import evaluate
 from rayad.layout import (
     BEST,
+    EVALUATION,
     EXPERIMENT,
     MANIFEST,
     METRIC_NAMES,
@@ -203,7 +205,7 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
         sampler=optuna.samplers.TPESampler(seed=s.search_seed, n_startup_trials=s.tpe_startup_trials),
     )
     if s.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=plan.metrics[0], mode=plan.modes[0],
+        scheduler = ASHAScheduler(time_attr=EVALUATION, metric=plan.metrics[0], mode=plan.modes[0],
                                   max_t=plan.max_iterations, grace_period=min(s.grace_period, plan.max_iterations),
                                   reduction_factor=s.reduction_factor,
                                   stop_last_trials=False)  # trials at max_t end by themselves, cleanly
@@ -230,8 +232,11 @@ class HonestOptunaSearch(OptunaSearch):
         super().__init__(**kwargs)
         self.max_iterations = max_iterations
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:  # Optuna's step: the evaluation, as ASHA's
+        super().on_trial_result(trial_id, {**result, TRAINING_ITERATION: result[EVALUATION]})
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        stopped_early = bool(result) and not error and result.get("training_iteration", 0) < self.max_iterations
+        stopped_early = bool(result) and not error and result.get(EVALUATION, 0) < self.max_iterations
         if not stopped_early or trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result, error)
         self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)

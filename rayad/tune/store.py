@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.tune import Callback
 
-from rayad.layout import HISTORY, PARAM_PREFIX, TRIALS, VAL_METRICS, atomic_write
+from rayad.layout import EVALUATION, HISTORY, PARAM_PREFIX, TRIALS, VAL_METRICS, atomic_write
 
 
 class ResultsStore(Callback):
@@ -41,7 +41,7 @@ class ResultsStore(Callback):
         self._write_trials()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        record = {"trial_id": trial.trial_id, "iteration": result["training_iteration"], "step": result.get("step"),
+        record = {"trial_id": trial.trial_id, "iteration": result[EVALUATION], "step": result.get("step"),
                   "loss": result.get("loss"), **{m: result.get(m) for m in VAL_METRICS},
                   "images_per_s": result.get("interval_images_per_s"), "time_total_s": result.get("time_total_s"),
                   "timestamp": time.time()}
@@ -50,11 +50,11 @@ class ResultsStore(Callback):
         self.history.append(record)
         row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
         row.update({f"final_{m}": result.get(m) for m in VAL_METRICS})
-        row.update(iterations=result["training_iteration"], steps=result.get("step"),
+        row.update(iterations=result[EVALUATION], steps=result.get("step"),
                    duration_s=result.get("time_total_s"))
         value = result.get(self.metric)
         if value is not None and (row["best_value"] is None or self._better(value, row["best_value"])):
-            row.update(best_value=value, best_iteration=result["training_iteration"], best_step=result.get("step"),
+            row.update(best_value=value, best_iteration=result[EVALUATION], best_step=result.get("step"),
                        checkpoint_path=result.get("checkpoint_path"))
         write_rows(self.history, self.exp_dir / HISTORY)
 

@@ -106,19 +106,32 @@ def _rows(exp):
         return []
 
 
+def _history(exp):
+    path = exp / "history.parquet"
+    try:
+        return pq.read_table(path).to_pylist() if path.is_file() else []
+    except OSError:
+        return []
+
+
 def test_sigterm_stops_the_search_as_ctrl_c_does_and_resume_finishes_it(ray_cluster, demo_root, tiny_space,
                                                                         tmp_path, capsys):
+    """Stopped while the second trial runs, after its first evaluation: resumed, that trial continues from its
+    checkpoint, where Tune counts its iterations from 1 again (it was recorded as stopped early, and its
+    first evaluations were overwritten)."""
     exp = tmp_path / "exp"
+    budget = {**TINY_BASE, "train.steps": 12, "train.checkpoint_every": 2}  # 6 evaluations a trial
     args = ["tune", "--data", str(demo_root), "--category", "brick", "--space", str(tiny_space), "--trials", "2",
             "--concurrent", "1", "--scheduler", "fifo", "--out", str(exp), "--address", ray_cluster.address,
-            *[a for k, v in TINY_BASE.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
+            *[a for k, v in budget.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
     log = tmp_path / "driver.err"
     with log.open("w") as err:
         driver = subprocess.Popen([sys.executable, "-m", "rayad.cli", *args], stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.time() + 300
-        while not any(r["status"] in FINISHED for r in _rows(exp)):
-            assert driver.poll() is None and time.time() < deadline, "the first trial did not finish"
-            time.sleep(1)
+        while not (any(r["status"] in FINISHED for r in _rows(exp)) and len(_rows(exp)) == 2
+                   and len(_history(exp)) > 6):  # the second trial has reported an evaluation
+            assert driver.poll() is None and time.time() < deadline, "the second trial did not report"
+            time.sleep(0.1)
         # rayad hands SIGTERM to the SIGINT handler, Ray Tune's, which saves its state and returns (Ray's own
         # SIGTERM handler aborted with a C++ stack dump); the search is not finished
         driver.send_signal(signal.SIGTERM)
@@ -142,7 +155,12 @@ def test_sigterm_stops_the_search_as_ctrl_c_does_and_resume_finishes_it(ray_clus
 
     assert main(resume) == 0
     after = {r["trial_id"]: r for r in _rows(exp)}
-    assert len(after) == 2 and all(r["status"] == "completed" for r in after.values())
+    assert len(after) == 2 and all(r["status"] == "completed" and r["iterations"] == 6 for r in after.values())
+    for trial_id in after:  # each evaluation recorded once, numbered by its step (one reported as the signal
+        # came may not reach the store: the resumed trial goes on from the checkpoint Ray Train recorded)
+        records = sorted((h["iteration"], h["step"]) for h in _history(exp) if h["trial_id"] == trial_id)
+        assert records[-1] == (6, 12) and all(step == 2 * k for k, step in records), records
+        assert len({k for k, _ in records}) == len(records) >= 5, records
     for trial_id, row in before.items():  # finished trials were not run again
         assert after[trial_id]["ended_at"] == row["ended_at"] and after[trial_id]["best_value"] == row["best_value"]
     study = optuna.load_study(study_name="brick", storage=f"sqlite:///{exp / 'study.db'}")
