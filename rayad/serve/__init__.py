@@ -62,6 +62,9 @@ def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_POR
     """Deploy the application on the connected Ray cluster, serving HTTP on host:port; returns its URL.
     One HTTP proxy, on the head node, by default (`serve deploy serve/config.yaml` runs one per node)."""
     check_fits("a scorer replica (--replica-cpus, --replica-gpus)", scorer_cpus(settings), settings.replica_gpus)
+    if APP_NAME in serve.status().applications:  # serve.run would replace it, and keep its HTTP address
+        raise RayadError(f"the cluster already serves an application named {APP_NAME!r} (another rayad serve); stop "
+                         "that one first, or serve on another cluster")
     serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"

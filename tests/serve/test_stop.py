@@ -13,6 +13,8 @@ import requests
 from servers import free_port
 
 from rayad.cli import main
+from rayad.errors import RayadError
+from rayad.serve import ServeSettings, start
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +24,7 @@ def test_sigterm_deletes_the_application_from_a_joined_cluster(ray_cluster, trai
 
     serve.shutdown()  # a Serve instance left by another module would keep its own port
     url = f"http://127.0.0.1:{free_port()}"
+    second: list[str] = []
 
     def stop_when_ready() -> None:
         deadline = time.monotonic() + 120
@@ -31,6 +34,10 @@ def test_sigterm_deletes_the_application_from_a_joined_cluster(ray_cluster, trai
                     break
             except requests.RequestException:
                 time.sleep(0.5)
+        try:  # a second server on the cluster replaced this one's models and said a URL nothing served
+            start(ServeSettings(models={"other": str(trained_run)}, replica_cpus=0.5), port=free_port())
+        except RayadError as e:
+            second.append(str(e))
         os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, where `main` waits
 
     threading.Thread(target=stop_when_ready, daemon=True).start()
@@ -39,5 +46,7 @@ def test_sigterm_deletes_the_application_from_a_joined_cluster(ray_cluster, trai
                      "--replica-cpus", "0.5"]) == 0
         assert "stopped by SIGTERM: the application is deleted from the cluster" in capsys.readouterr().out
         assert "rayad" not in serve.status().applications
+        assert second == ["the cluster already serves an application named 'rayad' (another rayad serve); stop that "
+                          "one first, or serve on another cluster"]
     finally:
         serve.shutdown()
