@@ -37,7 +37,8 @@ from rayad.train.loop import (
 )
 
 T = TypeVar("T")
-RUN_NAME = "train"  # Ray Train's run in its storage: STORAGE/train/checkpoint_*, checkpoint_manager_snapshot.json
+RUN_NAME = "train"  # Ray Train's run in its storage: STORAGE/train/checkpoint_*, and SNAPSHOT
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it restores from
 
 
 class RaySession:
@@ -126,17 +127,21 @@ def worker_error(error: ray.train.WorkerGroupError) -> Exception:
 
 
 def latest_recorded(storage: str) -> tuple[str, dict[str, Any]] | None:
-    """The newest checkpoint Ray Train recorded for the run whose storage is `storage` (a path or a pyarrow
-    URI), which a rerun resumes from: where it is, and its state (step, config). None before the first."""
+    """The checkpoint a rerun of the run whose storage is `storage` (a path or a pyarrow URI) resumes from: the
+    latest that Ray Train recorded in its snapshot (a checkpoint folder it had not recorded yet is not one), as
+    where it is and its state (step, config). None before the first."""
     fs, root = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (pyarrow.fs.LocalFileSystem(), storage)
-    found = fs.get_file_info(pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{RUN_NAME}", allow_not_found=True))
-    recorded = sorted(info.path for info in found
-                      if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"))
-    if not recorded:
+    run = f"{root.rstrip('/')}/{RUN_NAME}"
+    snapshot = f"{run}/{SNAPSHOT}"
+    if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
         return None
-    with damage_reported(Path(recorded[-1])), fs.open_input_stream(f"{recorded[-1]}/state.json") as state:
+    with damage_reported(Path(snapshot)), fs.open_input_stream(snapshot) as recorded:
+        latest = (json.loads(recorded.read()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if not latest:
+        return None
+    with damage_reported(Path(f"{run}/{latest}")), fs.open_input_stream(f"{run}/{latest}/state.json") as state:
         text = state.read()
-    return recorded[-1], read_state(recorded[-1], text)
+    return f"{run}/{latest}", read_state(f"{run}/{latest}", text)
 
 
 def build_trainer(loop: LoopConfig, cluster: Cluster, name: str, storage: str,

@@ -139,7 +139,8 @@ def test_sigterm_stops_a_ray_train_run_as_ctrl_c_does_and_resume_continues_it(ra
                                                                                capsys):
     """Ray Train's SIGINT handler aborts the run and its driver then left with SystemExit(1) and no message;
     SIGTERM went to Ray's own handler, which aborts with a C++ stack dump."""
-    code, err = sigterm_after_first_checkpoint(demo_root, tmp_path / "run", "ray/train/checkpoint_*", "--workers", "1",
+    recorded = "ray/train/checkpoint_manager_snapshot.json"  # Ray Train recorded a checkpoint it would resume from
+    code, err = sigterm_after_first_checkpoint(demo_root, tmp_path / "run", recorded, "--workers", "1",
                                                "--address", ray_cluster.address, timeout=180)
     assert code == 130, err[-3000:]
     said = [line for line in err.splitlines() if line.startswith("rayad train:")]
