@@ -98,20 +98,20 @@ def test_best_model_is_the_best_trial_evaluated_once_on_test(tiny_experiment, de
     assert written["resources"] == {"concurrent_trials": 2, "per_trial": "1 worker(s) x 1 CPU"}
 
 
-def _rows(exp):
-    path = exp / "trials.parquet"
+def _table(path):
+    """The rows of a Parquet file of the results store while a search may be replacing it."""
     try:
         return pq.read_table(path).to_pylist() if path.is_file() else []
     except OSError:
         return []
+
+
+def _rows(exp):
+    return _table(exp / "trials.parquet")
 
 
 def _history(exp):
-    path = exp / "history.parquet"
-    try:
-        return pq.read_table(path).to_pylist() if path.is_file() else []
-    except OSError:
-        return []
+    return _table(exp / "history.parquet")
 
 
 def test_sigterm_stops_the_search_as_ctrl_c_does_and_resume_finishes_it(ray_cluster, demo_root, tiny_space,
