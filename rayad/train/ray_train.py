@@ -130,8 +130,8 @@ def latest_recorded(storage: str) -> tuple[str, dict[str, Any]] | None:
     """The checkpoint a rerun of the run whose storage is `storage` (a path or a pyarrow URI) resumes from: the
     latest that Ray Train recorded in its snapshot (a checkpoint folder it had not recorded yet is not one), as
     where it is and its state (step, config). None before the first."""
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (pyarrow.fs.LocalFileSystem(), storage)
-    run = f"{root.rstrip('/')}/{RUN_NAME}"
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)  # an absolute path, or a URI
+    run = f"{root}/{RUN_NAME}"
     snapshot = f"{run}/{SNAPSHOT}"
     if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
         return None
@@ -171,7 +171,8 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
 
 def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: Path, cluster: Cluster,
                      progress: bool, started: float, resume: bool) -> Path:
-    storage = in_storage(cluster.storage, out_dir) if cluster.storage else str(out_dir / "ray")
+    root = cluster.storage or str(out_dir / "ray")  # checked on every node; the run keeps its own folder there
+    storage = in_storage(root, out_dir) if cluster.storage else root
     resumed = check_run_folder(cfg, data_root, category, out_dir, resume, latest_recorded(storage))
     check_buildable(cfg, "cuda" if cluster.use_gpu else "cpu")
     restart_log(out_dir, resumed)
@@ -179,7 +180,7 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
     connect(cluster.address)
     cluster = with_worker_cpus(cluster)
     check_resources(cluster)
-    check_shared_paths(cluster.storage or str(out_dir / "ray"), str(data_root))
+    check_shared_paths(root, str(data_root))
     loop = LoopConfig(cfg, str(Path(data_root).absolute()), category, threads=cluster.worker_threads,
                       started=started)
     trainer = build_trainer(loop, cluster, RUN_NAME, storage,
