@@ -18,6 +18,10 @@ metric, mode = results.objective(experiment)
 st.title(f"Search: {exp.name}")
 st.caption(f"Category `{experiment['category']}` · objective {mode} `{metric}` on the validation split · "
            f"status {experiment.get('status', '?')}")
+if experiment.get("status") == "interrupted":
+    st.info(f"This search was stopped before its trials ended; `rayad tune --out {exp} --resume` goes on with it.")
+elif experiment.get("status") == "failed":
+    st.warning(f"This search failed: {experiment.get('error') or 'see its log'}", icon=":material/warning:")
 
 
 @st.fragment(run_every=LIVE_REFRESH_S if experiment.get("status") == "running" else None)

@@ -152,7 +152,8 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
     fits = fitting_groups(plan.cluster)
     concurrent = s.concurrent or fits
     if resume:
-        experiment = previous | {"status": "running", "resumed_at": [*previous.get("resumed_at", []), time.time()]}
+        experiment = previous | {"status": "running", "stopped_at": None, "error": None,
+                                 "resumed_at": [*previous.get("resumed_at", []), time.time()]}
     else:
         experiment = experiment_record(plan, concurrent, exp_dir)
     write_json(exp_dir / EXPERIMENT, experiment)
@@ -161,13 +162,21 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
           f"objective {'/'.join(plan.metrics)} on the validation set; scheduler {s.scheduler}; "
           f"cluster {ray.cluster_resources().get('CPU', 0):g} CPU, {ray.cluster_resources().get('GPU', 0):g} GPU",
           flush=True)
-    _tuner(plan, exp_dir, concurrent, resume, verbose).fit()
-    # Ray Tune returns normally from Ctrl-C, having saved its state (and calls the trials it stopped terminated)
-    rows = read_rows(exp_dir / TRIALS)
-    ended = sum(r["status"] != "running" for r in rows)
-    if ended < s.trials:
-        raise Interrupted(f"{ended} of {s.trials} trials ended", f"rayad tune --out {exp_dir} --resume")
-    return _finish(plan, exp_dir, experiment, rows)
+    try:
+        _tuner(plan, exp_dir, concurrent, resume, verbose).fit()
+        # Ray Tune returns normally from Ctrl-C, having saved its state
+        rows = read_rows(exp_dir / TRIALS)
+        ended = sum(r["status"] != "running" for r in rows)
+        if ended < s.trials:
+            raise Interrupted(f"{ended} of {s.trials} trials ended", f"rayad tune --out {exp_dir} --resume")
+        return _finish(plan, exp_dir, experiment, rows)
+    except BaseException as e:  # the record says the search no longer runs (the dashboard stops refreshing it)
+        if experiment["status"] == "running":  # not once finished (an MLflow upload after it may fail)
+            stopped = isinstance(e, Interrupted | KeyboardInterrupt)
+            write_json(exp_dir / EXPERIMENT, experiment | {"status": "interrupted" if stopped else "failed",
+                                                           "stopped_at": time.time(), "error": None if stopped else
+                                                           f"{type(e).__name__}: {e}"})
+        raise
 
 
 def _check_data(plan: Plan) -> None:

@@ -285,3 +285,18 @@ def test_a_running_search_is_shown_live(runs, monkeypatch):
     assert "refreshes every 5 s" in at.caption[0].value
     at.switch_page("app_pages/search.py").run()
     assert not at.exception and "status running" in at.caption[0].value
+
+
+@pytest.mark.parametrize("status, said", [("interrupted", "--resume` goes on with it"),
+                                          ("failed", "This search failed: RayadError: no trial scored")])
+def test_a_stopped_search_says_so_and_is_not_refreshed(runs, monkeypatch, status, said):
+    exp = runs / "brick-tiny"
+    record = json.loads((exp / "experiment.json").read_text())
+    (exp / "experiment.json").write_text(json.dumps({**record, "status": status, "best": None,
+                                                     "error": "RayadError: no trial scored"}))
+    at = open_page(runs, monkeypatch)
+    assert at.dataframe[0].value.iloc[0]["status"] == status
+    assert not any("refreshes every" in c.value for c in at.caption)
+    at.switch_page("app_pages/search.py").run()
+    shown = [m.value for m in (*at.info, *at.warning)]
+    assert not at.exception and any(said in m for m in shown), shown

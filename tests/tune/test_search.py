@@ -139,7 +139,8 @@ def test_sigterm_stops_the_search_as_ctrl_c_does_and_resume_finishes_it(ray_clus
     said = [line for line in log.read_text().splitlines() if line.startswith("rayad tune:")]  # among Ray's logs
     assert said == [f"rayad tune: interrupted: 1 of 2 trials ended; the state is saved: resume with rayad tune "
                     f"--out {exp} --resume"]
-    assert json.loads((exp / "experiment.json").read_text())["status"] == "running" and not (exp / "best").exists()
+    record = json.loads((exp / "experiment.json").read_text())
+    assert record["status"] == "interrupted" and record["stopped_at"] and not (exp / "best").exists()
     before = {r["trial_id"]: r for r in _rows(exp) if r["status"] in FINISHED}
     assert len(before) == 1
 
@@ -166,8 +167,30 @@ def test_sigterm_stops_the_search_as_ctrl_c_does_and_resume_finishes_it(ray_clus
     study = optuna.load_study(study_name="brick", storage=f"sqlite:///{exp / 'study.db'}")
     assert len(study.trials) == 2
     record = json.loads((exp / "experiment.json").read_text())
-    assert record["status"] == "finished" and len(record["resumed_at"]) == 1
+    assert record["status"] == "finished" and len(record["resumed_at"]) == 1 and record["stopped_at"] is None
     assert (exp / "best" / "model.json").is_file()
+
+
+@pytest.mark.parametrize("raised, status, error", [(KeyboardInterrupt(), "interrupted", None),
+                                                    (RuntimeError("the head node left"), "failed",
+                                                     "RuntimeError: the head node left")])
+def test_a_search_that_ends_early_says_so_in_its_record(ray_cluster, demo_root, tiny_space, tmp_path, monkeypatch,
+                                                        raised, status, error):
+    """A search stopped by Ctrl-C where Ray Tune does not catch it (as while the best model is evaluated) or
+    ended by an error is no longer shown as running."""
+    from rayad.tune import SearchSettings, run_search
+
+    class Tuner:
+        def fit(self):
+            raise raised
+
+    monkeypatch.setattr("rayad.tune.search._tuner", lambda *args: Tuner())
+    settings = SearchSettings(data_root=str(demo_root), category="brick", space=str(tiny_space), trials=2,
+                              overrides=TINY_BASE)
+    with pytest.raises(type(raised)):
+        run_search(settings, tmp_path / "exp", address=ray_cluster.address, verbose=0)
+    record = json.loads((tmp_path / "exp" / "experiment.json").read_text())
+    assert record["status"] == status and record["error"] == error and record["stopped_at"]
 
 
 def test_mlflow_runs_equal_the_results_store(tiny_experiment):
