@@ -71,6 +71,17 @@ def test_an_address_nothing_answers_at_fails_at_once(address, message):
         _check_reachable(address)
 
 
+def test_a_run_the_cluster_refuses_leaves_no_folder_behind(demo_root, tmp_path):
+    """The cluster is checked before the run writes its manifest and log (it left a manifest.parquet)."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "rayad.cli", "train", "--data", str(demo_root), "--category",
+                             "brick", *TINY_ARGS, "--workers", "2", "--address", "127.0.0.1:1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    said = [line for line in result.stderr.splitlines() if line.startswith("rayad train:")]
+    assert result.returncode == 2 and len(said) == 1 and "cannot reach the Ray cluster" in said[0], result.stderr
+    assert not out.exists()
+
+
 def test_a_ray_job_refuses_outputs_in_its_temporary_working_directory(ray_cluster, demo_root, tmp_path):
     """`ray job submit --working-dir DIR` runs the command in Ray's temporary copy of DIR: a relative `--out`
     put the model there, which Ray deletes, and the job reported success. An absolute one still works."""

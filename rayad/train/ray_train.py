@@ -23,9 +23,9 @@ from ray.train.torch import TorchTrainer, prepare_model
 from rayad.artifact import build_anomaly_model, calibrate_and_save
 from rayad.cluster import Cluster, check_resources, check_shared_paths, connect, with_worker_cpus
 from rayad.config import Config
-from rayad.data.manifest import check_category
+from rayad.data.manifest import build_manifest, check_category, save_manifest
 from rayad.errors import Interrupted, RayadError
-from rayad.layout import TRAIN_LOG, in_storage, writing
+from rayad.layout import MANIFEST, TRAIN_LOG, in_storage, writing
 from rayad.train.checkpoint import damage_reported, load_checkpoint, read_state, save_checkpoint
 from rayad.train.loop import (
     LoopConfig,
@@ -175,12 +175,14 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
     storage = in_storage(root, out_dir) if cluster.storage else root
     resumed = check_run_folder(cfg, data_root, category, out_dir, resume, latest_recorded(storage))
     check_buildable(cfg, "cuda" if cluster.use_gpu else "cpu")
-    restart_log(out_dir, resumed)
-    data = load_train_data(cfg, data_root, category, out_dir)  # validates data and fills the cache once
+    data = load_train_data(cfg, data_root, category)  # validates data and fills the cache once
     connect(cluster.address)
     cluster = with_worker_cpus(cluster)
     check_resources(cluster)
     check_shared_paths(root, str(data_root))
+    # written once every check passed: a run refused before it began leaves the folder as it was
+    restart_log(out_dir, resumed)
+    save_manifest(build_manifest(data_root, category, cfg.data), out_dir / MANIFEST)
     loop = LoopConfig(cfg, str(Path(data_root).absolute()), category, threads=cluster.worker_threads,
                       started=started)
     trainer = build_trainer(loop, cluster, RUN_NAME, storage,
