@@ -31,6 +31,7 @@ from rayad.train.loop import (
     LoopConfig,
     check_buildable,
     check_run_folder,
+    keep_log_until,
     load_train_data,
     restart_log,
     train_loop,
@@ -104,10 +105,14 @@ class RunLogCallback(UserCallback):
 
     def __init__(self, total_steps: int, log_file: Path, progress: bool = True):
         self.total, self.log_file, self.progress = total_steps, log_file, progress
-        self.first_step = None
+        self.first_step = self.last_step = None
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0]
+        if self.last_step is not None and m["step"] <= self.last_step:  # a failed worker group restarted from a
+            keep_log_until(self.log_file, m["step"] - 1)  # checkpoint (max_failures): its steps are logged again
+            self.first_step = None
+        self.last_step = m["step"]
         with self.log_file.open("a") as history:
             history.write(json.dumps(m) + "\n")
         if not self.progress:

@@ -84,6 +84,11 @@ def _train_worker_pids(started_after: float) -> list[int]:
     return [pid for _, pid in sorted(found)]
 
 
+def _logged_steps(log: Path) -> list[int]:
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]  # not a line being written
+
+
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path, demo_root, tiny_config):
     cfg = tiny_config.replace({"train.steps": 50, "train.checkpoint_every": 10, "train.log_every": 5})
     storage = tmp_path / "storage"
@@ -100,8 +105,10 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path, demo_
     thread = threading.Thread(target=train)
     thread.start()
     deadline = time.time() + 300
-    while len(list(storage.glob("run-*/train/checkpoint_*"))) < 2 and time.time() < deadline:  # the first is committed
-        time.sleep(0.2)
+    log = tmp_path / "run" / "train_log.jsonl"
+    # killed past its second checkpoint, between two (the first is committed), so the restarted group logs again
+    while not ((logged := _logged_steps(log)) and logged[-1] >= 25 and logged[-1] % 10) and time.time() < deadline:
+        time.sleep(0.05)
     pids = _train_worker_pids(began)
     assert pids, "no training worker process of this run found"
     os.kill(pids[-1], signal.SIGKILL)
@@ -110,6 +117,8 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path, demo_
     train_info = Predictor.load(result["run"]).metadata["train"]
     assert train_info["steps"] == 50
     assert train_info["resumed_from_step"] in range(10, 50, 10), "the restarted group continued from a checkpoint"
+    assert _logged_steps(log) == list(range(5, 55, 5)), "each step logged once, though the restarted group " \
+                                                         "reported some again"
     preds, errors = Predictor.load(result["run"]).predict_files([demo_root / "brick" / "test" / "good" / "000.png"])
     assert errors == [None] and preds.scores[0] > 0
 
