@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import signal
@@ -11,12 +12,14 @@ import threading
 from collections.abc import Callable
 
 from ray import serve
+from ray.serve.context import _get_global_client
 
 from rayad.cluster import check_fits
 from rayad.errors import RayadError
 from rayad.serve.app import app_builder, build_app, discover_models, scorer_cpus
 from rayad.settings import LOCAL_HOST, SERVE_PORT, ServeSettings
 
+log = logging.getLogger(__name__)
 APP_NAME = "rayad"
 # Ray 2.60's experimental HTTP path: HAProxy (C) in front of the ingress replicas instead of Ray's Python
 # proxy actor. The cluster's processes read these when they start.
@@ -66,8 +69,12 @@ def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_POR
         raise RayadError(f"the cluster already serves an application named {APP_NAME!r} (another rayad serve); stop "
                          "that one first, or serve on another cluster")
     serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
+    listening = _get_global_client().http_config  # Serve already running on the cluster keeps its own address
+    if (listening.host, listening.port) != (host, port):
+        log.warning("the cluster's Serve already listens on %s:%s, not %s:%s as asked: serving there",
+                    listening.host, listening.port, host, port)
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
-    return f"http://{host}:{port}"
+    return f"http://{listening.host}:{listening.port}"
 
 
 def serve_until_stopped(settings: ServeSettings, host: str, port: int, on_start: Callable[[str], None]) -> str:
