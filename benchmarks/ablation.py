@@ -23,6 +23,7 @@ from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.evaluate import evaluate
 from rayad.precision import cpu_summary
 from rayad.train import fit
+from rayad.train.checkpoint import latest_checkpoint
 
 VARIANTS = {
     "ssae": {},
@@ -38,7 +39,8 @@ def run_variant(name: str, category: str, steps: int, data_root: Path, out: Path
     start = time.perf_counter()
     if not (run / METADATA).is_file():
         cfg = load_config(overrides={**VARIANTS[name], "train.steps": steps})
-        fit(cfg, data_root, category, run, resume=True, progress=False)
+        stopped = latest_checkpoint(run / "checkpoints") is not None  # an interrupted benchmark goes on
+        fit(cfg, data_root, category, run, resume=stopped, progress=False)
     metrics = evaluate(Predictor.load(run), data_root, category)
     return {k: metrics[k] for k in METRICS} | {"seconds": time.perf_counter() - start}
 

@@ -43,6 +43,7 @@ from rayad.metrics.auroc import auroc
 from rayad.metrics.bootstrap import bootstrap_ci
 from rayad.precision import cpu_summary
 from rayad.train import fit
+from rayad.train.checkpoint import latest_checkpoint
 from rayad.validation import load_validation
 
 THIN = ("crack", "scratch", "fine_crack")
@@ -55,7 +56,8 @@ def trained(overrides: dict, category: str, data_root: Path, out: Path) -> tuple
     run = out / hashlib.sha1(json.dumps(training).encode()).hexdigest()[:10] / category
     if not (run / METADATA).is_file():
         start = time.perf_counter()
-        fit(load_config(overrides=training), data_root, category, run, resume=True, progress=False)
+        stopped = latest_checkpoint(run / "checkpoints") is not None  # an interrupted benchmark goes on
+        fit(load_config(overrides=training), data_root, category, run, resume=stopped, progress=False)
         (run / "minutes.txt").write_text(f"{(time.perf_counter() - start) / 60:.2f}")
     return Predictor.load(run), float((run / "minutes.txt").read_text())
 
