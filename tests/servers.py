@@ -48,7 +48,7 @@ def rayad_serve(args: list[str], log_path: Path, in_flight: bytes | None = None)
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 answer = pool.submit(requests.post, f"{url}/v1/predict", data=in_flight, timeout=60) \
                     if in_flight else None
-                time.sleep(0.5 if in_flight else 0)
+                time.sleep(1 if in_flight else 0)  # on its way to the scorer, even under load
                 process.send_signal(signal.SIGTERM)
                 if answer is not None:  # drained: the replica finished it before stopping
                     assert answer.result().status_code == 200, answer.result().text

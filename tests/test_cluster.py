@@ -93,7 +93,7 @@ def test_a_ray_job_refuses_outputs_in_its_temporary_working_directory(ray_cluste
     refused, kept = [*train, "--out", "runs/brick"], [*train, "--out", str(tmp_path / "brick")]
     job = client.submit_job(entrypoint=f"{shlex.join(refused)}; {shlex.join(kept)}",
                             runtime_env={"working_dir": str(tmp_path / "project")})
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 400  # two trainings in a job, on a loaded machine
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline, "the job did not end"
         time.sleep(0.5)

@@ -16,8 +16,8 @@ from rayad.cli import main
 
 @pytest.mark.slow
 def test_haproxy_ingress_serves_the_same_scores(trained_run, demo_root, tmp_path):
-    # each request waits 1.5 s for others to batch with: the one in flight at SIGTERM is still there
-    args = ["--run", str(trained_run), "--ingress", "haproxy", "--replica-cpus", "0.5", "--batch-wait-ms", "1500"]
+    # each request waits 3 s for others to batch with: the one in flight at SIGTERM is still there
+    args = ["--run", str(trained_run), "--ingress", "haproxy", "--replica-cpus", "0.5", "--batch-wait-ms", "3000"]
     image = demo_root / "brick" / "test" / "scratch" / "001.png"
     with rayad_serve(args, tmp_path / "serve.log", in_flight=image.read_bytes()) as url:
         served = requests.post(f"{url}/v1/predict", data=image.read_bytes(), timeout=60).json()

@@ -180,12 +180,15 @@ def test_a_client_that_hangs_up_mid_upload_is_no_server_error(server, ray_cluste
             time.sleep(0.5)
         return dropped() > before
 
+    def errors() -> list[str]:
+        return [line for line in log_text().splitlines() if "unexpected error" in line or "TaskCancelledError" in line]
+
+    earlier = len(errors())  # the logs are the whole session's
     tries = next((n for n in range(1, 6) if hang_up()), None)
     assert tries, "none of 5 hang-ups reached the ingress replica"
     print(f"\nthe ingress replica saw the hang-up after {tries} tries")
     time.sleep(1)
-    errors = [line for line in log_text().splitlines() if "unexpected error" in line or "TaskCancelledError" in line]
-    assert not errors
+    assert errors()[earlier:] == []
     assert requests.get(f"{server}/healthz").status_code == 200
     assert requests.head(f"{server}/healthz").status_code == 200  # monitors that send HEAD
 
@@ -264,14 +267,16 @@ def test_unknown_routes_and_wrong_methods_are_json_errors(server):
 def test_overload_answers_503_quickly_and_the_server_stays_ready(server, demo_root):
     good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
     statuses: list[int] = []
+    refusals: list[tuple[float, str | None]] = []  # each 503: seconds to answer, Retry-After
     probes: list[int] = []  # /readyz under load: busy, not unready (it answered 503 when the queue was full)
+    assert requests.get(f"{server}/readyz", timeout=60).status_code == 200  # every model scored once (alone too)
 
     def send():
         start = time.perf_counter()
         response = requests.post(f"{server}/v1/predict?model=brick", data=good, headers=KEY, timeout=60)
         statuses.append(response.status_code)
         if response.status_code == 503:
-            assert time.perf_counter() - start < 5 and response.headers["Retry-After"] == "1"
+            refusals.append((time.perf_counter() - start, response.headers.get("Retry-After")))
 
     def probe():
         probes.append(requests.get(f"{server}/readyz", timeout=60).status_code)
@@ -282,6 +287,7 @@ def test_overload_answers_503_quickly_and_the_server_stays_ready(server, demo_ro
     for t in threads:
         t.join()
     assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) > 0
+    assert all(seconds < 5 and retry == "1" for seconds, retry in refusals), refusals
     assert probes == [200] * 6
     assert requests.post(f"{server}/v1/predict?model=brick", data=good, headers=KEY).status_code == 200
 
@@ -298,7 +304,8 @@ def test_killed_replica_recovers_without_restart(server, demo_root):
     def traffic():
         while not stop.is_set():
             try:
-                code = requests.post(f"{server}/v1/predict?model=brick", data=good, headers=KEY, timeout=30).status_code
+                code = requests.post(f"{server}/v1/predict?model=brick", data=good, headers=KEY,
+                                     timeout=120).status_code  # waits for the new replica on a loaded machine
             except requests.RequestException:
                 code = -1
             outcomes.append((time.time(), code))

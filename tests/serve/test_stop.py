@@ -33,7 +33,10 @@ def test_sigterm_deletes_the_application_from_a_joined_cluster(ray_cluster, trai
                 if requests.get(f"{url}/readyz", timeout=30).status_code == 200:
                     break
             except requests.RequestException:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
+        else:
+            second.append("not ready in 120 s")
         try:  # a second server on the cluster replaced this one's models and said a URL nothing served
             start(ServeSettings(models={"other": str(trained_run)}, replica_cpus=0.5), port=free_port())
         except RayadError as e:
