@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from rayad.errors import DataError, Interrupted, RayadError, stop_on_sigterm
+from rayad.errors import DataError, RayadError, stop_on_sigterm
 from rayad.settings import (
     DASHBOARD_PORT,
     DEMO_SPACE,
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(train)
     train.add_argument("--out", required=True, type=Path, help="run directory (gets the model artifact)")
     _add_config_args(train)
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--mlflow", metavar="URI", help="also log the run to this MLflow tracking URI "
                        "(sqlite:///mlflow.db or a server; needs rayad[mlflow])")
     dist = train.add_argument_group("distributed training on Ray Train (used when --workers is given)")
@@ -245,16 +245,7 @@ def cmd_train(args) -> None:
 
         if args.gpu and not torch.cuda.is_available():
             raise RayadError("--gpu: this process sees no CUDA GPU (without --workers it trains here)")
-        try:
-            run = fit(cfg, args.data, args.category, args.out, resume=args.resume)
-        except KeyboardInterrupt:
-            from rayad.train.checkpoint import latest_checkpoint
-
-            latest = latest_checkpoint(args.out / "checkpoints")
-            if latest is None:
-                raise
-            raise Interrupted(f"stopped; its last checkpoint is {latest.name}",
-                              "the same command" + ("" if args.resume else " and --resume")) from None
+        run = fit(cfg, args.data, args.category, args.out, resume=args.resume)
     else:
         from rayad.train.ray_train import fit_distributed
 

@@ -8,8 +8,10 @@
     EXP_DIR/history.parquet                   one row per trial and evaluation
     EXP_DIR/study.db                          the Optuna study (SQLite)
     EXP_DIR/best/                             the best trial's model artifact + test_metrics.json
+    RUN_DIR/checkpoints/, RUN_DIR/ray/        a single-process run's checkpoints; a --workers run's Ray Train
+                                              state and checkpoints (with a --storage, there: `ray_storage`)
     EXP_DIR/tune/, EXP_DIR/trials/            Ray Tune's state and the trials' Train checkpoints (with a
-                                              --storage, there: `in_storage`)
+                                              --storage, there: `ray_storage`)
 
 The writers (artifact, tune.store), the readers (results, the dashboard), Serve's model discovery, the demo
 and the benchmarks all take names from here (docs/design.md, "The results store"); its writers write
@@ -24,7 +26,9 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from rayad.metrics import METRIC_NAMES
 
 WEIGHTS, METADATA, MANIFEST = "model.safetensors", "model.json", "manifest.parquet"
 TRAIN_LOG = "train_log.jsonl"  # in RUN_DIR, one JSON line per logged step
+CHECKPOINTS, RAY_STATE = "checkpoints", "ray"  # in RUN_DIR: a single-process run's checkpoints, Ray Train's state
 EXPERIMENT, TRIALS, HISTORY, STUDY, BEST = "experiment.json", "trials.parquet", "history.parquet", "study.db", "best"
 TEST_METRICS = "test_metrics.json"  # in BEST, beside the model artifact
 TUNE_DIR, TRIALS_DIR = "tune", "trials"  # Ray's state for --resume, and the trials' Train runs
@@ -42,12 +47,19 @@ TRIAL_STATUSES = ("running", "completed", "stopped_early", "error")
 # a trial report's evaluation count, from its step: Tune's training_iteration starts again at 1 in a resumed trial
 EVALUATION = "evaluation"
 
+
+def evaluations(steps: int, checkpoint_every: int) -> int:
+    """How many evaluations a run has made after `steps` steps: one at each checkpoint, and one at its end."""
+    return math.ceil(steps / checkpoint_every)
+
+
 VAL_METRICS = tuple(f"val_{name}" for name in METRIC_NAMES)  # what trials report and searches optimise
 PIXEL_METRICS = ("val_pixel_auroc", "val_aupro")  # need masks in the validation set
 
-__all__ = ["BEST", "EVALUATION", "EXPERIMENT", "HISTORY", "MANIFEST", "METADATA", "METRIC_NAMES", "PARAM_PREFIX",
-           "PIXEL_METRICS", "STUDY", "SUMMARY", "TEST_METRICS", "TRAIN_LOG", "TRIALS", "TRIALS_DIR", "TRIAL_STATUSES",
-           "TUNE_DIR", "VAL_METRICS", "WEIGHTS", "discover_models", "find_experiments", "is_experiment", "is_model"]
+__all__ = ["BEST", "CHECKPOINTS", "EVALUATION", "EXPERIMENT", "HISTORY", "MANIFEST", "METADATA", "METRIC_NAMES",
+           "PARAM_PREFIX", "PIXEL_METRICS", "RAY_STATE", "STUDY", "SUMMARY", "TEST_METRICS", "TRAIN_LOG", "TRIALS",
+           "TRIALS_DIR", "TRIAL_STATUSES", "TUNE_DIR", "VAL_METRICS", "WEIGHTS", "discover_models", "evaluations",
+           "find_experiments", "is_experiment", "is_model"]
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +168,23 @@ def make_folder(path: Path) -> Path:
     return path
 
 
-def in_storage(storage: str, folder: Path) -> str:
-    """Where the run or experiment writing `folder` keeps Ray's state and checkpoints in a `--storage` that
-    others may share (one bucket for every run): a folder named after it and a hash of its absolute path, so
-    that two runs never share checkpoints (the second would resume the first's) or two searches Tune's state."""
-    folder = Path(folder).absolute()
-    return f"{storage.rstrip('/')}/{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
+def ray_storage(storage: str | None, folder: Path, default: str) -> str:
+    """Where the run or experiment writing `folder` keeps Ray's state and checkpoints: `default`, or in a
+    `--storage` that others may share (one bucket for every run), a folder named after it and a hash of its
+    real path, so that runs from two folders never share checkpoints (the second would resume the first's)
+    and two searches never share Tune's state. The same path on two machines is one folder."""
+    if not storage:
+        return default
+    folder = Path(folder).resolve()
+    return storage_path(storage, f"{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}")
+
+
+def storage_path(storage: str, *names: str) -> str:
+    """`names` inside `storage`, a path or a URI; a URI's query (s3://b/p?endpoint_override=...) stays last."""
+    url = urllib.parse.urlsplit(storage)
+    if len(url.scheme) <= 1:  # a path (a Windows drive letter parses as a scheme)
+        return "/".join([storage.rstrip("/"), *names])
+    return urllib.parse.urlunsplit(url._replace(path="/".join([url.path.rstrip("/"), *names])))
 
 
 @contextlib.contextmanager

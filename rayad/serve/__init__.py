@@ -62,12 +62,14 @@ def private_haproxy_state() -> dict[str, str]:
 
 def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_PORT, proxy_location: str = "HeadOnly"
           ) -> str:
-    """Deploy the application on the connected Ray cluster, serving HTTP on host:port; returns its URL.
-    One HTTP proxy, on the head node, by default (`serve deploy serve/config.yaml` runs one per node)."""
+    """Deploy the application on the connected Ray cluster, serving HTTP on host:port, or where the cluster's
+    Serve already listens; returns that URL. One HTTP proxy, on the head node, by default (`serve deploy
+    serve/config.yaml` runs one per node)."""
     check_fits("a scorer replica (--replica-cpus, --replica-gpus)", scorer_cpus(settings), settings.replica_gpus)
     if APP_NAME in serve.status().applications:  # serve.run would replace it, and keep its HTTP address
         raise RayadError(f"the cluster already serves an application named {APP_NAME!r} (another rayad serve); stop "
-                         "that one first, or serve on another cluster")
+                         f"that one first (if its process is gone, serve.delete({APP_NAME!r}) on the cluster removes "
+                         "it), or serve on another cluster")
     serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
     listening = _get_global_client().http_config  # Serve already running on the cluster keeps its own address
     if (listening.host, listening.port) != (host, port):

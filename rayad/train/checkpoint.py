@@ -20,6 +20,7 @@ from rayad.errors import ArtifactError
 from rayad.layout import follow_umask
 
 KEEP_LAST = 2
+RESUME_EARLIER = "delete it to resume from the one before, or train into a new --out"  # a damaged checkpoint
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
@@ -60,11 +61,11 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     return meta
 
 
-def read_state(directory: str | Path, text: str | bytes | None = None) -> dict[str, Any]:
+def read_state(directory: str | Path, text: str | bytes | None = None, fix: str = RESUME_EARLIER) -> dict[str, Any]:
     """A checkpoint's JSON metadata: step, config and the optimiser's parameter groups (from `text`, where the
-    caller read state.json itself, as from a storage URI)."""
+    caller read state.json itself, as from a storage URI). `fix`: what to do when it is damaged."""
     directory = Path(directory)
-    with damage_reported(directory):
+    with damage_reported(directory, fix):
         meta = json.loads((directory / "state.json").read_text() if text is None else text)
         if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "config" not in meta:
             raise ValueError("state.json lacks the step or the config")
@@ -72,12 +73,11 @@ def read_state(directory: str | Path, text: str | bytes | None = None) -> dict[s
 
 
 @contextmanager
-def damage_reported(directory: Path) -> Iterator[None]:
+def damage_reported(directory: Path, fix: str = RESUME_EARLIER) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
-        raise ArtifactError(f"{directory}: damaged checkpoint ({type(e).__name__}: {e}); delete it to resume from "
-                            "the one before, or train into a new --out") from None
+        raise ArtifactError(f"{directory}: damaged checkpoint ({type(e).__name__}: {e}); {fix}") from None
 
 
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:

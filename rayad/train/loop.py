@@ -34,8 +34,18 @@ from rayad.corruption import Corruptor
 from rayad.cpu import use_cpus
 from rayad.data.dataset import ImageSet, load_split, to_tensor
 from rayad.data.manifest import build_manifest, check_category, load_manifest, same_images, save_manifest
-from rayad.errors import RayadError
-from rayad.layout import EVALUATION, MANIFEST, METADATA, TRAIN_LOG, atomic_write, writing
+from rayad.errors import Interrupted, RayadError
+from rayad.layout import (
+    CHECKPOINTS,
+    EVALUATION,
+    MANIFEST,
+    METADATA,
+    RAY_STATE,
+    TRAIN_LOG,
+    atomic_write,
+    evaluations,
+    writing,
+)
 from rayad.models.loss import reconstruction_loss
 from rayad.precision import (
     autocast,
@@ -218,16 +228,15 @@ class Throughput:
 class TrainData:
     train: ImageSet
     val: ImageSet
+    manifest: pa.Table  # what the run saves as RUN_DIR/manifest.parquet
 
 
-def load_train_data(cfg: Config, data_root: str | Path, category: str, out_dir: Path | None = None) -> TrainData:
-    """Build the manifest (saved to `out_dir` when given) and load the train and validation images."""
+def load_train_data(cfg: Config, data_root: str | Path, category: str) -> TrainData:
+    """Build the manifest and load the train and validation images."""
     manifest = build_manifest(data_root, category, cfg.data)
-    if out_dir is not None:
-        save_manifest(manifest, out_dir / MANIFEST)
     d = cfg.data
     data = TrainData(*(load_split(manifest, split, d.image_size, d.on_bad_image, d.max_pixels)
-                       for split in ("train", "val")))
+                       for split in ("train", "val")), manifest)
     if len(data.train.images) == 0:
         raise RayadError(f"{data_root}/{category}: no usable training images")
     if len(data.val.images) == 0:
@@ -283,7 +292,7 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
             check_converging(metrics["loss"], done, tc, scaler)
             if save and validation is not None:  # model selection: scored at every checkpoint
                 metrics |= validation_metrics(network, cfg, validation, session.device)
-                metrics[EVALUATION] = math.ceil(done / tc.checkpoint_every)
+                metrics[EVALUATION] = evaluations(done, tc.checkpoint_every)
             session.report(metrics, network, optimizer, save)
     return network, metrics
 
@@ -303,7 +312,7 @@ class LocalSession:
 
     def __init__(self, cfg: Config, out_dir: Path, device: torch.device, progress: bool):
         self.cfg, self.device, self.progress = cfg, device, progress
-        self.checkpoints, self.log_file = out_dir / "checkpoints", out_dir / TRAIN_LOG
+        self.checkpoints, self.log_file = out_dir / CHECKPOINTS, out_dir / TRAIN_LOG
         self.bar: tqdm | None = None
 
     def steps(self, start: int, total: int) -> Iterable[int]:
@@ -383,30 +392,47 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
     out_dir = Path(out_dir)
     device = checked_device(device) if device else default_device()
     with writing(out_dir):
-        latest = latest_checkpoint(out_dir / "checkpoints")
+        latest = latest_checkpoint(out_dir / CHECKPOINTS)
         resumed = check_run_folder(cfg, data_root, category, out_dir, resume,
                                    None if latest is None else (str(latest), read_state(latest)))
         check_buildable(cfg, device)
-        logged = restart_log(out_dir, resumed)
-        data = load_train_data(cfg, data_root, category, out_dir)  # validates the data, fills the cache once
+        data = load_train_data(cfg, data_root, category)  # validates the data, fills the cache once
+        logged = begin_run_files(out_dir, resumed, data.manifest)
         session = LocalSession(cfg, out_dir, device, progress)
         loop = LoopConfig(cfg, str(data_root), category, threads=cfg.train.num_threads or cpu_count(), started=started)
-        network, metrics = train_loop(loop, session)
-        # a run stopped between its last checkpoint and its model resumes without a step: its loss is the log's
-        final_loss = metrics["loss"] if metrics["loss"] is not None else (logged or {}).get("loss")
-        info = {"category": category, "steps": cfg.train.steps, "final_loss": final_loss,
-                **{k: metrics.get(k) for k in ("seconds_to_first_step", "images_per_s", "precision",
-                                               "precision_reason")}}
-        return calibrate_and_save(network, cfg, data.val, out_dir, session.device, info)
+        try:
+            network, metrics = train_loop(loop, session)
+            # a run stopped between its last checkpoint and its model resumes without a step: its loss is the log's
+            final_loss = metrics["loss"] if metrics["loss"] is not None else (logged or {}).get("loss")
+            info = {"category": category, "steps": cfg.train.steps, "final_loss": final_loss,
+                    **{k: metrics.get(k) for k in ("seconds_to_first_step", "images_per_s", "precision",
+                                                   "precision_reason")}}
+            return calibrate_and_save(network, cfg, data.val, out_dir, session.device, info)
+        except KeyboardInterrupt:
+            latest = latest_checkpoint(out_dir / CHECKPOINTS)
+            raise stopped(None if latest is None else str(latest), resume) from None
+
+
+def stopped(checkpoint: str | None, resume: bool) -> KeyboardInterrupt:
+    """What a run stopped by Ctrl-C or SIGTERM raises: `Interrupted`, naming its last checkpoint and the
+    command that resumes it, or a plain KeyboardInterrupt before its first checkpoint."""
+    if checkpoint is None:
+        return KeyboardInterrupt()
+    return Interrupted(f"stopped; its last checkpoint is {checkpoint}",
+                       "the same command" + ("" if resume else " and --resume"))
 
 
 def check_run_folder(cfg: Config, data_root: str | Path, category: str, out_dir: Path, resume: bool,
-                     latest: tuple[str, dict[str, Any]] | None) -> int | None:
+                     latest: tuple[str, dict[str, Any]] | None, distributed: bool = False) -> int | None:
     """What a training run may do in `out_dir`, given its latest checkpoint (where, and its state): start in a
     new folder, or resume the run it holds as it began. Returns the step it resumes from (None for a new run)."""
+    other = out_dir / (CHECKPOINTS if distributed else RAY_STATE)  # the other kind of run's checkpoints
+    if other.is_dir() and any(other.iterdir()):
+        raise RayadError(f"{out_dir} holds a {'single-process' if distributed else '--workers'} run ({other}); "
+                         f"resume it {'without' if distributed else 'with'} --workers, or train into a new folder")
     if latest is not None and not resume:
-        raise RayadError(f"{out_dir} already holds checkpoints; resume them (--resume, or resume=True), or train "
-                         "into a new folder")
+        raise RayadError(f"{out_dir}: its run has checkpoints ({latest[0]}); resume them (--resume, or "
+                         "resume=True), or train into a new folder")
     if latest is None and resume:  # a mistyped --out would otherwise start a new run
         raise RayadError(f"{out_dir}: no checkpoint to resume; train without --resume to start a run there")
     if latest is None and (out_dir / METADATA).exists():
@@ -415,6 +441,13 @@ def check_run_folder(cfg: Config, data_root: str | Path, category: str, out_dir:
         return None
     return check_resumable(*latest, cfg, data_root, build_manifest(data_root, category, cfg.data),
                            out_dir / MANIFEST, has_model=(out_dir / METADATA).exists())
+
+
+def begin_run_files(out_dir: Path, resumed: int | None, manifest: pa.Table) -> dict[str, Any] | None:
+    """The run's first writes, once every check has passed (a run refused leaves its folder as it was): its
+    manifest, and its log as it goes on (`restart_log`). Returns the last report the log keeps."""
+    save_manifest(manifest, out_dir / MANIFEST)
+    return restart_log(out_dir, resumed)
 
 
 def restart_log(out_dir: Path, resumed: int | None) -> dict[str, Any] | None:

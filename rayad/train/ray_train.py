@@ -23,17 +23,18 @@ from ray.train.torch import TorchTrainer, prepare_model
 from rayad.artifact import build_anomaly_model, calibrate_and_save
 from rayad.cluster import Cluster, check_resources, check_shared_paths, connect, with_worker_cpus
 from rayad.config import Config
-from rayad.data.manifest import build_manifest, check_category, save_manifest
-from rayad.errors import Interrupted, RayadError
-from rayad.layout import MANIFEST, TRAIN_LOG, in_storage, writing
+from rayad.data.manifest import check_category
+from rayad.errors import ArtifactError, RayadError
+from rayad.layout import RAY_STATE, TRAIN_LOG, ray_storage, writing
 from rayad.train.checkpoint import damage_reported, load_checkpoint, read_state, save_checkpoint
 from rayad.train.loop import (
     LoopConfig,
+    begin_run_files,
     check_buildable,
     check_run_folder,
     keep_log_until,
     load_train_data,
-    restart_log,
+    stopped,
     train_loop,
 )
 
@@ -140,13 +141,18 @@ def latest_recorded(storage: str) -> tuple[str, dict[str, Any]] | None:
     snapshot = f"{run}/{SNAPSHOT}"
     if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
         return None
-    with damage_reported(Path(snapshot)), fs.open_input_stream(snapshot) as recorded:
-        latest = (json.loads(recorded.read()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    try:
+        with fs.open_input_stream(snapshot) as recorded:
+            latest = (json.loads(recorded.read()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{snapshot}: Ray Train's record of the run's checkpoints is unreadable "
+                            f"({type(e).__name__}: {e}); train into a new --out") from None
     if not latest:
         return None
-    with damage_reported(Path(f"{run}/{latest}")), fs.open_input_stream(f"{run}/{latest}/state.json") as state:
+    fix = "Ray Train resumes only from the checkpoint it recorded: train into a new --out"
+    with damage_reported(Path(f"{run}/{latest}"), fix), fs.open_input_stream(f"{run}/{latest}/state.json") as state:
         text = state.read()
-    return f"{run}/{latest}", read_state(f"{run}/{latest}", text)
+    return f"{run}/{latest}", read_state(f"{run}/{latest}", text, fix)
 
 
 def build_trainer(loop: LoopConfig, cluster: Cluster, name: str, storage: str,
@@ -176,18 +182,16 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
 
 def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: Path, cluster: Cluster,
                      progress: bool, started: float, resume: bool) -> Path:
-    root = cluster.storage or str(out_dir / "ray")  # checked on every node; the run keeps its own folder there
-    storage = in_storage(root, out_dir) if cluster.storage else root
-    resumed = check_run_folder(cfg, data_root, category, out_dir, resume, latest_recorded(storage))
+    root = cluster.storage or str(out_dir / RAY_STATE)  # checked on every node; the run keeps its own folder there
+    storage = ray_storage(cluster.storage, out_dir, root)
+    resumed = check_run_folder(cfg, data_root, category, out_dir, resume, latest_recorded(storage), distributed=True)
     check_buildable(cfg, "cuda" if cluster.use_gpu else "cpu")
     data = load_train_data(cfg, data_root, category)  # validates data and fills the cache once
     connect(cluster.address)
     cluster = with_worker_cpus(cluster)
     check_resources(cluster)
     check_shared_paths(root, str(data_root))
-    # written once every check passed: a run refused before it began leaves the folder as it was
-    restart_log(out_dir, resumed)
-    save_manifest(build_manifest(data_root, category, cfg.data), out_dir / MANIFEST)
+    begin_run_files(out_dir, resumed, data.manifest)
     loop = LoopConfig(cfg, str(Path(data_root).absolute()), category, threads=cluster.worker_threads,
                       started=started)
     trainer = build_trainer(loop, cluster, RUN_NAME, storage,
@@ -197,10 +201,7 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
         result = trainer.fit()
     except SystemExit:  # how Ray Train's driver leaves a run its SIGINT handler aborted (Ctrl-C, or SIGTERM)
         latest = latest_recorded(storage)
-        if latest is None:
-            raise KeyboardInterrupt from None
-        raise Interrupted(f"stopped; its last checkpoint is {latest[0]}",
-                          "the same command" + (" with" if resume else " and") + " --resume") from None
+        raise stopped(None if latest is None else latest[0], resume) from None
     except ray.train.WorkerGroupError as e:
         raise worker_error(e) from None
     if result.checkpoint is None:
@@ -209,10 +210,12 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
     with result.checkpoint.as_directory() as directory:
         meta = load_checkpoint(directory, network)
     device = "cuda" if cluster.use_gpu and torch.cuda.is_available() else "cpu"
+    # resumed at its last step (stopped before its model), the run trains no step: its metrics are the last report's
+    started_at = resumed if resumed == meta["step"] else result.metrics.get("start_step")
     info = {"category": category, "steps": meta["step"], "workers": cluster.workers,
             "nodes": result.metrics.get("nodes"), "images_per_s": result.metrics.get("images_per_s"),
             "seconds_to_first_step": result.metrics.get("seconds_to_first_step"),
-            "final_loss": result.metrics.get("loss"), "resumed_from_step": result.metrics.get("start_step"),
+            "final_loss": result.metrics.get("loss"), "resumed_from_step": started_at,
             "precision": result.metrics.get("precision"), "precision_reason": result.metrics.get("precision_reason"),
             "checkpoint": result.checkpoint.path}
     return calibrate_and_save(network, cfg, data.val, out_dir, device, info)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import platform
 import stat
@@ -51,7 +50,9 @@ from rayad.layout import (
     TRIALS_DIR,
     TUNE_DIR,
     VAL_METRICS,
-    in_storage,
+    evaluations,
+    ray_storage,
+    storage_path,
     writing,
 )
 from rayad.settings import SearchSettings
@@ -120,7 +121,7 @@ def plan_search(settings: SearchSettings) -> Plan:
         raise ConfigError(f"mode {list(modes)}: give max or min for each of {list(metrics)}")
     cluster = Cluster(workers=s.workers_per_trial, use_gpu=s.gpus_per_worker > 0, cpus_per_worker=s.cpus_per_worker,
                       gpus_per_worker=s.gpus_per_worker or 1.0, max_failures=s.max_failures)
-    max_iterations = math.ceil(base.train.steps / base.train.checkpoint_every)
+    max_iterations = evaluations(base.train.steps, base.train.checkpoint_every)
     return Plan(s, base, space, tuple(metrics), tuple(modes), cluster, max_iterations)
 
 
@@ -172,7 +173,7 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
         return _finish(plan, exp_dir, experiment, rows)
     except BaseException as e:  # the record says the search no longer runs (the dashboard stops refreshing it)
         if experiment["status"] == "running":  # not once finished (an MLflow upload after it may fail)
-            stopped = isinstance(e, Interrupted | KeyboardInterrupt)
+            stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C, and Interrupted
             write_json(exp_dir / EXPERIMENT, experiment | {"status": "interrupted" if stopped else "failed",
                                                            "stopped_at": time.time(), "error": None if stopped else
                                                            f"{type(e).__name__}: {e}"})
@@ -193,7 +194,7 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
     s = plan.settings
     storage = _storage(plan, exp_dir)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, plan=plan, storage=f"{storage.rstrip('/')}/{TRIALS_DIR}"),
+        tune.with_parameters(run_trial, plan=plan, storage=storage_path(storage, TRIALS_DIR)),
         # The trial's driver only waits for its TorchTrainer: it takes no CPU (a CPU each would deadlock a
         # small machine). Ray refuses an all-zero request, so it asks for one byte of memory.
         {"cpu": 0, "memory": 1},
@@ -253,13 +254,13 @@ class HonestOptunaSearch(OptunaSearch):
 
 
 def _tune_path(plan: Plan, exp_dir: Path) -> str:
-    return f"{_storage(plan, exp_dir)}/{TUNE_DIR}"
+    return storage_path(_storage(plan, exp_dir), TUNE_DIR)
 
 
 def _storage(plan: Plan, exp_dir: Path) -> str:
     """Where Tune keeps its state and the trials their checkpoints: EXP_DIR, or a folder of its own in a
     shared --storage."""
-    return in_storage(plan.settings.storage, exp_dir) if plan.settings.storage else str(exp_dir)
+    return ray_storage(plan.settings.storage, exp_dir, str(exp_dir))
 
 
 def _check_resumable(plan: Plan, exp_dir: Path) -> None:

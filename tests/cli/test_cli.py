@@ -226,7 +226,7 @@ def test_sigterm_stops_training_as_ctrl_c_does_even_where_ctrl_c_is_ignored(demo
     code, err = sigterm_after_first_checkpoint(demo_root, tmp_path / "run", "checkpoints/step_*",
                                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     said = err.strip().splitlines()[-1]
-    assert code == 130 and said.startswith("rayad train: interrupted: stopped; its last checkpoint is step_000"), \
-        err[-2000:]
+    assert code == 130 and said.startswith(f"rayad train: interrupted: stopped; its last checkpoint is "
+                                           f"{tmp_path / 'run' / 'checkpoints'}/step_000"), err[-2000:]
     assert said.endswith("; the state is saved: resume with the same command and --resume")
     assert "Traceback" not in err

@@ -50,7 +50,8 @@ def test_sigterm_deletes_the_application_from_a_joined_cluster(ray_cluster, trai
         assert "stopped by SIGTERM: the application is deleted from the cluster" in capsys.readouterr().out
         assert "rayad" not in serve.status().applications
         assert second == ["the cluster already serves an application named 'rayad' (another rayad serve); stop that "
-                          "one first, or serve on another cluster"]
+                          "one first (if its process is gone, serve.delete('rayad') on the cluster removes it), or "
+                          "serve on another cluster"]
         # Serve, still running, keeps its address and ignores another asked for: rayad said the one asked for
         assert start(ServeSettings(models={"brick": str(trained_run)}, replica_cpus=0.5), port=free_port()) == url
         assert requests.get(f"{url}/readyz", timeout=60).status_code == 200

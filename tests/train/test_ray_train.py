@@ -16,7 +16,7 @@ from tiny import TINY, sigterm_after_first_checkpoint
 from rayad.artifact import Predictor
 from rayad.cli import main
 from rayad.cluster import Cluster
-from rayad.errors import RayadError
+from rayad.errors import ArtifactError, RayadError
 from rayad.train import fit
 from rayad.train.ray_train import fit_distributed, latest_recorded
 
@@ -144,6 +144,27 @@ def test_too_many_workers_fails_before_training(ray_cluster, tmp_path, demo_root
     assert not (tmp_path / "run" / "ray").exists(), "no Train run was started"
 
 
+def test_a_damaged_record_of_ray_trains_checkpoints_is_one_error_that_says_what_helps(tmp_path):
+    """Deleting the checkpoint Ray Train recorded would not help (it resumes only from that one), as the
+    message for a damaged single-process checkpoint says."""
+    snapshot = tmp_path / "train" / "checkpoint_manager_snapshot.json"
+    snapshot.parent.mkdir()
+    snapshot.write_text("[]")  # JSON, not Ray's record
+    with pytest.raises(ArtifactError, match="record of the run's checkpoints is unreadable .*train into a new --out"):
+        latest_recorded(str(tmp_path))
+    snapshot.write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_gone"}}))
+    with pytest.raises(ArtifactError, match="checkpoint_gone: damaged checkpoint .*; Ray Train resumes only from"):
+        latest_recorded(str(tmp_path))
+
+
+def test_a_folder_holds_one_kind_of_run(tmp_path, demo_root, tiny_config):
+    """A --workers run into a single-process run's folder would start again beside its checkpoints."""
+    run = fit(tiny_config, demo_root, "brick", tmp_path / "run", progress=False)
+    (run / "model.json").unlink()  # stopped before its model
+    with pytest.raises(RayadError, match=r"holds a single-process run \(.*checkpoints\); resume it without --workers"):
+        fit_distributed(tiny_config, demo_root, "brick", run, Cluster(workers=1), resume=True)
+
+
 def test_sigterm_stops_a_ray_train_run_as_ctrl_c_does_and_resume_continues_it(ray_cluster, tmp_path, demo_root,
                                                                                capsys):
     """Ray Train's SIGINT handler aborts the run and its driver then left with SystemExit(1) and no message;
@@ -163,11 +184,16 @@ def test_sigterm_stops_a_ray_train_run_as_ctrl_c_does_and_resume_continues_it(ra
     train = ["train", "--data", str(demo_root), "--category", "brick", "--out", str(run), "--workers", "1",
              "--address", ray_cluster.address, *[a for k, v in budget.items() for a in ("--set", f"{k}={v}")]]
     changed = [*train, "--resume", "--set", "model.skip=add"]
-    for args, message in [(train, "already holds checkpoints; resume them (--resume"),
-                          (changed, "was trained with a different configuration (model.skip: 'ccm' then, 'add' now)")]:
+    alone = train[:7] + train[11:]  # without --workers and --address: it would start again, ignoring the run
+    for args, message in [(train, f"{run}: its run has checkpoints ({run / 'ray' / 'train'}/checkpoint_"),
+                          (changed, "was trained with a different configuration (model.skip: 'ccm' then, 'add' now)"),
+                          (alone, f"{run} holds a --workers run ({run / 'ray'}); resume it with --workers")]:
         assert main(args) == 2
         assert message in capsys.readouterr().err
     assert main([*train, "--resume", "--set", f"train.steps={step + 2}"]) == 0
     logged = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert logged == sorted(set(logged)) and logged[-1] == step + 2  # each step logged once
     assert Predictor.load(run).metadata["train"]["resumed_from_step"] == step
+    (run / "model.json").unlink()  # stopped after its last checkpoint, before its model: resumed, it trains no step
+    assert main([*train, "--resume", "--set", f"train.steps={step + 2}"]) == 0
+    assert Predictor.load(run).metadata["train"]["resumed_from_step"] == step + 2
