@@ -1,4 +1,5 @@
-"""Training checkpoints: weights and optimiser tensors in safetensors, the rest in JSON (no pickle)."""
+"""Training checkpoints: weights and optimiser tensors in safetensors, the rest in JSON (no pickle); and the
+latest checkpoint of a --workers run, as Ray Train recorded it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -21,6 +23,8 @@ from rayad.layout import follow_umask
 
 KEEP_LAST = 2
 RESUME_EARLIER = "delete it to resume from the one before, or train into a new --out"  # a damaged checkpoint
+RUN_NAME = "train"  # Ray Train's run in its storage: STORAGE/train/checkpoint_*, and SNAPSHOT
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it restores from
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
@@ -93,3 +97,26 @@ def checkpoint_name(step: int) -> str:
 def prune_checkpoints(checkpoints_dir: str | Path, keep: int = KEEP_LAST) -> None:
     for old in sorted(Path(checkpoints_dir).glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_recorded(storage: str) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint a rerun of the run whose storage is `storage` (a path or a pyarrow URI) resumes from: the
+    latest that Ray Train recorded in its snapshot (a checkpoint folder it had not recorded yet is not one), as
+    where it is and its state (step, config). None before the first."""
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)  # an absolute path, or a URI
+    run = f"{root}/{RUN_NAME}"
+    snapshot = f"{run}/{SNAPSHOT}"
+    if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
+        return None
+    try:
+        with fs.open_input_stream(snapshot) as recorded:
+            latest = (json.loads(recorded.read()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{snapshot}: Ray Train's record of the run's checkpoints is unreadable "
+                            f"({type(e).__name__}: {e}); train into a new --out") from None
+    if not latest:
+        return None
+    fix = "Ray Train resumes only from the checkpoint it recorded: train into a new --out"
+    with damage_reported(Path(f"{run}/{latest}"), fix), fs.open_input_stream(f"{run}/{latest}/state.json") as state:
+        text = state.read()
+    return f"{run}/{latest}", read_state(f"{run}/{latest}", text, fix)

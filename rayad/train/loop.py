@@ -60,6 +60,7 @@ from rayad.settings import cpu_count
 from rayad.train.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
+    latest_recorded,
     load_checkpoint,
     prune_checkpoints,
     read_state,
@@ -427,7 +428,7 @@ def check_run_folder(cfg: Config, data_root: str | Path, category: str, out_dir:
     """What a training run may do in `out_dir`, given its latest checkpoint (where, and its state): start in a
     new folder, or resume the run it holds as it began. Returns the step it resumes from (None for a new run)."""
     other = out_dir / (CHECKPOINTS if distributed else RAY_STATE)  # the other kind of run's checkpoints
-    if other.is_dir() and any(other.iterdir()):
+    if (latest_checkpoint(other) if distributed else latest_recorded(str(other.absolute()))) is not None:
         raise RayadError(f"{out_dir} holds a {'single-process' if distributed else '--workers'} run ({other}); "
                          f"resume it {'without' if distributed else 'with'} --workers, or train into a new folder")
     if latest is not None and not resume:

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pyarrow.fs
 import ray
 import ray.train
 import torch
@@ -24,9 +23,9 @@ from rayad.artifact import build_anomaly_model, calibrate_and_save
 from rayad.cluster import Cluster, check_resources, check_shared_paths, connect, with_worker_cpus
 from rayad.config import Config
 from rayad.data.manifest import check_category
-from rayad.errors import ArtifactError, RayadError
+from rayad.errors import RayadError
 from rayad.layout import RAY_STATE, TRAIN_LOG, ray_storage, writing
-from rayad.train.checkpoint import damage_reported, load_checkpoint, read_state, save_checkpoint
+from rayad.train.checkpoint import RUN_NAME, latest_recorded, load_checkpoint, save_checkpoint
 from rayad.train.loop import (
     LoopConfig,
     begin_run_files,
@@ -39,8 +38,6 @@ from rayad.train.loop import (
 )
 
 T = TypeVar("T")
-RUN_NAME = "train"  # Ray Train's run in its storage: STORAGE/train/checkpoint_*, and SNAPSHOT
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it restores from
 
 
 class RaySession:
@@ -130,29 +127,6 @@ def worker_error(error: ray.train.WorkerGroupError) -> Exception:
     """The lowest rank's RayadError (a run whose loss turned NaN), which the CLI says in one line; else Ray
     Train's own error, with every worker's traceback."""
     return next((e for _, e in sorted(error.worker_failures.items()) if isinstance(e, RayadError)), error)
-
-
-def latest_recorded(storage: str) -> tuple[str, dict[str, Any]] | None:
-    """The checkpoint a rerun of the run whose storage is `storage` (a path or a pyarrow URI) resumes from: the
-    latest that Ray Train recorded in its snapshot (a checkpoint folder it had not recorded yet is not one), as
-    where it is and its state (step, config). None before the first."""
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage)  # an absolute path, or a URI
-    run = f"{root}/{RUN_NAME}"
-    snapshot = f"{run}/{SNAPSHOT}"
-    if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
-        return None
-    try:
-        with fs.open_input_stream(snapshot) as recorded:
-            latest = (json.loads(recorded.read()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    except (OSError, ValueError, AttributeError) as e:
-        raise ArtifactError(f"{snapshot}: Ray Train's record of the run's checkpoints is unreadable "
-                            f"({type(e).__name__}: {e}); train into a new --out") from None
-    if not latest:
-        return None
-    fix = "Ray Train resumes only from the checkpoint it recorded: train into a new --out"
-    with damage_reported(Path(f"{run}/{latest}"), fix), fs.open_input_stream(f"{run}/{latest}/state.json") as state:
-        text = state.read()
-    return f"{run}/{latest}", read_state(f"{run}/{latest}", text, fix)
 
 
 def build_trainer(loop: LoopConfig, cluster: Cluster, name: str, storage: str,

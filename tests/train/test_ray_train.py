@@ -18,7 +18,8 @@ from rayad.cli import main
 from rayad.cluster import Cluster
 from rayad.errors import ArtifactError, RayadError
 from rayad.train import fit
-from rayad.train.ray_train import fit_distributed, latest_recorded
+from rayad.train.checkpoint import latest_recorded
+from rayad.train.ray_train import fit_distributed
 
 pytestmark = pytest.mark.slow
 
