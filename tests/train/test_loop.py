@@ -129,6 +129,15 @@ def test_a_run_without_checkpoints_is_neither_resumed_nor_overwritten(tmp_path, 
     assert steps == [2, 3, 4, 6]
 
 
+def test_a_run_refused_for_its_data_leaves_no_folder(tmp_path, demo_root, tiny_config):
+    """The data is checked before the run's first write (it left manifest.parquet behind)."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / "brick", data / "brick", ignore=shutil.ignore_patterns("validation"))
+    with pytest.raises(RayadError, match="no validation images"):
+        fit(tiny_config.replace({"data.val_fraction": 0.0}), data, "brick", tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_whose_loss_turns_nan_stops_and_writes_no_model(tmp_path, demo_root, tiny_config, monkeypatch):
     real = loop_module.reconstruction_loss
     monkeypatch.setattr(loop_module, "reconstruction_loss", lambda *args: real(*args) * float("nan"))  # diverged
