@@ -446,14 +446,9 @@ def check_run_folder(cfg: Config, data_root: str | Path, category: str, out_dir:
 
 def begin_run_files(out_dir: Path, resumed: int | None, manifest: pa.Table) -> dict[str, Any] | None:
     """The run's first writes, once every check has passed (a run refused leaves its folder as it was): its
-    manifest, and its log as it goes on (`restart_log`). Returns the last report the log keeps."""
+    manifest, and its log as it goes on: a new run (or one stopped before its first checkpoint) starts
+    train_log.jsonl again, a resumed one keeps what it logged up to its checkpoint. Returns the last report kept."""
     save_manifest(manifest, out_dir / MANIFEST)
-    return restart_log(out_dir, resumed)
-
-
-def restart_log(out_dir: Path, resumed: int | None) -> dict[str, Any] | None:
-    """RUN_DIR/train_log.jsonl as the run goes on: a new run (or one stopped before its first checkpoint)
-    starts it again; a resumed one keeps what it logged up to its checkpoint. Returns the last report kept."""
     if resumed is None:
         (out_dir / TRAIN_LOG).unlink(missing_ok=True)
         return None
