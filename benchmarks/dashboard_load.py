@@ -43,7 +43,7 @@ from rayad.artifact import build_anomaly_model, save_artifact
 from rayad.data.defects import DEFECTS
 from rayad.data.demo import make_demo_dataset
 from rayad.evaluate import METRIC_NAMES, evaluate
-from rayad.layout import BEST, EVALUATION, EXPERIMENT, STUDY, TEST_METRICS, TRIALS, VAL_METRICS
+from rayad.layout import BEST, EVALUATION, EXPERIMENT, STUDY, TEST_METRICS, TRIALS, TRIALS_DIR, VAL_METRICS
 from rayad.tune import SearchSettings, resolve_space
 from rayad.tune.search import experiment_record, plan_search
 from rayad.tune.store import ResultsStore, read_rows, write_json
@@ -67,7 +67,8 @@ def build_experiment(root: Path, n_trials: int, n_images: int) -> Path:
     study = optuna.create_study(storage=f"sqlite:///{exp / STUDY}", study_name="brick", direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     store = ResultsStore(exp, plan.metrics[0], plan.modes[0], plan.max_iterations,
-                         [p.key for p in plan.space.searched], plan.space.default_point(plan.base))
+                         [p.key for p in plan.space.searched], plan.space.default_point(plan.base),
+                         str(exp / TRIALS_DIR))
     store.setup()
     rng = np.random.default_rng(0)
     with contextlib.redirect_stdout(io.StringIO()):  # the store prints a line per trial

@@ -103,20 +103,42 @@ def latest_recorded(storage: str) -> tuple[str, dict[str, Any]] | None:
     """The checkpoint a rerun of the run whose storage is `storage` (a path or a pyarrow URI) resumes from: the
     latest that Ray Train recorded in its snapshot (a checkpoint folder it had not recorded yet is not one), as
     where it is and its state (step, config). None before the first."""
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage)  # an absolute path, or a URI
-    run = f"{root}/{RUN_NAME}"
-    snapshot = f"{run}/{SNAPSHOT}"
-    if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
-        return None
-    try:
-        with fs.open_input_stream(snapshot) as recorded:
-            latest = (json.loads(recorded.read()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    except (OSError, ValueError, AttributeError) as e:
-        raise ArtifactError(f"{snapshot}: Ray Train's record of the run's checkpoints is unreadable "
-                            f"({type(e).__name__}: {e}); train into a new --out") from None
+    fs, run = _run_folder(storage, RUN_NAME)
+    latest = (read_snapshot(fs, run, "train into a new --out").get("latest_checkpoint_result") or {}
+              ).get("checkpoint_dir_name")
     if not latest:
         return None
     fix = "Ray Train resumes only from the checkpoint it recorded: train into a new --out"
     with damage_reported(Path(f"{run}/{latest}"), fix), fs.open_input_stream(f"{run}/{latest}/state.json") as state:
         text = state.read()
     return f"{run}/{latest}", read_state(f"{run}/{latest}", text, fix)
+
+
+def recorded_reports(storage: str, name: str) -> dict[str, dict[str, Any]]:
+    """The reports with a checkpoint that Ray Train recorded for its run `name` in `storage` (the latest, and those
+    it keeps): their metrics by the checkpoint's folder name."""
+    fs, run = _run_folder(storage, name)
+    snapshot = read_snapshot(fs, run, "the run cannot resume")
+    results = [*snapshot.get("checkpoint_results", []), snapshot.get("latest_checkpoint_result") or {}]
+    return {r["checkpoint_dir_name"]: r["metrics"] for r in results if r.get("checkpoint_dir_name")}
+
+
+def read_snapshot(fs: pyarrow.fs.FileSystem, run: str, fix: str) -> dict[str, Any]:
+    """Ray Train's record of the run's checkpoints (a JSON object; empty before the first checkpoint)."""
+    snapshot = f"{run}/{SNAPSHOT}"
+    if fs.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
+        return {}
+    try:
+        with fs.open_input_stream(snapshot) as recorded:
+            record = json.loads(recorded.read())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{snapshot}: Ray Train's record of the run's checkpoints is unreadable "
+                            f"({type(e).__name__}: {e}); {fix}") from None
+    return record
+
+
+def _run_folder(storage: str, name: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)  # an absolute path, or a URI
+    return fs, f"{root}/{name}"

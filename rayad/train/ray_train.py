@@ -24,7 +24,7 @@ from rayad.cluster import Cluster, check_resources, check_shared_paths, connect,
 from rayad.config import Config
 from rayad.data.manifest import check_category
 from rayad.errors import RayadError
-from rayad.layout import RAY_STATE, TRAIN_LOG, ray_storage, writing
+from rayad.layout import RAY_STATE, TRAIN_LOG, ray_storage, storage_path, writing
 from rayad.train.checkpoint import RUN_NAME, latest_recorded, load_checkpoint, save_checkpoint
 from rayad.train.loop import (
     LoopConfig,
@@ -191,5 +191,5 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
             "seconds_to_first_step": result.metrics.get("seconds_to_first_step"),
             "final_loss": result.metrics.get("loss"), "resumed_from_step": started_at,
             "precision": result.metrics.get("precision"), "precision_reason": result.metrics.get("precision_reason"),
-            "checkpoint": result.checkpoint.path}
+            "checkpoint": storage_path(storage, RUN_NAME, Path(result.checkpoint.path).name)}  # with a URI's scheme
     return calibrate_and_save(network, cfg, data.val, out_dir, device, info)

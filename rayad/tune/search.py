@@ -61,7 +61,7 @@ from rayad.train.checkpoint import load_checkpoint
 from rayad.train.loop import LoopConfig, load_train_data
 from rayad.train.ray_train import build_trainer
 from rayad.tune.space import SearchSpace, load_space
-from rayad.tune.store import ResultsStore, read_rows, write_json
+from rayad.tune.store import ResultsStore, read_rows, trial_run_name, write_json
 from rayad.validation import load_validation
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,9 @@ def _check_data(plan: Plan) -> None:
 def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: int) -> tune.Tuner:
     s = plan.settings
     storage = _storage(plan, exp_dir)
+    trials_storage = storage_path(storage, TRIALS_DIR)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, plan=plan, storage=storage_path(storage, TRIALS_DIR)),
+        tune.with_parameters(run_trial, plan=plan, storage=trials_storage),
         # The trial's driver only waits for its TorchTrainer: it takes no CPU (a CPU each would deadlock a
         # small machine). Ray refuses an all-zero request, so it asks for one byte of memory.
         {"cpu": 0, "memory": 1},
@@ -222,7 +223,7 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
     else:
         scheduler = FIFOScheduler()
     store = ResultsStore(exp_dir, plan.metrics[0], plan.modes[0], plan.max_iterations,
-                         [p.key for p in plan.space.searched], default_point)
+                         [p.key for p in plan.space.searched], default_point, trials_storage)
     callbacks = [store] + ([tune_callback(s.mlflow, exp_dir.name)] if s.mlflow else [])
     return tune.Tuner(
         trainable,
@@ -309,9 +310,8 @@ def run_trial(params: dict[str, Any], plan: Plan, storage: str) -> None:
                       threads=plan.cluster.worker_threads, validate=True, val_root=s.val_root)
     checkpoints = CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=plan.metrics[0],
                                    checkpoint_score_order=plan.modes[0])
-    # The run's name is deterministic: a resumed experiment resumes the trial's Train run.
     trial_id = tune.get_context().get_trial_id()
-    build_trainer(loop, plan.cluster, f"trial_{trial_id}", storage, checkpoints, [TuneReportCallback()]).fit()
+    build_trainer(loop, plan.cluster, trial_run_name(trial_id), storage, checkpoints, [TuneReportCallback()]).fit()
 
 
 def _finish(plan: Plan, exp_dir: Path, experiment: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -2,29 +2,35 @@
 
 trials.parquet has one row per trial (params, final and best validation metrics, status, times, best
 checkpoint); history.parquet one row per trial and evaluation. Every file is replaced atomically, so
-readers never see half a file and a crash loses at most the results of the trials that were running.
+readers never see half a file. A report that Ctrl-C kept from Tune after Ray Train recorded it is recovered from
+Ray Train's record when the trial resumes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.tune import Callback
 
-from rayad.layout import EVALUATION, HISTORY, PARAM_PREFIX, TRIALS, VAL_METRICS, atomic_write
+from rayad.errors import ArtifactError
+from rayad.layout import EVALUATION, HISTORY, PARAM_PREFIX, TRIALS, VAL_METRICS, atomic_write, storage_path
+from rayad.train.checkpoint import recorded_reports
+
+log = logging.getLogger(__name__)
 
 
 class ResultsStore(Callback):
     """Keeps trials.parquet and history.parquet up to date; reloads them when an experiment resumes."""
 
     def __init__(self, exp_dir: str | Path, metric: str, mode: str, max_iterations: int, param_keys: list[str],
-                 default_point: dict[str, Any]):
-        self.exp_dir = Path(exp_dir)
+                 default_point: dict[str, Any], trials_storage: str):
+        self.exp_dir, self.trials_storage = Path(exp_dir), trials_storage
         self.metric, self.mode, self.max_iterations = metric, mode, max_iterations
         self.param_keys, self.default_point = param_keys, default_point
         self.trials: dict[str, dict[str, Any]] = {}
@@ -38,9 +44,31 @@ class ResultsStore(Callback):
         row = self.trials.get(trial.trial_id) or self._new_row(trial)
         row["status"] = "running"
         self.trials[trial.trial_id] = row
+        self._recover(trial)
         self._write_trials()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._record(trial, result)
+        write_rows(self.history, self.exp_dir / HISTORY)
+        self._write_trials()  # a resumed trial goes on from its row: the best so far is the checkpoint Ray Train kept
+
+    def _recover(self, trial) -> None:
+        """A resumed trial's evaluations that Ray Train recorded with their checkpoints but Tune never delivered:
+        Ctrl-C came between the two, and the trial goes on after that checkpoint. (ASHA and Optuna did not see
+        them either.)"""
+        try:
+            reports = recorded_reports(self.trials_storage, trial_run_name(trial.trial_id))
+        except (ArtifactError, AttributeError, KeyError, TypeError) as e:  # Ray Train refuses to resume it, too
+            log.warning("trial %s: its lost evaluations cannot be recovered: %s", trial.trial_id, e)
+            return
+        seen = max((h["iteration"] for h in self.history if h["trial_id"] == trial.trial_id), default=0)
+        lost = sorted((m[EVALUATION], name, m) for name, m in reports.items() if m.get(EVALUATION, 0) > seen)
+        for _, name, metrics in lost:
+            self._record(trial, {**metrics, "checkpoint_path": name})
+        if lost:
+            write_rows(self.history, self.exp_dir / HISTORY)  # the caller writes the trials
+
+    def _record(self, trial, result: dict[str, Any]) -> None:
         record = {"trial_id": trial.trial_id, "iteration": result[EVALUATION], "step": result.get("step"),
                   "loss": result.get("loss"), **{m: result.get(m) for m in VAL_METRICS},
                   "images_per_s": result.get("interval_images_per_s"), "time_total_s": result.get("time_total_s"),
@@ -51,12 +79,11 @@ class ResultsStore(Callback):
         row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
         row.update({f"final_{m}": result.get(m) for m in VAL_METRICS})
         row.update(iterations=result[EVALUATION], steps=result.get("step"),
-                   duration_s=result.get("time_total_s"))
+                   duration_s=result.get("time_total_s", row["duration_s"]))  # a recovered report has no time
         value = result.get(self.metric)
         if value is not None and (row["best_value"] is None or self._better(value, row["best_value"])):
             row.update(best_value=value, best_iteration=result[EVALUATION], best_step=result.get("step"),
-                       checkpoint_path=result.get("checkpoint_path"))
-        write_rows(self.history, self.exp_dir / HISTORY)
+                       checkpoint_path=self._checkpoint_uri(trial.trial_id, result.get("checkpoint_path")))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
@@ -70,6 +97,13 @@ class ResultsStore(Callback):
         row.update(status="error", error=_error_message(trial), ended_at=time.time())
         self._write_trials()
         self._print_progress(row)
+
+    def _checkpoint_uri(self, trial_id: str, reported: str | None) -> str | None:
+        """Where a reported checkpoint is, as a path or a URI that opens it from any process. Ray Train gives it
+        as a path in its storage's filesystem, without a URI's scheme (s3://) and query."""
+        if not reported:
+            return None
+        return storage_path(self.trials_storage, trial_run_name(trial_id), PurePosixPath(reported).name)
 
     def _new_row(self, trial) -> dict[str, Any]:
         params = {key: trial.config.get(key) for key in self.param_keys}
@@ -96,6 +130,12 @@ class ResultsStore(Callback):
 
     def _write_trials(self) -> None:
         write_rows(list(self.trials.values()), self.exp_dir / TRIALS)
+
+
+def trial_run_name(trial_id: str) -> str:
+    """The name of a trial's Ray Train run in the trials' storage: deterministic, so that a resumed experiment
+    resumes it."""
+    return f"trial_{trial_id}"
 
 
 def _error_message(trial) -> str:

@@ -1,0 +1,101 @@
+"""The results store's writer, fed as Ray Tune feeds it, and its recovery of reports that Ctrl-C kept from Tune."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pyarrow.parquet as pq
+from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+    _CheckpointManagerState,
+    _TrainingResultState,
+)
+
+from rayad.layout import EVALUATION, VAL_METRICS
+from rayad.train.checkpoint import SNAPSHOT
+from rayad.tune.store import ResultsStore, trial_run_name
+
+TRIAL = SimpleNamespace(trial_id="a1", config={"train.lr": 0.001}, error_file=None)
+
+
+def _report(evaluation: int, auroc: float) -> dict:
+    return {EVALUATION: evaluation, "step": 10 * evaluation, "loss": 0.1 / evaluation, "interval_images_per_s": 50.0,
+            **{m: auroc for m in VAL_METRICS}}
+
+
+def _store(exp, trials) -> ResultsStore:
+    store = ResultsStore(exp, "val_image_auroc", "max", 4, ["train.lr"], {"train.lr": 0.001}, str(trials))
+    store.setup()
+    return store
+
+
+def _record_in_ray_trains_snapshot(run, kept: list[tuple[str, dict]], latest: tuple[str, dict]) -> None:
+    """The snapshot as Ray Train writes it (its own model), keeping `kept` and the latest."""
+    def state(name, metrics):
+        return _TrainingResultState(checkpoint_dir_name=name, metrics=metrics)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / SNAPSHOT).write_text(_CheckpointManagerState(
+        checkpoint_results=[state(*r) for r in kept], checkpoint_report_indices=list(range(len(kept))),
+        latest_checkpoint_result=state(*latest), pending_training_results=[], pending_validation_specs=[],
+        current_report_index=len(kept), validated_checkpoint_dir_names=[],
+        timed_out_validation_checkpoint_dir_names=[], failed_validation_checkpoint_dir_names=[]).model_dump_json())
+
+
+def test_a_resumed_trial_recovers_the_evaluations_ray_train_recorded_but_tune_never_delivered(tmp_path):
+    exp, trials = tmp_path / "exp", tmp_path / "exp" / "trials"
+    exp.mkdir()
+    run = trials / trial_run_name(TRIAL.trial_id)
+    store = _store(exp, trials)
+    store.on_trial_start(0, [], TRIAL)  # a new trial: Ray Train has recorded nothing yet
+    for evaluation, auroc in [(1, 0.6), (2, 0.7)]:
+        store.on_trial_result(0, [], TRIAL, {**_report(evaluation, auroc), "time_total_s": 5.0 * evaluation,
+                                             "checkpoint_path": f"{run}/checkpoint_{evaluation}"})
+    row = pq.read_table(exp / "trials.parquet").to_pylist()[0]  # the row as a resumed search finds it
+    assert (row["iterations"], row["best_value"], row["checkpoint_path"]) == (2, 0.7, f"{run}/checkpoint_2")
+    # Ctrl-C: Ray Train recorded evaluation 3, the best, with its checkpoint; Tune stopped before delivering it
+    _record_in_ray_trains_snapshot(run, kept=[("checkpoint_3", _report(3, 0.8))], latest=("checkpoint_3",
+                                                                                           _report(3, 0.8)))
+
+    resumed = _store(exp, trials)
+    resumed.on_trial_start(0, [], TRIAL)
+    history = pq.read_table(exp / "history.parquet").to_pylist()
+    assert [(h["iteration"], h["step"], h["val_image_auroc"]) for h in history] == [(1, 10, 0.6), (2, 20, 0.7),
+                                                                                     (3, 30, 0.8)]
+    assert history[-1]["images_per_s"] == 50.0 and history[-1]["time_total_s"] is None  # Tune's clock: unknown
+    row = pq.read_table(exp / "trials.parquet").to_pylist()[0]
+    assert (row["iterations"], row["steps"], row["best_iteration"], row["best_value"]) == (3, 30, 3, 0.8)
+    assert row["checkpoint_path"] == f"{run}/checkpoint_3"  # the checkpoint the best model is exported from
+    assert row["duration_s"] == 10.0 and row["final_val_image_auroc"] == 0.8
+
+    # a kept checkpoint older than what the store holds is not recorded again, nor does it move the row back
+    _record_in_ray_trains_snapshot(run, kept=[("checkpoint_3", _report(3, 0.8))], latest=("checkpoint_4",
+                                                                                           _report(4, 0.5)))
+    again = _store(exp, trials)
+    again.on_trial_start(0, [], TRIAL)
+    history = pq.read_table(exp / "history.parquet").to_pylist()
+    assert [h["iteration"] for h in history] == [1, 2, 3, 4]
+    row = pq.read_table(exp / "trials.parquet").to_pylist()[0]
+    assert (row["iterations"], row["best_iteration"], row["final_val_image_auroc"]) == (4, 3, 0.5)
+
+
+def test_a_damaged_record_loses_only_the_recovery(tmp_path, caplog):
+    exp, trials = tmp_path / "exp", tmp_path / "trials"
+    exp.mkdir()
+    run = trials / trial_run_name(TRIAL.trial_id)
+    run.mkdir(parents=True)
+    (run / SNAPSHOT).write_text("{not json")
+    store = _store(exp, trials)
+    with caplog.at_level(logging.WARNING, logger="rayad.tune.store"):
+        store.on_trial_start(0, [], TRIAL)
+    assert "trial a1: its lost evaluations cannot be recovered" in caplog.text and "unreadable" in caplog.text
+    assert pq.read_table(exp / "trials.parquet").to_pylist()[0]["status"] == "running"
+
+
+def test_the_best_checkpoint_is_named_so_that_any_process_opens_it_in_a_storage_uri(tmp_path):
+    """Ray Train gives a checkpoint as a path in its storage's filesystem, without the scheme and the query: the best
+    model's export opened it as a local path."""
+    (tmp_path / "exp").mkdir()
+    store = _store(tmp_path / "exp", "s3://bucket/runs/trials?endpoint_override=minio:9000&scheme=http")
+    store.on_trial_result(0, [], TRIAL, {**_report(1, 0.6), "checkpoint_path": "bucket/runs/trials/trial_a1/ckpt_1"})
+    assert store.trials["a1"]["checkpoint_path"] == ("s3://bucket/runs/trials/trial_a1/ckpt_1?endpoint_override="
+                                                     "minio:9000&scheme=http")
