@@ -19,7 +19,7 @@ from torch import nn
 
 from rayad.config import Config
 from rayad.errors import ArtifactError
-from rayad.layout import follow_umask
+from rayad.layout import follow_umask, storage_path
 
 KEEP_LAST = 2
 RESUME_EARLIER = "delete it to resume from the one before, or train into a new --out"  # a damaged checkpoint
@@ -68,16 +68,15 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
 def read_state(directory: str | Path, text: str | bytes | None = None, fix: str = RESUME_EARLIER) -> dict[str, Any]:
     """A checkpoint's JSON metadata: step, config and the optimiser's parameter groups (from `text`, where the
     caller read state.json itself, as from a storage URI). `fix`: what to do when it is damaged."""
-    directory = Path(directory)
     with damage_reported(directory, fix):
-        meta = json.loads((directory / "state.json").read_text() if text is None else text)
+        meta = json.loads((Path(directory) / "state.json").read_text() if text is None else text)
         if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "config" not in meta:
             raise ValueError("state.json lacks the step or the config")
     return meta
 
 
 @contextmanager
-def damage_reported(directory: Path, fix: str = RESUME_EARLIER) -> Iterator[None]:
+def damage_reported(directory: str | Path, fix: str = RESUME_EARLIER) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
@@ -102,16 +101,17 @@ def prune_checkpoints(checkpoints_dir: str | Path, keep: int = KEEP_LAST) -> Non
 def latest_recorded(storage: str) -> tuple[str, dict[str, Any]] | None:
     """The checkpoint a rerun of the run whose storage is `storage` (a path or a pyarrow URI) resumes from: the
     latest that Ray Train recorded in its snapshot (a checkpoint folder it had not recorded yet is not one), as
-    where it is and its state (step, config). None before the first."""
+    where it is (a path, or a URI) and its state (step, config). None before the first."""
     fs, run = _run_folder(storage, RUN_NAME)
     latest = (read_snapshot(fs, run, "train into a new --out").get("latest_checkpoint_result") or {}
               ).get("checkpoint_dir_name")
     if not latest:
         return None
     fix = "Ray Train resumes only from the checkpoint it recorded: train into a new --out"
-    with damage_reported(Path(f"{run}/{latest}"), fix), fs.open_input_stream(f"{run}/{latest}/state.json") as state:
+    where = storage_path(storage, RUN_NAME, latest)
+    with damage_reported(where, fix), fs.open_input_stream(f"{run}/{latest}/state.json") as state:
         text = state.read()
-    return f"{run}/{latest}", read_state(f"{run}/{latest}", text, fix)
+    return where, read_state(where, text, fix)
 
 
 def recorded_reports(storage: str, name: str) -> dict[str, dict[str, Any]]:

@@ -56,6 +56,9 @@ def test_two_workers_on_two_nodes_with_file_uri_storage(ray_cluster, tmp_path, d
     assert meta["train"]["nodes"] == 2 and meta["train"]["workers"] == 2
     assert meta["train"]["steps"] == tiny_config.train.steps
     assert list(storage.glob("run-*/train/checkpoint_*/state.json")), "checkpoints land in the shared storage"
+    checkpoint = meta["train"]["checkpoint"]  # named as a URI (Ray Train gives the path without file://)
+    assert checkpoint.startswith(f"{storage.as_uri()}/run-") and "/train/checkpoint_" in checkpoint, checkpoint
+    assert latest_recorded(checkpoint.rsplit("/train/", 1)[0])[0] == checkpoint
     # a second run into the same storage (one bucket for every run) found the first's checkpoints: it trained no
     # step and wrote the first's weights as its model
     other = fit_distributed(tiny_config.replace({"train.seed": 1}), demo_root, "brick", tmp_path / "other",
