@@ -1,10 +1,10 @@
 """Experiment tracking in MLflow: `rayad tune --mlflow URI` and `rayad train --mlflow URI`.
 
 URI is any MLflow tracking URI: a local `sqlite:///mlflow.db` store, or a tracking server. MLflow is the
-optional extra `rayad[mlflow]`. A search logs one MLflow run per trial, through Ray Tune's own
-`MLflowLoggerCallback` (the trial's parameters, and every evaluation's metrics at its step), then one
-run `best` with the best model's parameters, test metrics and artifact. A training logs one run: the
-config, the loss curve and the artifact. rayad's own results store stays the source of truth.
+optional extra `rayad[mlflow]`. A search logs one MLflow run per trial, as its results store records it
+(`TrialRuns`: the trial's parameters, every evaluation's metrics at its number, its end), then one run `best`
+with the best model's parameters, test metrics and artifact. A training logs one run: the config, the loss curve
+and the artifact. rayad's own results store stays the source of truth.
 """
 
 from __future__ import annotations
@@ -38,12 +38,62 @@ def check_tracking_uri(uri: str) -> None:
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def tune_callback(uri: str, experiment: str):
-    """The Tune callback that logs each trial as an MLflow run in `experiment`."""
-    require_mlflow()
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
+class TrialRuns:
+    """The MLflow runs of a search's trials, one each, told by the results store what it records. A resumed trial
+    goes on in its run (found by its `trial_id` tag); a trial that a stopped search left running is KILLED until
+    then. Ray Tune keeps the store, and so this, in its state: only the URI and the name are pickled."""
 
-    return MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, tags={"rayad": "trial"})
+    END_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "error": "FAILED", "running": "KILLED"}
+
+    def __init__(self, uri: str, experiment: str):
+        self.uri, self.experiment = uri, experiment
+        self._client, self._experiment_id, self._runs = None, None, {}
+
+    def __getstate__(self) -> dict[str, str]:
+        return {"uri": self.uri, "experiment": self.experiment}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.__init__(**state)
+
+    def started(self, trial_id: str, params: dict[str, Any]) -> None:
+        run_id = self._find(trial_id)
+        if run_id is None:
+            run_id = self._connect().create_run(self._experiment_id, run_name=f"trial_{trial_id}",
+                                                tags={"rayad": "trial", "trial_id": trial_id}).info.run_id
+            for key, value in params.items():
+                self._client.log_param(run_id, key, value)
+        else:
+            self._client.update_run(run_id, status="RUNNING")
+        self._runs[trial_id] = run_id
+
+    def evaluated(self, trial_id: str, record: dict[str, Any]) -> None:
+        """One row of history.parquet: its metrics at the evaluation's number."""
+        from mlflow.entities import Metric
+
+        run_id = self._runs.get(trial_id) or self._find(trial_id)
+        at = int(record["timestamp"] * 1000)
+        self._connect().log_batch(run_id, metrics=[
+            Metric(key, value, at, record["iteration"])
+            for key, value in _numbers(record, skip=("iteration", "timestamp")).items()])
+
+    def ended(self, trial_id: str, status: str) -> None:
+        """`status`: the trial's in the store (`running` for a trial whose search stopped)."""
+        run_id = self._runs.get(trial_id) or self._find(trial_id)
+        self._connect().set_tag(run_id, "status", status)
+        self._client.set_terminated(run_id, self.END_STATUS[status])
+
+    def _find(self, trial_id: str) -> str | None:
+        runs = self._connect().search_runs([self._experiment_id], f"tags.rayad = 'trial' and tags.trial_id = "
+                                                                  f"'{trial_id}'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def _connect(self):
+        if self._client is None:
+            client = require_mlflow().MlflowClient(tracking_uri=self.uri)
+            found = client.get_experiment_by_name(self.experiment)
+            self._experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)
+            self._client = client
+        return self._client
 
 
 def log_best(uri: str, experiment: str, exp_dir: Path, record: dict[str, Any]) -> str:

@@ -56,7 +56,7 @@ from rayad.layout import (
     writing,
 )
 from rayad.settings import SearchSettings
-from rayad.tracking import check_tracking_uri, log_best, tune_callback
+from rayad.tracking import TrialRuns, check_tracking_uri, log_best
 from rayad.train.checkpoint import load_checkpoint
 from rayad.train.loop import LoopConfig, load_train_data
 from rayad.train.ray_train import build_trainer
@@ -223,13 +223,13 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
     else:
         scheduler = FIFOScheduler()
     store = ResultsStore(exp_dir, plan.metrics[0], plan.modes[0], plan.max_iterations,
-                         [p.key for p in plan.space.searched], default_point, trials_storage)
-    callbacks = [store] + ([tune_callback(s.mlflow, exp_dir.name)] if s.mlflow else [])
+                         [p.key for p in plan.space.searched], default_point, trials_storage,
+                         TrialRuns(s.mlflow, exp_dir.name) if s.mlflow else None)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.trials,
                                     max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=storage, callbacks=callbacks, verbose=verbose),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=storage, callbacks=[store], verbose=verbose),
     )
 
 

@@ -20,6 +20,7 @@ from ray.tune import Callback
 
 from rayad.errors import ArtifactError
 from rayad.layout import EVALUATION, HISTORY, PARAM_PREFIX, TRIALS, VAL_METRICS, atomic_write, storage_path
+from rayad.tracking import TrialRuns
 from rayad.train.checkpoint import recorded_reports
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,8 @@ class ResultsStore(Callback):
     """Keeps trials.parquet and history.parquet up to date; reloads them when an experiment resumes."""
 
     def __init__(self, exp_dir: str | Path, metric: str, mode: str, max_iterations: int, param_keys: list[str],
-                 default_point: dict[str, Any], trials_storage: str):
-        self.exp_dir, self.trials_storage = Path(exp_dir), trials_storage
+                 default_point: dict[str, Any], trials_storage: str, tracker: TrialRuns | None = None):
+        self.exp_dir, self.trials_storage, self.tracker = Path(exp_dir), trials_storage, tracker
         self.metric, self.mode, self.max_iterations = metric, mode, max_iterations
         self.param_keys, self.default_point = param_keys, default_point
         self.trials: dict[str, dict[str, Any]] = {}
@@ -44,6 +45,8 @@ class ResultsStore(Callback):
         row = self.trials.get(trial.trial_id) or self._new_row(trial)
         row["status"] = "running"
         self.trials[trial.trial_id] = row
+        self._track("started", trial.trial_id, {k.removeprefix(PARAM_PREFIX): v for k, v in row.items()
+                                                 if k.startswith(PARAM_PREFIX)})
         self._recover(trial)
         self._write_trials()
 
@@ -76,6 +79,7 @@ class ResultsStore(Callback):
         self.history = [h for h in self.history
                         if (h["trial_id"], h["iteration"]) != (record["trial_id"], record["iteration"])]
         self.history.append(record)
+        self._track("evaluated", trial.trial_id, record)
         row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
         row.update({f"final_{m}": result.get(m) for m in VAL_METRICS})
         row.update(iterations=result[EVALUATION], steps=result.get("step"),
@@ -90,13 +94,30 @@ class ResultsStore(Callback):
         row["status"] = "completed" if (row["iterations"] or 0) >= self.max_iterations else "stopped_early"
         row["ended_at"] = time.time()
         self._write_trials()
+        self._track("ended", trial.trial_id, row["status"])
         self._print_progress(row)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
         row.update(status="error", error=_error_message(trial), ended_at=time.time())
         self._write_trials()
+        self._track("ended", trial.trial_id, row["status"])
         self._print_progress(row)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        """Also when Ctrl-C stopped the search: the trials it left running stop with it."""
+        for trial_id, row in self.trials.items():
+            if row["status"] == "running":
+                self._track("ended", trial_id, "running")
+
+    def _track(self, event: str, *args) -> None:
+        """Tell the MLflow runs (--mlflow); an MLflow that fails loses its runs' entries, not the search."""
+        if self.tracker is None:
+            return
+        try:
+            getattr(self.tracker, event)(*args)
+        except Exception as e:  # noqa: BLE001 - MLflow raises its own and its stores' errors
+            log.warning("MLflow (--mlflow) did not record a trial's %s: %s: %s", event, type(e).__name__, e)
 
     def _checkpoint_uri(self, trial_id: str, reported: str | None) -> str | None:
         """Where a reported checkpoint is, as a path or a URI that opens it from any process. Ray Train gives it

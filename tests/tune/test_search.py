@@ -22,6 +22,7 @@ from rayad.artifact import Predictor
 from rayad.cli import main
 from rayad.evaluate import METRIC_NAMES, evaluate
 from rayad.layout import EVALUATION, VAL_METRICS
+from rayad.tracking import TrialRuns
 from rayad.train.checkpoint import recorded_reports
 from rayad.tune.store import trial_run_name
 
@@ -126,6 +127,7 @@ def test_sigterm_stops_the_search_as_ctrl_c_does_and_resume_finishes_it(ray_clus
     budget = {**TINY_BASE, "train.steps": 12, "train.checkpoint_every": 2}  # 6 evaluations a trial
     args = ["tune", "--data", str(demo_root), "--category", "brick", "--space", str(tiny_space), "--trials", "2",
             "--concurrent", "1", "--scheduler", "fifo", "--out", str(exp), "--address", ray_cluster.address,
+            "--mlflow", f"sqlite:///{tmp_path / 'mlflow.db'}",
             *[a for k, v in budget.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
     log = tmp_path / "driver.err"
     with log.open("w") as err:
@@ -146,6 +148,11 @@ def test_sigterm_stops_the_search_as_ctrl_c_does_and_resume_finishes_it(ray_clus
     assert record["status"] == "interrupted" and record["stopped_at"] and not (exp / "best").exists()
     before = {r["trial_id"]: r for r in _rows(exp) if r["status"] in FINISHED}
     assert len(before) == 1
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    stopped = client.search_runs([client.get_experiment_by_name("exp").experiment_id], "tags.status = 'running'")
+    assert [r.info.status for r in stopped] == ["KILLED"]  # the trial stopped with the search
     _forget_the_last_evaluation_ray_train_recorded(exp, next(r["trial_id"] for r in _rows(exp)
                                                              if r["trial_id"] not in before))
 
@@ -167,6 +174,7 @@ def test_sigterm_stops_the_search_as_ctrl_c_does_and_resume_finishes_it(ray_clus
         records = [(h["iteration"], h["step"]) for h in _history(exp) if h["trial_id"] == trial_id]
         assert sorted(records) == [(k, 2 * k) for k in range(1, 7)], records
         assert Path(row["checkpoint_path"], "state.json").is_file()
+    _mlflow_runs_equal_the_store(exp, f"sqlite:///{tmp_path / 'mlflow.db'}")  # the resumed trial in its own run
     for trial_id, row in before.items():  # finished trials were not run again
         assert after[trial_id]["ended_at"] == row["ended_at"] and after[trial_id]["best_value"] == row["best_value"]
     study = optuna.load_study(study_name="brick", storage=f"sqlite:///{exp / 'study.db'}")
@@ -208,33 +216,38 @@ def test_a_search_that_ends_early_says_so_in_its_record(ray_cluster, demo_root, 
 
 
 def test_mlflow_runs_equal_the_results_store(tiny_experiment):
-    from mlflow import MlflowClient
-
     exp, record = tiny_experiment
-    uri = record["settings"]["mlflow"]
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(exp.name)
-    runs = client.search_runs([experiment.experiment_id])
-    trials = {t["trial_id"]: t for t in pq.read_table(exp / "trials.parquet").to_pylist()}
-    history = pq.read_table(exp / "history.parquet").to_pylist()
-    by_trial = {r.data.tags["trial_name"].rsplit("_", 1)[-1]: r for r in runs if r.data.tags.get("rayad") == "trial"}
-    assert by_trial.keys() == trials.keys()
-    for trial_id, run in by_trial.items():
-        row = trials[trial_id]
-        for key in ("train.lr", "corruption.p_corrupt", "model.skip"):
-            assert run.data.params[key] == str(row[f"config/{key}"])
-        curve = client.get_metric_history(run.info.run_id, "val_image_auroc")
-        expected = sorted((h["iteration"], h["val_image_auroc"]) for h in history if h["trial_id"] == trial_id)
-        logged = sorted((m.step, m.value) for m in curve)
-        assert [step for step, _ in logged] == [step for step, _ in expected]
-        assert [value for _, value in logged] == pytest.approx([value for _, value in expected])
-        assert run.info.status == "FINISHED"
+    client, runs = _mlflow_runs_equal_the_store(exp, record["settings"]["mlflow"])
     (best,) = [r for r in runs if r.data.tags.get("rayad") == "best"]
     assert best.data.tags["trial_id"] == record["best"]["trial_id"]
     test = json.loads((exp / "best" / "test_metrics.json").read_text())
     assert best.data.metrics["test_image_auroc"] == pytest.approx(test["image_auroc"])
     artifacts = {a.path for a in client.list_artifacts(best.info.run_id, "model")}
     assert {"model/model.safetensors", "model/model.json"} <= artifacts
+
+
+def _mlflow_runs_equal_the_store(exp, uri):
+    """One MLflow run per trial, with its parameters, every evaluation of history.parquet at its number, and
+    its end; returns the client and the experiment's runs."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name(exp.name).experiment_id])
+    trials = {t["trial_id"]: t for t in _rows(exp)}
+    by_trial = {r.data.tags["trial_id"]: r for r in runs if r.data.tags.get("rayad") == "trial"}
+    assert len(by_trial) == sum(r.data.tags.get("rayad") == "trial" for r in runs)
+    assert by_trial.keys() == trials.keys()
+    for trial_id, run in by_trial.items():
+        row = trials[trial_id]
+        for key in ("train.lr", "corruption.p_corrupt", "model.skip"):
+            assert run.data.params[key] == str(row[f"config/{key}"])
+        curve = client.get_metric_history(run.info.run_id, "val_image_auroc")
+        expected = sorted((h["iteration"], h["val_image_auroc"]) for h in _history(exp) if h["trial_id"] == trial_id)
+        logged = sorted((m.step, m.value) for m in curve)
+        assert [step for step, _ in logged] == [step for step, _ in expected]
+        assert [value for _, value in logged] == pytest.approx([value for _, value in expected])
+        assert run.info.status == TrialRuns.END_STATUS[row["status"]] and run.data.tags["status"] == row["status"]
+    return client, runs
 
 
 def test_a_search_never_overwrites_or_merges_with_an_experiment_and_damage_is_named(tiny_experiment, demo_root,

@@ -12,6 +12,7 @@ from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
 )
 
 from rayad.layout import EVALUATION, VAL_METRICS
+from rayad.tracking import TrialRuns
 from rayad.train.checkpoint import SNAPSHOT
 from rayad.tune.store import ResultsStore, trial_run_name
 
@@ -99,3 +100,20 @@ def test_the_best_checkpoint_is_named_so_that_any_process_opens_it_in_a_storage_
     store.on_trial_result(0, [], TRIAL, {**_report(1, 0.6), "checkpoint_path": "bucket/runs/trials/trial_a1/ckpt_1"})
     assert store.trials["a1"]["checkpoint_path"] == ("s3://bucket/runs/trials/trial_a1/ckpt_1?endpoint_override="
                                                      "minio:9000&scheme=http")
+
+
+def test_an_mlflow_that_fails_loses_its_entries_not_the_search(tmp_path, caplog):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (tmp_path / "file").write_text("")  # MLflow cannot make its database below a file
+    store = ResultsStore(exp, "val_image_auroc", "max", 4, ["train.lr"], {"train.lr": 0.001}, str(tmp_path / "t"),
+                         TrialRuns(f"sqlite:///{tmp_path / 'file' / 'mlflow.db'}", "exp"))
+    store.setup()
+    with caplog.at_level(logging.WARNING, logger="rayad.tune.store"):
+        store.on_trial_start(0, [], TRIAL)
+        store.on_trial_result(0, [], TRIAL, {**_report(1, 0.6), "time_total_s": 1.0, "checkpoint_path": "c"})
+        store.on_trial_complete(0, [], TRIAL)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3 and all(m.startswith("MLflow (--mlflow) did not record a trial's ") for m in said), said
+    assert [h["iteration"] for h in pq.read_table(exp / "history.parquet").to_pylist()] == [1]
+    assert pq.read_table(exp / "trials.parquet").to_pylist()[0]["status"] == "stopped_early"
