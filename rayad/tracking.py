@@ -56,36 +56,41 @@ class TrialRuns:
         self.__init__(**state)
 
     def started(self, trial_id: str, params: dict[str, Any]) -> None:
-        run_id = self._find(trial_id)
-        if run_id is None:
-            run_id = self._connect().create_run(self._experiment_id, run_name=f"trial_{trial_id}",
-                                                tags={"rayad": "trial", "trial_id": trial_id}).info.run_id
-            for key, value in params.items():
-                self._client.log_param(run_id, key, value)
-        else:
+        run_id = self._run(trial_id, params)
+        if self._client.get_run(run_id).info.status != "RUNNING":  # resumed: its run was KILLED
             self._client.update_run(run_id, status="RUNNING")
-        self._runs[trial_id] = run_id
 
     def evaluated(self, trial_id: str, record: dict[str, Any]) -> None:
         """One row of history.parquet: its metrics at the evaluation's number."""
         from mlflow.entities import Metric
 
-        run_id = self._runs.get(trial_id) or self._find(trial_id)
         at = int(record["timestamp"] * 1000)
-        self._connect().log_batch(run_id, metrics=[
+        self._client.log_batch(self._run(trial_id, {}), metrics=[
             Metric(key, value, at, record["iteration"])
             for key, value in _numbers(record, skip=("iteration", "timestamp")).items()])
 
-    def ended(self, trial_id: str, status: str) -> None:
+    def ended(self, trial_id: str, status: str, params: dict[str, Any]) -> None:
         """`status`: the trial's in the store (`running` for a trial whose search stopped)."""
-        run_id = self._runs.get(trial_id) or self._find(trial_id)
-        self._connect().set_tag(run_id, "status", status)
+        run_id = self._run(trial_id, params)  # made here for a trial that failed before it started
+        self._client.set_tag(run_id, "status", status)
         self._client.set_terminated(run_id, self.END_STATUS[status])
 
-    def _find(self, trial_id: str) -> str | None:
-        runs = self._connect().search_runs([self._experiment_id], f"tags.rayad = 'trial' and tags.trial_id = "
-                                                                  f"'{trial_id}'", max_results=1)
-        return runs[0].info.run_id if runs else None
+    def _run(self, trial_id: str, params: dict[str, Any]) -> str:
+        """The trial's run: the one it had before (a resumed trial), or a new one with its parameters."""
+        if trial_id not in self._runs:
+            from mlflow.entities import Param
+
+            client = self._connect()
+            found = client.search_runs([self._experiment_id], f"tags.rayad = 'trial' and tags.trial_id = "
+                                                              f"'{trial_id}'", max_results=1)
+            if found:
+                self._runs[trial_id] = found[0].info.run_id
+            else:
+                run_id = client.create_run(self._experiment_id, run_name=f"trial_{trial_id}",
+                                           tags={"rayad": "trial", "trial_id": trial_id}).info.run_id
+                client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+                self._runs[trial_id] = run_id
+        return self._runs[trial_id]
 
     def _connect(self):
         if self._client is None:

@@ -45,8 +45,7 @@ class ResultsStore(Callback):
         row = self.trials.get(trial.trial_id) or self._new_row(trial)
         row["status"] = "running"
         self.trials[trial.trial_id] = row
-        self._track("started", trial.trial_id, {k.removeprefix(PARAM_PREFIX): v for k, v in row.items()
-                                                 if k.startswith(PARAM_PREFIX)})
+        self._track("started", trial.trial_id, _params(row))
         self._recover(trial)
         self._write_trials()
 
@@ -56,12 +55,13 @@ class ResultsStore(Callback):
         self._write_trials()  # a resumed trial goes on from its row: the best so far is the checkpoint Ray Train kept
 
     def _recover(self, trial) -> None:
-        """A resumed trial's evaluations that Ray Train recorded with their checkpoints but Tune never delivered:
-        Ctrl-C came between the two, and the trial goes on after that checkpoint. (ASHA and Optuna did not see
-        them either.)"""
+        """The trial's evaluations that Ray Train recorded with their checkpoints but Tune never delivered. When a
+        trial resumes: Ctrl-C came between the two, and the trial goes on after that checkpoint. When it ends: ASHA
+        stopped it while its next report waited, and a better one there replaced the kept checkpoint. (ASHA and
+        Optuna did not see them.)"""
         try:
             reports = recorded_reports(self.trials_storage, trial_run_name(trial.trial_id))
-        except (ArtifactError, AttributeError, KeyError, TypeError) as e:  # Ray Train refuses to resume it, too
+        except (ArtifactError, OSError, ValueError, AttributeError, KeyError, TypeError) as e:  # storage or record
             log.warning("trial %s: its lost evaluations cannot be recovered: %s", trial.trial_id, e)
             return
         seen = max((h["iteration"] for h in self.history if h["trial_id"] == trial.trial_id), default=0)
@@ -91,33 +91,38 @@ class ResultsStore(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
+        self._recover(trial)
         row["status"] = "completed" if (row["iterations"] or 0) >= self.max_iterations else "stopped_early"
         row["ended_at"] = time.time()
         self._write_trials()
-        self._track("ended", trial.trial_id, row["status"])
+        self._track("ended", trial.trial_id, row["status"], _params(row))
         self._print_progress(row)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
+        self._recover(trial)
         row.update(status="error", error=_error_message(trial), ended_at=time.time())
         self._write_trials()
-        self._track("ended", trial.trial_id, row["status"])
+        self._track("ended", trial.trial_id, row["status"], _params(row))
         self._print_progress(row)
 
     def on_experiment_end(self, trials, **info) -> None:
         """Also when Ctrl-C stopped the search: the trials it left running stop with it."""
         for trial_id, row in self.trials.items():
             if row["status"] == "running":
-                self._track("ended", trial_id, "running")
+                self._track("ended", trial_id, "running", _params(row))
 
     def _track(self, event: str, *args) -> None:
-        """Tell the MLflow runs (--mlflow); an MLflow that fails loses its runs' entries, not the search."""
+        """Tell the MLflow runs (--mlflow). An MLflow that fails is told nothing more in this search, which goes
+        on: each call would wait out MLflow's retries (4 minutes by default)."""
         if self.tracker is None:
             return
         try:
             getattr(self.tracker, event)(*args)
         except Exception as e:  # noqa: BLE001 - MLflow raises its own and its stores' errors
-            log.warning("MLflow (--mlflow) did not record a trial's %s: %s: %s", event, type(e).__name__, e)
+            log.warning("MLflow (--mlflow) failed (%s: %s); it records no more of this search, which goes on, and "
+                        "the results store keeps every trial", type(e).__name__, e)
+            self.tracker = None
 
     def _checkpoint_uri(self, trial_id: str, reported: str | None) -> str | None:
         """Where a reported checkpoint is, as a path or a URI that opens it from any process. Ray Train gives it
@@ -151,6 +156,10 @@ class ResultsStore(Callback):
 
     def _write_trials(self) -> None:
         write_rows(list(self.trials.values()), self.exp_dir / TRIALS)
+
+
+def _params(row: dict[str, Any]) -> dict[str, Any]:
+    return {k.removeprefix(PARAM_PREFIX): v for k, v in row.items() if k.startswith(PARAM_PREFIX)}
 
 
 def trial_run_name(trial_id: str) -> str:

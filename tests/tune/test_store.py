@@ -79,17 +79,39 @@ def test_a_resumed_trial_recovers_the_evaluations_ray_train_recorded_but_tune_ne
     assert (row["iterations"], row["best_iteration"], row["final_val_image_auroc"]) == (4, 3, 0.5)
 
 
-def test_a_damaged_record_loses_only_the_recovery(tmp_path, caplog):
+def test_a_damaged_record_or_storage_loses_only_the_recovery(tmp_path, caplog):
     exp, trials = tmp_path / "exp", tmp_path / "trials"
     exp.mkdir()
     run = trials / trial_run_name(TRIAL.trial_id)
     run.mkdir(parents=True)
     (run / SNAPSHOT).write_text("{not json")
-    store = _store(exp, trials)
     with caplog.at_level(logging.WARNING, logger="rayad.tune.store"):
-        store.on_trial_start(0, [], TRIAL)
-    assert "trial a1: its lost evaluations cannot be recovered" in caplog.text and "unreadable" in caplog.text
+        _store(exp, trials).on_trial_start(0, [], TRIAL)
+        _store(exp, "nosuchscheme://bucket/trials").on_trial_start(0, [], TRIAL)  # pyarrow: ArrowInvalid
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all(m.startswith("trial a1: its lost evaluations cannot be recovered") for m in said)
+    assert "unreadable" in said[0]
     assert pq.read_table(exp / "trials.parquet").to_pylist()[0]["status"] == "running"
+
+
+def test_a_trial_that_asha_stops_keeps_the_checkpoint_ray_train_kept(tmp_path):
+    """ASHA stopped the trial after its second evaluation, while the third, better one, waited for Tune: Ray Train
+    recorded it and deleted the second's checkpoint, the best the store knew."""
+    exp, trials = tmp_path / "exp", tmp_path / "trials"
+    exp.mkdir()
+    run = trials / trial_run_name(TRIAL.trial_id)
+    store = _store(exp, trials)
+    store.on_trial_start(0, [], TRIAL)
+    for evaluation, auroc in [(1, 0.6), (2, 0.7)]:
+        store.on_trial_result(0, [], TRIAL, {**_report(evaluation, auroc), "time_total_s": 1.0,
+                                             "checkpoint_path": f"{run}/checkpoint_{evaluation}"})
+    _record_in_ray_trains_snapshot(run, kept=[("checkpoint_3", _report(3, 0.8))], latest=("checkpoint_3",
+                                                                                           _report(3, 0.8)))
+    store.on_trial_complete(0, [], TRIAL)
+    row = pq.read_table(exp / "trials.parquet").to_pylist()[0]
+    assert (row["status"], row["iterations"], row["best_value"]) == ("stopped_early", 3, 0.8)
+    assert row["checkpoint_path"] == f"{run}/checkpoint_3"
+    assert [h["iteration"] for h in pq.read_table(exp / "history.parquet").to_pylist()] == [1, 2, 3]
 
 
 def test_the_best_checkpoint_is_named_so_that_any_process_opens_it_in_a_storage_uri(tmp_path):
@@ -113,7 +135,7 @@ def test_an_mlflow_that_fails_loses_its_entries_not_the_search(tmp_path, caplog)
         store.on_trial_start(0, [], TRIAL)
         store.on_trial_result(0, [], TRIAL, {**_report(1, 0.6), "time_total_s": 1.0, "checkpoint_path": "c"})
         store.on_trial_complete(0, [], TRIAL)
-    said = [r.getMessage() for r in caplog.records]
-    assert len(said) == 3 and all(m.startswith("MLflow (--mlflow) did not record a trial's ") for m in said), said
+    said = [r.getMessage() for r in caplog.records]  # once: every call would wait out MLflow's retries
+    assert len(said) == 1 and said[0].startswith("MLflow (--mlflow) failed (") and "goes on" in said[0], said
     assert [h["iteration"] for h in pq.read_table(exp / "history.parquet").to_pylist()] == [1]
     assert pq.read_table(exp / "trials.parquet").to_pylist()[0]["status"] == "stopped_early"
