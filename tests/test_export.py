@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,3 +81,15 @@ def test_an_export_folder_holds_one_format_written_by_one_command(trained_run, t
     assert capsys.readouterr().err == (f"rayad export: error: {out}: another rayad command is writing there; wait "
                                        "for it to end, or give another folder\n")
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_parity_benchmark_prints_both_formats_and_the_machine(trained_run, demo_root, tmp_path):
+    (tmp_path / "brick").symlink_to(trained_run)  # the script reads the category from the folder's name
+    script = Path(__file__).parents[1] / "benchmarks" / "export_parity.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "brick"), "--data", str(demo_root)],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| brick |")]
+    assert [r[1] for r in rows] == ["torchscript", "onnx"] and out.startswith("machine: ")
+    for row, fmt in zip(rows, ("torchscript", "onnx"), strict=True):
+        assert row[3].endswith(f"({TOLERANCE[fmt]:g})") and float(row[3].split()[0]) <= TOLERANCE[fmt]
+        assert row[4].endswith("; 0")  # the exported labels are predict's in fp32
