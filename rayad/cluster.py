@@ -6,6 +6,7 @@ Training (`rayad train --workers`), searches, `predict --ray`, Serve and the dem
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import uuid
 from dataclasses import replace
@@ -29,16 +30,26 @@ def connect(address: str | None, log_to_driver: bool = True) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     local = address in (None, "", "local")
-    if local:
-        _start_local(log_to_driver)
-    else:
-        _check_reachable(address)
-        try:
-            ray.init(address=address, log_to_driver=log_to_driver)
-        except (ConnectionError, ValueError) as e:
-            raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e})") from None
+    try:
+        if local:
+            _start_local(log_to_driver)
+        else:
+            _join(address, log_to_driver)
+    except SystemExit as e:  # ray.init's own SIGTERM handler exits: stop as Ctrl-C does, with Ray's processes
+        if e.code != signal.SIGTERM:
+            raise
+        ray.shutdown()
+        raise KeyboardInterrupt from None
     stop_on_sigterm()  # again: ray.init installed Ray's own SIGTERM handler
     return local
+
+
+def _join(address: str, log_to_driver: bool) -> None:
+    _check_reachable(address)
+    try:
+        ray.init(address=address, log_to_driver=log_to_driver)
+    except (ConnectionError, ValueError) as e:
+        raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e})") from None
 
 
 def _check_reachable(address: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,39 @@ def test_a_run_the_cluster_refuses_leaves_no_folder_behind(demo_root, tmp_path):
     said = [line for line in result.stderr.splitlines() if line.startswith("rayad train:")]
     assert result.returncode == 2 and len(said) == 1 and "cannot reach the Ray cluster" in said[0], result.stderr
     assert not out.exists()
+
+
+def test_sigterm_while_a_local_ray_starts_stops_as_ctrl_c_does(demo_root, tmp_path):
+    """ray.init installs a SIGTERM handler of its own, which left with exit code 15 and no message."""
+    driver = subprocess.Popen([sys.executable, "-m", "rayad.cli", "train", "--data", str(demo_root), "--category",
+                               "brick", *TINY_ARGS, "--workers", "1", "--out", str(tmp_path / "run")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (gcs := _children(driver.pid, "gcs_server")):  # Ray's first process: ray.init has begun
+        assert driver.poll() is None and time.monotonic() < deadline, "no local Ray started"
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode == 130 and err.strip().splitlines()[-1] == "rayad train: interrupted", err[-2000:]
+    while _process(gcs[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _process(gcs[0]), "Ray's processes stop with it"
+
+
+def _children(pid: int, name: str) -> list[int]:
+    """The PIDs of `pid`'s live child processes called `name`."""
+    found = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [child for child in found if _process(child) and _process(child)[1:] == (pid, name)]
+
+
+def _process(pid: int) -> tuple[str, int, str] | None:
+    """(state, parent PID, name) of a live process; None for one that ended (or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    state, ppid = stat[stat.rfind(")") + 2:].split()[:2]
+    return None if state == "Z" else (state, int(ppid), stat[stat.find("(") + 1:stat.rfind(")")])
 
 
 def test_a_ray_job_refuses_outputs_in_its_temporary_working_directory(ray_cluster, demo_root, tmp_path):
