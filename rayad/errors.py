@@ -2,6 +2,8 @@
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class RayadError(ValueError):
@@ -42,3 +44,16 @@ def _as_ctrl_c(_signum, frame) -> None:
     if not callable(handler):  # SIGINT ignored (a background job of a shell, nohup): SIGTERM still stops
         raise KeyboardInterrupt
     handler(signal.SIGINT, frame)
+
+
+@contextmanager
+def sigint_restored() -> Iterator[None]:
+    """Around Ray Tune's and Ray Train's `fit()`: each installs a SIGINT handler that stops its run, and leaves it
+    in place after, where Ctrl-C (and SIGTERM, passed to it) then did nothing, or ended the process with code 0,
+    while the best model was exported or the model calibrated."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)

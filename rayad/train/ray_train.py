@@ -23,7 +23,7 @@ from rayad.artifact import build_anomaly_model, calibrate_and_save
 from rayad.cluster import Cluster, check_resources, check_shared_paths, connect, with_worker_cpus
 from rayad.config import Config
 from rayad.data.manifest import check_category
-from rayad.errors import RayadError
+from rayad.errors import RayadError, sigint_restored
 from rayad.layout import RAY_STATE, TRAIN_LOG, ray_storage, storage_path, writing
 from rayad.train.checkpoint import RUN_NAME, latest_recorded, load_checkpoint, save_checkpoint
 from rayad.train.loop import (
@@ -172,7 +172,8 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
                             CheckpointConfig(num_to_keep=2),
                             [RunLogCallback(cfg.train.steps, out_dir / TRAIN_LOG, progress)])
     try:
-        result = trainer.fit()
+        with sigint_restored():
+            result = trainer.fit()
     except SystemExit:  # how Ray Train's driver leaves a run its SIGINT handler aborted (Ctrl-C, or SIGTERM)
         latest = latest_recorded(storage)
         raise stopped(None if latest is None else latest[0], resume) from None

@@ -34,7 +34,7 @@ from rayad.artifact import Predictor, build_anomaly_model, calibrate_and_save
 from rayad.cluster import Cluster, check_resources, check_shared_paths, connect, fitting_groups
 from rayad.config import Config, load_config
 from rayad.data.manifest import build_manifest, save_manifest
-from rayad.errors import ConfigError, Interrupted, RayadError
+from rayad.errors import ConfigError, Interrupted, RayadError, sigint_restored
 from rayad.evaluate import evaluate
 from rayad.layout import (
     BEST,
@@ -157,27 +157,38 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
                                  "resumed_at": [*previous.get("resumed_at", []), time.time()]}
     else:
         experiment = experiment_record(plan, concurrent, exp_dir)
-    write_json(exp_dir / EXPERIMENT, experiment)
+    resume_with = f"rayad tune --out {exp_dir} --resume"
+    try:
+        tuner = _tuner(plan, exp_dir, concurrent, resume, verbose)  # a new Tuner saves Ray Tune's state
+        write_json(exp_dir / EXPERIMENT, experiment)  # only then: an experiment's record always has state to resume
+        _print_start(plan, concurrent, fits)
+        with sigint_restored():
+            tuner.fit()  # Ray Tune returns normally from Ctrl-C, having saved its state
+        rows = read_rows(exp_dir / TRIALS)
+        ended = sum(r["status"] != "running" for r in rows)
+        if ended < s.trials:
+            raise Interrupted(f"{ended} of {s.trials} trials ended", resume_with)
+        return _finish(plan, exp_dir, experiment, rows)
+    except BaseException as e:  # the record says the search no longer runs (the dashboard stops refreshing it)
+        if not (exp_dir / EXPERIMENT).is_file():  # stopped before it began: nothing to resume
+            raise
+        stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C, and Interrupted
+        if experiment["status"] == "running":  # not once finished (an MLflow upload after it may fail)
+            write_json(exp_dir / EXPERIMENT, experiment | {"status": "interrupted" if stopped else "failed",
+                                                           "stopped_at": time.time(), "error": None if stopped else
+                                                           f"{type(e).__name__}: {e}"})
+        if stopped and not isinstance(e, Interrupted):  # a second Ctrl-C, or one while Ray Tune starts or exports
+            raise Interrupted("stopped", resume_with) from None
+        raise
+
+
+def _print_start(plan: Plan, concurrent: int, fits: int) -> None:
+    s = plan.settings
     at_once = f"{concurrent}" if concurrent <= fits else f"{fits} (--concurrent {concurrent}; the cluster holds {fits})"
     print(f"[rayad] search {s.category}: {s.trials} trials, {at_once} at a time, each {plan.cluster.describe()}; "
           f"objective {'/'.join(plan.metrics)} on the validation set; scheduler {s.scheduler}; "
           f"cluster {ray.cluster_resources().get('CPU', 0):g} CPU, {ray.cluster_resources().get('GPU', 0):g} GPU",
           flush=True)
-    try:
-        _tuner(plan, exp_dir, concurrent, resume, verbose).fit()
-        # Ray Tune returns normally from Ctrl-C, having saved its state
-        rows = read_rows(exp_dir / TRIALS)
-        ended = sum(r["status"] != "running" for r in rows)
-        if ended < s.trials:
-            raise Interrupted(f"{ended} of {s.trials} trials ended", f"rayad tune --out {exp_dir} --resume")
-        return _finish(plan, exp_dir, experiment, rows)
-    except BaseException as e:  # the record says the search no longer runs (the dashboard stops refreshing it)
-        if experiment["status"] == "running":  # not once finished (an MLflow upload after it may fail)
-            stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C, and Interrupted
-            write_json(exp_dir / EXPERIMENT, experiment | {"status": "interrupted" if stopped else "failed",
-                                                           "stopped_at": time.time(), "error": None if stopped else
-                                                           f"{type(e).__name__}: {e}"})
-        raise
 
 
 def _check_data(plan: Plan) -> None:

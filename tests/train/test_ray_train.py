@@ -139,6 +139,20 @@ def test_a_workers_own_error_is_said_as_the_cli_says_rayads_errors():
     assert worker_error(ray_own) is ray_own  # anything else keeps Ray Train's message, with every traceback
 
 
+def test_ctrl_c_while_the_model_is_calibrated_stops_the_run(ray_cluster, tmp_path, demo_root, tiny_config,
+                                                            monkeypatch):
+    """Ray Train leaves its SIGINT handler in place after fit(), which took Ctrl-C (and SIGTERM) while the model was
+    calibrated and written."""
+    def interrupted_calibration(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)  # Python runs the handler between two bytecodes
+        raise AssertionError("Ctrl-C did not stop the run")
+
+    monkeypatch.setattr("rayad.train.ray_train.calibrate_and_save", interrupted_calibration)
+    with pytest.raises(KeyboardInterrupt):
+        fit_distributed(tiny_config, demo_root, "brick", tmp_path / "run", Cluster(workers=1), progress=False)
+
+
 def test_too_many_workers_fails_before_training(ray_cluster, tmp_path, demo_root, tiny_config):
     """Ray Train would wait forever for the workers: the check refuses before a trainer starts."""
     with pytest.raises(RayadError, match=r"asked for 8 worker\(s\).*the cluster has 2 CPU"):

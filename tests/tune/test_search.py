@@ -20,6 +20,7 @@ from tiny import SEARCH_STEPS, TINY_BASE
 
 from rayad.artifact import Predictor
 from rayad.cli import main
+from rayad.errors import Interrupted
 from rayad.evaluate import METRIC_NAMES, evaluate
 from rayad.layout import EVALUATION, VAL_METRICS
 from rayad.tracking import TrialRuns
@@ -209,10 +210,38 @@ def test_a_search_that_ends_early_says_so_in_its_record(ray_cluster, demo_root, 
     monkeypatch.setattr("rayad.tune.search._tuner", lambda *args: Tuner())
     settings = SearchSettings(data_root=str(demo_root), category="brick", space=str(tiny_space), trials=2,
                               overrides=TINY_BASE)
-    with pytest.raises(type(raised)):
+    with pytest.raises(type(raised)) as ended:
         run_search(settings, tmp_path / "exp", address=ray_cluster.address, verbose=0)
     record = json.loads((tmp_path / "exp" / "experiment.json").read_text())
     assert record["status"] == status and record["error"] == error and record["stopped_at"]
+    if status == "interrupted":  # the CLI said only "interrupted"
+        resume = f"rayad tune --out {tmp_path / 'exp'} --resume"
+        assert str(ended.value) == f"stopped; the state is saved: resume with {resume}"
+
+
+def test_ctrl_c_while_the_best_model_is_exported_stops_the_search_and_resume_exports_it(ray_cluster, demo_root,
+                                                                                       tiny_space, tmp_path,
+                                                                                       monkeypatch):
+    """Ray Tune leaves its SIGINT handler in place after fit(), which took Ctrl-C (and SIGTERM) while the best model
+    was exported and evaluated, and did nothing."""
+    from rayad.tune import SearchSettings, run_search
+
+    exp, exported = tmp_path / "exp", []
+
+    def interrupted_export(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)  # Python runs the handler between two bytecodes
+        exported.append(args)
+
+    monkeypatch.setattr("rayad.tune.search.export_best", interrupted_export)
+    settings = SearchSettings(data_root=str(demo_root), category="brick", space=str(tiny_space), trials=1,
+                              overrides=TINY_BASE)
+    with pytest.raises(Interrupted, match=f"stopped; the state is saved: resume with rayad tune --out {exp} --resume"):
+        run_search(settings, exp, address=ray_cluster.address, verbose=0)
+    assert not exported and json.loads((exp / "experiment.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    record = run_search(settings, exp, address=ray_cluster.address, resume=True, verbose=0)
+    assert record["status"] == "finished" and (exp / "best" / "model.json").is_file()
 
 
 def test_mlflow_runs_equal_the_results_store(tiny_experiment):
