@@ -123,6 +123,22 @@ def recorded_reports(storage: str, name: str) -> dict[str, dict[str, Any]]:
     return {r["checkpoint_dir_name"]: r["metrics"] for r in results if r.get("checkpoint_dir_name")}
 
 
+def delete_unrecorded(storage: str, name: str) -> list[str]:
+    """Delete the checkpoint folders of the ended run `name` in `storage` that Ray Train never recorded (written as
+    the run was stopped; nothing resumes from them, and Ray Train's pruning skips them). Returns their names."""
+    fs, run = _run_folder(storage, name)
+    snapshot = read_snapshot(fs, run, "the run cannot resume")
+    results = [*snapshot.get("checkpoint_results", []), snapshot.get("latest_checkpoint_result") or {},
+               *snapshot.get("pending_training_results", [])]
+    recorded = {r.get("checkpoint_dir_name") for r in results}
+    found = fs.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True))
+    unrecorded = sorted(f.base_name for f in found if f.type == pyarrow.fs.FileType.Directory
+                        and f.base_name.startswith("checkpoint_") and f.base_name not in recorded)
+    for folder in unrecorded:
+        fs.delete_dir(f"{run}/{folder}")
+    return unrecorded
+
+
 def read_snapshot(fs: pyarrow.fs.FileSystem, run: str, fix: str) -> dict[str, Any]:
     """Ray Train's record of the run's checkpoints (a JSON object; empty before the first checkpoint)."""
     snapshot = f"{run}/{SNAPSHOT}"

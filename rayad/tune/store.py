@@ -21,7 +21,7 @@ from ray.tune import Callback
 from rayad.errors import ArtifactError
 from rayad.layout import EVALUATION, HISTORY, PARAM_PREFIX, TRIALS, VAL_METRICS, atomic_write, storage_path
 from rayad.tracking import TrialRuns
-from rayad.train.checkpoint import recorded_reports
+from rayad.train.checkpoint import delete_unrecorded, recorded_reports
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,17 @@ class ResultsStore(Callback):
         if lost:
             write_rows(self.history, self.exp_dir / HISTORY)  # the caller writes the trials
 
+    def _delete_unrecorded(self, trial) -> None:
+        """An ended trial's checkpoints that Ray Train wrote as Tune stopped it but never recorded: no one reads them,
+        and each holds the network and its optimiser state."""
+        try:
+            deleted = delete_unrecorded(self.trials_storage, trial_run_name(trial.trial_id))
+        except (ArtifactError, OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+            log.warning("trial %s: its unrecorded checkpoints stay: %s", trial.trial_id, e)
+            return
+        if deleted:
+            log.info("trial %s: deleted %d checkpoint(s) Ray Train never recorded", trial.trial_id, len(deleted))
+
     def _record(self, trial, result: dict[str, Any]) -> None:
         record = {"trial_id": trial.trial_id, "iteration": result[EVALUATION], "step": result.get("step"),
                   "loss": result.get("loss"), **{m: result.get(m) for m in VAL_METRICS},
@@ -92,6 +103,7 @@ class ResultsStore(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
         self._recover(trial)
+        self._delete_unrecorded(trial)
         row["status"] = "completed" if (row["iterations"] or 0) >= self.max_iterations else "stopped_early"
         row["ended_at"] = time.time()
         self._write_trials()
@@ -101,6 +113,7 @@ class ResultsStore(Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
         self._recover(trial)
+        self._delete_unrecorded(trial)
         row.update(status="error", error=_error_message(trial), ended_at=time.time())
         self._write_trials()
         self._track("ended", trial.trial_id, row["status"], _params(row))

@@ -175,6 +175,9 @@ def test_sigterm_stops_the_search_as_ctrl_c_does_and_resume_finishes_it(ray_clus
         records = [(h["iteration"], h["step"]) for h in _history(exp) if h["trial_id"] == trial_id]
         assert sorted(records) == [(k, 2 * k) for k in range(1, 7)], records
         assert Path(row["checkpoint_path"], "state.json").is_file()
+        run = exp / "trials" / trial_run_name(trial_id)
+        kept = {p.name for p in run.glob("checkpoint_*") if p.is_dir()}
+        assert kept <= recorded_reports(str(exp / "trials"), run.name).keys()  # none that Ray Train did not record
     _mlflow_runs_equal_the_store(exp, f"sqlite:///{tmp_path / 'mlflow.db'}")  # the resumed trial in its own run
     for trial_id, row in before.items():  # finished trials were not run again
         assert after[trial_id]["ended_at"] == row["ended_at"] and after[trial_id]["best_value"] == row["best_value"]

@@ -107,11 +107,15 @@ def test_a_trial_that_asha_stops_keeps_the_checkpoint_ray_train_kept(tmp_path):
                                              "checkpoint_path": f"{run}/checkpoint_{evaluation}"})
     _record_in_ray_trains_snapshot(run, kept=[("checkpoint_3", _report(3, 0.8))], latest=("checkpoint_3",
                                                                                            _report(3, 0.8)))
+    for folder in ("checkpoint_3", "checkpoint_4"):  # the fourth: written as Tune stopped it, never recorded
+        (run / folder).mkdir()
+        (run / folder / "model.safetensors").write_bytes(b"weights")
     store.on_trial_complete(0, [], TRIAL)
     row = pq.read_table(exp / "trials.parquet").to_pylist()[0]
     assert (row["status"], row["iterations"], row["best_value"]) == ("stopped_early", 3, 0.8)
     assert row["checkpoint_path"] == f"{run}/checkpoint_3"
     assert [h["iteration"] for h in pq.read_table(exp / "history.parquet").to_pylist()] == [1, 2, 3]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_3", SNAPSHOT]  # nothing reads the fourth
 
 
 def test_the_best_checkpoint_is_named_so_that_any_process_opens_it_in_a_storage_uri(tmp_path):
