@@ -41,7 +41,7 @@ def check_tracking_uri(uri: str) -> None:
 class TrialRuns:
     """The MLflow runs of a search's trials, one each, told by the results store what it records. A resumed trial
     goes on in its run (found by its `trial_id` tag); a trial that a stopped search left running is KILLED until
-    then. Ray Tune keeps the store, and so this, in its state: only the URI and the name are pickled."""
+    it resumes. Ray Tune keeps the store, and so this, in its state: only the URI and the name are pickled."""
 
     END_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "error": "FAILED", "running": "KILLED"}
 
