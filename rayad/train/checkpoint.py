@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -119,21 +119,20 @@ def recorded_reports(storage: str, name: str) -> dict[str, dict[str, Any]]:
     it keeps): their metrics by the checkpoint's folder name."""
     fs, run = _run_folder(storage, name)
     snapshot = read_snapshot(fs, run, "the run cannot resume")
-    results = [*snapshot.get("checkpoint_results", []), snapshot.get("latest_checkpoint_result") or {}]
+    results = [*snapshot.get("checkpoint_results", []), snapshot.get("latest_checkpoint_result") or {},
+               *snapshot.get("pending_training_results", [])]
     return {r["checkpoint_dir_name"]: r["metrics"] for r in results if r.get("checkpoint_dir_name")}
 
 
-def delete_unrecorded(storage: str, name: str) -> list[str]:
-    """Delete the checkpoint folders of the ended run `name` in `storage` that Ray Train never recorded (written as
-    the run was stopped; nothing resumes from them, and Ray Train's pruning skips them). Returns their names."""
+def delete_unrecorded(storage: str, name: str, recorded: Iterable[str]) -> list[str]:
+    """Delete the checkpoint folders of the ended run `name` in `storage` but those in `recorded` (its
+    `recorded_reports`): written as the run was stopped, nothing resumes from them, and Ray Train's pruning skips
+    them. Returns their names."""
     fs, run = _run_folder(storage, name)
-    snapshot = read_snapshot(fs, run, "the run cannot resume")
-    results = [*snapshot.get("checkpoint_results", []), snapshot.get("latest_checkpoint_result") or {},
-               *snapshot.get("pending_training_results", [])]
-    recorded = {r.get("checkpoint_dir_name") for r in results}
+    keep = set(recorded)
     found = fs.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True))
     unrecorded = sorted(f.base_name for f in found if f.type == pyarrow.fs.FileType.Directory
-                        and f.base_name.startswith("checkpoint_") and f.base_name not in recorded)
+                        and f.base_name.startswith("checkpoint_") and f.base_name not in keep)
     for folder in unrecorded:
         fs.delete_dir(f"{run}/{folder}")
     return unrecorded

@@ -54,29 +54,33 @@ class ResultsStore(Callback):
         write_rows(self.history, self.exp_dir / HISTORY)
         self._write_trials()  # a resumed trial goes on from its row: the best so far is the checkpoint Ray Train kept
 
-    def _recover(self, trial) -> None:
+    def _recover(self, trial) -> dict[str, dict[str, Any]] | None:
         """The trial's evaluations that Ray Train recorded with their checkpoints but Tune never delivered. When a
         trial resumes: Ctrl-C came between the two, and the trial goes on after that checkpoint. When it ends: ASHA
         stopped it while its next report waited, and a better one there replaced the kept checkpoint. (ASHA and
-        Optuna did not see them.)"""
+        Optuna did not see them.) Returns what Ray Train recorded, None where its record cannot be read."""
         try:
             reports = recorded_reports(self.trials_storage, trial_run_name(trial.trial_id))
         except (ArtifactError, OSError, ValueError, AttributeError, KeyError, TypeError) as e:  # storage or record
             log.warning("trial %s: its lost evaluations cannot be recovered: %s", trial.trial_id, e)
-            return
+            return None
         seen = max((h["iteration"] for h in self.history if h["trial_id"] == trial.trial_id), default=0)
         lost = sorted((m[EVALUATION], name, m) for name, m in reports.items() if m.get(EVALUATION, 0) > seen)
         for _, name, metrics in lost:
             self._record(trial, {**metrics, "checkpoint_path": name})
         if lost:
             write_rows(self.history, self.exp_dir / HISTORY)  # the caller writes the trials
+        return reports
 
-    def _delete_unrecorded(self, trial) -> None:
-        """An ended trial's checkpoints that Ray Train wrote as Tune stopped it but never recorded: no one reads them,
-        and each holds the network and its optimiser state."""
+    def _ended(self, trial) -> None:
+        """An ended trial: its lost evaluations recovered, and the checkpoints that Ray Train wrote as Tune stopped
+        it but never recorded deleted (no one reads them; each holds the network and its optimiser state)."""
+        recorded = self._recover(trial)
+        if recorded is None:
+            return
         try:
-            deleted = delete_unrecorded(self.trials_storage, trial_run_name(trial.trial_id))
-        except (ArtifactError, OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+            deleted = delete_unrecorded(self.trials_storage, trial_run_name(trial.trial_id), recorded)
+        except OSError as e:
             log.warning("trial %s: its unrecorded checkpoints stay: %s", trial.trial_id, e)
             return
         if deleted:
@@ -102,8 +106,7 @@ class ResultsStore(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
-        self._recover(trial)
-        self._delete_unrecorded(trial)
+        self._ended(trial)
         row["status"] = "completed" if (row["iterations"] or 0) >= self.max_iterations else "stopped_early"
         row["ended_at"] = time.time()
         self._write_trials()
@@ -112,8 +115,7 @@ class ResultsStore(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
-        self._recover(trial)
-        self._delete_unrecorded(trial)
+        self._ended(trial)
         row.update(status="error", error=_error_message(trial), ended_at=time.time())
         self._write_trials()
         self._track("ended", trial.trial_id, row["status"], _params(row))
