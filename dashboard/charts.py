@@ -6,8 +6,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-STATUS_COLORS = alt.Scale(domain=["completed", "stopped_early", "running", "error"],
-                          range=["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"])
+STATUS_COLORS = alt.Scale(domain=["completed", "stopped_early", "running", "error", "interrupted"],
+                          range=["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#7f7f7f"])
 COUNTS = alt.Axis(tickMinStep=1, format="d")  # trial numbers and training steps: whole ticks only
 
 

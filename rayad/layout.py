@@ -43,7 +43,9 @@ TEST_METRICS = "test_metrics.json"  # in BEST, beside the model artifact
 TUNE_DIR, TRIALS_DIR = "tune", "trials"  # Ray's state for --resume, and the trials' Train runs
 SUMMARY = "summary.json"  # `rayad demo`'s table of the best model per category
 PARAM_PREFIX = "config/"  # trials.parquet names a parameter's column config/<key>
-TRIAL_STATUSES = ("running", "completed", "stopped_early", "error")
+TRIAL_ENDED = ("completed", "stopped_early", "error")
+# interrupted: a trial that a stopped search left running (until the search resumes it)
+TRIAL_STATUSES = ("running", *TRIAL_ENDED, "interrupted")
 # a trial report's evaluation count, from its step: Tune's training_iteration starts again at 1 in a resumed trial
 EVALUATION = "evaluation"
 
@@ -58,8 +60,8 @@ PIXEL_METRICS = ("val_pixel_auroc", "val_aupro")  # need masks in the validation
 
 __all__ = ["BEST", "CHECKPOINTS", "EVALUATION", "EXPERIMENT", "HISTORY", "MANIFEST", "METADATA", "METRIC_NAMES",
            "PARAM_PREFIX", "PIXEL_METRICS", "RAY_STATE", "STUDY", "SUMMARY", "TEST_METRICS", "TRAIN_LOG", "TRIALS",
-           "TRIALS_DIR", "TRIAL_STATUSES", "TUNE_DIR", "VAL_METRICS", "WEIGHTS", "discover_models", "evaluations",
-           "find_experiments", "is_experiment", "is_model"]
+           "TRIALS_DIR", "TRIAL_ENDED", "TRIAL_STATUSES", "TUNE_DIR", "VAL_METRICS", "WEIGHTS", "discover_models",
+           "evaluations", "find_experiments", "is_experiment", "is_model"]
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ class TrialRuns:
     goes on in its run (found by its `trial_id` tag); a trial that a stopped search left running is KILLED until
     it resumes. Ray Tune keeps the store, and so this, in its state: only the URI and the name are pickled."""
 
-    END_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "error": "FAILED", "running": "KILLED"}
+    END_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "error": "FAILED", "interrupted": "KILLED"}
 
     def __init__(self, uri: str, experiment: str):
         self.uri, self.experiment = uri, experiment
@@ -70,7 +70,7 @@ class TrialRuns:
             for key, value in _numbers(record, skip=("iteration", "timestamp")).items()])
 
     def ended(self, trial_id: str, status: str, params: dict[str, Any]) -> None:
-        """`status`: the trial's in the store (`running` for a trial whose search stopped)."""
+        """`status`: the trial's in the store (`interrupted` for a trial whose search stopped)."""
         run_id = self._run(trial_id, params)  # made here for a trial that failed before it started
         self._client.set_tag(run_id, "status", status)
         self._client.set_terminated(run_id, self.END_STATUS[status])

@@ -29,6 +29,7 @@ COLUMNS = {
     "trials running": st.column_config.NumberColumn("Running"),
     "trials stopped early": st.column_config.NumberColumn("Stopped", help="Stopped early by ASHA"),
     "trials error": st.column_config.NumberColumn("Failed"),
+    "trials interrupted": st.column_config.NumberColumn("Interrupted", help="Left running by a stopped search"),
     "best_validation": st.column_config.NumberColumn("Best validation", format="%.4f"),
     "test image_auroc": st.column_config.NumberColumn("Test image AUROC", format="%.4f"),
     "test pixel_auroc": st.column_config.NumberColumn("Test pixel AUROC", format="%.4f"),

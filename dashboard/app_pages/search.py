@@ -34,7 +34,7 @@ def trials_section() -> None:
     params = [p for p in results.searched_params(experiment) if p in table]
     counts = table["status"].value_counts()
     best = results.best_value(table, mode)
-    cols = st.columns(6)
+    cols = st.columns(2 + len(results.TRIAL_STATUSES))
     cols[0].metric(f"Best {metric}", "-" if best is None else f"{best:.4f}")
     cols[1].metric("Trials", len(table))
     for col, status in zip(cols[2:], results.TRIAL_STATUSES, strict=True):

@@ -45,6 +45,7 @@ from rayad.layout import (
     PIXEL_METRICS,
     STUDY,
     TEST_METRICS,
+    TRIAL_ENDED,
     TRIAL_STATUSES,
     TRIALS,
     TRIALS_DIR,
@@ -61,7 +62,7 @@ from rayad.train.checkpoint import load_checkpoint
 from rayad.train.loop import LoopConfig, load_train_data
 from rayad.train.ray_train import build_trainer
 from rayad.tune.space import SearchSpace, load_space
-from rayad.tune.store import ResultsStore, read_rows, trial_run_name, write_json
+from rayad.tune.store import ResultsStore, mark_interrupted, read_rows, trial_run_name, write_json
 from rayad.validation import load_validation
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
         with sigint_restored():
             tuner.fit()  # Ray Tune returns normally from Ctrl-C, having saved its state
         rows = read_rows(exp_dir / TRIALS)
-        ended = sum(r["status"] != "running" for r in rows)
+        ended = sum(r["status"] in TRIAL_ENDED for r in rows)
         if ended < s.trials:
             raise Interrupted(f"{ended} of {s.trials} trials ended", resume_with)
         return _finish(plan, exp_dir, experiment, rows)
@@ -174,6 +175,7 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
             raise
         stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C, and Interrupted
         if experiment["status"] == "running":  # not once finished (an MLflow upload after it may fail)
+            mark_interrupted(exp_dir)
             write_json(exp_dir / EXPERIMENT, experiment | {"status": "interrupted" if stopped else "failed",
                                                            "stopped_at": time.time(), "error": None if stopped else
                                                            f"{type(e).__name__}: {e}"})

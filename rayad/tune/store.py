@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from ray.tune import Callback
 
 from rayad.errors import ArtifactError
-from rayad.layout import EVALUATION, HISTORY, PARAM_PREFIX, TRIALS, VAL_METRICS, atomic_write, storage_path
+from rayad.layout import EVALUATION, HISTORY, PARAM_PREFIX, TRIAL_ENDED, TRIALS, VAL_METRICS, atomic_write, storage_path
 from rayad.tracking import TrialRuns
 from rayad.train.checkpoint import delete_unrecorded, recorded_reports
 
@@ -122,10 +122,11 @@ class ResultsStore(Callback):
         self._print_progress(row)
 
     def on_experiment_end(self, trials, **info) -> None:
-        """Also when Ctrl-C stopped the search: the trials it left running stop with it."""
+        """Also when Ctrl-C stopped the search: the MLflow runs of the trials it left running end as KILLED (the
+        search marks their rows, `mark_interrupted`)."""
         for trial_id, row in self.trials.items():
             if row["status"] == "running":
-                self._track("ended", trial_id, "running", _params(row))
+                self._track("ended", trial_id, "interrupted", _params(row))
 
     def _track(self, event: str, *args) -> None:
         """Tell the MLflow runs (--mlflow). An MLflow that fails is told nothing more in this search, which goes
@@ -156,7 +157,7 @@ class ResultsStore(Callback):
                 "ended_at": None, "duration_s": None, "checkpoint_path": None, "error": None}
 
     def _print_progress(self, row: dict[str, Any]) -> None:
-        done = sum(r["status"] != "running" for r in self.trials.values())
+        done = sum(r["status"] in TRIAL_ENDED for r in self.trials.values())
         best = max((r["best_value"] for r in self.trials.values() if r["best_value"] is not None),
                    key=lambda v: v if self.mode == "max" else -v, default=None)
         value = "-" if row["best_value"] is None else f"{row['best_value']:.4f}"
@@ -175,6 +176,21 @@ class ResultsStore(Callback):
 
 def _params(row: dict[str, Any]) -> dict[str, Any]:
     return {k.removeprefix(PARAM_PREFIX): v for k, v in row.items() if k.startswith(PARAM_PREFIX)}
+
+
+def mark_interrupted(exp_dir: Path) -> None:
+    """Mark the trials that a stopped search left running `interrupted` in trials.parquet (a resumed search sets
+    them running again as Ray Tune restarts them)."""
+    try:
+        rows = read_rows(exp_dir / TRIALS)
+    except (OSError, pa.ArrowException) as e:  # the search stops with its own error, not this one
+        log.warning("%s: its trials stay marked running: %s", exp_dir / TRIALS, e)
+        return
+    left = [row for row in rows if row["status"] == "running"]
+    for row in left:
+        row["status"] = "interrupted"
+    if left:
+        write_rows(rows, exp_dir / TRIALS)
 
 
 def trial_run_name(trial_id: str) -> str:

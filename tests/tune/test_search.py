@@ -22,14 +22,12 @@ from rayad.artifact import Predictor
 from rayad.cli import main
 from rayad.errors import Interrupted
 from rayad.evaluate import METRIC_NAMES, evaluate
-from rayad.layout import EVALUATION, VAL_METRICS
+from rayad.layout import EVALUATION, TRIAL_ENDED, VAL_METRICS
 from rayad.tracking import TrialRuns
 from rayad.train.checkpoint import recorded_reports
-from rayad.tune.store import trial_run_name
+from rayad.tune.store import trial_run_name, write_rows
 
 pytestmark = pytest.mark.slow
-
-FINISHED = ("completed", "stopped_early", "error")
 
 
 def test_trials_table_has_one_row_per_trial_with_params_metrics_and_status(tiny_experiment):
@@ -134,7 +132,7 @@ def test_sigterm_stops_the_search_as_ctrl_c_does_and_resume_finishes_it(ray_clus
     with log.open("w") as err:
         driver = subprocess.Popen([sys.executable, "-m", "rayad.cli", *args], stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.time() + 300
-        while not (any(r["status"] in FINISHED for r in _rows(exp)) and len(_rows(exp)) == 2
+        while not (any(r["status"] in TRIAL_ENDED for r in _rows(exp)) and len(_rows(exp)) == 2
                    and len(_history(exp)) > 6):  # the second trial has reported an evaluation
             assert driver.poll() is None and time.time() < deadline, "the second trial did not report"
             time.sleep(0.1)
@@ -147,12 +145,12 @@ def test_sigterm_stops_the_search_as_ctrl_c_does_and_resume_finishes_it(ray_clus
                     f"--out {exp} --resume"]
     record = json.loads((exp / "experiment.json").read_text())
     assert record["status"] == "interrupted" and record["stopped_at"] and not (exp / "best").exists()
-    before = {r["trial_id"]: r for r in _rows(exp) if r["status"] in FINISHED}
-    assert len(before) == 1
+    before = {r["trial_id"]: r for r in _rows(exp) if r["status"] in TRIAL_ENDED}
+    assert len(before) == 1 and [r["status"] for r in _rows(exp) if r["trial_id"] not in before] == ["interrupted"]
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    stopped = client.search_runs([client.get_experiment_by_name("exp").experiment_id], "tags.status = 'running'")
+    stopped = client.search_runs([client.get_experiment_by_name("exp").experiment_id], "tags.status = 'interrupted'")
     assert [r.info.status for r in stopped] == ["KILLED"]  # the trial stopped with the search
     _forget_the_last_evaluation_ray_train_recorded(exp, next(r["trial_id"] for r in _rows(exp)
                                                              if r["trial_id"] not in before))
@@ -202,12 +200,14 @@ def _forget_the_last_evaluation_ray_train_recorded(exp, trial_id):
                                                      "RuntimeError: the head node left")])
 def test_a_search_that_ends_early_says_so_in_its_record(ray_cluster, demo_root, tiny_space, tmp_path, monkeypatch,
                                                         raised, status, error):
-    """A search stopped by Ctrl-C where Ray Tune does not catch it (as while the best model is evaluated) or
-    ended by an error is no longer shown as running."""
+    """A search stopped by Ctrl-C where Ray Tune does not catch it (a second Ctrl-C, or one while the best model is
+    evaluated) or ended by an error is no longer shown as running, nor are the trials it left running."""
     from rayad.tune import SearchSettings, run_search
 
     class Tuner:
         def fit(self):
+            write_rows([{"trial_id": "a1", "status": "running"}, {"trial_id": "b2", "status": "completed"}],
+                       tmp_path / "exp" / "trials.parquet")
             raise raised
 
     monkeypatch.setattr("rayad.tune.search._tuner", lambda *args: Tuner())
@@ -217,6 +217,7 @@ def test_a_search_that_ends_early_says_so_in_its_record(ray_cluster, demo_root, 
         run_search(settings, tmp_path / "exp", address=ray_cluster.address, verbose=0)
     record = json.loads((tmp_path / "exp" / "experiment.json").read_text())
     assert record["status"] == status and record["error"] == error and record["stopped_at"]
+    assert [r["status"] for r in _rows(tmp_path / "exp")] == ["interrupted", "completed"]
     if status == "interrupted":  # the CLI said only "interrupted"
         resume = f"rayad tune --out {tmp_path / 'exp'} --resume"
         assert str(ended.value) == f"stopped; the state is saved: resume with {resume}"

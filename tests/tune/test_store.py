@@ -14,7 +14,7 @@ from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
 from rayad.layout import EVALUATION, VAL_METRICS
 from rayad.tracking import TrialRuns
 from rayad.train.checkpoint import SNAPSHOT
-from rayad.tune.store import ResultsStore, trial_run_name
+from rayad.tune.store import ResultsStore, mark_interrupted, trial_run_name
 
 TRIAL = SimpleNamespace(trial_id="a1", config={"train.lr": 0.001}, error_file=None)
 
@@ -143,3 +143,26 @@ def test_an_mlflow_that_fails_loses_its_entries_not_the_search(tmp_path, caplog)
     assert len(said) == 1 and said[0].startswith("MLflow (--mlflow) failed (") and "goes on" in said[0], said
     assert [h["iteration"] for h in pq.read_table(exp / "history.parquet").to_pylist()] == [1]
     assert pq.read_table(exp / "trials.parquet").to_pylist()[0]["status"] == "stopped_early"
+
+
+def test_trials_a_stopped_search_left_running_are_interrupted_until_it_resumes_them(tmp_path, caplog, capsys):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    store, other = _store(exp, tmp_path / "trials"), SimpleNamespace(**{**vars(TRIAL), "trial_id": "b2"})
+    for trial in (TRIAL, other):
+        store.on_trial_start(0, [], trial)
+        store.on_trial_result(0, [], trial, {**_report(1, 0.6), "time_total_s": 1.0, "checkpoint_path": "c"})
+    store.on_trial_complete(0, [], other)
+    mark_interrupted(exp)
+    statuses = {r["trial_id"]: r["status"] for r in pq.read_table(exp / "trials.parquet").to_pylist()}
+    assert statuses == {"a1": "interrupted", "b2": "stopped_early"}
+    resumed, new = _store(exp, tmp_path / "trials"), SimpleNamespace(**{**vars(TRIAL), "trial_id": "c3"})
+    resumed.on_trial_start(0, [], new)
+    resumed.on_trial_complete(0, [], new)
+    assert "(2 trials done)" in capsys.readouterr().out.splitlines()[-1]  # b2 and c3: a1 is not done
+    resumed.on_trial_start(0, [], TRIAL)
+    assert resumed.trials["a1"]["status"] == "running"
+    (exp / "trials.parquet").write_bytes(b"PAR1 not parquet")
+    with caplog.at_level(logging.WARNING, logger="rayad.tune.store"):
+        mark_interrupted(exp)  # the search stops with its own error
+    assert "its trials stay marked running" in caplog.text
