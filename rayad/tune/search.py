@@ -140,8 +140,8 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
 def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbose: int) -> dict[str, Any]:
     s = plan.settings
     if resume:
-        _check_resumable(plan, exp_dir)  # before anything is written
         previous = read_experiment_file(exp_dir)
+        _check_resumable(plan, exp_dir, previous)  # before anything is written
     elif (exp_dir / EXPERIMENT).exists():
         raise RayadError(f"{exp_dir}: already holds an experiment; resume it (--resume, or resume=True), or give "
                          "a new folder")
@@ -277,7 +277,12 @@ def _storage(plan: Plan, exp_dir: Path) -> str:
     return ray_storage(plan.settings.storage, exp_dir, str(exp_dir))
 
 
-def _check_resumable(plan: Plan, exp_dir: Path) -> None:
+def _check_resumable(plan: Plan, exp_dir: Path, record: dict[str, Any]) -> None:
+    started = {name: (record.get("versions") or {}).get(name) for name in ("rayad", "ray")}
+    if started != {"rayad": __version__, "ray": ray.__version__}:  # Ray Tune unpickles objects of those versions
+        raise RayadError(f"{exp_dir}: started with rayad {started['rayad']} and Ray {started['ray']}, and only "
+                         f"those versions can resume it (this is rayad {__version__}, Ray {ray.__version__}); "
+                         "install them to resume it, or start a new --out")
     tune_path = _tune_path(plan, exp_dir)
     if not tune.Tuner.can_restore(tune_path):
         raise RayadError(f"{exp_dir}: no experiment to resume (no Tune state at {tune_path})")

@@ -16,6 +16,7 @@ import optuna
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from tiny import SEARCH_STEPS, TINY_BASE
 
 from rayad.artifact import Predictor
@@ -290,8 +291,12 @@ def test_a_search_never_overwrites_or_merges_with_an_experiment_and_damage_is_na
     before = {name: (exp / name).read_bytes() for name in ("experiment.json", "trials.parquet")}
     new = ["tune", "--data", str(demo_root), "--category", "grass", "--space", str(tiny_space), "--out", str(exp)]
     damaged_json, damaged_rows, lost_rows = tmp_path / "damaged_json", tmp_path / "damaged_rows", tmp_path / "lost"
-    for copy in (damaged_json, damaged_rows, lost_rows):
+    older = tmp_path / "older"
+    for copy in (damaged_json, damaged_rows, lost_rows, older):
         shutil.copytree(exp, copy)
+    record = json.loads(before["experiment.json"])
+    record["versions"]["rayad"] = "0.0.9"
+    (older / "experiment.json").write_text(json.dumps(record))
     (damaged_json / "experiment.json").write_text("[]")
     (damaged_rows / "trials.parquet").write_bytes(before["trials.parquet"][:100])
     (lost_rows / "trials.parquet").unlink()  # resuming used to end "interrupted" again, every time
@@ -302,6 +307,7 @@ def test_a_search_never_overwrites_or_merges_with_an_experiment_and_damage_is_na
         (["tune", "--out", str(damaged_json), "--resume"], "experiment.json: not an experiment record"),
         (["tune", "--out", str(damaged_rows), "--resume"], "trials.parquet: unreadable"),
         (["tune", "--out", str(lost_rows), "--resume"], "trials.parquet: lacks 4 of the 4 trials Ray Tune has"),
+        (["tune", "--out", str(older), "--resume"], f"started with rayad 0.0.9 and Ray {ray.__version__}, and only "),
     ]:
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
