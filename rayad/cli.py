@@ -504,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     new_folders = new_output_folders(args)
     stop_on_sigterm()
+    ray_before = _ray_connected()  # a Ray that the caller connected (the Python API, tests) stays connected
     try:
         check_outputs(args)
         args.func(args)
@@ -522,7 +523,15 @@ def main(argv: list[str] | None = None) -> int:
         for folder in new_folders:  # a command that failed before writing leaves no empty folders behind
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only an empty one
+        if _ray_connected() and not ray_before:
+            from rayad.cluster import disconnect_at_exit
+
+            disconnect_at_exit()
     return 0
+
+
+def _ray_connected() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()  # without importing Ray
 
 
 def _one_line(message: str) -> str:

@@ -5,9 +5,11 @@ Training (`rayad train --workers`), searches, `predict --ray`, Serve and the dem
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
+import threading
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -19,8 +21,10 @@ from rayad.cpu import ONE_ARENA_ENV
 from rayad.errors import RayadError, stop_on_sigterm
 from rayad.settings import Cluster
 
-__all__ = ["Cluster", "check_resources", "check_shared_paths", "connect", "fitting_groups", "node_share",
-           "smallest_node_cpus", "with_worker_cpus"]
+__all__ = ["Cluster", "check_resources", "check_shared_paths", "connect", "disconnect_at_exit", "fitting_groups",
+           "node_share", "smallest_node_cpus", "with_worker_cpus"]
+
+log = logging.getLogger(__name__)
 
 
 def connect(address: str | None, log_to_driver: bool = True) -> bool:
@@ -42,6 +46,17 @@ def connect(address: str | None, log_to_driver: bool = True) -> bool:
         raise KeyboardInterrupt from None
     stop_on_sigterm()  # again: ray.init installed Ray's own SIGTERM handler
     return local
+
+
+def disconnect_at_exit() -> None:
+    """Leave Ray (stopping a local one) as this process ends, ignoring Ctrl-C from here on: at exit, Ray's own
+    shutdown took a second Ctrl-C as a traceback and left its processes running. (SIGTERM still ends the process:
+    Ray's shutdown gives it back its default action.)"""
+    if threading.current_thread() is threading.main_thread():  # the only one that may set handlers
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, signal.SIG_IGN)
+    log.debug("leaving Ray (Ctrl-C is ignored now)")
+    ray.shutdown()
 
 
 def _join(address: str, log_to_driver: bool) -> None:

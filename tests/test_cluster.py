@@ -100,6 +100,31 @@ def test_sigterm_while_a_local_ray_starts_stops_as_ctrl_c_does(demo_root, tmp_pa
     assert not _process(gcs[0]), "Ray's processes stop with it"
 
 
+def test_ctrl_c_while_a_local_ray_shuts_down_leaves_no_ray_behind(demo_root, tmp_path):
+    """Ray's own shutdown at exit took a second Ctrl-C as a traceback ("Exception ignored in atexit callback")
+    and left its processes running for minutes."""
+    driver = subprocess.Popen([sys.executable, "-m", "rayad.cli", "-v", "train", "--data", str(demo_root),
+                               "--category", "brick", *TINY_ARGS, "--workers", "64", "--out", str(tmp_path / "run")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said = []
+    for line in driver.stderr:  # refused once the local Ray is up, it leaves Ray
+        said.append(line)
+        if "leaving Ray" in line:
+            break
+    gcs, signals = _children(driver.pid, "gcs_server"), 0
+    while driver.poll() is None:
+        driver.send_signal(signal.SIGINT)
+        signals += 1
+        time.sleep(0.01)
+    said += driver.stderr.readlines()
+    assert signals > 3 and driver.returncode == 2, said[-5:]
+    assert any("asked for 64 worker(s)" in line for line in said) and not any("Traceback" in line for line in said)
+    deadline = time.monotonic() + 10
+    while gcs and _process(gcs[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gcs and not _process(gcs[0]), "Ray's processes stop with it"
+
+
 def _children(pid: int, name: str) -> list[int]:
     """The PIDs of `pid`'s live child processes called `name`."""
     found = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
