@@ -85,6 +85,12 @@ def default_device() -> torch.device:
     return torch.device("cuda")
 
 
+def driver_device(use_gpu: bool) -> torch.device:
+    """Where a Ray job's driver calibrates and evaluates the model that its workers trained: its own GPU when the
+    job trains on GPUs and it sees one, else its CPU (a KubeRay head has no GPU)."""
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
 def checked_device(device: str | torch.device) -> torch.device:
     """A device named by the caller, which this process can use."""
     try:

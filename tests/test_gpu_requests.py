@@ -163,3 +163,17 @@ def test_every_node_must_see_storage_and_data(ray_cluster, tmp_path, demo_root):
     check_shared_paths("s3://bucket/rayad", str(demo_root))  # URIs are not checked
     with pytest.raises(RayadError, match=r"--data .*missing: not visible on node [0-9.]+; on a cluster it must"):
         check_shared_paths(str(tmp_path / "storage"), str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("command", [["train", "--workers", "1", "--gpu"],
+                                     ["tune", "--space", "quick", "--gpus-per-worker", "1"]])
+def test_gpu_workers_with_a_driver_that_has_no_gpu_check_scoring_on_its_cpu(demo_root, tmp_path, capsys, command):
+    """The driver calibrates (and a search evaluates) the model on its own device, its CPU where it has no GPU (a
+    KubeRay head): fp16 scoring failed there only once the training was done."""
+    from rayad.cli import main
+
+    code = main([*command, "--data", str(demo_root), "--category", "brick", "--out", str(tmp_path / "out"),
+                 "--set", "scoring.precision=fp16"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith("precision fp16 needs a CUDA device (this one is cpu); use bf16 or fp32"), err
+    assert not (tmp_path / "out").exists()

@@ -372,15 +372,17 @@ def check_resumable(checkpoint: str, state: dict[str, Any], cfg: Config, data_ro
     return state["step"]
 
 
-def check_buildable(cfg: Config, device: torch.device | str) -> None:
+def check_buildable(cfg: Config, device: torch.device | str, scoring_device: torch.device | str | None = None) -> None:
     """What only building the run checks (the model's and the corruption's names, a pretrained file, fp16 off
-    CUDA, a C++ compiler for scoring.compile), checked before the run writes its first file."""
+    CUDA, a C++ compiler for scoring.compile), checked before the run writes its first file. The model trains on
+    `device` and is calibrated on `scoring_device` (default: the same)."""
+    scoring_device = scoring_device or device
     build_anomaly_model(cfg)
     Corruptor(cfg.corruption)
-    for precision in (cfg.train.precision, cfg.scoring.precision):
-        check_precision(precision, device)
+    check_precision(cfg.train.precision, device)
+    check_precision(cfg.scoring.precision, scoring_device)
     if cfg.scoring.compile:
-        require_cpp_compiler(device)
+        require_cpp_compiler(scoring_device)
 
 
 def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, resume: bool = False,

@@ -25,6 +25,7 @@ from rayad.config import Config
 from rayad.data.manifest import check_category
 from rayad.errors import RayadError, sigint_restored
 from rayad.layout import RAY_STATE, TRAIN_LOG, ray_storage, storage_path, writing
+from rayad.precision import driver_device
 from rayad.train.checkpoint import RUN_NAME, latest_recorded, load_checkpoint, save_checkpoint
 from rayad.train.loop import (
     LoopConfig,
@@ -159,7 +160,7 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
     root = cluster.storage or str(out_dir / RAY_STATE)  # checked on every node; the run keeps its own folder there
     storage = ray_storage(cluster.storage, out_dir, root)
     resumed = check_run_folder(cfg, data_root, category, out_dir, resume, latest_recorded(storage), distributed=True)
-    check_buildable(cfg, "cuda" if cluster.use_gpu else "cpu")
+    check_buildable(cfg, "cuda" if cluster.use_gpu else "cpu", driver_device(cluster.use_gpu))
     data = load_train_data(cfg, data_root, category)  # validates data and fills the cache once
     connect(cluster.address)
     cluster = with_worker_cpus(cluster)
@@ -184,7 +185,6 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
     network = build_anomaly_model(cfg).network
     with result.checkpoint.as_directory() as directory:
         meta = load_checkpoint(directory, network)
-    device = "cuda" if cluster.use_gpu and torch.cuda.is_available() else "cpu"
     # resumed at its last step (stopped before its model), the run trains no step: its metrics are the last report's
     started_at = resumed if resumed == meta["step"] else result.metrics.get("start_step")
     info = {"category": category, "steps": meta["step"], "workers": cluster.workers,
@@ -193,4 +193,4 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
             "final_loss": result.metrics.get("loss"), "resumed_from_step": started_at,
             "precision": result.metrics.get("precision"), "precision_reason": result.metrics.get("precision_reason"),
             "checkpoint": storage_path(storage, RUN_NAME, Path(result.checkpoint.path).name)}  # with a URI's scheme
-    return calibrate_and_save(network, cfg, data.val, out_dir, device, info)
+    return calibrate_and_save(network, cfg, data.val, out_dir, driver_device(cluster.use_gpu), info)

@@ -56,10 +56,11 @@ from rayad.layout import (
     storage_path,
     writing,
 )
+from rayad.precision import driver_device
 from rayad.settings import SearchSettings
 from rayad.tracking import TrialRuns, check_tracking_uri, log_best
 from rayad.train.checkpoint import load_checkpoint
-from rayad.train.loop import LoopConfig, load_train_data
+from rayad.train.loop import LoopConfig, check_buildable, load_train_data
 from rayad.train.ray_train import build_trainer
 from rayad.tune.space import SearchSpace, load_space
 from rayad.tune.store import ResultsStore, mark_interrupted, read_rows, trial_run_name, write_json
@@ -145,6 +146,7 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
     elif (exp_dir / EXPERIMENT).exists():
         raise RayadError(f"{exp_dir}: already holds an experiment; resume it (--resume, or resume=True), or give "
                          "a new folder")
+    check_buildable(plan.base, "cuda" if plan.cluster.use_gpu else "cpu", driver_device(plan.cluster.use_gpu))
     _check_data(plan)
     connect(address)
     check_resources(plan.cluster)
@@ -383,8 +385,9 @@ def export_best(plan: Plan, row: dict[str, Any], out: Path) -> dict[str, Any]:
     data = load_train_data(cfg, s.data_root, s.category)
     info = {"category": s.category, "steps": state["step"], "search_trial": row["trial_id"],
             "validation": {plan.metrics[0]: row["best_value"]}}
-    calibrate_and_save(network, cfg, data.val, out, "cpu", info)
-    metrics = evaluate(Predictor.load(out), s.data_root, s.category)
+    device = driver_device(plan.cluster.use_gpu)  # calibrated and evaluated on one device
+    calibrate_and_save(network, cfg, data.val, out, device, info)
+    metrics = evaluate(Predictor.load(out, device=str(device)), s.data_root, s.category)
     write_json(out / TEST_METRICS, metrics)
     return metrics
 
