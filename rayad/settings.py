@@ -6,6 +6,7 @@ The command line (`rayad.cli`) reads its defaults from here, so this module impo
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -144,6 +145,9 @@ class ServeSettings:
                 flag = "--" + SERVE_FLAGS.get(name, name).replace("_", "-")
                 raise ConfigError(f"serve setting {name} = {getattr(self, name)!r} (rayad serve {flag}): "
                                   f"must be {need}")
+        for name in (f.name for f in dataclasses.fields(self)):  # a Serve config's YAML reads .inf as a float
+            value = getattr(self, name)
+            check(not isinstance(value, float) or math.isfinite(value), name, "a finite number")
         check(self.max_batch_size >= 1, "max_batch_size", ">= 1")
         check(self.batch_wait_s >= 0, "batch_wait_s", ">= 0")
         check(self.min_replicas >= 1, "min_replicas", ">= 1")

@@ -19,6 +19,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from rayad.cli import build_parser
 from rayad.cpu import ONE_ARENA_ENV
+from rayad.errors import ConfigError
 from rayad.serve import ServeSettings, app_builder
 from rayad.tune import resolve_space
 
@@ -174,3 +175,11 @@ def test_the_dockerfile_builds_the_wheel_from_the_package_sources_and_installs_i
     assert "source=/dist" in install and "/dist/rayad-*.whl" in install
     base = re.search(r"^ARG RAY_IMAGE=rayproject/ray:([\d.]+)-py311-cpu$", "\n".join(lines), flags=re.M)
     assert base and base[1] == ray.__version__
+
+
+@pytest.mark.parametrize("key", ["max_upload_mb", "batch_wait_s", "replica_cpus"])
+def test_a_serve_config_refuses_an_infinite_setting(key):
+    """YAML reads `.inf` as a float: max_upload_mb gave every request a 500 (OverflowError), batch_wait_s hung it."""
+    args = yaml.safe_load(f"{{models: {{m: /models/m}}, {key}: .inf}}")
+    with pytest.raises(ConfigError, match=rf"^serve setting {key} = inf \(rayad serve --.*\): must be a finite "):
+        app_builder(args)
