@@ -63,14 +63,17 @@ def to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
     RGB; 32-bit integers are clipped to 16 bits first), grayscale is replicated, alpha dropped. So a
     picture scores the same whether it is stored with 8 or 16 bits."""
     if image.mode.startswith("I"):  # I;16, I;16B, I;16L, I
-        arr = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
-        image = Image.fromarray(arr.astype(np.uint8))
+        arr = np.asarray(image)  # in its own dtype: a 64-bit copy took 25 bytes a pixel (GBs for a large image)
+        if arr.dtype.kind == "i":
+            arr = np.clip(arr, 0, min(65535, np.iinfo(arr.dtype).max))
+        image = Image.fromarray((arr >> 8).astype(np.uint8))
     elif image.mode == "La":  # premultiplied alpha (a TIFF's), which Pillow converts only to LA
         image = image.convert("LA")
-    image = image.convert("RGB")
+    if image.mode != "L":  # grayscale is resized first (the same pixels, without three full-size channels)
+        image = image.convert("RGB")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.array(image, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
+    return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
 
 
 def image_size(content: bytes) -> tuple[int, int]:

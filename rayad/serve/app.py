@@ -12,6 +12,7 @@ Images are decoded with `load_image` and scored with `Predictor.score`, exactly 
 # decorated, so everything their methods use is defined above them.
 import asyncio
 import base64
+import email.message
 import hmac
 import io
 import json
@@ -101,6 +102,13 @@ def model_card(name: str, run_dir: str) -> dict[str, Any]:
             "metrics": {k: metrics.get(k) for k in METRIC_NAMES}}
 
 
+def _boundary(request: Request) -> bytes:
+    """The multipart boundary the Content-Type names (b"" without one: Starlette's parser refuses that)."""
+    header = email.message.Message()
+    header["content-type"] = request.headers.get("content-type", "")
+    return str(header.get_param("boundary") or "").encode("latin-1", "replace")
+
+
 def _is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith("multipart/form-data")  # case-blind (RFC 9110)
 
@@ -111,14 +119,18 @@ async def _uploads(request: Request, limit_mb: float, max_files: int) -> AsyncIt
     as it passes the limit; the files (in memory up to 1 MB each, Starlette's spool size) are open inside
     the `async with`. The body is never held beside its files, nor the files beside copies of themselves."""
     limit = _checked_length(request, limit_mb)
-    received = 0
+    received, closing = 0, b"--" + _boundary(request) + b"--"
+    last, closed = b"", False  # the body's last bytes, and whether its closing boundary came
 
     async def receive() -> dict[str, Any]:
-        nonlocal received
+        nonlocal received, last, closed
         message = await request.receive()
-        received += len(message.get("body", b""))
+        chunk = message.get("body", b"")
+        received += len(chunk)
         if received > limit:
             raise HTTPException(413, f"body is over the limit of {limit:,} bytes")
+        closed = closed or closing in last + chunk
+        last = (last + chunk)[-len(closing):]
         return message
 
     try:
@@ -130,6 +142,9 @@ async def _uploads(request: Request, limit_mb: float, max_files: int) -> AsyncIt
         if detail.startswith("Too many files"):  # Starlette's words for more than max_files
             raise HTTPException(*_too_many_files(max_files)) from None
         raise HTTPException(400, _client_message(f"malformed multipart body ({detail})")) from None
+    if not closed:  # Starlette drops the part that was cut short, and its file would be missing from the answer
+        await form.close()
+        raise HTTPException(400, "malformed multipart body (cut short: its closing boundary never came)")
     try:
         yield [(item.filename or key, item) for key, item in form.multi_items() if isinstance(item, UploadFile)]
     finally:
@@ -334,8 +349,13 @@ class Api:
             if not files:
                 raise HTTPException(400, "no files in the upload")
             in_flight = asyncio.Semaphore(self.settings.batch_images_in_flight)
-            tasks = [self._score_upload(name, filename, upload, heatmap, in_flight) for filename, upload in files]
-            return {"model": name, "results": await asyncio.gather(*tasks)}
+            try:  # a 503 cancels the batch's other images (gather went on scoring them, crowding other requests)
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(self._score_upload(name, filename, upload, heatmap, in_flight))
+                             for filename, upload in files]
+            except BaseExceptionGroup as failed:
+                raise failed.exceptions[0] from None
+            return {"model": name, "results": [task.result() for task in tasks]}
 
     async def _score_upload(self, name: str, filename: str, upload: UploadFile, heatmap: bool,
                             in_flight: asyncio.Semaphore) -> dict[str, Any]:

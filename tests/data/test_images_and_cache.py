@@ -353,3 +353,22 @@ def test_all_bad_split_masks_consistent_after_cache(tmp_path):
     second = load_split(manifest, "test", 16, on_bad_image="skip")
     assert first.masks.shape == second.masks.shape == (0, 16, 16)
     assert len(first.rows) == len(second.rows) == 0
+
+
+def test_a_16_bit_image_decodes_without_copies_in_a_wide_type():
+    """A 16-bit image went through int64 copies: 16 bytes a pixel that numpy allocated (25 in all), gigabytes for a
+    small PNG of many pixels, in the Serve ingress too."""
+    import tracemalloc
+
+    pixels = np.arange(2000 * 1500, dtype=np.uint32).reshape(2000, 1500).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    tracemalloc.start()
+    try:
+        image = load_image(buffer.getvalue(), 64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * pixels.size, f"{peak / pixels.size:.1f} bytes a pixel"  # 5 now
+    high_bytes = Image.fromarray((pixels >> 8).astype(np.uint8))
+    assert np.array_equal(image, np.asarray(high_bytes.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR)))

@@ -223,6 +223,25 @@ def test_bad_input_never_gives_500(server, demo_root):
     assert requests.post(f"{server}/v1/predict?model=brick", data=good, headers=KEY).json()["score"] > 0
 
 
+def test_a_multipart_body_cut_short_is_refused_not_answered_without_its_last_files(server, demo_root):
+    """Starlette's parser drops a part that was cut short: a batch answered 200 with fewer results than files."""
+    from urllib3 import encode_multipart_formdata
+
+    good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
+    for path, files in [("/v1/predict/batch", 3), ("/v1/predict", 1)]:
+        body, content_type = encode_multipart_formdata([("file", (f"{i}.png", good)) for i in range(files)])
+        boundary = b"--" + content_type.split("boundary=")[1].encode()
+        closing, last_part = body.rindex(boundary), body.rindex(boundary, 0, body.rindex(boundary))
+        for cut in (closing, last_part + 300, last_part + 10):  # before its closing boundary, in a file, a header
+            response = requests.post(f"{server}{path}?model=brick", data=body[:cut], headers={
+                **KEY, "Content-Type": content_type})
+            assert response.status_code == 400, (path, cut, response.text)
+            assert response.json()["error"] == ("malformed multipart body (cut short: its closing boundary never "
+                                                "came)")
+        whole = requests.post(f"{server}{path}?model=brick", data=body, headers={**KEY, "Content-Type": content_type})
+        assert whole.status_code == 200 and len(whole.json().get("results", [None])) == files
+
+
 def test_api_key(server, demo_root):
     good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
     assert requests.post(f"{server}/v1/predict?model=brick", data=good).status_code == 401
