@@ -22,6 +22,11 @@ from rayad.config import Config, load_config  # noqa: E402
 from rayad.data.demo import make_demo_dataset  # noqa: E402
 
 
+def pytest_configure(config):
+    if os.environ.get("RAYAD_TEST_GPU") == "1" and not torch.cuda.is_available():
+        pytest.exit("RAYAD_TEST_GPU=1, but torch sees no CUDA GPU: every gpu test would skip", returncode=2)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Keep the image cache out of the home directory and use few threads, as CI has 2 cores."""
