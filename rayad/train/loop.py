@@ -260,8 +260,8 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
         if loop.validate and rank == 0 else None
 
     torch.manual_seed(tc.seed)
-    if tc.deterministic and session.device.type == "cuda":
-        exact_cuda_math(deterministic=True)
+    if session.device.type == "cuda":  # from the start: validation's scoring turns TF32 off on rank 0 mid-run
+        exact_cuda_math(deterministic=tc.deterministic)
     network = build_anomaly_model(cfg).network.to(session.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(network, tc)
     start = session.restore(network, optimizer)
