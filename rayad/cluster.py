@@ -5,6 +5,7 @@ Training (`rayad train --workers`), searches, `predict --ray`, Serve and the dem
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -108,25 +109,58 @@ def check_resources(cluster: Cluster) -> None:
         raise RayadError(f"{cluster.workers} DDP workers with {cluster.gpus_per_worker:g} GPU each would put "
                          "several ranks on one GPU, which NCCL refuses (\"Duplicate GPU detected\"); give each "
                          "worker a whole GPU, or train with one worker")
-    check_fits("a worker (--cpus-per-worker, --gpu)", cluster.cpus_per_worker,
-               cluster.gpus_per_worker if cluster.use_gpu else 0)
+    if not check_fits("a worker (--cpus-per-worker, --gpu)", cluster.cpus_per_worker,
+                      cluster.gpus_per_worker if cluster.use_gpu else 0):
+        return  # waits for the autoscaler, as it said
     total = ray.cluster_resources()
     need_cpu = cluster.workers * cluster.cpus_per_worker
     need_gpu = cluster.workers * cluster.gpus_per_worker if cluster.use_gpu else 0
     have_cpu, have_gpu = total.get("CPU", 0), total.get("GPU", 0)
     if need_cpu > have_cpu or need_gpu > have_gpu:
-        raise RayadError(f"asked for {cluster.describe()} = {need_cpu:g} CPU, {need_gpu:g} GPU; "
-                         f"the cluster has {have_cpu:g} CPU, {have_gpu:g} GPU")
+        _refuse(f"asked for {cluster.describe()} = {need_cpu:g} CPU, {need_gpu:g} GPU; the cluster has "
+                f"{have_cpu:g} CPU, {have_gpu:g} GPU")
 
 
-def check_fits(what: str, cpus: float, gpus: float) -> None:
+def check_fits(what: str, cpus: float, gpus: float) -> bool:
     """Fail within seconds when no live node has `cpus` CPUs and `gpus` GPUs for one process: Ray would wait for
-    such a node forever (Serve, Ray Data and Ray Train alike)."""
+    such a node forever (Serve, Ray Data and Ray Train alike). False when it waits for an autoscaler instead."""
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
-        largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
-        raise RayadError(f"{what} asks for {cpus:g} CPU and {gpus:g} GPU, more than any node of the cluster has "
-                         f"(the largest: {largest.get('CPU', 0):g} CPU, {largest.get('GPU', 0):g} GPU)")
+    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        return True
+    largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    _refuse(f"{what} asks for {cpus:g} CPU and {gpus:g} GPU, more than any node of the cluster has (the largest: "
+            f"{largest.get('CPU', 0):g} CPU, {largest.get('GPU', 0):g} GPU)")
+    return False
+
+
+def _refuse(problem: str) -> None:
+    """A request the cluster cannot hold now: an error, unless an autoscaler may add the nodes it needs (a KubeRay
+    GPU group that scales from zero has no GPU until a job asks for one)."""
+    if not autoscaled():
+        raise RayadError(problem)
+    log.warning("%s now; waiting for the cluster's autoscaler to add nodes (Ray waits for as long as that takes, "
+                "and for ever when no node type it may add is large enough; Ctrl-C stops)", problem)
+
+
+def autoscaled() -> bool:
+    """Whether an autoscaler may add nodes to the connected cluster. Ray's v2 autoscaler says so in the GCS; the v1
+    monitor runs on every head and publishes its status there, but without an autoscaling config (a local Ray,
+    `ray start` by hand) it names each node's type after the node, where a real one uses its config's types."""
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if not ray.is_initialized():
+        return False
+    if is_autoscaler_v2(fetch_from_server=True):
+        return True
+    try:
+        report = json.loads(_internal_kv_get(DEBUG_AUTOSCALING_STATUS) or "{}").get("autoscaler_report") or {}
+    except ValueError:
+        return False
+    types = report.get("node_type_mapping") or {}
+    return any(kind != format_readonly_node_type(node) for node, kind in types.items())
 
 
 def smallest_node_cpus() -> float:

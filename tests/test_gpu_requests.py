@@ -139,6 +139,29 @@ def test_a_process_no_node_can_hold_fails_at_once_instead_of_waiting_forever(mon
         check_fits("a scorer replica", cpus, gpus)
 
 
+def test_a_cluster_an_autoscaler_may_grow_is_waited_for_not_refused(monkeypatch, caplog):
+    """A KubeRay GPU group that scales from zero has no GPU until a job asks for one: refusing the job up front
+    kept the autoscaler from ever seeing it (checked for real on Ray's fake autoscaling cluster: docs/benchmarks.md,
+    "Autoscaling clusters")."""
+    _nodes(monkeypatch, [0.0])  # a head without CPUs, its workers scaled to zero
+    monkeypatch.setattr("rayad.cluster.autoscaled", lambda: True)
+    with caplog.at_level("WARNING", logger="rayad.cluster"):
+        assert not check_fits("a scorer replica", 1.0, 0.0)
+        check_resources(Cluster(workers=2, cpus_per_worker=1.0))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("now; waiting for the cluster's autoscaler to add nodes" in m for m in said), said
+
+
+def test_ray_s_own_monitor_is_not_taken_for_an_autoscaler(ray_cluster):
+    """Ray's head always runs its v1 monitor, which publishes a status; without an autoscaling config it is no
+    autoscaler, and what no node can hold is refused at once."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from rayad.cluster import autoscaled
+
+    assert _internal_kv_get("__autoscaling_status") and not autoscaled()
+
+
 def test_serve_refuses_a_replica_no_node_can_hold_before_it_starts(ray_cluster, trained_run):
     """It waited forever ("No available node types can fulfill"), and deferred Ctrl-C until the models were up."""
     from rayad.serve import start
