@@ -404,8 +404,9 @@ class Api:
             if len(self.cards) == 1:
                 return next(iter(self.cards))
             raise HTTPException(400, f"several models are served; pick one with ?model= ({sorted(self.cards)})")
-        if model not in self.cards:
-            raise HTTPException(404, f"unknown model {model!r}; served: {sorted(self.cards)}")
+        if model not in self.cards:  # named in part: a client's name of any length came back whole
+            shown = model if len(model) <= 80 else f"{model[:80]}… ({len(model):,} characters)"
+            raise HTTPException(404, f"unknown model {shown!r}; served: {sorted(self.cards)}")
         return model
 
     async def _decode(self, content: bytes | BinaryIO, name: str) -> np.ndarray:

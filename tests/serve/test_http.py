@@ -215,6 +215,9 @@ def test_bad_input_never_gives_500(server, demo_root):
     assert upload == "image: not a readable image (unknown format, or not an image)"
     unknown = requests.post(f"{server}/v1/predict?model=nope", data=good, headers=KEY)
     assert unknown.status_code == 404 and "unknown model 'nope'" in unknown.json()["error"]
+    long_name = requests.post(f"{server}/v1/predict?model={'x' * 5000}", data=good, headers=KEY)
+    assert long_name.status_code == 404 and f"{'x' * 80}… (5,000 characters)'" in long_name.json()["error"]
+    assert len(long_name.json()["error"]) < 200
     ambiguous = requests.post(f"{server}/v1/predict", data=good, headers=KEY)
     assert ambiguous.status_code == 400 and "pick one with ?model=" in ambiguous.json()["error"]
     bad_param = requests.post(f"{server}/v1/predict?model=brick&heatmap=maybe", data=good, headers=KEY)
