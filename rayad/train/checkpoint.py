@@ -28,8 +28,8 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the check
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    config: Config) -> Path:
-    """Write `directory` atomically (a temp dir renamed into place)."""
+                    config: Config, scaler: torch.amp.GradScaler | None = None) -> Path:
+    """Write `directory` atomically (a temp dir renamed into place); with fp16's loss `scaler`, its state too."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -42,16 +42,18 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
                for index, state in opt_state["state"].items() for name, value in state.items()}
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     follow_umask(tmp / "optimizer.safetensors")
-    meta = {"step": step, "config": config.to_dict(), "param_groups": opt_state["param_groups"]}
+    meta = {"step": step, "config": config.to_dict(), "param_groups": opt_state["param_groups"],
+            **({"grad_scaler": scaler.state_dict()} if scaler is not None else {})}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory
 
 
-def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
-                    ) -> dict[str, Any]:
-    """Restore weights (and optimiser state) in place; returns the JSON metadata (step, config)."""
+def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+    """Restore weights (and the optimiser's and fp16 loss scaler's state) in place; returns the JSON metadata
+    (step, config). A scaler the checkpoint has no state for (it trained in another precision) starts afresh."""
     directory = Path(directory)
     meta = read_state(directory)
     with damage_reported(directory):
@@ -62,6 +64,8 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
                 index, name = key.split("/")
                 state.setdefault(int(index), {})[name] = value
             optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if scaler is not None and meta.get("grad_scaler"):
+            scaler.load_state_dict(meta["grad_scaler"])
     return meta
 
 

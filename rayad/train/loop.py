@@ -96,7 +96,8 @@ class Session(Protocol):
 
     def steps(self, start: int, total: int) -> Iterable[int]: ...
 
-    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int: ...
+    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler | None) -> int: ...
 
     def broadcast(self, make: Callable[[], T]) -> T: ...
 
@@ -105,7 +106,7 @@ class Session(Protocol):
     def count_nodes(self) -> int: ...
 
     def report(self, metrics: dict[str, Any], network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               checkpoint: bool) -> None: ...
+               scaler: torch.amp.GradScaler | None, checkpoint: bool) -> None: ...
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -264,12 +265,12 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
         exact_cuda_math(deterministic=tc.deterministic)
     network = build_anomaly_model(cfg).network.to(session.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(network, tc)
-    start = session.restore(network, optimizer)
     precision = session.broadcast(lambda: resolve(tc.precision, session.device, probe_network(
         network, cfg.data.image_size, training=True, device=session.device, batch_size=tc.batch_size)))
     if rank == 0:
         log.info("training in %s (%s)", precision.precision, precision.reason)
     scaler = torch.amp.GradScaler(session.device.type) if precision.precision == "fp16" else None
+    start = session.restore(network, optimizer, scaler)  # a resumed fp16 run keeps its loss scale
     model = session.prepare(network)
     nodes = session.count_nodes()
     corruptor = Corruptor(cfg.corruption)
@@ -294,7 +295,7 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
             if save and validation is not None:  # model selection: scored at every checkpoint
                 metrics |= validation_metrics(network, cfg, validation, session.device)
                 metrics[EVALUATION] = evaluations(done, tc.checkpoint_every)
-            session.report(metrics, network, optimizer, save)
+            session.report(metrics, network, optimizer, scaler, save)
     return network, metrics
 
 
@@ -321,12 +322,13 @@ class LocalSession:
                         disable=not self.progress, dynamic_ncols=True)
         return self.bar
 
-    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler | None) -> int:
         """Continue from the latest checkpoint, if any (`check_resumable` has checked it)."""
         latest = latest_checkpoint(self.checkpoints)
         if latest is None:
             return 0
-        step = int(load_checkpoint(latest, network, optimizer)["step"])
+        step = int(load_checkpoint(latest, network, optimizer, scaler)["step"])
         log.info("resuming from %s (step %d)", latest, step)
         return step
 
@@ -340,14 +342,14 @@ class LocalSession:
         return 1
 
     def report(self, metrics: dict[str, Any], network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               checkpoint: bool) -> None:
+               scaler: torch.amp.GradScaler | None, checkpoint: bool) -> None:
         with self.log_file.open("a") as history:
             history.write(json.dumps(metrics) + "\n")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{metrics['loss']:.5f}", img_s=f"{metrics['interval_images_per_s'] or 0:.1f}")
         if checkpoint:
             save_checkpoint(self.checkpoints / checkpoint_name(metrics["step"]), network, optimizer,
-                            metrics["step"], self.cfg)
+                            metrics["step"], self.cfg, scaler)
             prune_checkpoints(self.checkpoints)
 
 

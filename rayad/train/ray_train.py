@@ -53,12 +53,13 @@ class RaySession:
     def steps(self, start: int, total: int) -> Iterable[int]:
         return range(start, total)
 
-    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler | None) -> int:
         checkpoint = ray.train.get_checkpoint()  # (3) set after a restart: resume from it
         if not checkpoint:
             return 0
         with checkpoint.as_directory() as directory:
-            return int(load_checkpoint(directory, network, optimizer)["step"])
+            return int(load_checkpoint(directory, network, optimizer, scaler)["step"])
 
     def broadcast(self, make: Callable[[], T]) -> T:
         """Rank 0's `make()`, on every rank (so that all ranks run in the precision rank 0 measured)."""
@@ -81,13 +82,14 @@ class RaySession:
         return len(set(nodes))
 
     def report(self, metrics: dict[str, Any], network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               checkpoint: bool) -> None:
-        """Every worker reports; rank 0 attaches the checkpoint (unwrapped weights, optimiser, step, config)."""
+               scaler: torch.amp.GradScaler | None, checkpoint: bool) -> None:
+        """Every worker reports; rank 0 attaches the checkpoint (unwrapped weights, optimiser, fp16 loss scaler,
+        step, config)."""
         if not (checkpoint and self.rank == 0):
             ray.train.report(metrics)  # (5)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp) / "ckpt", network, optimizer, metrics["step"], self.cfg)
+            save_checkpoint(Path(tmp) / "ckpt", network, optimizer, metrics["step"], self.cfg, scaler)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(Path(tmp) / "ckpt")))
 
 

@@ -194,3 +194,25 @@ def test_augment_gives_flips_and_quarter_turns(mode, count):
     assert len(seen) == count and seen <= dihedral  # only the symmetries of the square, all of them drawn
     assert torch.equal(augment(batch, "none", step_generator(0, 0, "cpu")), batch)
     assert torch.equal(out, augment(batch, mode, step_generator(0, 0, "cpu")))  # seeded
+
+
+def test_a_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
+    """A resumed fp16 run started its loss scale again at 2**16 and skipped steps until it came down."""
+    from rayad.config import Config
+    from rayad.train.checkpoint import load_checkpoint, save_checkpoint
+
+    network = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(network.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=10)
+    scaler.scale(network(torch.ones(1, 3)).sum()).backward()
+    scaler.step(optimizer)
+    scaler.update()  # one finite step: the growth tracker counts it
+    save_checkpoint(tmp_path / "ckpt", network, optimizer, 1, Config(), scaler)
+    resumed = torch.amp.GradScaler("cpu")
+    load_checkpoint(tmp_path / "ckpt", torch.nn.Linear(3, 2), torch.optim.AdamW(network.parameters()), resumed)
+    assert resumed.state_dict() == scaler.state_dict() and resumed.get_scale() == 1024.0
+    save_checkpoint(tmp_path / "fp32", network, optimizer, 1, Config())  # no scaler: state.json as before
+    assert "grad_scaler" not in json.loads((tmp_path / "fp32" / "state.json").read_text())
+    fresh = torch.amp.GradScaler("cpu")
+    load_checkpoint(tmp_path / "fp32", network, optimizer, fresh)  # switched to fp16: a new scale
+    assert fresh.get_scale() == 2.0**16
