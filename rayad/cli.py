@@ -524,9 +524,9 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only an empty one
         if _ray_connected() and not ray_before:
-            from rayad.cluster import disconnect_at_exit
+            from rayad.cluster import leave_ray
 
-            disconnect_at_exit()
+            leave_ray(process_ends=argv is None)  # the command line, where the process ends next
     return 0
 
 

@@ -22,7 +22,7 @@ from rayad.cpu import ONE_ARENA_ENV
 from rayad.errors import RayadError, stop_on_sigterm
 from rayad.settings import Cluster
 
-__all__ = ["Cluster", "check_resources", "check_shared_paths", "connect", "disconnect_at_exit", "fitting_groups",
+__all__ = ["Cluster", "check_resources", "check_shared_paths", "connect", "leave_ray", "fitting_groups",
            "node_share", "smallest_node_cpus", "with_worker_cpus"]
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,21 @@ def connect(address: str | None, log_to_driver: bool = True) -> bool:
     return local
 
 
-def disconnect_at_exit() -> None:
-    """Leave Ray (stopping a local one) as this process ends, ignoring Ctrl-C from here on: at exit, Ray's own
-    shutdown took a second Ctrl-C as a traceback and left its processes running. (SIGTERM still ends the process:
-    Ray's shutdown gives it back its default action.)"""
-    if threading.current_thread() is threading.main_thread():  # the only one that may set handlers
-        for stop in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(stop, signal.SIG_IGN)
+def leave_ray(process_ends: bool) -> None:
+    """Leave Ray (stopping a local one) with Ctrl-C ignored: Ray's own shutdown at exit took a second Ctrl-C as a
+    traceback and left its processes running. When `process_ends` (the command line), Ctrl-C stays ignored through
+    Python's own shutdown; else the caller gets its handlers back. (SIGTERM is ignored too, but Ray's shutdown
+    gives it back its default action: it still ends the process.)"""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    main_thread = threading.current_thread() is threading.main_thread()  # the only one that may set handlers
+    previous = [signal.signal(stop, signal.SIG_IGN) for stop in signals] if main_thread else []
     log.debug("leaving Ray (Ctrl-C is ignored now)")
-    ray.shutdown()
+    try:
+        ray.shutdown()
+    finally:
+        if not process_ends:
+            for stop, handler in zip(signals, previous, strict=False):
+                signal.signal(stop, handler)
 
 
 def _join(address: str, log_to_driver: bool) -> None:
@@ -143,24 +149,29 @@ def _refuse(problem: str) -> None:
 
 
 def autoscaled() -> bool:
-    """Whether an autoscaler may add nodes to the connected cluster. Ray's v2 autoscaler says so in the GCS; the v1
-    monitor runs on every head and publishes its status there, but without an autoscaling config (a local Ray,
-    `ray start` by hand) it names each node's type after the node, where a real one uses its config's types."""
+    """Whether an autoscaler may add nodes to the connected cluster. Ray's monitor runs on every head, v1 or v2,
+    and reports the nodes' types; without an autoscaling config (a local Ray, `ray start` by hand, a fixed
+    KubeRay cluster) it can add none, and it names each node's type after the node, where a real autoscaler
+    uses its config's types."""
     from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
     from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.autoscaler.v2.sdk import get_cluster_status
     from ray.autoscaler.v2.utils import is_autoscaler_v2
     from ray.experimental.internal_kv import _internal_kv_get
 
     if not ray.is_initialized():
         return False
-    if is_autoscaler_v2(fetch_from_server=True):
-        return True
     try:
-        report = json.loads(_internal_kv_get(DEBUG_AUTOSCALING_STATUS) or "{}").get("autoscaler_report") or {}
-    except ValueError:
+        if is_autoscaler_v2(fetch_from_server=True):
+            status = get_cluster_status(ray.get_runtime_context().gcs_address)
+            types = {node.node_id: node.ray_node_type_name for node in [*status.active_nodes, *status.idle_nodes]}
+        else:
+            report = json.loads(_internal_kv_get(DEBUG_AUTOSCALING_STATUS) or "{}").get("autoscaler_report") or {}
+            types = report.get("node_type_mapping") or {}
+    except Exception as e:  # noqa: BLE001 - Ray's RPC and parsing errors: then no autoscaler is assumed
+        log.debug("the autoscaler's status cannot be read (%s: %s)", type(e).__name__, e)
         return False
-    types = report.get("node_type_mapping") or {}
-    return any(kind != format_readonly_node_type(node) for node, kind in types.items())
+    return any(kind and kind != format_readonly_node_type(node) for node, kind in types.items())
 
 
 def smallest_node_cpus() -> float:

@@ -180,7 +180,8 @@ def probe_network(network: nn.Module, image_size: int, training: bool, device: t
     def cached() -> dict[str, float]:
         # No thread count in the key: every process on the machine, whatever its CPU share, decides alike.
         key = {"device": device_name(device), "torch": torch.__version__, "training": training,
-               "size": image_size, "batch": batch, "network": _shape_signature(network)}
+               "size": image_size, "batch": batch, "network": _shape_signature(network),
+               **({"tf32": torch.backends.cudnn.allow_tf32} if device.type == "cuda" else {})}  # fp32's speed
         return _cached(key, measure)
 
     return cached

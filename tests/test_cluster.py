@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -106,23 +107,36 @@ def test_ctrl_c_while_a_local_ray_shuts_down_leaves_no_ray_behind(demo_root, tmp
     driver = subprocess.Popen([sys.executable, "-m", "rayad.cli", "-v", "train", "--data", str(demo_root),
                                "--category", "brick", *TINY_ARGS, "--workers", "64", "--out", str(tmp_path / "run")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    said = []
-    for line in driver.stderr:  # refused once the local Ray is up, it leaves Ray
-        said.append(line)
-        if "leaving Ray" in line:
-            break
-    gcs, signals = _children(driver.pid, "gcs_server"), 0
-    while driver.poll() is None:
+    said, leaving = [], threading.Event()
+
+    def read():  # all of it, so that the driver never blocks on a full pipe
+        for line in driver.stderr:
+            said.append(line)
+            if "leaving Ray" in line:  # refused once the local Ray is up, it leaves Ray
+                leaving.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert leaving.wait(timeout=180), said[-5:]
+    gcs, signals, deadline = _children(driver.pid, "gcs_server"), 0, time.monotonic() + 120
+    while driver.poll() is None and time.monotonic() < deadline:
         driver.send_signal(signal.SIGINT)
         signals += 1
         time.sleep(0.01)
-    said += driver.stderr.readlines()
-    assert signals > 3 and driver.returncode == 2, said[-5:]
+    reader.join(timeout=60)
+    assert signals > 3 and driver.wait(timeout=10) == 2, said[-5:]
     assert any("asked for 64 worker(s)" in line for line in said) and not any("Traceback" in line for line in said)
-    deadline = time.monotonic() + 10
     while gcs and _process(gcs[0]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert gcs and not _process(gcs[0]), "Ray's processes stop with it"
+
+
+def test_leaving_ray_gives_a_python_caller_its_signal_handlers_back():
+    """Only the command line keeps Ctrl-C ignored as it ends: a Python caller of `cli.main` kept none."""
+    code = ("import signal; from rayad.cluster import leave_ray; handler = signal.getsignal(signal.SIGINT); "
+            "leave_ray(process_ends=False); assert signal.getsignal(signal.SIGINT) is handler; "
+            "leave_ray(process_ends=True); assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def _children(pid: int, name: str) -> list[int]:

@@ -3,6 +3,8 @@ runs: checked on CPU machines (the CUDA paths themselves are in tests/gpu, marke
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 import torch
@@ -159,6 +161,9 @@ def test_ray_s_own_monitor_is_not_taken_for_an_autoscaler(ray_cluster):
 
     from rayad.cluster import autoscaled
 
+    deadline = time.monotonic() + 60
+    while not _internal_kv_get("__autoscaling_status") and time.monotonic() < deadline:  # published every few s
+        time.sleep(0.5)
     assert _internal_kv_get("__autoscaling_status") and not autoscaled()
 
 
@@ -190,11 +195,13 @@ def test_every_node_must_see_storage_and_data(ray_cluster, tmp_path, demo_root):
 
 @pytest.mark.parametrize("command", [["train", "--workers", "1", "--gpu"],
                                      ["tune", "--space", "quick", "--gpus-per-worker", "1"]])
-def test_gpu_workers_with_a_driver_that_has_no_gpu_check_scoring_on_its_cpu(demo_root, tmp_path, capsys, command):
+def test_gpu_workers_with_a_driver_that_has_no_gpu_check_scoring_on_its_cpu(demo_root, tmp_path, capsys, monkeypatch,
+                                                                             command):
     """The driver calibrates (and a search evaluates) the model on its own device, its CPU where it has no GPU (a
     KubeRay head): fp16 scoring failed there only once the training was done."""
     from rayad.cli import main
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU head, also on a GPU machine
     code = main([*command, "--data", str(demo_root), "--category", "brick", "--out", str(tmp_path / "out"),
                  "--set", "scoring.precision=fp16"])
     err = capsys.readouterr().err.strip()

@@ -19,7 +19,7 @@ st.title(f"Search: {exp.name}")
 st.caption(f"Category `{experiment['category']}` · objective {mode} `{metric}` on the validation split · "
            f"status {experiment.get('status', '?')}")
 if experiment.get("status") == "interrupted":
-    st.info(f"This search was stopped before its trials ended (those shown as running stopped with it); "
+    st.info(f"This search was stopped before its trials ended (those it left running show as interrupted); "
             f"`rayad tune --out {exp} --resume` goes on with it, each trial from its last checkpoint.")
 elif experiment.get("status") == "failed":
     st.warning(f"This search failed: {experiment.get('error') or 'see its log'}", icon=":material/warning:")

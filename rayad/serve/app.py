@@ -12,7 +12,6 @@ Images are decoded with `load_image` and scored with `Predictor.score`, exactly 
 # decorated, so everything their methods use is defined above them.
 import asyncio
 import base64
-import email.message
 import hmac
 import io
 import json
@@ -31,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
+from python_multipart.multipart import parse_options_header
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError
@@ -103,10 +103,9 @@ def model_card(name: str, run_dir: str) -> dict[str, Any]:
 
 
 def _boundary(request: Request) -> bytes:
-    """The multipart boundary the Content-Type names (b"" without one: Starlette's parser refuses that)."""
-    header = email.message.Message()
-    header["content-type"] = request.headers.get("content-type", "")
-    return str(header.get_param("boundary") or "").encode("latin-1", "replace")
+    """The multipart boundary the Content-Type names, read as Starlette's parser reads it (b"" without one: the
+    parser refuses that)."""
+    return parse_options_header(request.headers.get("content-type", ""))[1].get(b"boundary", b"")
 
 
 def _is_multipart(request: Request) -> bool:

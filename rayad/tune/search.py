@@ -31,7 +31,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from rayad import __version__
 from rayad.artifact import Predictor, build_anomaly_model, calibrate_and_save
-from rayad.cluster import Cluster, check_resources, check_shared_paths, connect, fitting_groups
+from rayad.cluster import Cluster, autoscaled, check_resources, check_shared_paths, connect, fitting_groups
 from rayad.config import Config, load_config
 from rayad.data.manifest import build_manifest, save_manifest
 from rayad.errors import ConfigError, Interrupted, RayadError, sigint_restored
@@ -155,6 +155,9 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
     save_manifest(build_manifest(s.data_root, s.category, plan.base.data), exp_dir / MANIFEST)
     fits = fitting_groups(plan.cluster)
     concurrent = s.concurrent or fits
+    if not s.concurrent and autoscaled():
+        log.warning("%d trial(s) at a time, as many as the cluster's nodes hold now; its autoscaler may add nodes "
+                    "for more: ask with --concurrent N", fits)
     if resume:
         experiment = previous | {"status": "running", "stopped_at": None, "error": None,
                                  "resumed_at": [*previous.get("resumed_at", []), time.time()]}
@@ -177,10 +180,10 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
             raise
         stopped = isinstance(e, KeyboardInterrupt)  # Ctrl-C, and Interrupted
         if experiment["status"] == "running":  # not once finished (an MLflow upload after it may fail)
-            mark_interrupted(exp_dir)
             write_json(exp_dir / EXPERIMENT, experiment | {"status": "interrupted" if stopped else "failed",
                                                            "stopped_at": time.time(), "error": None if stopped else
                                                            f"{type(e).__name__}: {e}"})
+            mark_interrupted(exp_dir)
         if stopped and not isinstance(e, Interrupted):  # a second Ctrl-C, or one while Ray Tune starts or exports
             raise Interrupted("stopped", resume_with) from None
         raise
@@ -280,11 +283,14 @@ def _storage(plan: Plan, exp_dir: Path) -> str:
 
 
 def _check_resumable(plan: Plan, exp_dir: Path, record: dict[str, Any]) -> None:
-    started = {name: (record.get("versions") or {}).get(name) for name in ("rayad", "ray")}
-    if started != {"rayad": __version__, "ray": ray.__version__}:  # Ray Tune unpickles objects of those versions
-        raise RayadError(f"{exp_dir}: started with rayad {started['rayad']} and Ray {started['ray']}, and only "
-                         f"those versions can resume it (this is rayad {__version__}, Ray {ray.__version__}); "
-                         "install them to resume it, or start a new --out")
+    versions = record.get("versions") if isinstance(record.get("versions"), dict) else {}
+    now = {"rayad": __version__, "ray": ray.__version__, "optuna": optuna.__version__}
+    started = {name: versions.get(name) for name in now}
+    if started != now:  # Ray Tune unpickles objects of those versions (the searcher holds Optuna's)
+        said = ", ".join(f"{name} {version}" for name, version in started.items())
+        raise RayadError(f"{exp_dir}: started with {said}, and only those versions can resume it (this is "
+                         f"{', '.join(f'{name} {version}' for name, version in now.items())}); install them to "
+                         "resume it, or start a new --out")
     tune_path = _tune_path(plan, exp_dir)
     if not tune.Tuner.can_restore(tune_path):
         raise RayadError(f"{exp_dir}: no experiment to resume (no Tune state at {tune_path})")

@@ -183,14 +183,13 @@ def mark_interrupted(exp_dir: Path) -> None:
     them running again as Ray Tune restarts them)."""
     try:
         rows = read_rows(exp_dir / TRIALS)
+        left = [row for row in rows if row["status"] == "running"]
+        for row in left:
+            row["status"] = "interrupted"
+        if left:
+            write_rows(rows, exp_dir / TRIALS)
     except (OSError, pa.ArrowException) as e:  # the search stops with its own error, not this one
         log.warning("%s: its trials stay marked running: %s", exp_dir / TRIALS, e)
-        return
-    left = [row for row in rows if row["status"] == "running"]
-    for row in left:
-        row["status"] = "interrupted"
-    if left:
-        write_rows(rows, exp_dir / TRIALS)
 
 
 def trial_run_name(trial_id: str) -> str:

@@ -307,7 +307,8 @@ def test_a_search_never_overwrites_or_merges_with_an_experiment_and_damage_is_na
         (["tune", "--out", str(damaged_json), "--resume"], "experiment.json: not an experiment record"),
         (["tune", "--out", str(damaged_rows), "--resume"], "trials.parquet: unreadable"),
         (["tune", "--out", str(lost_rows), "--resume"], "trials.parquet: lacks 4 of the 4 trials Ray Tune has"),
-        (["tune", "--out", str(older), "--resume"], f"started with rayad 0.0.9 and Ray {ray.__version__}, and only "),
+        (["tune", "--out", str(older), "--resume"], f"started with rayad 0.0.9, ray {ray.__version__}, optuna "
+                                                   f"{optuna.__version__}, and only those versions can resume it"),
     ]:
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
