@@ -18,6 +18,9 @@ MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as possible decompres
 # the highest that limit can go
 PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# What Pillow may decode: only these formats. Pillow opens dozens more, and some run other programs on what a
+# client uploads (EPS runs Ghostscript where it is installed).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 
 
 class ImageTooLarge(DataError):
@@ -34,7 +37,7 @@ def decode_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IM
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, just below
-            image = Image.open(io.BytesIO(source) if encoded else source)
+            image = Image.open(io.BytesIO(source) if encoded else source, formats=IMAGE_FORMATS)
             if image.width * image.height > max_pixels:
                 raise ImageTooLarge(f"{name}: {image.width}x{image.height} pixels is over the limit of "
                                     f"{max_pixels:,}")
@@ -44,7 +47,7 @@ def decode_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IM
     except FileNotFoundError:
         raise DataError(f"{name}: file not found") from None
     except Image.UnidentifiedImageError:  # its message names the file object: <_io.BytesIO object at 0x…>
-        raise DataError(f"{name}: not a readable image (unknown format, or not an image)") from None
+        raise DataError(f"{name}: not a readable image (rayad reads PNG, JPEG, BMP, TIFF and WebP)") from None
     except Image.DecompressionBombError:  # Pillow's own limit, met first
         raise ImageTooLarge(f"{name}: over the pixel limit of {PILLOW_MAX_PIXELS:,}, Pillow's own (a possible "
                             "decompression bomb)") from None
@@ -80,7 +83,7 @@ def image_size(content: bytes) -> tuple[int, int]:
     """(width, height) of an encoded image that `decode_image` has read: from its header, without decoding."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(content)).size
+        return Image.open(io.BytesIO(content), formats=IMAGE_FORMATS).size
 
 
 def load_image(source: str | Path | bytes | BinaryIO, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:

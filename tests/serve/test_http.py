@@ -212,7 +212,7 @@ def test_bad_input_never_gives_500(server, demo_root):
         assert "<_io." not in response.json()["error"] and "object at 0x" not in response.json()["error"], what
     upload = requests.post(f"{server}/v1/predict?model=brick", headers=KEY,
                            files={"file": ("x.png", b"hello, world", "image/png")}).json()["error"]
-    assert upload == "image: not a readable image (unknown format, or not an image)"
+    assert upload == "image: not a readable image (rayad reads PNG, JPEG, BMP, TIFF and WebP)"
     unknown = requests.post(f"{server}/v1/predict?model=nope", data=good, headers=KEY)
     assert unknown.status_code == 404 and "unknown model 'nope'" in unknown.json()["error"]
     long_name = requests.post(f"{server}/v1/predict?model={'x' * 5000}", data=good, headers=KEY)
