@@ -128,8 +128,9 @@ async def _uploads(request: Request, limit_mb: float, max_files: int) -> AsyncIt
         received += len(chunk)
         if received > limit:
             raise HTTPException(413, f"body is over the limit of {limit:,} bytes")
-        closed = closed or closing in last + chunk
-        last = (last + chunk)[-len(closing):]
+        tail = chunk[-len(closing):]  # the boundary may span two chunks: look at the last bytes before this one
+        closed = closed or closing in chunk or closing in last + chunk[:len(closing)]
+        last = (last + tail)[-len(closing):]
         return message
 
     try:

@@ -157,12 +157,17 @@ def fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: 
         return _fit_distributed(cfg, data_root, category, out_dir, cluster, progress, started, resume)
 
 
+def check_buildable_on(cluster: Cluster, cfg: Config) -> None:
+    """`check_buildable` for a Ray job: trained on its workers' device, calibrated on the driver's."""
+    check_buildable(cfg, "cuda" if cluster.use_gpu else "cpu", driver_device(cluster.use_gpu))
+
+
 def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir: Path, cluster: Cluster,
                      progress: bool, started: float, resume: bool) -> Path:
     root = cluster.storage or str(out_dir / RAY_STATE)  # checked on every node; the run keeps its own folder there
     storage = ray_storage(cluster.storage, out_dir, root)
     resumed = check_run_folder(cfg, data_root, category, out_dir, resume, latest_recorded(storage), distributed=True)
-    check_buildable(cfg, "cuda" if cluster.use_gpu else "cpu", driver_device(cluster.use_gpu))
+    check_buildable_on(cluster, cfg)
     data = load_train_data(cfg, data_root, category)  # validates data and fills the cache once
     connect(cluster.address)
     cluster = with_worker_cpus(cluster)

@@ -60,8 +60,8 @@ from rayad.precision import driver_device
 from rayad.settings import SearchSettings
 from rayad.tracking import TrialRuns, check_tracking_uri, log_best
 from rayad.train.checkpoint import load_checkpoint
-from rayad.train.loop import LoopConfig, check_buildable, load_train_data
-from rayad.train.ray_train import build_trainer
+from rayad.train.loop import LoopConfig, load_train_data
+from rayad.train.ray_train import build_trainer, check_buildable_on
 from rayad.tune.space import SearchSpace, load_space
 from rayad.tune.store import ResultsStore, mark_interrupted, read_rows, trial_run_name, write_json
 from rayad.validation import load_validation
@@ -146,7 +146,7 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
     elif (exp_dir / EXPERIMENT).exists():
         raise RayadError(f"{exp_dir}: already holds an experiment; resume it (--resume, or resume=True), or give "
                          "a new folder")
-    check_buildable(plan.base, "cuda" if plan.cluster.use_gpu else "cpu", driver_device(plan.cluster.use_gpu))
+    check_buildable_on(plan.cluster, plan.base)
     _check_data(plan)
     connect(address)
     check_resources(plan.cluster)
@@ -287,10 +287,10 @@ def _check_resumable(plan: Plan, exp_dir: Path, record: dict[str, Any]) -> None:
     now = {"rayad": __version__, "ray": ray.__version__, "optuna": optuna.__version__}
     started = {name: versions.get(name) for name in now}
     if started != now:  # Ray Tune unpickles objects of those versions (the searcher holds Optuna's)
-        said = ", ".join(f"{name} {version}" for name, version in started.items())
-        raise RayadError(f"{exp_dir}: started with {said}, and only those versions can resume it (this is "
-                         f"{', '.join(f'{name} {version}' for name, version in now.items())}); install them to "
-                         "resume it, or start a new --out")
+        def listed(versions: dict[str, str | None]) -> str:
+            return ", ".join(f"{name} {version}" for name, version in versions.items())
+        raise RayadError(f"{exp_dir}: started with {listed(started)}, and only those versions can resume it (this "
+                         f"is {listed(now)}); install them to resume it, or start a new --out")
     tune_path = _tune_path(plan, exp_dir)
     if not tune.Tuner.can_restore(tune_path):
         raise RayadError(f"{exp_dir}: no experiment to resume (no Tune state at {tune_path})")
