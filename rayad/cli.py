@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from rayad.data.images import IMAGE_SUFFIXES
 from rayad.errors import DataError, RayadError, stop_on_sigterm
 from rayad.settings import (
     DASHBOARD_PORT,
@@ -485,9 +486,28 @@ def check_outputs(args) -> None:
                 raise RayadError(f"--{flag} {path}: {part} is a file, not a folder")
         if not folder and path.is_dir():
             raise RayadError(f"--{flag} {path}: is a folder; give a file name")
+        read = None if folder else read_input(args, path)
+        if read is not None:
+            raise RayadError(f"--{flag} {path}: is {read}, which the command reads; give another file name")
         existing = next(part for part in [path, *path.parents] if part.exists())
         if not os.access(existing, os.W_OK):
             raise RayadError(f"--{flag} {path}: {existing} is not writable")
+
+
+def read_input(args, path: Path) -> str | None:
+    """What an existing output file is among the command's inputs: a file of the model (--run), or an image
+    it scores (a PATH or --input given, or an image below a folder given); None when it is neither."""
+    if not path.is_file():
+        return None
+    target, run = path.resolve(), getattr(args, "run", None)
+    if run is not None and target.is_relative_to(run.resolve()):
+        return f"a file of the model --run {run}"
+    for given in [*getattr(args, "paths", []), *getattr(args, "inputs", [])]:
+        source = Path(given).resolve()
+        if "://" not in given and (target == source or (source.is_dir() and target.is_relative_to(source)
+                                                         and target.suffix.lower() in IMAGE_SUFFIXES)):
+            return f"an image it scores ({given})"
+    return None
 
 
 def new_output_folders(args) -> list[Path]:

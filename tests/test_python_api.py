@@ -31,6 +31,13 @@ def test_predict_arrays_needs_the_models_input(predictor, images, message):
     assert message in str(raised.value)
 
 
+def test_predict_arrays_scores_a_view_with_negative_strides(predictor):
+    """`images[..., ::-1]`, the usual BGR to RGB flip, gave torch's own ValueError about negative strides."""
+    bgr = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    view = predictor.predict_arrays(bgr[..., ::-1]).scores
+    np.testing.assert_array_equal(view, predictor.predict_arrays(bgr[..., ::-1].copy()).scores)
+
+
 def test_predict_files_names_wrong_arguments_and_scores_the_rest(predictor, demo_root):
     image = demo_root / "brick" / "test" / "good" / "000.png"
     with pytest.raises(TypeError, match="a list of paths or encoded images, not one str"):

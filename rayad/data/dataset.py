@@ -42,8 +42,9 @@ class ImageSet:
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]. Any strides: a view such as `images[..., ::-1]`
+    (BGR to RGB) is copied, as torch takes no negative strides."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def cache_dir() -> Path:

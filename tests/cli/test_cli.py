@@ -149,6 +149,24 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, tra
     assert set(tmp_path.rglob("*")) == before  # not even an empty --out folder is left behind
 
 
+@pytest.mark.parametrize("args, needle", [  # each wrote its table or metrics over the file, exit 0
+    (["predict", "--run", "{run}", "{image}", "--out", "{image}"], "is an image it scores ({image})"),
+    (["predict", "--run", "{run}", "{good}", "--out", "{image}"], "is an image it scores ({good})"),
+    (["predict", "--run", "{run}", "{image}", "--out", "{run}/model.json"], "is a file of the model --run {run}"),
+    (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "brick", "--json", "{run}/model.json"],
+     "is a file of the model"),
+])
+def test_an_output_file_never_overwrites_what_the_command_reads(args, needle, demo_root, trained_run, capsys):
+    good = demo_root / "brick" / "test" / "good"
+    names = {"demo": demo_root, "run": trained_run, "good": good, "image": good / "000.png"}
+    files = [good / "000.png", trained_run / "model.json"]
+    before = [f.read_bytes() for f in files]
+    assert main([a.format(**names) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle.format(**names) in err and "which the command reads; give another file name" in err
+    assert [f.read_bytes() for f in files] == before
+
+
 
 def test_train_logs_to_mlflow(tmp_path, demo_root, capsys, monkeypatch):
     from mlflow import MlflowClient
