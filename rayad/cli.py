@@ -369,6 +369,10 @@ def cmd_export(args) -> None:
     meta = export_model(args.run, args.format, args.out)
     print(f"wrote {args.out / meta['file']} (threshold {meta['threshold']:.6g}; max difference to PyTorch "
           f"{meta['parity']['max_abs_difference']:.2g}, tolerance {meta['parity']['tolerance']:g})")
+    if meta["model_precision"] != "fp32":
+        print(f"rayad export: the model scores in {meta['model_precision']} (predict, evaluate, Serve) and this export "
+              "in fp32: scores differ by that rounding, and an image near the threshold can get another label",
+              file=sys.stderr)
 
 
 def cmd_tune(args) -> None:
@@ -478,9 +482,6 @@ def check_outputs(args) -> None:
         if dangling is not None:
             raise RayadError(f"--{flag} {path}: {dangling} is a symbolic link to {os.readlink(dangling)}, which "
                              "does not exist")
-        if getattr(args, "ray", False) and flag == "out" and path.is_dir() and any(path.iterdir()):
-            raise RayadError(f"--out {path}: already holds files, and Ray Data adds its Parquet files to them; "
-                             "give a new or empty folder")
         for part in ([path] if folder else []) + list(path.parents):
             if part.exists() and not part.is_dir():
                 raise RayadError(f"--{flag} {path}: {part} is a file, not a folder")

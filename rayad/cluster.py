@@ -71,7 +71,10 @@ def _join(address: str, log_to_driver: bool) -> None:
     try:
         ray.init(address=address, log_to_driver=log_to_driver)
     except (ConnectionError, ValueError) as e:
-        raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e})") from None
+        hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
+            "; a cluster with token authentication (a `ray start` of Ray 2.60 turns it on) needs RAY_AUTH_MODE=token "
+            "and its token here")
+        raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e}){hint}") from None
 
 
 def _check_reachable(address: str) -> None:

@@ -139,6 +139,7 @@ def _metadata(predictor: Predictor, fmt: str, diff: float, n_checked: int) -> di
         "label_rule": "score >= threshold; normalized_score = (score - score_mean) / score_std; "
                       "mask = anomaly_map >= pixel_threshold",
         "parity": {"max_abs_difference": diff, "tolerance": TOLERANCE[fmt], "images_checked": n_checked},
+        "model_precision": predictor.precision.precision,  # the parity is against the fp32 model, whatever this is
     }
 
 

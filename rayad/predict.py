@@ -1,9 +1,10 @@
 """`rayad predict`: score files and folders, write a Parquet table and optional heatmaps.
 
-In one process (one Parquet file), or (`--ray`) streamed through Ray Data: files are read as bytes, an
-actor pool holding the `Predictor` scores them in batches, and Ray Data's workers write the rows as a
-Parquet dataset (a folder or URI). Both paths score through `Predictor.predict_files`, so they give the
-same rows.
+In one process (one Parquet file), or (`--ray`) streamed through Ray Data: the driver lists the files, Ray
+Data's tasks read them as bytes (a file that cannot be read gets an error in its row), an actor pool holding
+the `Predictor` scores them in batches, and Ray Data's workers write the rows as a Parquet dataset (a folder or
+URI), first into a hidden folder inside it, moved into place once every row is written. Both paths score
+through `Predictor.predict_files`, so they give the same rows.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,8 @@ from rayad.settings import PREDICT_BATCH, threads_for
 from rayad.visualize import heatmap_image
 
 READ_CPUS = 0.25  # reading and writing files is I/O: those tasks take a small CPU share
+READ_BATCH = 16  # files a read task reads into one block
+INCOMPLETE = "_rayad_incomplete"  # in --out while the rows are written: Parquet readers skip a folder named _*
 SCHEMA = pa.schema([("path", pa.string()), ("score", pa.float64()), ("normalized_score", pa.float64()),
                     ("label", pa.bool_()), ("heatmap", pa.string()), ("error", pa.string())])
 
@@ -75,6 +79,52 @@ def _read(path: Path) -> bytes | DataError:
         return DataError(f"{path}: cannot read ({e.strerror})")
 
 
+def list_inputs(inputs: list[str]) -> tuple[list[dict[str, object]], list[pafs.FileSystem | None]]:
+    """The files to score, as rows (`path`: the name their row gets, `source`: the index of their filesystem in
+    the list returned with them, None for local files, `key`: the path in it). Local files and folders are
+    listed by `expand_paths` (made absolute, as every node must read them), file:// URIs likewise; other URIs
+    (s3://, gs://) through their pyarrow filesystem: a file as given, a folder as the images below it (sorted)."""
+    local, rows, sources = [], [], [None]
+    for given in inputs:
+        filesystem, path = pafs.FileSystem.from_uri(given) if "://" in given else (None, given)
+        if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
+            local.append(Path(path))
+            continue
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            keys = sorted(f.path for f in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+                          if f.type == pafs.FileType.File and Path(f.path).suffix.lower() in IMAGE_SUFFIXES)
+            if not keys:
+                raise DataError(f"no images in {given} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        elif info.type == pafs.FileType.File:
+            keys = [path]
+        else:
+            raise DataError(f"{given}: no such file or folder")
+        scheme = given.split("://", 1)[0]
+        rows += [{"path": f"{scheme}://{key}", "source": len(sources), "key": key} for key in keys]
+        sources.append(filesystem)
+    files = [{"path": str(p.absolute()), "source": 0, "key": str(p.absolute())} for p in expand_paths(local)]
+    return files + rows, sources
+
+
+def _read_batch(batch: dict[str, np.ndarray], sources: list[pafs.FileSystem | None]) -> dict[str, list]:
+    """A Ray Data task: the files of a batch of `list_inputs` rows as bytes, and the error of each that cannot be
+    read (as the single-process path gives it)."""
+    contents = [_read(Path(key)) if sources[source] is None else _read_remote(sources[source], key, name)
+                for name, source, key in zip(batch["path"], batch["source"], batch["key"], strict=True)]
+    return {"path": list(batch["path"]),
+            "bytes": [b"" if isinstance(c, DataError) else c for c in contents],
+            "error": [str(c) if isinstance(c, DataError) else "" for c in contents]}  # not None: NaN in numpy
+
+
+def _read_remote(filesystem: pafs.FileSystem, key: str, name: str) -> bytes | DataError:
+    try:
+        with filesystem.open_input_file(key) as stream:
+            return stream.read()
+    except OSError as e:
+        return DataError(f"{name}: cannot read ({str(e).splitlines()[0]})")
+
+
 def score_rows(predictor: Predictor, names: list[str], contents: list[bytes | DataError], heatmaps: str | None
                ) -> list[dict]:
     """Rows for a batch of encoded images (a DataError in `contents` was met while reading the file)."""
@@ -108,8 +158,12 @@ def _write_heatmap(folder: str | Path, name: str, content: bytes, anomaly_map: n
     name_part = f"{Path(name).stem}_{hashlib.sha1(name.encode()).hexdigest()[:8]}_heatmap.png"
     buffer = io.BytesIO()
     heatmap_image(anomaly_map, threshold, image_size(content)).save(buffer, format="PNG")
-    with filesystem.open_output_stream(f"{base.rstrip('/')}/{name_part}") as stream:
-        stream.write(buffer.getvalue())
+    target = f"{base.rstrip('/')}/{name_part}"
+    if isinstance(filesystem, pafs.LocalFileSystem):  # a stop midway leaves no half PNG
+        atomic_write(Path(target), lambda tmp: tmp.write_bytes(buffer.getvalue()))
+    else:  # an object store shows an object once its upload is complete
+        with filesystem.open_output_stream(target) as stream:
+            stream.write(buffer.getvalue())
     return f"{location.rstrip('/')}/{name_part}"
 
 
@@ -127,7 +181,9 @@ class ScoringActor:
         self.heatmaps = heatmaps
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows = score_rows(self.predictor, [str(p) for p in batch["path"]], list(batch["bytes"]), self.heatmaps)
+        contents = [DataError(error) if error else content
+                    for content, error in zip(batch["bytes"], batch["error"], strict=True)]
+        rows = score_rows(self.predictor, [str(p) for p in batch["path"]], contents, self.heatmaps)
         return {name: [row[name] for row in rows] for name in SCHEMA.names}
 
 
@@ -136,44 +192,61 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
                      cpus_per_actor: float | None = None, gpus_per_actor: float = 0.0,
                      address: str | None = None) -> pa.Table:
     """Stream `inputs` (local files and folders, or URIs such as s3://bucket/images/) through an actor pool;
-    Ray Data's workers write the rows as Parquet files into `out` (a folder or a pyarrow filesystem URI),
-    never through the driver, which reads back only their `error` column and returns it (null where the image
-    was scored). Every node must reach the inputs, the run and `out`. `cpus_per_actor` defaults to
-    `default_actor_cpus()`. Joins the cluster at `address` (see `rayad.cluster.connect`) once the run and the
-    local inputs are checked."""
+    Ray Data's workers write the rows as Parquet files into `out` (a new or empty folder, or a pyarrow
+    filesystem URI), never through the driver, which reads back only their `error` column and returns it (null
+    where the image was scored). The rows are in no set order. Stopped or failed, it leaves no rows in `out`.
+    Every node must reach the inputs, the run and `out`. `cpus_per_actor` defaults to `default_actor_cpus()`.
+    Joins the cluster at `address` (see `rayad.cluster.connect`) once the run, the inputs and `out` are checked."""
     import ray
 
     from rayad.cluster import check_fits, connect
 
     load_model(run)  # a broken run fails here, in one line, not in every actor
-    local = [str(p) for p in expand_paths([Path(i) for i in inputs if "://" not in i])]
-    remote = [i for i in inputs if "://" in i]
-    if not local and not remote:
+    files, sources = list_inputs(inputs)
+    if not files:
         raise DataError("give image files, folders or URIs to score")
+    filesystem, folder = pafs.FileSystem.from_uri(_absolute(out))
+    _check_new_folder(out, filesystem, folder)
     connect(address)
-    # Local folders are already expanded to their images, and a file named explicitly gets a row even when it is
-    # no image, as in the single-process path; remote folders are listed by Ray, which keeps their images.
-    reads = [ray.data.read_binary_files(paths, include_paths=True, num_cpus=READ_CPUS, **only)
-             for paths, only in ((local, {}), (remote, {"file_extensions": [s.lstrip(".") for s in IMAGE_SUFFIXES]}))
-             if paths]
-    dataset = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]  # Ray's union needs another dataset
     if cpus_per_actor is None:
         cpus_per_actor = default_actor_cpus()
     check_fits("a scoring actor (--cpus-per-actor, --gpus-per-actor)", cpus_per_actor, gpus_per_actor)
-    scored = dataset.map_batches(
+    pool = actors or pool_size(cpus_per_actor, gpus_per_actor)
+    # Two read tasks a scoring actor, each reading its list of files a batch (a block) at a time: more, smaller
+    # read tasks made scoring slower, as they queue with the writes for the CPU the actors leave (docs/benchmarks.md)
+    read = ray.data.from_items(files, override_num_blocks=min(len(files), 2 * pool)).map_batches(
+        _read_batch, batch_size=READ_BATCH, batch_format="numpy", num_cpus=READ_CPUS, fn_kwargs={"sources": sources})
+    scored = read.map_batches(
         ScoringActor, batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
         # a fixed pool: one that autoscales from 1 actor stayed at 1 on a 2-CPU node (docs/benchmarks.md)
-        compute=ray.data.ActorPoolStrategy(size=actors or pool_size(cpus_per_actor, gpus_per_actor)),
+        compute=ray.data.ActorPoolStrategy(size=pool),
         fn_constructor_kwargs={"run_dir": str(Path(run).absolute()),
                                "heatmaps": _absolute(heatmaps) if heatmaps else None,
                                "threads": threads_for(cpus_per_actor)})
-    location = _absolute(out)
-    # writing takes a small CPU share, as reading does: with a whole CPU it waited for the actors to finish
-    scored.map_batches(_to_schema, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS
-                       ).write_parquet(location, ray_remote_args={"num_cpus": READ_CPUS})
-    filesystem, path = pafs.FileSystem.from_uri(location)
-    return pq.read_table(path, columns=["error"], filesystem=filesystem)
+    incomplete = f"{folder.rstrip('/')}/{INCOMPLETE}"
+    try:
+        # writing takes a small CPU share, as reading does: with a whole CPU it waited for the actors to finish
+        scored.map_batches(_to_schema, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS
+                           ).write_parquet(incomplete, filesystem=filesystem, ray_remote_args={"num_cpus": READ_CPUS})
+        for written in filesystem.get_file_info(pafs.FileSelector(incomplete)):
+            filesystem.move(written.path, f"{folder.rstrip('/')}/{written.base_name}")
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"no rows are kept in {out}") from None
+    finally:
+        with suppress(OSError):
+            filesystem.delete_dir(incomplete)
+    return pq.read_table(folder, columns=["error"], filesystem=filesystem)
+
+
+def _check_new_folder(out: str, filesystem: pafs.FileSystem, folder: str) -> None:
+    """`out` must be a new or empty folder: read back as one dataset, it would mix earlier rows with these."""
+    info = filesystem.get_file_info(folder)
+    if info.type == pafs.FileType.File:
+        raise DataError(f"--out {out}: is a file; give a new or empty folder (the rows are a Parquet dataset)")
+    if info.type == pafs.FileType.Directory and filesystem.get_file_info(pafs.FileSelector(folder)):
+        raise DataError(f"--out {out}: already holds files, and Ray Data adds its Parquet files to them; give a new "
+                        "or empty folder")
 
 
 def default_actor_cpus() -> float:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,22 @@ def check_tracking_uri(uri: str) -> None:
     server that does not answer): it would only fail once the work is done."""
     mlflow = require_mlflow()
     try:
+        _check_server_answers(uri)  # MLflow retries a server that is down for minutes
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - MLflow raises its own and its stores' errors
         raise RayadError(f"mlflow {uri!r} (--mlflow): MLflow cannot use it ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _check_server_answers(uri: str) -> None:
+    """An http(s) tracking URI's host must accept a connection within seconds."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=10).close()
+        except OSError as e:
+            raise ConnectionError(f"nothing answers at {parts.hostname}:{port}: {e.strerror or e}") from None
 
 
 class TrialRuns:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -10,7 +15,8 @@ import pytest
 
 from rayad.cli import main
 from rayad.data.defects import DEFECTS
-from rayad.predict import predict_paths
+from rayad.data.demo import CATEGORIES
+from rayad.predict import INCOMPLETE, predict_paths
 
 pytestmark = pytest.mark.slow
 
@@ -29,27 +35,54 @@ def test_ray_data_scoring_matches_single_process(ray_cluster, trained_run, demo_
     (images / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     notes = tmp_path / "notes.txt"  # named explicitly: a row with an error, as in the single-process path
     notes.write_text("not an image")
+    unreadable = tmp_path / "mem.png"  # reading it fails (EIO): Ray Data's own reader failed the whole run
+    unreadable.symlink_to("/proc/self/mem")
     out = tmp_path / "scores"  # written by Ray Data's workers, as a URI (any pyarrow filesystem)
-    code = main(["predict", "--run", str(trained_run), "--ray", "--input", str(images), "--input", str(notes),
-                 "--out", f"file://{out}",
-                 "--heatmaps", str(tmp_path / "heat"), "--batch-size", "4"])
+    args = ["predict", "--run", str(trained_run), "--ray", "--input", str(images), "--input", str(notes),
+            "--input", str(unreadable), "--out", f"file://{out}", "--heatmaps", str(tmp_path / "heat"),
+            "--batch-size", "4"]
+    code = main(args)
     said = capsys.readouterr()
     assert code == 0 and "wrote" in said.out
     assert len(_scoring_actors() - before) == 2  # by default one actor per core (2 nodes of 1 CPU), not just one
-    assert f"rayad predict: 2 of {4 + 2 * len(DEFECTS) + 2} files could not be scored" in said.err
-    assert list(out.glob("*.parquet"))
+    assert f"rayad predict: 3 of {4 + 2 * len(DEFECTS) + 3} files could not be scored" in said.err
+    assert [p.name for p in out.iterdir() if p.suffix != ".parquet"] == []  # its unfinished folder is gone
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
-    plain = {r["path"]: r for r in predict_paths(trained_run, [images, notes]).to_pylist()}
+    plain = {r["path"]: r for r in predict_paths(trained_run, [images, notes, unreadable]).to_pylist()}
     n_images = 4 + 2 * len(DEFECTS)  # the demo_root fixture's brick test split
-    assert rows.keys() == plain.keys() and len(rows) == n_images + 2
+    assert rows.keys() == plain.keys() and len(rows) == n_images + 3
+    assert rows[str(unreadable)]["error"] == plain[str(unreadable)]["error"] == f"{unreadable}: cannot read " \
+        "(Input/output error)"
     for path, row in rows.items():
         if plain[path]["error"]:
-            assert row["score"] is None and "not a readable image" in row["error"] and path in row["error"]
+            assert row["score"] is None and row["error"] == plain[path]["error"] and path in row["error"]
             continue
         assert row["score"] == pytest.approx(plain[path]["score"], abs=1e-6)
         assert row["label"] == plain[path]["label"] and row["heatmap"].endswith("_heatmap.png")
         assert Path(row["heatmap"]).is_file()
     assert len(list((tmp_path / "heat").glob("*.png"))) == n_images
+    before = sorted(out.iterdir())  # a second run into the URI would add its rows to these (only a path was checked)
+    assert main(args) == 2 and sorted(out.iterdir()) == before
+    assert f"--out file://{out}: already holds files" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_no_rows_in_out(ray_cluster, trained_run, demo_root, tmp_path):
+    """Stopped midway, Ray Data had written part of the rows into --out, which read as a complete result."""
+    out = tmp_path / "scores"
+    inputs = [str(demo_root / category / "test") for category in CATEGORIES] * 10  # rows each time
+    with (tmp_path / "driver.err").open("w+") as err:
+        driver = subprocess.Popen([sys.executable, "-m", "rayad.cli", "predict", "--run", str(trained_run), "--ray",
+                                   *inputs, "--out", str(out), "--batch-size", "1"], stderr=err,
+                                  env={**os.environ, "RAY_ADDRESS": ray_cluster.address})
+        deadline = time.monotonic() + 120
+        while not list(out.glob(f"{INCOMPLETE}/*.parquet")):  # the first rows are written
+            assert driver.poll() is None and time.monotonic() < deadline, "no rows written"
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=60) == 130
+        err.seek(0)
+        assert f"rayad predict: interrupted: no rows are kept in {out}" in err.read()
+    assert not out.exists()  # a new folder: removed as it was left empty
 
 
 def test_a_broken_run_fails_in_one_line_before_any_actor_starts(ray_cluster, demo_root, tmp_path, capsys):

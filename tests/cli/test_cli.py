@@ -100,6 +100,8 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["predict", "--run", "{run}", "--ray", "{tmp}", "--cpus-per-actor", "nan"], "'nan' is not a finite number"),
     (TRAIN + ["--workers", "1", "--storage", "{tmp}/file/ckpt"], "--storage {tmp}/file/ckpt: {tmp}/file is a file"),
     (TRAIN + ["--mlflow", "ftp://x"], "mlflow 'ftp://x' (--mlflow): MLflow cannot use it"),  # before training
+    (TRAIN + ["--mlflow", "http://127.0.0.1:1"],  # at once: MLflow retried for minutes
+     "MLflow cannot use it (ConnectionError: nothing answers at 127.0.0.1:1: Connection refused)"),
     (TRAIN + ["--gpu"], "--gpu: this process sees no CUDA GPU"),  # the suite hides GPUs
     (TRAIN + ["--steps", "5", "--set", "train.steps=abc"], "--steps and --set train.steps: give one of them"),
     (["train", "--data", "{demo}", "--category", "", "--out", "{tmp}/o"], "category '': must name a folder"),
