@@ -487,15 +487,15 @@ def check_outputs(args) -> None:
                 raise RayadError(f"--{flag} {path}: {part} is a file, not a folder")
         if not folder and path.is_dir():
             raise RayadError(f"--{flag} {path}: is a folder; give a file name")
-        read = None if folder else read_input(args, path)
-        if read is not None:
-            raise RayadError(f"--{flag} {path}: is {read}, which the command reads; give another file name")
+        overwritten = None if folder else overwritten_input(args, path)
+        if overwritten is not None:
+            raise RayadError(f"--{flag} {path}: is {overwritten}, which the command reads; give another file name")
         existing = next(part for part in [path, *path.parents] if part.exists())
         if not os.access(existing, os.W_OK):
             raise RayadError(f"--{flag} {path}: {existing} is not writable")
 
 
-def read_input(args, path: Path) -> str | None:
+def overwritten_input(args, path: Path) -> str | None:
     """What an existing output file is among the command's inputs: a file of the model (--run), or an image
     it scores (a PATH or --input given, or an image below a folder given); None when it is neither."""
     if not path.is_file():

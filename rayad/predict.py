@@ -81,9 +81,10 @@ def _read(path: Path) -> bytes | DataError:
 
 def list_inputs(inputs: list[str]) -> tuple[list[dict[str, object]], list[pafs.FileSystem | None]]:
     """The files to score, as rows (`path`: the name their row gets, `source`: the index of their filesystem in
-    the list returned with them, None for local files, `key`: the path in it). Local files and folders are
-    listed by `expand_paths` (made absolute, as every node must read them), file:// URIs likewise; other URIs
-    (s3://, gs://) through their pyarrow filesystem: a file as given, a folder as the images below it (sorted)."""
+    the list returned with them, whose first entry, None, stands for local files; `key`: the path in it).
+    Local files and folders are listed by `expand_paths` (made absolute, as every node must read them), file://
+    URIs likewise; other URIs (s3://, gs://) through their pyarrow filesystem: a file as given, a folder as the
+    images below it (sorted)."""
     local, rows, sources = [], [], [None]
     for given in inputs:
         filesystem, path = pafs.FileSystem.from_uri(given) if "://" in given else (None, given)
@@ -206,6 +207,7 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
     if not files:
         raise DataError("give image files, folders or URIs to score")
     filesystem, folder = pafs.FileSystem.from_uri(_absolute(out))
+    folder = folder.rstrip("/")
     _check_new_folder(out, filesystem, folder)
     connect(address)
     if cpus_per_actor is None:
@@ -224,13 +226,13 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
         fn_constructor_kwargs={"run_dir": str(Path(run).absolute()),
                                "heatmaps": _absolute(heatmaps) if heatmaps else None,
                                "threads": threads_for(cpus_per_actor)})
-    incomplete = f"{folder.rstrip('/')}/{INCOMPLETE}"
+    incomplete = f"{folder}/{INCOMPLETE}"
     try:
         # writing takes a small CPU share, as reading does: with a whole CPU it waited for the actors to finish
         scored.map_batches(_to_schema, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS
                            ).write_parquet(incomplete, filesystem=filesystem, ray_remote_args={"num_cpus": READ_CPUS})
         for written in filesystem.get_file_info(pafs.FileSelector(incomplete)):
-            filesystem.move(written.path, f"{folder.rstrip('/')}/{written.base_name}")
+            filesystem.move(written.path, f"{folder}/{written.base_name}")
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"no rows are kept in {out}") from None
     finally:
