@@ -108,6 +108,7 @@ class TrialRuns:
 
     def _connect(self):
         if self._client is None:
+            _check_server_answers(self.uri)  # a server that went down since the search began: not minutes of retries
             client = require_mlflow().MlflowClient(tracking_uri=self.uri)
             found = client.get_experiment_by_name(self.experiment)
             self._experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)
@@ -137,7 +138,9 @@ def log_training(uri: str, experiment: str, run_dir: Path, config: dict[str, Any
         if log_file.is_file():
             for line in log_file.read_text().splitlines():
                 entry = json.loads(line)
-                mlflow.log_metrics(_numbers(entry, skip=("step",)), step=int(entry.get("step", 0)))
+                logged_at = entry.get("logged_at")  # in logs from before rayad recorded it: the upload's time
+                mlflow.log_metrics(_numbers(entry, skip=("step", "logged_at")), step=int(entry.get("step", 0)),
+                                   timestamp=int(logged_at * 1000) if logged_at else None)
         metadata = json.loads((run_dir / METADATA).read_text())
         mlflow.log_metrics({k: metadata[k] for k in ("threshold", "pixel_threshold")})
         for name in (METADATA, WEIGHTS):

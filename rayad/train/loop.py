@@ -290,7 +290,8 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
         if save or is_due(done, tc.log_every, tc.steps):
             metrics = {"step": done, "loss": float(loss), "lr": lr_at(step, tc), "start_step": start,
                        "world_size": world, "nodes": nodes, "interval_images_per_s": meter.interval(),
-                       **meter.summary(), "precision": precision.precision, "precision_reason": precision.reason}
+                       **meter.summary(), "precision": precision.precision, "precision_reason": precision.reason,
+                       "logged_at": time.time()}  # a search recovers lost evaluations with their own time
             check_converging(metrics["loss"], done, tc, scaler)
             if save and validation is not None:  # model selection: scored at every checkpoint
                 metrics |= validation_metrics(network, cfg, validation, session.device)

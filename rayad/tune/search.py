@@ -183,7 +183,7 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
             write_json(exp_dir / EXPERIMENT, experiment | {"status": "interrupted" if stopped else "failed",
                                                            "stopped_at": time.time(), "error": None if stopped else
                                                            f"{type(e).__name__}: {e}"})
-            mark_interrupted(exp_dir)
+            mark_interrupted(exp_dir, TrialRuns(s.mlflow, exp_dir.name) if s.mlflow else None)
         if stopped and not isinstance(e, Interrupted):  # a second Ctrl-C, or one while Ray Tune starts or exports
             raise Interrupted("stopped", resume_with) from None
         raise

@@ -90,7 +90,7 @@ class ResultsStore(Callback):
         record = {"trial_id": trial.trial_id, "iteration": result[EVALUATION], "step": result.get("step"),
                   "loss": result.get("loss"), **{m: result.get(m) for m in VAL_METRICS},
                   "images_per_s": result.get("interval_images_per_s"), "time_total_s": result.get("time_total_s"),
-                  "timestamp": time.time()}
+                  "timestamp": result.get("logged_at", time.time())}
         self.history = [h for h in self.history
                         if (h["trial_id"], h["iteration"]) != (record["trial_id"], record["iteration"])]
         self.history.append(record)
@@ -120,13 +120,6 @@ class ResultsStore(Callback):
         self._write_trials()
         self._track("ended", trial.trial_id, row["status"], _params(row))
         self._print_progress(row)
-
-    def on_experiment_end(self, trials, **info) -> None:
-        """Also when Ctrl-C stopped the search: the MLflow runs of the trials it left running end as KILLED (the
-        search marks their rows, `mark_interrupted`)."""
-        for trial_id, row in self.trials.items():
-            if row["status"] == "running":
-                self._track("ended", trial_id, "interrupted", _params(row))
 
     def _track(self, event: str, *args) -> None:
         """Tell the MLflow runs (--mlflow). An MLflow that fails is told nothing more in this search, which goes
@@ -178,9 +171,10 @@ def _params(row: dict[str, Any]) -> dict[str, Any]:
     return {k.removeprefix(PARAM_PREFIX): v for k, v in row.items() if k.startswith(PARAM_PREFIX)}
 
 
-def mark_interrupted(exp_dir: Path) -> None:
-    """Mark the trials that a stopped search left running `interrupted` in trials.parquet (a resumed search sets
-    them running again as Ray Tune restarts them)."""
+def mark_interrupted(exp_dir: Path, tracker: TrialRuns | None = None) -> None:
+    """Mark the trials that a stopped search left running `interrupted` in trials.parquet and end their MLflow runs
+    as KILLED; a resumed search sets them running again as Ray Tune restarts them. The search calls this, not a
+    Ray Tune callback: a second Ctrl-C stops Ray Tune before its callbacks run."""
     try:
         rows = read_rows(exp_dir / TRIALS)
         left = [row for row in rows if row["status"] == "running"]
@@ -190,6 +184,15 @@ def mark_interrupted(exp_dir: Path) -> None:
             write_rows(rows, exp_dir / TRIALS)
     except (OSError, pa.ArrowException) as e:  # the search stops with its own error, not this one
         log.warning("%s: its trials stay marked running: %s", exp_dir / TRIALS, e)
+        return
+    if tracker is None:
+        return
+    try:
+        for row in left:
+            tracker.ended(row["trial_id"], "interrupted", _params(row))
+    except Exception as e:  # noqa: BLE001 - MLflow raises its own and its stores' errors
+        log.warning("MLflow (--mlflow) failed (%s: %s); the runs of the stopped trials stay RUNNING there",
+                    type(e).__name__, e)
 
 
 def trial_run_name(trial_id: str) -> str:

@@ -183,8 +183,11 @@ def test_train_logs_to_mlflow(tmp_path, demo_root, capsys, monkeypatch):
     client = MlflowClient(tracking_uri=uri)
     (logged,) = client.search_runs([client.get_experiment_by_name("tracked-run").experiment_id])
     assert logged.data.params["train.steps"] == "6" and logged.data.params["data.image_size"] == "32"
-    losses = [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert [m.value for m in client.get_metric_history(logged.info.run_id, "loss")] == pytest.approx(losses)
+    logged_steps = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    history = client.get_metric_history(logged.info.run_id, "loss")
+    assert [m.value for m in history] == pytest.approx([s["loss"] for s in logged_steps])
+    assert [m.timestamp for m in history] == [int(s["logged_at"] * 1000) for s in logged_steps]  # not the upload's
+    assert "logged_at" not in logged.data.metrics
     assert logged.data.metrics["threshold"] == pytest.approx(json.loads((run / "model.json").read_text())["threshold"])
 
 

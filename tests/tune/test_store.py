@@ -54,8 +54,8 @@ def test_a_resumed_trial_recovers_the_evaluations_ray_train_recorded_but_tune_ne
     row = pq.read_table(exp / "trials.parquet").to_pylist()[0]  # the row as a resumed search finds it
     assert (row["iterations"], row["best_value"], row["checkpoint_path"]) == (2, 0.7, f"{run}/checkpoint_2")
     # Ctrl-C: Ray Train recorded evaluation 3, the best, with its checkpoint; Tune stopped before delivering it
-    _record_in_ray_trains_snapshot(run, kept=[("checkpoint_3", _report(3, 0.8))], latest=("checkpoint_3",
-                                                                                           _report(3, 0.8)))
+    lost = {**_report(3, 0.8), "logged_at": 1_700_000_000.5}
+    _record_in_ray_trains_snapshot(run, kept=[("checkpoint_3", lost)], latest=("checkpoint_3", lost))
 
     resumed = _store(exp, trials)
     resumed.on_trial_start(0, [], TRIAL)
@@ -63,6 +63,7 @@ def test_a_resumed_trial_recovers_the_evaluations_ray_train_recorded_but_tune_ne
     assert [(h["iteration"], h["step"], h["val_image_auroc"]) for h in history] == [(1, 10, 0.6), (2, 20, 0.7),
                                                                                      (3, 30, 0.8)]
     assert history[-1]["images_per_s"] == 50.0 and history[-1]["time_total_s"] is None  # Tune's clock: unknown
+    assert history[-1]["timestamp"] == 1_700_000_000.5  # when it was evaluated, not when it was recovered
     row = pq.read_table(exp / "trials.parquet").to_pylist()[0]
     assert (row["iterations"], row["steps"], row["best_iteration"], row["best_value"]) == (3, 30, 3, 0.8)
     assert row["checkpoint_path"] == f"{run}/checkpoint_3"  # the checkpoint the best model is exported from
@@ -166,3 +167,21 @@ def test_trials_a_stopped_search_left_running_are_interrupted_until_it_resumes_t
     with caplog.at_level(logging.WARNING, logger="rayad.tune.store"):
         mark_interrupted(exp)  # the search stops with its own error
     assert "its trials stay marked running" in caplog.text
+
+
+def test_a_stopped_search_ends_the_mlflow_runs_of_its_running_trials_even_when_ray_tune_ran_no_callback(tmp_path):
+    """A second Ctrl-C stops Ray Tune before its callbacks run: the search's own stop ends the runs."""
+    from mlflow import MlflowClient
+
+    exp, uri = tmp_path / "exp", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp.mkdir()
+    store = ResultsStore(exp, "val_image_auroc", "max", 4, ["train.lr"], {"train.lr": 0.001}, str(tmp_path / "t"),
+                         TrialRuns(uri, "exp"))
+    store.setup()
+    store.on_trial_start(0, [], TRIAL)
+    mark_interrupted(exp, TrialRuns(uri, "exp"))  # a new process's connection, as the search's stop has
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert (run.info.status, run.data.tags["status"], run.data.params) == ("KILLED", "interrupted",
+                                                                           {"train.lr": "0.001"})
+    assert pq.read_table(exp / "trials.parquet").to_pylist()[0]["status"] == "interrupted"
