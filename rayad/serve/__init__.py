@@ -21,6 +21,7 @@ from rayad.settings import LOCAL_HOST, SERVE_PORT, ServeSettings
 
 log = logging.getLogger(__name__)
 APP_NAME = "rayad"
+DRAIN_S = 20.0  # at a stop, how long the requests being scored may take (as long as Serve's graceful shutdown)
 # Ray 2.60's experimental HTTP path: HAProxy (C) in front of the ingress replicas instead of Ray's Python
 # proxy actor. The cluster's processes read these when they start.
 HAPROXY_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
@@ -81,8 +82,8 @@ def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_POR
 
 def serve_until_stopped(settings: ServeSettings, host: str, port: int, on_start: Callable[[str], None]) -> str:
     """Deploy (see `start`), call `on_start(url)`, and block until Ctrl-C (SIGINT) or SIGTERM; then delete the
-    application. Deleting drains it: each replica first finishes the requests it holds (Serve's graceful
-    shutdown, up to 20 s), and a cluster this driver joined would otherwise keep serving it after it leaves.
+    application. First the ingress refuses new images (503) and finishes those it holds (up to DRAIN_S); then
+    the deletion stops the replicas (a cluster this driver joined would otherwise keep serving it after it leaves).
     Returns the signal's name. A signal during the deployment stops once it is done; a second one stops at
     once."""
     received: list[str] = []
@@ -98,5 +99,11 @@ def serve_until_stopped(settings: ServeSettings, host: str, port: int, on_start:
         signal.signal(signum, on_signal)
     on_start(start(settings, host, port))
     stop.wait()
+    try:
+        left = serve.get_app_handle(APP_NAME).drain.remote(DRAIN_S).result(timeout_s=DRAIN_S + 10)
+        if left:
+            log.warning("stopping with %d request(s) still being scored after %g s: they fail", left, DRAIN_S)
+    except Exception as e:  # noqa: BLE001 - Ray's errors; the application is deleted all the same
+        log.warning("the ingress did not drain (%s: %s); stopping", type(e).__name__, e)
     serve.delete(APP_NAME)
     return received[0]

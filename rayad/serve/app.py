@@ -93,13 +93,24 @@ def model_card(name: str, run_dir: str) -> dict[str, Any]:
     """What GET /v1/models says about a model (read from its files, without loading the weights)."""
     run = Path(run_dir)
     meta = read_metadata(run / METADATA)
-    metrics_file = run / TEST_METRICS
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    metrics = _test_metrics(name, run / TEST_METRICS)
     return {"name": name, "version": model_version(run), "category": trained_category(meta),
             "threshold": meta["threshold"], "pixel_threshold": meta["pixel_threshold"],
             "image_size": meta["image_size"], "normalization": meta["normalization"],
             "max_pixels": meta["config"]["data"].get("max_pixels", MAX_IMAGE_PIXELS),  # as `rayad predict` reads
             "metrics": {k: metrics.get(k) for k in METRIC_NAMES}}
+
+
+def _test_metrics(name: str, path: Path) -> dict[str, Any]:
+    """An experiment's test metrics, shown in its card; {} without them. Damaged ones are only not shown."""
+    try:
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(metrics, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        log.warning("model %r: its %s is unreadable, its card shows no test metrics: %s", name, path, e)
+        return {}
+    return metrics
 
 
 def _boundary(request: Request) -> bytes:
@@ -179,6 +190,11 @@ def _png_base64(image: Image.Image) -> str:
 MODELS_PER_REPLICA = 4  # the LRU size of loaded models in each scorer replica
 
 
+class ModelChanged(ArtifactError):
+    """A scorer loaded a model whose files are not those the API describes (`GET /v1/models`): they changed after
+    the server started. Replicas load models when first asked, and again after the LRU let them go."""
+
+
 @serve.deployment
 class Scorer:
     """Holds an LRU of loaded models (Serve multiplexing) and scores concurrent requests in batches."""
@@ -190,11 +206,18 @@ class Scorer:
         self.score_batch.set_batch_wait_timeout_s(self.settings.batch_wait_s)
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
-    async def get_model(self, name: str) -> Predictor:
-        return Predictor.load(self.settings.models[name])
+    async def get_model(self, name: str) -> tuple[Predictor, str]:
+        """The model and its version (`model_version`)."""
+        run = self.settings.models[name]
+        return Predictor.load(run), model_version(run)
 
-    async def score(self, image: np.ndarray, with_map: bool) -> dict[str, Any]:
-        predictor = await self.get_model(serve.get_multiplexed_model_id())
+    async def score(self, image: np.ndarray, with_map: bool, version: str) -> dict[str, Any]:
+        """`version`: the model's when the API started, to which it resized `image`."""
+        name = serve.get_multiplexed_model_id()
+        predictor, loaded = await self.get_model(name)
+        if (loaded, predictor.image_size) != (version, image.shape[0]):
+            raise ModelChanged(f"model {name!r} changed on disk since the server started (version {version}, now "
+                               f"{loaded}); restart the server to serve it")
         return await self.score_batch(predictor, image, with_map)
 
     @serve.batch
@@ -285,6 +308,7 @@ class Api:
         self.settings = ServeSettings(**settings)
         self.cards = {name: model_card(name, run) for name, run in usable_models(self.settings.models).items()}
         self.scored: set[str] = set()  # the models a scorer has answered for since this replica started
+        self.stopping, self.in_flight = False, 0  # see `drain`
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict[str, str]:
@@ -295,11 +319,13 @@ class Api:
         """Ready when the scorer answers for every model (loading them if needed). A full queue is busy, not
         unready, for a model it has answered for: under load the probe would otherwise take replicas out of
         service just when they are needed."""
+        if self.stopping:
+            raise HTTPException(503, "not ready: the server is stopping")
         blank = np.zeros((8, 8, 3), np.uint8)
         for name, card in self.cards.items():
             image = np.resize(blank, (card["image_size"], card["image_size"], 3))
             try:
-                await self.scorer.options(multiplexed_model_id=name).score.remote(image, False)
+                await self.scorer.options(multiplexed_model_id=name).score.remote(image, False, card["version"])
             except BackPressureError:
                 if name not in self.scored:
                     raise HTTPException(503, "not ready: BackPressureError") from None
@@ -307,6 +333,27 @@ class Api:
                 raise HTTPException(503, f"not ready: {type(e).__name__}") from None
             self.scored.add(name)
         return {"status": "ready", "models": sorted(self.cards)}
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new images (503) and wait up to `timeout_s` for those being scored; returns how many are left.
+        `rayad serve` calls this before it deletes the application: Serve stops the scorer replicas at once, and
+        the requests queued for them would wait for none, then fail when this replica is stopped."""
+        self.stopping = True
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight
+
+    @asynccontextmanager
+    async def _accepted(self) -> AsyncIterator[None]:
+        """Around a request that scores: counted for `drain`, or refused once the server is stopping."""
+        if self.stopping:
+            raise HTTPException(503, "the server is stopping; retry shortly", headers={"Retry-After": "1"})
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     @app.get(OPENAPI_URL, include_in_schema=False, dependencies=KEY_REQUIRED)
     async def openapi(self) -> JSONResponse:
@@ -328,15 +375,16 @@ class Api:
     async def predict(self, request: Request, model: str | None = None, heatmap: bool = False) -> dict[str, Any]:
         """One image: the raw request body, or a multipart upload (field `file`)."""
         name = self._model(model)
-        if _is_multipart(request):
-            async with _uploads(request, self.settings.max_upload_mb, max_files=1) as files:
-                if not files:
-                    raise HTTPException(400, "no file in the multipart upload (send it in the field 'file' as a "
-                                             "file: curl -F file=@image.png)")
-                body = await files[0][1].read()
-        else:
-            body = await self._read_body(request, self.settings.max_upload_mb)
-        return await self._score(name, await self._decode(body, name), heatmap)
+        async with self._accepted():
+            if _is_multipart(request):
+                async with _uploads(request, self.settings.max_upload_mb, max_files=1) as files:
+                    if not files:
+                        raise HTTPException(400, "no file in the multipart upload (send it in the field 'file' as a "
+                                                 "file: curl -F file=@image.png)")
+                    body = await files[0][1].read()
+            else:
+                body = await self._read_body(request, self.settings.max_upload_mb)
+            return await self._score(name, await self._decode(body, name), heatmap)
 
     @app.post("/v1/predict/batch", dependencies=KEY_REQUIRED)
     async def predict_batch(self, request: Request, model: str | None = None, heatmap: bool = False
@@ -345,7 +393,8 @@ class Api:
         name = self._model(model)
         if not _is_multipart(request):
             raise HTTPException(400, "send the images as multipart/form-data")
-        async with _uploads(request, self.settings.max_batch_mb, self.settings.max_batch_images) as files:
+        async with self._accepted(), _uploads(request, self.settings.max_batch_mb,
+                                              self.settings.max_batch_images) as files:
             if not files:
                 raise HTTPException(400, "no files in the upload")
             in_flight = asyncio.Semaphore(self.settings.batch_images_in_flight)
@@ -374,8 +423,9 @@ class Api:
             return {"file": filename, "error": e.detail, "status": e.status_code}
 
     async def _score(self, name: str, image: np.ndarray, heatmap: bool) -> dict[str, Any]:
+        card = self.cards[name]
         try:
-            result = await self.scorer.options(multiplexed_model_id=name).score.remote(image, heatmap)
+            result = await self.scorer.options(multiplexed_model_id=name).score.remote(image, heatmap, card["version"])
         except BackPressureError:
             raise HTTPException(503, "overloaded: too many requests queued; retry shortly",
                                 headers={"Retry-After": "1"}) from None
@@ -383,13 +433,14 @@ class Api:
             raise HTTPException(503, "a scorer replica failed and is restarting; retry shortly",
                                 headers={"Retry-After": "1"}) from None
         except RayTaskError as e:
+            if isinstance(e.cause, ModelChanged):
+                raise HTTPException(503, str(e.cause)) from None
             if isinstance(e.cause, ArtifactError):  # its files changed after the start, and broke
                 log.error("model %r cannot be loaded: %s", name, e.cause)
                 raise HTTPException(503, f"model {name!r} cannot be loaded (its files are damaged; see the "
                                          "server log)") from None
             raise
         self.scored.add(name)
-        card = self.cards[name]
         out = {"model": name, "version": card["version"], "score": result["score"],
                "normalized_score": result["normalized_score"], "label": result["label"],
                "threshold": result["threshold"]}

@@ -38,3 +38,13 @@ def test_two_experiments_of_one_category_and_a_damaged_record_are_all_served(tra
         (folder / name / "experiment.json").write_text(json.dumps(record) if record else "{")  # exp-c: damaged
     models = discover_models(folder)  # one of them used to hide the other, and the damaged record stopped all
     assert models == {name: str((folder / name / "best").absolute()) for name in ("exp-a", "exp-b", "exp-c")}
+
+
+def test_damaged_test_metrics_leave_the_card_without_metrics_not_the_server_without_models(trained_run, tmp_path,
+                                                                                           caplog):
+    exp = tmp_path / "exp"
+    shutil.copytree(trained_run, exp / "best")
+    (exp / "best" / "test_metrics.json").write_text('{"image_auroc": 0.7')  # cut short: every deployment failed
+    card = model_card("exp", str(exp / "best"))
+    assert card["metrics"] and set(card["metrics"].values()) == {None} and card["name"] == "exp"
+    assert "its card shows no test metrics" in caplog.text
