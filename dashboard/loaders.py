@@ -4,6 +4,7 @@ refreshes when a running search rewrites them; pages call `rayad.results` only t
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,10 @@ from rayad import layout, results
 from rayad.layout import BEST, EXPERIMENT, HISTORY, STUDY, TEST_METRICS, TRIALS, WEIGHTS
 
 CACHE_TTL_S = 3600
+MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]<>~$])")  # what would turn a name's text into emphasis, links or maths
+NO_BEST = {"running": "No best model yet: the search is still running.",
+           "interrupted": "No best model: the search was stopped before it chose one.",
+           "failed": "No best model: the search failed before it chose one."}
 
 
 def runs_dir() -> Path:
@@ -28,20 +33,59 @@ def version(exp: Path, *names: str) -> tuple[float, ...]:
     return tuple(results.file_version(exp / name) for name in names)
 
 
-def experiments() -> dict[str, Path]:
-    """The experiments under the runs directory by the name the sidebar shows: their path below it, or the
-    folder's own name when the runs directory is one experiment."""
+def text(name: str) -> str:
+    """A name as Markdown that shows it as it is (a folder named *x* not in italics)."""
+    return MARKDOWN_SPECIALS.sub(r"\\\1", name)
+
+
+def code(value) -> str:
+    """`value` as a Markdown code span, whatever backticks it holds."""
+    value = str(value)
+    fence = "`" * (max(map(len, re.findall("`+", value)), default=0) + 1)
+    pad = " " if value.startswith("`") or value.endswith("`") else ""  # CommonMark strips one space each side
+    return f"{fence}{pad}{value}{pad}{fence}"
+
+
+def printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (which Streamlit cannot send) as \\x escapes."""
+    return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+
+
+def found() -> tuple[dict[str, Path], dict[str, str]]:
+    """The experiments under the runs directory by the name the sidebar shows (their path below it, or the
+    folder's own name when the runs directory is one experiment), and the folders left out, with why."""
     runs = runs_dir()
-    return {str(p.relative_to(runs)) if p != runs else p.name: p for p in layout.find_experiments(runs)}
+    paths, unreadable = layout.scan_experiments(runs)
+    shown = {str(p.relative_to(runs)) if p != runs else p.name: p for p in paths}
+    left_out = {printable(str(p.relative_to(runs)) if p != runs else str(p)): f"cannot be read ({why})"
+                for p, why in unreadable.items()}
+    for name in [name for name in shown if printable(name) != name]:
+        del shown[name]
+        left_out[printable(name)] = "its name is not valid UTF-8, which the dashboard cannot show; rename it"
+    return shown, left_out
+
+
+def experiments() -> dict[str, Path]:
+    return found()[0]
 
 
 def selected_experiment() -> Path:
     """The experiment picked in the sidebar; stops the page with a hint when there is none."""
     path = experiments().get(st.session_state.get("experiment"))
     if path is None:
-        st.info(f"No experiment found under `{runs_dir()}`. Run `rayad tune` or `rayad demo`, then reload.")
+        st.info(f"No experiment found under {code(printable(str(runs_dir())))}. Run `rayad tune` or `rayad demo`, "
+                "then reload.")
         st.stop()
     return path
+
+
+def stop_without_best(exp: Path) -> None:
+    """Say in one plain line that a running, stopped or failed search has no best model (rather than that its
+    files are missing), and stop the page."""
+    status = or_stop(experiment, str(exp), experiment_versions(exp)).get("status")
+    if status in NO_BEST and not all(best_versions(exp)):
+        st.info(NO_BEST[status], icon=":material/hourglass_top:" if status == "running" else None)
+        st.stop()
 
 
 def or_stop(read, *args):
@@ -49,7 +93,7 @@ def or_stop(read, *args):
     try:
         return read(*args)
     except results.StoreError as e:
-        st.error(f"Experiment `{args[0]}`: {e}", icon=":material/error:")
+        st.error(f"Experiment {code(args[0])}: {e}", icon=":material/error:")
         st.stop()
 
 

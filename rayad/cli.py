@@ -23,6 +23,7 @@ from rayad.settings import (
     Cluster,
     SearchSettings,
     ServeSettings,
+    check_can_listen,
 )
 
 log = logging.getLogger("rayad")
@@ -353,6 +354,8 @@ def cmd_serve(args) -> None:
                              api_key=os.environ.get("RAYAD_API_KEY") or None)
     address = use_haproxy_ingress(args.address) if args.ingress == "haproxy" else args.address
     joined = not connect(address)
+    if not joined:  # a local Ray's Serve listens here: it failed on a taken port after 45 s, with a traceback
+        check_can_listen(args.host, args.port)
 
     def announce(url: str) -> None:
         key = "; API key required" if settings.api_key else ""

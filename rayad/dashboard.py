@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 from rayad._bundled import bundled
 from rayad.errors import RayadError
-from rayad.settings import DASHBOARD_PORT, LOCAL_HOST
+from rayad.settings import DASHBOARD_PORT, LOCAL_HOST, check_can_listen
 
 
 def app_path() -> Path:
@@ -24,7 +23,7 @@ def streamlit_command(runs: Path, host: str, port: int, serve_url: str | None) -
     app = app_path()
     if not app.is_file():
         raise RayadError(f"{app}: the dashboard app is missing from this rayad installation")
-    _check_free(host, port)
+    check_can_listen(host, port)
     env = {**os.environ, "RAYAD_RUNS": str(runs.absolute())}
     if serve_url:
         if not serve_url.startswith(("http://", "https://")):
@@ -33,17 +32,6 @@ def streamlit_command(runs: Path, host: str, port: int, serve_url: str | None) -
     argv = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", host, "--server.port", str(port),
             "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
     return argv, env
-
-
-def _check_free(host: str, port: int) -> None:
-    """Streamlit would start, then print that the port is taken and exit: say it in one line first."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Streamlit's server binds
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise RayadError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); pick another "
-                             "--port") from None
 
 
 def run_dashboard(runs: Path, host: str = LOCAL_HOST, port: int = DASHBOARD_PORT, serve_url: str | None = None) -> None:

@@ -61,7 +61,7 @@ PIXEL_METRICS = ("val_pixel_auroc", "val_aupro")  # need masks in the validation
 __all__ = ["BEST", "CHECKPOINTS", "EVALUATION", "EXPERIMENT", "HISTORY", "MANIFEST", "METADATA", "METRIC_NAMES",
            "PARAM_PREFIX", "PIXEL_METRICS", "RAY_STATE", "STUDY", "SUMMARY", "TEST_METRICS", "TRAIN_LOG", "TRIALS",
            "TRIALS_DIR", "TRIAL_ENDED", "TRIAL_STATUSES", "TUNE_DIR", "VAL_METRICS", "WEIGHTS", "discover_models",
-           "evaluations", "find_experiments", "is_experiment", "is_model"]
+           "evaluations", "find_experiments", "is_experiment", "is_model", "scan_experiments"]
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,35 @@ def is_experiment(path: Path) -> bool:
 def find_experiments(runs_dir: str | Path) -> list[Path]:
     """Experiment directories: `runs_dir` itself, or its children and grandchildren (e.g. `rayad demo`'s
     output, one experiment per category)."""
+    return scan_experiments(runs_dir)[0]
+
+
+def scan_experiments(runs_dir: str | Path) -> tuple[list[Path], dict[Path, str]]:
+    """`find_experiments`, and the folders it could not look into with why (another account's private folder):
+    those are left out, and hide no other."""
     runs_dir = Path(runs_dir)
-    if is_experiment(runs_dir):
-        return [runs_dir]
+    unreadable: dict[Path, str] = {}
+
+    def looked(path: Path, look: Callable, nothing):
+        try:
+            return look(path)
+        except OSError as e:
+            unreadable[path] = e.strerror or str(e)
+            return nothing
+
+    if looked(runs_dir, is_experiment, False):
+        return [runs_dir], unreadable
     found = []
-    for child in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []:
-        found += [child] if is_experiment(child) else [g for g in sorted(child.iterdir()) if is_experiment(g)]
-    return found
+    for child in looked(runs_dir, _folders, []):
+        if looked(child, is_experiment, False):
+            found.append(child)
+        else:
+            found += [g for g in looked(child, _folders, []) if looked(g, is_experiment, False)]
+    return found, unreadable
+
+
+def _folders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
 
 
 def discover_models(path: str | Path) -> dict[str, str]:

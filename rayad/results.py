@@ -82,13 +82,21 @@ def read_experiment(exp_dir: Path) -> dict[str, Any]:
             isinstance(goal, dict) and all(isinstance(goal.get(k), list) and goal[k] for k in ("metrics", "modes")),
         "space.params (a mapping of parameters with their kind)":
             isinstance(params, dict) and all(isinstance(p, dict) and "kind" in p for p in params.values()),
-        "started_at (seconds since 1970)": isinstance(experiment.get("started_at"), int | float | None),
+        "started_at (seconds since 1970, before 2100)": _is_time(experiment.get("started_at")),
         "settings (a mapping)": isinstance(experiment["settings"], dict),
     }
     wrong = [what for what, ok in checks.items() if not ok]
     if wrong:
         raise StoreError(f"{EXPERIMENT}: unexpected {'; '.join(wrong)}")
     return experiment
+
+
+YEAR_2100 = 4_102_444_800  # seconds since 1970: a later start time is a damaged file, not a date
+
+
+def _is_time(value: Any) -> bool:
+    """None (not recorded) or a plausible time in seconds since 1970 (NaN and infinity are not)."""
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < YEAR_2100)
 
 
 def objective(experiment: dict[str, Any]) -> tuple[str, str]:
@@ -231,13 +239,29 @@ def read_test_results(exp_dir: Path) -> TestResults:
     if n == 0 or not all(v is None or (isinstance(v, list) and len(v) == n) for v in [metrics["scores"], *per_image]):
         raise StoreError(f"{BEST}/{TEST_METRICS}: the per-image lists (scores, labels, paths, ...) are empty or "
                          "of different lengths")
+    try:
+        scores, labels = np.asarray(metrics["scores"], float), np.asarray(metrics["labels"], int)
+        # Results written before the pixel threshold existed came from max-score models: the two were one.
+        thresholds = float(metrics["threshold"]), float(metrics.get("pixel_threshold", metrics["threshold"]))
+    except (TypeError, ValueError):
+        raise StoreError(f"{BEST}/{TEST_METRICS}: scores, labels and thresholds must be numbers") from None
+    if not np.isfinite(scores).all():
+        raise StoreError(f"{BEST}/{TEST_METRICS}: {(~np.isfinite(scores)).sum()} of {n} scores are NaN or infinite")
+    if not np.isfinite(thresholds).all():
+        raise StoreError(f"{BEST}/{TEST_METRICS}: a threshold is NaN or infinite")
     images = pd.DataFrame({
-        "path": metrics["paths"], "label": np.asarray(metrics["labels"], dtype=int),
-        "defect_type": metrics.get("defect_types") or ["good" if y == 0 else "defect" for y in metrics["labels"]],
-        "mask_path": metrics.get("mask_paths") or [None] * n, "score": np.asarray(metrics["scores"], float)})
-    # Results written before the pixel threshold existed came from max-score models: the two were one.
-    return TestResults(metrics, images, float(metrics["threshold"]),
-                       float(metrics.get("pixel_threshold", metrics["threshold"])))
+        "path": metrics["paths"], "label": labels,
+        "defect_type": metrics.get("defect_types") or ["good" if y == 0 else "defect" for y in labels],
+        "mask_path": metrics.get("mask_paths") or [None] * n, "score": scores})
+    return TestResults(metrics, images, *thresholds)
+
+
+def interval(value: Any) -> tuple[float, float] | None:
+    """A stored confidence interval as (low, high); None when missing (n_boot 0) or not two finite numbers."""
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int | float) for v in value)):
+        return None
+    low, high = map(float, value)
+    return (low, high) if np.isfinite([low, high]).all() else None
 
 
 def threshold_stats(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float | int]:

@@ -6,8 +6,10 @@ The command line (`rayad.cli`) reads its defaults from here, so this module impo
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
+import socket
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +17,29 @@ from typing import Any
 
 from rayad.config import coerce
 from rayad.data.images import MAX_IMAGE_PIXELS, PILLOW_MAX_PIXELS
-from rayad.errors import ConfigError
+from rayad.errors import ConfigError, RayadError
 
 LOCAL_HOST = "127.0.0.1"  # servers bind to loopback unless --host says otherwise
 SERVE_PORT, DASHBOARD_PORT = 8000, 8501
 PREDICT_BATCH = 32  # images per forward pass in offline scoring
 DEMO_SPACE = "demo"  # tune_spaces/demo.yaml
 DEMO_TRIALS = 4  # per category: the demo takes 12-20 minutes on 2 cores with bf16 (docs/benchmarks.md)
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """A server here (the dashboard's Streamlit, a local Ray's Serve proxy) would start, then fail on a taken port
+    or an unknown host: say it in one line first, blaming the flag at fault."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as those servers bind
+        try:
+            probe.bind((host, port))
+        except socket.gaierror as e:
+            raise RayadError(f"--host {host}: not a usable host name or address ({e.strerror})") from None
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise RayadError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+            raise RayadError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); pick another "
+                             "--port") from None
 
 
 def cpu_count() -> int:

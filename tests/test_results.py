@@ -8,6 +8,7 @@ import socket
 import numpy as np
 import pandas as pd
 import pytest
+from accounts import open_folder, private, unprivileged
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_curve
 
 from rayad import layout, results
@@ -15,6 +16,8 @@ from rayad.cli import main
 from rayad.dashboard import streamlit_command
 from rayad.metrics import pixel_curves
 
+GOOD_EXPERIMENT = {"category": "x", "objective": {"metrics": ["val_image_auroc"], "modes": ["max"]}, "settings": {},
+                   "space": {"params": {}}}
 
 @pytest.mark.parametrize("seed", range(5))
 def test_threshold_stats_match_sklearn(seed):
@@ -91,6 +94,19 @@ def test_find_experiments_at_one_or_two_levels(tmp_path):
     assert layout.find_experiments(tmp_path / "missing") == []
 
 
+def test_a_folder_that_cannot_be_read_hides_no_other_experiment():
+    with open_folder() as runs:
+        for exp in ("a", "private", "demo/brick", "demo/private"):
+            (runs / exp).mkdir(parents=True)
+            (runs / exp / "experiment.json").write_text("{}")
+        private(runs / "private")
+        private(runs / "demo" / "private")
+        with unprivileged():
+            found, unreadable = layout.scan_experiments(runs)
+            assert layout.find_experiments(runs) == found == [runs / "a", runs / "demo" / "brick"]
+    assert unreadable == {runs / "private": "Permission denied", runs / "demo" / "private": "Permission denied"}
+
+
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("experiment.json", None, "experiment.json is missing"),
     ("experiment.json", "{not json", "experiment.json is unreadable"),
@@ -99,9 +115,7 @@ def test_find_experiments_at_one_or_two_levels(tmp_path):
     ("trials.parquet", "PAR1garbage", "trials.parquet is unreadable"),
 ])
 def test_a_broken_file_becomes_the_experiments_problem(tmp_path, name, content, message):
-    good = {"category": "x", "objective": {"metrics": ["val_image_auroc"], "modes": ["max"]}, "settings": {},
-            "space": {"params": {}}}
-    (tmp_path / "experiment.json").write_text(json.dumps(good))
+    (tmp_path / "experiment.json").write_text(json.dumps(GOOD_EXPERIMENT))
     if content is None:
         (tmp_path / name).unlink()
     else:
@@ -109,11 +123,40 @@ def test_a_broken_file_becomes_the_experiments_problem(tmp_path, name, content, 
     assert message in results.overview(tmp_path)["problem"]
 
 
+@pytest.mark.parametrize("started_at", [1e20, -1, float("nan"), float("inf"), True, "yesterday"])
+def test_an_implausible_start_time_is_the_experiments_problem(tmp_path, started_at):
+    (tmp_path / "experiment.json").write_text(json.dumps({**GOOD_EXPERIMENT, "started_at": started_at}))
+    assert "unexpected started_at" in results.overview(tmp_path)["problem"]  # 1e20 raised OutOfBoundsDatetime
+    (tmp_path / "experiment.json").write_text(json.dumps({**GOOD_EXPERIMENT, "started_at": 1.7e9}))
+    assert results.overview(tmp_path)["started"] == pd.Timestamp("2023-11-14 22:13:20")
+
+
 def test_test_results_need_per_image_scores(tmp_path):
     (tmp_path / "best").mkdir()
     (tmp_path / "best" / "test_metrics.json").write_text(json.dumps({"image_auroc": 0.9}))
     with pytest.raises(results.StoreError, match="lacks per-image scores"):
         results.read_test_results(tmp_path)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"scores": [0.1, float("nan"), 0.3]}, "1 of 3 scores are NaN or infinite"),
+    ({"scores": [0.1, "high", 0.3]}, "must be numbers"),
+    ({"threshold": None}, "must be numbers"),
+    ({"pixel_threshold": float("inf")}, "a threshold is NaN or infinite"),
+])
+def test_test_results_with_scores_that_are_no_numbers_are_corrupt(tmp_path, change, message):
+    good = {"scores": [0.1, 0.2, 0.3], "labels": [0, 1, 1], "paths": ["a", "b", "c"], "threshold": 0.15}
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "test_metrics.json").write_text(json.dumps(good))
+    assert results.read_test_results(tmp_path).threshold == 0.15
+    (tmp_path / "best" / "test_metrics.json").write_text(json.dumps({**good, **change}))
+    with pytest.raises(results.StoreError, match=message):
+        results.read_test_results(tmp_path)
+
+
+def test_a_confidence_interval_is_two_finite_numbers():
+    assert results.interval([0.1, 0.35]) == (0.1, 0.35)
+    assert all(results.interval(v) is None for v in (None, [0.1], [float("nan"), 1.0], ["a", 1.0], {"low": 0.1}))
 
 
 def test_dashboard_command_checks_its_flags(tmp_path, capsys):
@@ -129,6 +172,9 @@ def test_dashboard_command_checks_its_flags(tmp_path, capsys):
                            (["--runs", str(tmp_path / "runs.txt")], "runs.txt: a file, not a folder"),
                            (["--runs", str(tmp_path), "--port", "0"], "0 is not a port"),
                            (["--runs", str(tmp_path), "--port", busy], f"cannot listen on 127.0.0.1:{busy}"),
+                           (["--runs", str(tmp_path), "--host", "999.1.1.1"], "--host 999.1.1.1: not a usable host"),
+                           (["--runs", str(tmp_path), "--host", "192.0.2.1"],  # TEST-NET-1: no machine's own
+                            "--host 192.0.2.1: not an address of this machine"),
                            (["--runs", str(tmp_path), "--serve-url", "localhost:8000"], "needs http://")]:
         try:
             code = main(["dashboard", *flags])

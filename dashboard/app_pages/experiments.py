@@ -3,17 +3,18 @@
 import pandas as pd
 import streamlit as st
 
-from rayad import layout
-
 import loaders
 
 REFRESH_S = 5
 
 st.title("Experiments")
-runs = loaders.runs_dir()
-paths = layout.find_experiments(runs)
+found, left_out = loaders.found()
+paths = list(found.values())
+for name, why in left_out.items():  # an unreadable folder, or one Streamlit cannot name: the others still show
+    st.warning(f"Folder {loaders.code(name)} is left out: {why}", icon=":material/warning:")
 if not paths:
-    st.info(f"No experiments under `{runs}` yet. Start one with `rayad tune` or `rayad demo`.")
+    st.info(f"No experiments under {loaders.code(loaders.printable(str(loaders.runs_dir())))} yet. Start one with "
+            "`rayad tune` or `rayad demo`.")
     st.stop()
 
 
@@ -49,7 +50,8 @@ def experiments_table() -> None:
         st.dataframe(healthy, hide_index=True, column_order=[c for c in COLUMNS if c in healthy],
                      column_config=COLUMNS)
     for row in table[table["problem"].notna()].itertuples():
-        st.warning(f"Experiment `{row.experiment}` ({row.path}) cannot be shown: {row.problem}",
+        st.warning(f"Experiment {loaders.code(row.experiment)} ({loaders.code(row.path)}) cannot be shown: "
+                   f"{row.problem}",
                    icon=":material/warning:")
     if "status" in table and (table["status"] == "running").any():
         st.caption(f"A search is running: this table refreshes every {REFRESH_S} s.")

@@ -22,8 +22,9 @@ VIEWS = {  # view -> the outcomes shown (None: all)
 OVERLAY_ALPHA = 0.5
 
 exp = loaders.selected_experiment()
+st.title(f"Gallery: {loaders.text(exp.name)}")
+loaders.stop_without_best(exp)
 test = loaders.or_stop(loaders.test_results, str(exp), loaders.best_versions(exp))
-st.title(f"Gallery: {exp.name}")
 
 threshold = threshold_slider(str(exp), test.images["score"].to_numpy(), test.threshold, "gallery")
 images = test.images.assign(outcome=results.outcome(test.images, threshold))

@@ -11,8 +11,9 @@ import loaders
 from widgets import threshold_slider
 
 exp = loaders.selected_experiment()
+st.title(f"Model: {loaders.text(exp.name)}")
+loaders.stop_without_best(exp)
 test = loaders.or_stop(loaders.test_results, str(exp), loaders.best_versions(exp))
-st.title(f"Model: {exp.name}")
 best = loaders.or_stop(loaders.experiment, str(exp), loaders.experiment_versions(exp)).get("best") or {}
 st.caption(f"The best trial ({best.get('trial_id', '?')}) evaluated once on the test split "
            f"({len(test.images)} images).")
@@ -21,6 +22,8 @@ cols = st.columns(len(METRIC_NAMES))
 for col, name in zip(cols, METRIC_NAMES, strict=True):
     value = test.metrics.get(name)
     col.metric(name.replace("_", " "), "-" if value is None else f"{value:.4f}")
+    if ci := results.interval(test.metrics.get(f"{name}_ci")):  # image and pixel AUROC, bootstrapped
+        col.caption(f"[{ci[0]:.3f}, {ci[1]:.3f}] 95% CI")
 overall = {"defect type": "all", **{k: test.metrics.get(k) for k in (*METRIC_NAMES, "n_images")}}
 per_type = [{"defect type": name, **m} for name, m in sorted(test.metrics.get("per_defect", {}).items())]
 per_defect = pd.DataFrame([overall, *per_type])

@@ -15,12 +15,13 @@ FEW_TRIALS = 20  # PED-ANOVA contrasts the best 10% of the finished trials with 
 exp = loaders.selected_experiment()
 experiment = loaders.or_stop(loaders.experiment, str(exp), loaders.experiment_versions(exp))
 metric, mode = results.objective(experiment)
-st.title(f"Search: {exp.name}")
-st.caption(f"Category `{experiment['category']}` · objective {mode} `{metric}` on the validation split · "
+st.title(f"Search: {loaders.text(exp.name)}")
+st.caption(f"Category {loaders.code(experiment['category'])} · objective {mode} `{metric}` on the validation split · "
            f"status {experiment.get('status', '?')}")
 if experiment.get("status") == "interrupted":
     st.info(f"This search was stopped before its trials ended (those it left running show as interrupted); "
-            f"`rayad tune --out {exp} --resume` goes on with it, each trial from its last checkpoint.")
+            f"{loaders.code(f'rayad tune --out {exp} --resume')} goes on with it, each trial from its last "
+            "checkpoint.")
 elif experiment.get("status") == "failed":
     st.warning(f"This search failed: {experiment.get('error') or 'see its log'}", icon=":material/warning:")
 

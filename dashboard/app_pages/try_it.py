@@ -2,6 +2,7 @@
 the experiment's best model loaded here."""
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -23,11 +24,22 @@ from rayad.visualize import heatmap_image
 import loaders
 
 REQUEST_TIMEOUT_S = 30
+PREDICTION = ("score", "label", "threshold", "heatmap_png", "mask_png")  # the README's /v1/predict?heatmap=true
+
+
+class NotServed(Exception):
+    """The Serve endpoint does not serve this experiment's best model."""
+
+
+class ForeignReply(Exception):
+    """The Serve endpoint answered, but not as rayad's Serve API does."""
+
 
 exp = loaders.selected_experiment()
 experiment = loaders.or_stop(loaders.experiment, str(exp), loaders.experiment_versions(exp))
 url = loaders.serve_url()
-st.title(f"Try it: {exp.name}")
+st.title(f"Try it: {loaders.text(exp.name)}")
+loaders.stop_without_best(exp)
 st.caption(f"Scored by the Serve endpoint {url}" if url else "Scored here with the experiment's best model "
            "(start the dashboard with `--serve-url` to use a Serve deployment).")
 upload = st.file_uploader("Image", type=[s.lstrip(".") for s in IMAGE_SUFFIXES],
@@ -41,7 +53,19 @@ def call_serve(path: str, content: bytes | None = None) -> dict:
     if os.environ.get("RAYAD_API_KEY"):
         request.add_header("X-API-Key", os.environ["RAYAD_API_KEY"])
     with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
-        return json.loads(response.read())
+        body = response.read()
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        raise ForeignReply(f"{path} answered {len(body)} bytes that are not JSON: {one_line(body[:60])}") from None
+    if not isinstance(reply, dict):
+        raise ForeignReply(f"{path} answered JSON that is not an object")
+    return reply
+
+
+def one_line(body: bytes) -> str:
+    """A reply's text as one line of code (an HTML page has many, and its tags would vanish as Markdown)."""
+    return loaders.code(" ".join(body.decode(errors="replace").split()))
 
 
 def served_name() -> str:
@@ -52,10 +76,14 @@ def served_name() -> str:
         version = model_version(exp / BEST)
     except OSError as e:
         raise StoreError(f"{exp / BEST / WEIGHTS}: cannot read ({e.strerror})") from None
-    names = [m.get("name") for m in call_serve("/v1/models").get("models", []) if m.get("version") == version]
+    models = call_serve("/v1/models").get("models")
+    if not (isinstance(models, list) and all(isinstance(m, dict) for m in models)):
+        raise ForeignReply("/v1/models answered no list of models")
+    names = [m.get("name") for m in models if m.get("version") == version]
     if not names:
-        raise LookupError(f"The Serve endpoint {url} does not serve this experiment's best model (version "
-                          f"{version}); serve it with `rayad serve --run {exp}`, or the folder holding it")
+        raise NotServed(f"The Serve endpoint {url} does not serve this experiment's best model (version "
+                        f"{version}); serve it with {loaders.code(f'rayad serve --run {exp}')}, or the folder "
+                        "holding it")
     return experiment["category"] if experiment["category"] in names else names[0]
 
 
@@ -63,8 +91,18 @@ def score_remote(content: bytes) -> dict:
     """POST /v1/predict?heatmap=true to this experiment's model, as documented in the README's Serve API."""
     query = urllib.parse.urlencode({"model": served_name(), "heatmap": "true"})
     out = call_serve(f"/v1/predict?{query}", content)
-    return {**out, "heatmap": np.asarray(Image.open(io.BytesIO(base64.b64decode(out["heatmap_png"])))),
-            "mask": np.asarray(Image.open(io.BytesIO(base64.b64decode(out["mask_png"]))))}
+    missing = [key for key in PREDICTION if key not in out]
+    if missing:
+        raise ForeignReply(f"/v1/predict answered no {', '.join(missing)}")
+    try:
+        return {"score": float(out["score"]), "label": bool(out["label"]), "threshold": float(out["threshold"]),
+                "heatmap": png(out["heatmap_png"]), "mask": png(out["mask_png"])}
+    except (TypeError, ValueError, OSError) as e:  # not numbers, not base64, not a PNG
+        raise ForeignReply(f"/v1/predict answered a malformed prediction ({e})") from None
+
+
+def png(encoded: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded, validate=True))))
 
 
 def score_local(content: bytes, name: str) -> dict:
@@ -83,19 +121,22 @@ if upload is not None:
     try:
         result = score_remote(content) if url else score_local(content, upload.name)
     except StoreError as e:  # the best model's files are broken
-        st.error(f"Experiment `{exp}`: {e}", icon=":material/error:")
+        st.error(f"Experiment {loaders.code(exp)}: {e}", icon=":material/error:")
         st.stop()
     except DataError as e:
         st.error(f"Not a usable image: {e}")
         st.stop()
-    except LookupError as e:
+    except NotServed as e:
         st.error(str(e))
         st.stop()
     except urllib.error.HTTPError as e:
-        st.error(f"The Serve endpoint answered {e.code}: {e.read().decode(errors='replace')}")
+        st.error(f"The Serve endpoint answered {e.code}: {one_line(e.read())}")
         st.stop()
     except (urllib.error.URLError, TimeoutError) as e:
         st.error(f"Cannot reach the Serve endpoint {url}: {e}")
+        st.stop()
+    except (ForeignReply, http.client.HTTPException, ConnectionError) as e:  # e.g. closed without an answer
+        st.error(f"The Serve endpoint {url} answered something that is not rayad's API ({e})")
         st.stop()
     cols = st.columns(3)
     cols[0].metric("Score", f"{result['score']:.6f}")

@@ -71,7 +71,13 @@ def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_POR
         raise RayadError(f"the cluster already serves an application named {APP_NAME!r} (another rayad serve); stop "
                          f"that one first (if its process is gone, serve.delete({APP_NAME!r}) on the cluster removes "
                          "it), or serve on another cluster")
-    serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
+    try:
+        serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
+    except RuntimeError as e:  # the proxy of a cluster's head node, where this process cannot check the port
+        if "Failed to bind" not in str(e):
+            raise
+        raise RayadError(f"--port {port}: the cluster's Serve cannot listen on {host}:{port}; pick another --port "
+                         "or --host") from None
     listening = _get_global_client().http_config  # Serve already running on the cluster keeps its own address
     if (listening.host, listening.port) != (host, port):
         log.warning("the cluster's Serve already listens on %s:%s, not %s:%s as asked: serving there",

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                  "--disable-background-networking", "--disable-component-update"]
 START_TIMEOUT_S = 60
+SHOWN_AS_IS = "brick *tiny* `x`"  # the experiment's folder: titles show its name, not Markdown's italics and code
 RENDER_TIMEOUT_MS = 60_000
 
 
@@ -44,7 +45,7 @@ def free_port() -> int:
 def dashboard(tiny_experiment, tmp_path):
     """`rayad dashboard` on a runs directory holding the search experiment; yields its URL."""
     exp, _ = tiny_experiment
-    shutil.copytree(exp, tmp_path / "runs" / exp.name)
+    shutil.copytree(exp, tmp_path / "runs" / SHOWN_AS_IS)
     port = free_port()
     rayad = Path(sys.executable).with_name("rayad")
     process = subprocess.Popen([str(rayad), "dashboard", "--runs", str(tmp_path / "runs"), "--port", str(port)],
@@ -86,7 +87,7 @@ def test_dashboard_in_headless_chromium(dashboard, tiny_experiment, demo_root, t
         settle(page)
 
         page.get_by_role("link", name="Search").click()
-        page.get_by_role("heading", name=f"Search: {exp.name}").wait_for(timeout=RENDER_TIMEOUT_MS)
+        page.get_by_role("heading", name=f"Search: {SHOWN_AS_IS}").wait_for(timeout=RENDER_TIMEOUT_MS)
         settle(page)
         page.locator('[data-testid="stVegaLiteChart"]').first.locator("canvas, svg").first.wait_for(
             timeout=RENDER_TIMEOUT_MS)
@@ -94,7 +95,7 @@ def test_dashboard_in_headless_chromium(dashboard, tiny_experiment, demo_root, t
 
         for name in ("Model", "Gallery"):
             page.get_by_role("link", name=name).click()
-            page.get_by_role("heading", name=f"{name}: {exp.name}").wait_for(timeout=RENDER_TIMEOUT_MS)
+            page.get_by_role("heading", name=f"{name}: {SHOWN_AS_IS}").wait_for(timeout=RENDER_TIMEOUT_MS)
             settle(page)
         # the script can be done before the browser has mounted its images: wait for the fifth
         page.locator('[data-testid="stImage"] img').nth(4).wait_for(timeout=RENDER_TIMEOUT_MS)

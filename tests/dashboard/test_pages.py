@@ -3,18 +3,24 @@ broken store files give a message instead of a crash, and the store is never wri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.server
 import json
+import os
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from accounts import open_folder, private, unprivileged
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from rayad.artifact import Predictor
+from rayad.artifact import Predictor, model_version
 from rayad.results import threshold_stats
 
 pytestmark = pytest.mark.slow  # uses the session's real search experiment
@@ -93,6 +99,8 @@ def test_model_page_metrics_and_live_threshold(runs, monkeypatch):
     per_defect = at.dataframe[0].value.set_index("defect type")
     assert set(per_defect.index) == {"all", *test["per_defect"]}
     assert per_defect.loc["hole", "image_auroc"] == test["per_defect"]["hole"]["image_auroc"]
+    low, high = test["image_auroc_ci"]  # beside its AUROC, as is the pixel AUROC's
+    assert f"[{low:.3f}, {high:.3f}] 95% CI" in [c.value for c in at.caption]
     defective = sum(test["labels"])
     assert f"calling every image defective gives F1 {2 * defective / (defective + len(test['labels'])):.4f}" in \
         " ".join(c.value for c in at.caption)
@@ -170,6 +178,61 @@ def test_try_it_reports_bad_uploads_and_an_unreachable_serve_endpoint(runs, monk
     assert not at.exception and "Cannot reach the Serve endpoint" in at.error[0].value
 
 
+class ForeignServer(http.server.BaseHTTPRequestHandler):
+    """Answers as `server.mode` says: an HTML page, nothing (the connection closed), or rayad's model list and a
+    prediction without its images."""
+
+    def do_GET(self):
+        self.answer({"models": [{"name": "brick", "version": self.server.version}]})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.answer({"score": 0.5, "label": True, "threshold": 0.2})
+
+    def answer(self, reply: dict) -> None:
+        if self.server.mode == "close":
+            self.close_connection = True
+            return
+        html = self.server.mode == "html"
+        body = b"<html>\n<p>Welcome to nginx!</p>\n</html>" if html else json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html" if html else "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def foreign_server(mode: str, version: str) -> Iterator[str]:
+    """A real HTTP server in a thread, answering as ForeignServer does in `mode`; yields its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ForeignServer)
+    server.mode, server.version = mode, version
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(("mode", "what"), [("html", "not JSON: `<html> <p>Welcome to nginx!</p> </html>`"),
+                                            ("close", "Remote end closed connection without response"),
+                                            ("no-images", "answered no heatmap_png, mask_png")])
+def test_try_it_says_in_one_line_when_the_serve_endpoint_is_not_rayads(runs, monkeypatch, mode, what):
+    version = model_version(runs / "brick-tiny" / "best")
+    with foreign_server(mode, version) as url:
+        monkeypatch.setenv("RAYAD_SERVE_URL", url)
+        at = open_page(runs, monkeypatch, "try_it")
+        at.file_uploader[0].set_value(("a.png", b"bytes", "image/png")).run()
+    error = at.error[0].value
+    assert not at.exception and len(at.error) == 1 and "\n" not in error
+    assert error.startswith(f"The Serve endpoint {url} answered something that is not rayad's API (") and what in error
+
+
 def test_broken_files_give_a_message_not_a_crash(runs, monkeypatch, tiny_experiment):
     shutil.copytree(runs / "brick-tiny", runs / "broken")
     (runs / "broken" / "trials.parquet").write_bytes(b"PAR1 truncated")
@@ -191,6 +254,7 @@ def test_files_of_the_wrong_shape_give_a_message_not_a_crash(runs, monkeypatch):
         "no-modes": ({**experiment, "objective": {"metrics": ["val_image_auroc"]}}, "objective"),
         "bad-date": ({**experiment, "started_at": "yesterday"}, "started_at"),
         "no-params": ({**experiment, "space": {"file": "x"}}, "space.params"),
+        "far-future": ({**experiment, "started_at": 1e20}, "started_at"),  # pandas' dates end in 2262
     }
     for name, (content, _) in damage.items():
         shutil.copytree(exp, runs / name)
@@ -201,16 +265,49 @@ def test_files_of_the_wrong_shape_give_a_message_not_a_crash(runs, monkeypatch):
     shutil.copytree(exp, runs / "short-lists")
     short = {**test, "labels": test["labels"][1:]}
     (runs / "short-lists" / "best" / "test_metrics.json").write_text(json.dumps(short))
+    shutil.copytree(exp, runs / "nan-score")
+    nan = {**test, "scores": [float("nan"), *test["scores"][1:]]}
+    (runs / "nan-score" / "best" / "test_metrics.json").write_text(json.dumps(nan))
     at = open_page(runs, monkeypatch)  # no exception, and the healthy experiments are still listed
-    assert set(at.dataframe[0].value["experiment"]) == {"brick-tiny", "foreign-trials", "short-lists"}
+    assert set(at.dataframe[0].value["experiment"]) == {"brick-tiny", "foreign-trials", "short-lists", "nan-score"}
     warnings = " ".join(w.value for w in at.warning)
     assert all(f"`{name}`" in warnings and message in warnings for name, (_, message) in damage.items())
     for name, page, message in [("foreign-trials", "search", "trials.parquet lacks the column(s) status, started_at"),
                                 ("short-lists", "model", "per-image lists"),
-                                ("short-lists", "gallery", "per-image lists")]:
+                                ("short-lists", "gallery", "per-image lists"),
+                                ("nan-score", "model", f"1 of {len(nan['scores'])} scores are NaN or infinite"),
+                                ("nan-score", "gallery", "scores are NaN or infinite")]:
         at.sidebar.selectbox[0].set_value(name).run()
         at.switch_page(f"app_pages/{page}.py").run()
         assert not at.exception and message in at.error[0].value, (name, page)
+
+
+def test_folders_that_cannot_be_read_or_named_are_left_out_and_named(monkeypatch):
+    experiment = {"category": "x", "objective": {"metrics": ["val_image_auroc"], "modes": ["max"]}, "settings": {},
+                  "space": {"params": {}}}
+    with open_folder() as runs:
+        for name in (b"ok", b"private", b"bad\xffname"):  # os.fsdecode: Python's name for the last has a surrogate
+            os.mkdir(os.path.join(bytes(runs), name))
+            (runs / os.fsdecode(name) / "experiment.json").write_text(json.dumps(experiment))
+        private(runs / "private")
+        with unprivileged():
+            at = open_page(runs, monkeypatch)
+            assert at.sidebar.selectbox[0].options == ["ok"] and at.dataframe[0].value["experiment"].tolist() == ["ok"]
+            assert [w.value for w in at.warning] == [
+                "Folder `private` is left out: cannot be read (Permission denied)",
+                "Folder `bad\\xffname` is left out: its name is not valid UTF-8, which the dashboard cannot show; "
+                "rename it"]
+
+
+def test_names_are_shown_as_they_are_not_as_markdown(runs, monkeypatch):
+    name = "*sp* `x`"
+    shutil.copytree(runs / "brick-tiny", runs / name)
+    (runs / name / "best" / "test_metrics.json").write_text("{")
+    at = open_page(runs, monkeypatch)
+    at.sidebar.selectbox[0].set_value(name).run()
+    at.switch_page("app_pages/model.py").run()
+    assert at.title[0].value == r"Model: \*sp\* \`x\`"
+    assert at.error[0].value.startswith(f"Experiment `` {runs / name} ``: ")  # a code span that holds backticks
 
 
 def test_one_experiment_as_the_runs_directory_shows_on_every_page(runs, monkeypatch):
@@ -285,11 +382,18 @@ def test_a_running_search_is_shown_live(runs, monkeypatch):
     assert "refreshes every 5 s" in at.caption[0].value
     at.switch_page("app_pages/search.py").run()
     assert not at.exception and "status running" in at.caption[0].value
+    shutil.rmtree(exp / "best")  # written when the search ends
+    for page in ("model", "gallery", "try_it"):
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert not at.exception and not at.error and not at.file_uploader, page
+        assert [i.value for i in at.info] == ["No best model yet: the search is still running."], page
 
 
-@pytest.mark.parametrize("status, said", [("interrupted", "--resume` goes on with it"),
-                                          ("failed", "This search failed: RayadError: no trial scored")])
-def test_a_stopped_search_says_so_and_is_not_refreshed(runs, monkeypatch, status, said):
+@pytest.mark.parametrize("status, said, no_best", [
+    ("interrupted", "--resume` goes on with it", "No best model: the search was stopped before it chose one."),
+    ("failed", "This search failed: RayadError: no trial scored", "No best model: the search failed before it chose "
+                                                                    "one.")])
+def test_a_stopped_search_says_so_and_is_not_refreshed(runs, monkeypatch, status, said, no_best):
     exp = runs / "brick-tiny"
     record = json.loads((exp / "experiment.json").read_text())
     (exp / "experiment.json").write_text(json.dumps({**record, "status": status, "best": None,
@@ -300,3 +404,7 @@ def test_a_stopped_search_says_so_and_is_not_refreshed(runs, monkeypatch, status
     at.switch_page("app_pages/search.py").run()
     shown = [m.value for m in (*at.info, *at.warning)]
     assert not at.exception and any(said in m for m in shown), shown
+    shutil.rmtree(exp / "best")
+    for page in ("model", "gallery", "try_it"):
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert not at.exception and not at.error and [i.value for i in at.info] == [no_best], page

@@ -1,11 +1,15 @@
-"""Stopping `rayad serve` on a cluster it joined: SIGTERM deletes its application, which the cluster would
-otherwise keep serving after the driver leaves (a local Ray it starts is tested through `servers.rayad_serve`)."""
+"""Starting and stopping `rayad serve`: SIGTERM on a cluster it joined deletes its application, which the cluster
+would otherwise keep serving after the driver leaves (a local Ray it starts is tested through
+`servers.rayad_serve`), after finishing the requests it holds; a taken port is one line."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -147,3 +151,17 @@ def test_a_model_whose_files_changed_since_the_start_is_refused_not_scored_under
         assert answer.json()["error"].startswith("model 'brick' changed on disk since the server started (version ")
     finally:
         serve.shutdown()
+
+
+def test_a_taken_port_is_one_line_before_serve_starts(trained_run):
+    """A local Ray's Serve proxy failed on it after 45 s with a 45-line traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "rayad.cli", "serve", "--run", str(trained_run), "--port",
+                               str(port)], capture_output=True, text=True, timeout=120)
+    said = [line for line in done.stderr.splitlines() if line.startswith("rayad serve:")]
+    assert done.returncode == 2 and said == [f"rayad serve: error: --port {port}: cannot listen on 127.0.0.1:{port} "
+                                             "(Address already in use); pick another --port"], done.stderr
+    assert "Traceback" not in done.stderr
