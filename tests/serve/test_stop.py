@@ -24,6 +24,18 @@ from rayad.serve import ServeSettings, start
 pytestmark = pytest.mark.slow
 
 
+def _ready_within(url: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/readyz", timeout=30).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def test_sigterm_deletes_the_application_from_a_joined_cluster(ray_cluster, trained_run, capsys):
     from ray import serve
 
@@ -32,15 +44,7 @@ def test_sigterm_deletes_the_application_from_a_joined_cluster(ray_cluster, trai
     second: list[str] = []
 
     def stop_when_ready() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/readyz", timeout=30).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        else:
+        if not _ready_within(url, 120):
             second.append("not ready in 120 s")
         try:  # a second server on the cluster replaced this one's models and said a URL nothing served
             start(ServeSettings(models={"other": str(trained_run)}, replica_cpus=0.5), port=free_port())
@@ -92,14 +96,7 @@ def test_a_stop_under_load_finishes_the_requests_taken_and_refuses_new_ones_with
                 return
 
     def load_then_stop() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/readyz", timeout=30).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+        _ready_within(url, 120)
         senders = [threading.Thread(target=send, args=(i % 2 == 0,), daemon=True) for i in range(8)]
         for sender in senders:
             sender.start()
