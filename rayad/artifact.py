@@ -22,7 +22,7 @@ from rayad.data.dataset import ImageSet, to_tensor
 from rayad.data.images import load_image
 from rayad.errors import ArtifactError, ConfigError, DataError
 from rayad.inference import TTA_TOLERANCE, AnomalyModel, InferenceBatch, mirror_error_ratios
-from rayad.layout import METADATA, WEIGHTS, atomic_write, follow_umask
+from rayad.layout import BEST, METADATA, WEIGHTS, atomic_write, follow_umask
 from rayad.models import create_model
 from rayad.precision import (
     Choice,
@@ -57,6 +57,8 @@ def load_model(run_dir: str | Path) -> tuple[AnomalyModel, Config, dict[str, Any
     run_dir = Path(run_dir)
     weights, meta_path = run_dir / WEIGHTS, run_dir / METADATA
     if not weights.is_file() or not meta_path.is_file():
+        if (run_dir / BEST / METADATA).is_file():
+            raise ArtifactError(f"{run_dir}: an experiment, not a model; its best model is {run_dir / BEST}")
         raise ArtifactError(f"{run_dir}: not a rayad model (needs {WEIGHTS} and {METADATA}; train one with "
                             "`rayad train`)")
     metadata = read_metadata(meta_path)

@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (URIs with --ray)")
     predict.add_argument("--input", dest="inputs", action="append", default=[], metavar="DIR_OR_URI",
                          help="more inputs, e.g. s3://bucket/images/ (repeatable)")
-    predict.add_argument("--out", help="write one row per image to this Parquet file (with --ray: a folder or "
-                         "URI that gets a Parquet dataset)")
+    predict.add_argument("--out", help="write one row per image to this file: CSV if its name ends in .csv, else "
+                         "Parquet (with --ray: a folder or URI that gets a Parquet dataset)")
     predict.add_argument("--heatmaps", help="write a heatmap PNG per image to this folder (or URI, with --ray)")
     predict.add_argument("--batch-size", type=int, default=PREDICT_BATCH,
                          help=f"images per forward pass (default {PREDICT_BATCH})")

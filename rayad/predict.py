@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -56,7 +57,8 @@ def expand_paths(paths: list[Path]) -> list[Path]:
 
 def predict_paths(run: str | Path, paths: list[Path], out: Path | None = None, heatmaps: str | None = None,
                   batch_size: int = PREDICT_BATCH) -> pa.Table:
-    """One row per image (path, score, normalized_score, label, heatmap, error); bad files get an error."""
+    """One row per image (path, score, normalized_score, label, heatmap, error); bad files get an error. `out`:
+    CSV where its name ends in .csv, else Parquet."""
     predictor = Predictor.load(run)
     files = expand_paths(paths)
     if not files:
@@ -68,7 +70,8 @@ def predict_paths(run: str | Path, paths: list[Path], out: Path | None = None, h
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, lambda tmp: pq.write_table(table, tmp))
+        write = pa_csv.write_csv if out.suffix.lower() == ".csv" else pq.write_table
+        atomic_write(out, lambda tmp: write(table, tmp))
     return table
 
 

@@ -90,14 +90,16 @@ def test_predict_reports_bad_files_without_failing(trained_run, demo_root, tmp_p
     assert errors[0] is None and errors[2] is None and "bad.png" in errors[1]
 
 
-def test_load_rejects_non_artifacts(tmp_path):
+def test_load_rejects_non_artifacts(tmp_path, trained_run):
     with pytest.raises(RayadError, match="not a rayad model"):
         Predictor.load(tmp_path)
+    shutil.copytree(trained_run, tmp_path / "exp" / "best")
+    with pytest.raises(RayadError, match=f"exp: an experiment, not a model; its best model is {tmp_path}/exp/best$"):
+        Predictor.load(tmp_path / "exp")
 
 
 def test_evaluate_names_a_bad_test_image_without_suggesting_a_flag_it_lacks(trained_run, demo_root, tmp_path,
                                                                              capsys, caplog):
-    import shutil
 
     from rayad.cli import main
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 from tiny import TINY, TINY_ARGS, sigterm_after_first_checkpoint
@@ -39,6 +40,9 @@ def test_train_evaluate_predict(tmp_path, demo_root, capsys, caplog):
     by_path = dict(zip(metrics["paths"], metrics["scores"], strict=True))
     for r in rows:
         assert r["score"] == pytest.approx(by_path[r["path"]], rel=1e-6)
+    assert main(["predict", "--run", str(run), str(demo_root / "grass" / "test" / "crack"),
+                 "--out", str(tmp_path / "p.CSV")]) == 0  # it wrote Parquet under that name
+    assert pa_csv.read_csv(tmp_path / "p.CSV").to_pylist() == [{**r, "heatmap": None} for r in rows]
 
 
 def test_predict_fails_when_no_file_could_be_scored_and_keeps_the_rows(trained_run, tmp_path, capsys):
