@@ -158,6 +158,10 @@ class ServeSettings:
 
     def __post_init__(self):
         """Checked here, so that `rayad serve` and a Serve config file fail alike, before Ray starts."""
+        hints = typing.get_type_hints(ServeSettings)
+        for f in dataclasses.fields(self):  # a Serve config's YAML may give "16" for 16
+            object.__setattr__(self, f.name, coerce(getattr(self, f.name), hints[f.name], f"serve setting {f.name}"))
+
         def check(ok: bool, name: str, need: str) -> None:
             if not ok:
                 flag = "--" + SERVE_FLAGS.get(name, name).replace("_", "-")

@@ -183,3 +183,13 @@ def test_a_serve_config_refuses_an_infinite_setting(key):
     args = yaml.safe_load(f"{{models: {{m: /models/m}}, {key}: .inf}}")
     with pytest.raises(ConfigError, match=rf"^serve setting {key} = inf \(rayad serve --.*\): must be a finite "):
         app_builder(args)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"run": "/models", "max_replica": 4}, r"serve config args: unknown \['max_replica'\]; valid: run and the fields"),
+    ({"max_batch_size": "16"}, "serve setting max_batch_size = '16': expected int"),
+])
+def test_a_serve_config_with_a_wrong_arg_names_it(args, message):
+    """Before: a TypeError of the dataclass's constructor, or of a comparison inside it."""
+    with pytest.raises(ConfigError, match=message):
+        app_builder(args)

@@ -20,7 +20,7 @@ import re
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -44,7 +44,7 @@ from rayad.artifact import Predictor, load_model, model_version, read_metadata, 
 from rayad.cluster import node_share
 from rayad.cpu import use_cpus
 from rayad.data.images import MAX_IMAGE_PIXELS, ImageTooLarge, load_image
-from rayad.errors import ArtifactError, DataError, RayadError
+from rayad.errors import ArtifactError, ConfigError, DataError, RayadError
 from rayad.layout import BEST, METADATA, METRIC_NAMES, TEST_METRICS
 from rayad.settings import ServeSettings, threads_for
 from rayad.visualize import heatmap_image
@@ -308,6 +308,7 @@ class Api:
         self.settings = ServeSettings(**settings)
         self.cards = {name: model_card(name, run) for name, run in usable_models(self.settings.models).items()}
         self.scored: set[str] = set()  # the models a scorer has answered for since this replica started
+        self.last_scored = ""
         self.stopping, self.in_flight = False, 0  # see `drain`
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
@@ -316,13 +317,15 @@ class Api:
 
     @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self) -> dict[str, Any]:
-        """Ready when the scorer answers for every model (loading them if needed). A full queue is busy, not
-        unready, for a model it has answered for: under load the probe would otherwise take replicas out of
-        service just when they are needed."""
+        """Ready when the scorer has answered for every model (loading them if needed), and answers now for the
+        one that last did. Probing all each time would load them in turn where they outnumber a replica's LRU. A
+        full queue is busy, not unready, for a model it has answered for: under load the probe would otherwise
+        take replicas out of service just when they are needed."""
         if self.stopping:
             raise HTTPException(503, "not ready: the server is stopping")
         blank = np.zeros((8, 8, 3), np.uint8)
-        for name, card in self.cards.items():
+        for name in [n for n in self.cards if n not in self.scored] or [self.last_scored]:
+            card = self.cards[name]
             image = np.resize(blank, (card["image_size"], card["image_size"], 3))
             try:
                 await self.scorer.options(multiplexed_model_id=name).score.remote(image, False, card["version"])
@@ -332,6 +335,7 @@ class Api:
             except Exception as e:  # noqa: BLE001 - any other failure means not ready
                 raise HTTPException(503, f"not ready: {type(e).__name__}") from None
             self.scored.add(name)
+            self.last_scored = name
         return {"status": "ready", "models": sorted(self.cards)}
 
     async def drain(self, timeout_s: float) -> int:
@@ -441,6 +445,7 @@ class Api:
                                          "server log)") from None
             raise
         self.scored.add(name)
+        self.last_scored = name
         out = {"model": name, "version": card["version"], "score": result["score"],
                "normalized_score": result["normalized_score"], "label": result["label"],
                "threshold": result["threshold"]}
@@ -518,6 +523,10 @@ def app_builder(args: dict[str, Any]):
     """Entry for `serve run` / `serve deploy` configs: args are ServeSettings fields, plus `run` (a
     folder to discover models in) instead of `models`."""
     args = dict(args)
+    unknown = set(args) - {f.name for f in fields(ServeSettings)} - {"run"}
+    if unknown:
+        raise ConfigError(f"serve config args: unknown {sorted(unknown)}; valid: run and the fields of "
+                          f"{sorted(f.name for f in fields(ServeSettings))}")
     if "run" in args:
         args["models"] = discover_models(args.pop("run"))
     return build_app(ServeSettings(**args))
