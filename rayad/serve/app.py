@@ -241,9 +241,17 @@ class Scorer:
         return results
 
 
-# The docs and the schema are routes of Api below (not FastAPI's own), so that they need the API key too.
+# The docs and the schema are routes of Api below (not FastAPI's own), so that they need the API key too. A path
+# with a trailing slash is no route (FastAPI redirected it, before the API key was checked).
 app = FastAPI(title="rayad", version=__version__, description="Visual anomaly detection: score images.",
-              openapi_url=None, docs_url=None, redoc_url=None)
+              openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
+_BINARY = {"type": "string", "format": "binary"}
+# The bodies the routes read themselves, described for the schema (and /docs' "Try it out")
+IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    "application/octet-stream": {"schema": _BINARY},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _BINARY}, "required": ["file"]}}}}}
+BATCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "properties": {"files": {"type": "array", "items": _BINARY}}, "required": ["files"]}}}}}
 
 
 @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException too, and routing's 404 and 405
@@ -375,7 +383,7 @@ class Api:
     async def models(self) -> dict[str, Any]:
         return {"models": list(self.cards.values())}
 
-    @app.post("/v1/predict", dependencies=KEY_REQUIRED)
+    @app.post("/v1/predict", dependencies=KEY_REQUIRED, openapi_extra=IMAGE_BODY)
     async def predict(self, request: Request, model: str | None = None, heatmap: bool = False) -> dict[str, Any]:
         """One image: the raw request body, or a multipart upload (field `file`)."""
         name = self._model(model)
@@ -390,7 +398,7 @@ class Api:
                 body = await self._read_body(request, self.settings.max_upload_mb)
             return await self._score(name, await self._decode(body, name), heatmap)
 
-    @app.post("/v1/predict/batch", dependencies=KEY_REQUIRED)
+    @app.post("/v1/predict/batch", dependencies=KEY_REQUIRED, openapi_extra=BATCH_BODY)
     async def predict_batch(self, request: Request, model: str | None = None, heatmap: bool = False
                             ) -> dict[str, Any]:
         """Several images as a multipart upload (any field names); bad images get an error entry each."""

@@ -272,6 +272,10 @@ def test_docs_and_schema_need_the_key(server):
     schema = requests.get(f"{server}/openapi.json", headers={"Authorization": "Bearer secret"}).json()
     assert {"/v1/predict", "/v1/predict/batch", "/v1/models"} <= set(schema["paths"])
     assert not {"/docs", "/redoc", "/openapi.json"} & set(schema["paths"])
+    bodies = {path: schema["paths"][path]["post"]["requestBody"]["content"] for path in ("/v1/predict",
+                                                                                          "/v1/predict/batch")}
+    assert set(bodies["/v1/predict"]) == {"application/octet-stream", "multipart/form-data"}  # /docs can upload
+    assert bodies["/v1/predict/batch"]["multipart/form-data"]["schema"]["properties"]["files"]["type"] == "array"
     assert "/openapi.json" in requests.get(f"{server}/docs", headers=KEY).text
 
 
@@ -284,6 +288,9 @@ def test_unknown_routes_and_wrong_methods_are_json_errors(server):
     assert wrong.headers["Allow"] == "POST"
     assert requests.delete(f"{server}/v1/models", headers=KEY).json() == {
         "error": "method DELETE is not allowed on /v1/models"}
+    slash = requests.post(f"{server}/v1/predict/", data=b"x", allow_redirects=False)  # redirected, before the key
+    assert slash.status_code == 404 and slash.json() == {"error": "no such route: /v1/predict/ (the API is listed at "
+                                                                  "/docs)"}
 
 
 def test_overload_answers_503_quickly_and_the_server_stays_ready(server, demo_root):
