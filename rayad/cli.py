@@ -341,7 +341,7 @@ def _check_scored(errors: list[str | None]) -> None:
 
 
 def cmd_serve(args) -> None:
-    from rayad.cluster import connect
+    from rayad.cluster import connect, starts_local_ray
     from rayad.serve import discover_models, serve_until_stopped, use_haproxy_ingress
 
     low, high = (args.min_replicas, args.max_replicas) if args.replicas is None else (args.replicas, args.replicas)
@@ -353,9 +353,9 @@ def cmd_serve(args) -> None:
                              replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
                              api_key=os.environ.get("RAYAD_API_KEY") or None)
     address = use_haproxy_ingress(args.address) if args.ingress == "haproxy" else args.address
-    joined = not connect(address)
-    if not joined:  # a local Ray's Serve listens here: it failed on a taken port after 45 s, with a traceback
+    if starts_local_ray(address):  # its Serve listens here: it failed on a taken port after 45 s, with a traceback
         check_can_listen(args.host, args.port)
+    joined = not connect(address)
 
     def announce(url: str) -> None:
         key = "; API key required" if settings.api_key else ""

@@ -28,18 +28,22 @@ __all__ = ["Cluster", "check_resources", "check_shared_paths", "connect", "leave
 log = logging.getLogger(__name__)
 
 
+def starts_local_ray(address: str | None) -> bool:
+    """Whether `connect(address)` would start a local Ray (no address, here or in RAY_ADDRESS, or "local")."""
+    return not ray.is_initialized() and (address or os.environ.get("RAY_ADDRESS")) in (None, "", "local")
+
+
 def connect(address: str | None, log_to_driver: bool = True) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS), or start a local Ray sized to this machine; True when
     it started one (which ends with this process)."""
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    local = address in (None, "", "local")
+    local = starts_local_ray(address)
     try:
         if local:
             _start_local(log_to_driver)
         else:
-            _join(address, log_to_driver)
+            _join(address or os.environ["RAY_ADDRESS"], log_to_driver)
     except SystemExit as e:  # ray.init's own SIGTERM handler exits: stop as Ctrl-C does, with Ray's processes
         if e.code != signal.SIGTERM:
             raise
