@@ -382,7 +382,7 @@ def cmd_tune(args) -> None:
     from rayad.tune import format_experiment, load_settings, resolve_space, run_search
 
     if args.resume:
-        given = [f"--{name}" for name in ("data", "category", "space") if getattr(args, name) is not None]
+        given = _given_with_resume(args)
         if given:
             raise RayadError(f"{', '.join(given)} with --resume: a search resumes as it began (its settings are "
                              f"in {args.out}/experiment.json); drop them, or start a new --out")
@@ -404,6 +404,14 @@ def cmd_tune(args) -> None:
     experiment = run_search(settings, args.out, args.address, resume=args.resume)
 
     print(format_experiment(experiment))
+
+
+def _given_with_resume(args) -> list[str]:
+    """The flags of `rayad tune` set besides --out, --resume, --address and -v (which a resume takes)."""
+    defaults = vars(build_parser().parse_args(["tune", "--out", str(args.out)]))
+    kept = {"out", "resume", "address", "verbose"}
+    return [{"overrides": "--set"}.get(dest, "--" + dest.replace("_", "-")) for dest, value in vars(args).items()
+            if dest not in kept and value != defaults[dest]]
 
 
 def _split(value: str | None) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ import numbers
 import re
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -319,7 +320,22 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
 
 class _Loader(yaml.SafeLoader):
     """YAML as PyYAML's safe loader reads it, except that `1e-3` and `1.0e3` are floats (YAML 1.2, and how
-    people write a learning rate), not the strings YAML 1.1 makes of an exponent without a dot or a sign."""
+    people write a learning rate), not the strings YAML 1.1 makes of an exponent without a dot or a sign, and
+    that a key given twice in a mapping is an error (PyYAML keeps the last, and one of two values is lost)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, whose keys the mapping may override
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # PyYAML refuses it below
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
+                                                        f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",

@@ -119,7 +119,7 @@ class SearchSettings:
             value = getattr(self, f.name)
             value = (value,) if f.name in ("metric", "mode") and isinstance(value, str) else value
             object.__setattr__(self, f.name, coerce(value, hints[f.name], f"SearchSettings.{f.name}"))
-        for name in ("data_root", "val_root", "config_file", "storage"):
+        for name in ("data_root", "val_root", "config_file", "space", "storage"):
             object.__setattr__(self, name, absolute_path(getattr(self, name)))
 
     @property

@@ -43,6 +43,7 @@ def test_an_exponent_without_a_dot_is_a_float_in_files_overrides_and_spaces(tmp_
     ("corruption:\n  area_min: 0.5\n  area_max: 0.1\n", "corruption.area_max"),
     ("model: [1, 2]\n", "model"),
     ("model: {skip: [unclosed\n", "not valid YAML"),
+    ("train:\n  steps: 6\n  lr: 0.1\n  steps: 8\n", "key 'steps' given twice at line 4"),
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"

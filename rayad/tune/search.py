@@ -283,6 +283,13 @@ def _storage(plan: Plan, exp_dir: Path) -> str:
 
 
 def _check_resumable(plan: Plan, exp_dir: Path, record: dict[str, Any]) -> None:
+    planned = json.loads(json.dumps(experiment_record(plan, 0, exp_dir)))  # as the record was written and read
+    changed = [key for key in RESUMED_AS_BEGUN if key in record and record[key] != planned[key]]
+    if changed:  # the space file or --config, read again: its trials would run another search
+        s = plan.settings
+        files = " or ".join(f for f in (s.space, s.config_file) if f)
+        raise RayadError(f"{exp_dir}: its {', '.join(changed)} changed since the search began ({files} changed); "
+                         f"put back what it began with, or start a new --out")
     versions = record.get("versions") if isinstance(record.get("versions"), dict) else {}
     now = {"rayad": __version__, "ray": ray.__version__, "optuna": optuna.__version__}
     started = {name: versions.get(name) for name in now}
@@ -396,6 +403,9 @@ def export_best(plan: Plan, row: dict[str, Any], out: Path) -> dict[str, Any]:
     metrics = evaluate(Predictor.load(out, device=str(device)), s.data_root, s.category)
     write_json(out / TEST_METRICS, metrics)
     return metrics
+
+
+RESUMED_AS_BEGUN = ("space", "base_config", "max_iterations", "objective")  # in experiment.json
 
 
 def experiment_record(plan: Plan, concurrent: int, exp_dir: Path) -> dict[str, Any]:

@@ -141,9 +141,11 @@ def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
     """Read and check a space file against `base` (default: the default config)."""
     path = Path(path)
     try:
-        raw = load_yaml(path.read_text())
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"{path}: cannot read search space ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
     return parse_space(raw, base or Config(), str(path))

@@ -291,18 +291,25 @@ def test_a_search_never_overwrites_or_merges_with_an_experiment_and_damage_is_na
     before = {name: (exp / name).read_bytes() for name in ("experiment.json", "trials.parquet")}
     new = ["tune", "--data", str(demo_root), "--category", "grass", "--space", str(tiny_space), "--out", str(exp)]
     damaged_json, damaged_rows, lost_rows = tmp_path / "damaged_json", tmp_path / "damaged_rows", tmp_path / "lost"
-    older = tmp_path / "older"
-    for copy in (damaged_json, damaged_rows, lost_rows, older):
+    older, other_space = tmp_path / "older", tmp_path / "other_space"
+    for copy in (damaged_json, damaged_rows, lost_rows, older, other_space):
         shutil.copytree(exp, copy)
     record = json.loads(before["experiment.json"])
     record["versions"]["rayad"] = "0.0.9"
     (older / "experiment.json").write_text(json.dumps(record))
+    record = json.loads(before["experiment.json"])  # as if the space file had changed since: a trial crashed
+    record["space"]["params"][next(iter(record["space"]["params"]))]["args"] = [0.5, 0.6]
+    (other_space / "experiment.json").write_text(json.dumps(record))
     (damaged_json / "experiment.json").write_text("[]")
     (damaged_rows / "trials.parquet").write_bytes(before["trials.parquet"][:100])
     (lost_rows / "trials.parquet").unlink()  # resuming used to end "interrupted" again, every time
     for args, message in [
         (new, "already holds an experiment; resume it"),  # it used to merge the two searches
         (["tune", "--out", str(exp), "--resume", "--category", "grass"], "--category with --resume"),
+        (["tune", "--out", str(exp), "--resume", "--trials", "5", "--set", "train.lr=0.5"],  # silently ignored
+         "--trials, --set with --resume: a search resumes as it began"),
+        (["tune", "--out", str(other_space), "--resume"], f"{other_space}: its space changed since the search began "
+                                                          f"({record['settings']['space']} changed)"),
         (new[:-1] + [str(tmp_path / "other"), "--concurrent", "-1"], "concurrent = -1 (--concurrent): must be >= 1"),
         (["tune", "--out", str(damaged_json), "--resume"], "experiment.json: not an experiment record"),
         (["tune", "--out", str(damaged_rows), "--resume"], "trials.parquet: unreadable"),

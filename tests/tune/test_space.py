@@ -180,6 +180,7 @@ def test_settings_hold_absolute_paths_and_take_one_metric_as_a_string(tmp_path, 
                        storage="ckpt", metric="val_image_auroc", mode="max")
     assert (s.data_root, s.val_root, s.storage) == (str(tmp_path / "demo_data"), str(tmp_path / "val"),
                                                     str(tmp_path / "ckpt"))
+    assert s.space == str(tmp_path / "quick.yaml")  # a resume from elsewhere read another, or none
     assert (s.metric, s.mode) == (("val_image_auroc",), ("max",))
     assert SearchSettings(data_root="d", category="c", space="s", storage="s3://bucket/x").storage == "s3://bucket/x"
     assert Cluster(storage="ckpt").storage == str(tmp_path / "ckpt")
@@ -190,3 +191,13 @@ def test_settings_hold_absolute_paths_and_take_one_metric_as_a_string(tmp_path, 
 def test_settings_of_the_wrong_type_are_named(field, value):
     with pytest.raises(ConfigError, match=f"SearchSettings.{field} = {value!r}: expected"):
         SearchSettings(data_root="d", category="c", space="s", **{field: value})
+
+
+def test_a_space_file_that_is_not_utf8_or_gives_a_key_twice_is_one_error(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_bytes(b"params:\n  train.lr: \xff\n")
+    with pytest.raises(ConfigError, match="space.yaml: not a UTF-8 text file"):  # a UnicodeDecodeError's trace
+        load_space(space)
+    space.write_text("params:\n  train.steps: 6\n  train.steps: 8\n")  # the last one won, silently
+    with pytest.raises(ConfigError, match=r"space.yaml: not valid YAML \(key 'train.steps' given twice at line 3"):
+        load_space(space)
