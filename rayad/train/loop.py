@@ -355,9 +355,9 @@ class LocalSession:
 
 
 def check_resumable(checkpoint: str, state: dict[str, Any], cfg: Config, data_root: str | Path, manifest: pa.Table,
-                    saved_manifest: Path, has_model: bool) -> int:
+                    saved_manifest: Path, model_steps: int | None) -> int:
     """A run continues only as it began: the same configuration but for train.steps, which must be beyond the
-    checkpoint's step (or at it, when the run stopped before writing its model), and the same images. Returns
+    checkpoint's step (or at it, when the folder holds no model of that step), and the same images. Returns
     the checkpoint's step."""
     saved = Config.from_dict(state["config"], f"{checkpoint}/state.json").replace({"train.steps": cfg.train.steps})
     if saved != cfg:
@@ -369,7 +369,7 @@ def check_resumable(checkpoint: str, state: dict[str, Any], cfg: Config, data_ro
     if saved_manifest.is_file() and not same_images(load_manifest(saved_manifest), manifest, data_root):
         raise RayadError(f"{saved_manifest}: the run was trained on other images; resume with the --data, "
                          "--category and data.* settings it began with")
-    if state["step"] > cfg.train.steps or (state["step"] == cfg.train.steps and has_model):
+    if state["step"] > cfg.train.steps or (state["step"] == cfg.train.steps == model_steps):
         raise RayadError(f"{checkpoint}: the run already reached step {state['step']}, and train.steps is "
                          f"{cfg.train.steps}; raise --steps to train it further")
     return state["step"]
@@ -446,7 +446,17 @@ def check_run_folder(cfg: Config, data_root: str | Path, category: str, out_dir:
     if latest is None:
         return None
     return check_resumable(*latest, cfg, data_root, build_manifest(data_root, category, cfg.data),
-                           out_dir / MANIFEST, has_model=(out_dir / METADATA).exists())
+                           out_dir / MANIFEST, model_steps=trained_steps(out_dir))
+
+
+def trained_steps(out_dir: Path) -> int | None:
+    """The steps of the model written in `out_dir` (its model.json's train.steps); None without a readable one. A
+    run given more steps on --resume and stopped after its last checkpoint still holds the model of fewer."""
+    try:
+        steps = json.loads((out_dir / METADATA).read_text())["train"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return steps if isinstance(steps, int) else None
 
 
 def begin_run_files(out_dir: Path, resumed: int | None, manifest: pa.Table) -> dict[str, Any] | None:

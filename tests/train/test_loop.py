@@ -89,6 +89,21 @@ def test_a_run_stopped_before_writing_its_model_resumes_and_writes_it(tmp_path, 
     assert _logged_steps(run) == [2, 3, 4, 6]
 
 
+def test_a_run_given_more_steps_and_stopped_before_its_new_model_resumes_and_writes_it(tmp_path, demo_root,
+                                                                                         tiny_config):
+    """Its folder held the model of fewer steps beside the last checkpoint: --resume said 'already reached step 9',
+    and that older model stayed."""
+    shorter = fit(tiny_config, demo_root, "brick", tmp_path / "r", progress=False)
+    old_model = {name: (shorter / name).read_bytes() for name in ("model.json", "model.safetensors")}
+    longer = fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", shorter, resume=True, progress=False)
+    weights = {k: v.clone() for k, v in _weights(longer).items()}  # not views of the file rewritten below
+    for name, content in old_model.items():  # as a stop between the last checkpoint and the new model leaves it
+        (longer / name).write_bytes(content)
+    fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", longer, resume=True, progress=False)
+    assert json.loads((longer / "model.json").read_text())["train"]["steps"] == 9
+    assert all(torch.equal(weights[k], _weights(longer)[k]) for k in weights)
+
+
 def test_resume_refuses_what_would_change_the_run_and_leaves_its_files_as_they_were(tmp_path, demo_root, tiny_config):
     run = fit(tiny_config, demo_root, "brick", tmp_path / "r", progress=False)
     files = {name: (run / name).read_bytes() for name in ("model.json", "manifest.parquet", "model.safetensors")}
