@@ -107,8 +107,10 @@ def load_mask(path: str | Path, size: int, expected_hw: tuple[int, int] | None =
 
 
 def list_images(directory: Path) -> list[Path]:
-    """Image files directly inside `directory`, sorted."""
-    return sorted(utf8_path(p) for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files directly inside `directory`, sorted. Hidden files are left out (macOS copies `._001.png` beside
+    each image, which is no image); a link to nothing is kept, to be named where it is read."""
+    return sorted(utf8_path(p) for p in directory.iterdir() if not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink() and not p.exists()))
 
 
 def utf8_path(path: Path) -> Path:

@@ -322,3 +322,14 @@ def test_a_file_name_that_is_not_utf8_is_named_in_one_line(tmp_path):
     Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.png")).write_bytes(b"")
     with pytest.raises(DataError, match=r"caf\\xe9.png: the file name is not valid UTF-8; rename it"):
         list_images(tmp_path)
+
+
+def test_hidden_files_are_no_images_and_a_link_to_nothing_is_kept_to_be_named(tmp_path):
+    """macOS's `._001.png` beside each image failed training as a bad image; a dangling link was dropped unsaid."""
+    from rayad.data.images import list_images
+
+    (tmp_path / "001.png").write_bytes(b"")
+    (tmp_path / "._001.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble
+    (tmp_path / "002.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "003.png").mkdir()
+    assert list_images(tmp_path) == [tmp_path / "001.png", tmp_path / "002.png"]
