@@ -22,7 +22,6 @@ from rayad.data.images import MAX_IMAGE_PIXELS, PILLOW_MAX_PIXELS
 from rayad.errors import ConfigError
 
 MAX_SEED = 2**32 - 1  # the largest seed numpy's generators take
-OVERRIDES = "overrides (--set, --steps, --image-size, --seed, --layout)"  # where an override error points
 
 
 @dataclass(frozen=True)
@@ -210,7 +209,7 @@ class Config:
         except ConfigError as e:  # a rule across sections
             raise ConfigError(f"{source}: {e}") from None
 
-    def replace(self, overrides: dict[str, Any], source: str = OVERRIDES) -> Config:
+    def replace(self, overrides: dict[str, Any], source: str = "overrides (--set)") -> Config:
         """A copy with dotted-key overrides such as {"train.steps": 100}."""
         if not isinstance(overrides, dict) or not all(isinstance(key, str) for key in overrides):
             raise ConfigError(f"{source}: must map dotted keys to values, such as "
