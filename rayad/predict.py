@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import time
 from contextlib import suppress
 from pathlib import Path
 
@@ -237,11 +238,28 @@ def predict_with_ray(run: str | Path, inputs: list[str], out: str, heatmaps: str
         for written in filesystem.get_file_info(pafs.FileSelector(incomplete)):
             filesystem.move(written.path, f"{folder}/{written.base_name}")
     except KeyboardInterrupt:
+        _wait_for_writes(filesystem, incomplete)
         raise KeyboardInterrupt(f"no rows are kept in {out}") from None
     finally:
         with suppress(OSError):
             filesystem.delete_dir(incomplete)
     return pq.read_table(folder, columns=["error"], filesystem=filesystem)
+
+
+def _wait_for_writes(filesystem: pafs.FileSystem, folder: str, quiet_s: float = 1.0, limit_s: float = 10.0) -> None:
+    """Wait until nothing is written into `folder` for `quiet_s` (at most `limit_s`): write tasks that ran when
+    Ctrl-C stopped Ray Data finish their files, which would appear after the folder was deleted."""
+    def listing() -> list[tuple[str, int | None]] | None:
+        with suppress(OSError):
+            return sorted((f.path, f.size) for f in filesystem.get_file_info(pafs.FileSelector(folder)))
+        return None
+
+    deadline, seen, quiet_since = time.monotonic() + limit_s, listing(), time.monotonic()
+    while time.monotonic() - quiet_since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = listing()
+        if now != seen:
+            seen, quiet_since = now, time.monotonic()
 
 
 def _check_new_folder(out: str, filesystem: pafs.FileSystem, folder: str) -> None:
