@@ -21,5 +21,5 @@ PAGES = [
 page = st.navigation(PAGES)
 with st.sidebar:
     st.selectbox("Experiment", list(loaders.experiments()), key="experiment", placeholder="no experiments yet")
-    st.caption(f"Runs directory: {loaders.code(loaders.printable(str(loaders.runs_dir())))}")
+    st.caption(f"Runs directory: {loaders.runs_dir_code()}")
 page.run()

@@ -51,6 +51,11 @@ def printable(name: str) -> str:
     return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
 
 
+def runs_dir_code() -> str:
+    """The runs directory as a Markdown code span."""
+    return code(printable(str(runs_dir())))
+
+
 def found() -> tuple[dict[str, Path], dict[str, str]]:
     """The experiments under the runs directory by the name the sidebar shows (their path below it, or the
     folder's own name when the runs directory is one experiment), and the folders left out, with why."""
@@ -73,7 +78,7 @@ def selected_experiment() -> Path:
     """The experiment picked in the sidebar; stops the page with a hint when there is none."""
     path = experiments().get(st.session_state.get("experiment"))
     if path is None:
-        st.info(f"No experiment found under {code(printable(str(runs_dir())))}. Run `rayad tune` or `rayad demo`, "
+        st.info(f"No experiment found under {runs_dir_code()}. Run `rayad tune` or `rayad demo`, "
                 "then reload.")
         st.stop()
     return path

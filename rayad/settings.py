@@ -42,6 +42,14 @@ def check_can_listen(host: str, port: int) -> None:
                              "--port") from None
 
 
+def coerce_fields(settings: Any, where: str) -> None:
+    """Check a frozen settings dataclass's values against its fields' types (`rayad.config.coerce`), in place;
+    errors name the field after `where`."""
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        object.__setattr__(settings, f.name, coerce(getattr(settings, f.name), hints[f.name], f"{where}{f.name}"))
+
+
 def cpu_count() -> int:
     """The CPUs this process may run on (its affinity mask): its torch thread count, unless told otherwise."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -114,11 +122,10 @@ class SearchSettings:
         """Values checked against the fields' types (one metric or mode may be a plain string), and local paths
         made absolute: a trial runs in its own working folder, a resume may start elsewhere, and Ray reads a
         relative storage path as a URI."""
-        hints = typing.get_type_hints(SearchSettings)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            value = (value,) if f.name in ("metric", "mode") and isinstance(value, str) else value
-            object.__setattr__(self, f.name, coerce(value, hints[f.name], f"SearchSettings.{f.name}"))
+        for name in ("metric", "mode"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, (getattr(self, name),))
+        coerce_fields(self, "SearchSettings.")
         for name in ("data_root", "val_root", "config_file", "space", "storage"):
             object.__setattr__(self, name, absolute_path(getattr(self, name)))
 
@@ -158,9 +165,7 @@ class ServeSettings:
 
     def __post_init__(self):
         """Checked here, so that `rayad serve` and a Serve config file fail alike, before Ray starts."""
-        hints = typing.get_type_hints(ServeSettings)
-        for f in dataclasses.fields(self):  # a Serve config's YAML may give "16" for 16
-            object.__setattr__(self, f.name, coerce(getattr(self, f.name), hints[f.name], f"serve setting {f.name}"))
+        coerce_fields(self, "serve setting ")  # a Serve config's YAML may give "16" for 16
 
         def check(ok: bool, name: str, need: str) -> None:
             if not ok:

@@ -13,7 +13,7 @@ paths = list(found.values())
 for name, why in left_out.items():  # an unreadable folder, or one Streamlit cannot name: the others still show
     st.warning(f"Folder {loaders.code(name)} is left out: {why}", icon=":material/warning:")
 if not paths:
-    st.info(f"No experiments under {loaders.code(loaders.printable(str(loaders.runs_dir())))} yet. Start one with "
+    st.info(f"No experiments under {loaders.runs_dir_code()} yet. Start one with "
             "`rayad tune` or `rayad demo`.")
     st.stop()
 
