@@ -14,7 +14,7 @@ from rayad.config import ModelConfig
 from rayad.errors import ConfigError
 from rayad.filters import resize_bilinear
 from rayad.models.encoders import SDCEncoder, TimmEncoder
-from rayad.models.layers import SKIPS, ConvNormAct, DilatedBottleneck, make_act
+from rayad.models.layers import SKIPS, ConvActConv, ConvNormAct, DilatedBottleneck, make_act
 from rayad.models.registry import register_model
 
 
@@ -37,8 +37,8 @@ class SDCCCM(nn.Module):
         self.skips = nn.ModuleList(SKIPS[cfg.skip](c) for c in chans[:-1])
         self.refines = nn.ModuleList(ConvNormAct(c, c, cfg.norm, cfg.act) for c in chans[:-1])
         head = max(chans[0] // 2, 8)
-        self.head = nn.Sequential(nn.Conv2d(chans[0], head, 3, padding=1), make_act(cfg.act),
-                                  nn.Conv2d(head, cfg.in_chans, 3, padding=1))
+        self.head = ConvActConv(nn.Conv2d(chans[0], head, 3, padding=1), make_act(cfg.act),
+                                nn.Conv2d(head, cfg.in_chans, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

@@ -127,6 +127,55 @@ def test_eval_mode_folds_batch_norm_into_the_conv_without_changing_the_output():
     assert torch.allclose(block(x), act(batch_stats), atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eval_pass_fuses_conv_and_relu_with_the_same_outputs(monkeypatch, precision, channels_last):
+    """An eval pass without autograd runs each conv + ReLU as one oneDNN op (layers.conv_relu), with the outputs
+    of the two ops (the same bits at the default network's shapes on the CPUs measured; oneDNN may pick
+    another kernel for other shapes). With autograd, the ops stay apart, and gradients flow."""
+    from rayad.models import layers
+    from rayad.precision import autocast
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(**TINY))
+    with torch.no_grad():
+        model(torch.rand(4, 3, 32, 32))  # running statistics that are not the initial ones
+    model.eval()
+    x = torch.rand(3, 3, 32, 32)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    fused_calls, conv_relu = [], layers.conv_relu
+    monkeypatch.setattr(layers, "conv_relu", lambda *args: fused_calls.append(1) or conv_relu(*args))
+    with torch.no_grad(), autocast(precision, "cpu"):
+        fused, alone = model(x), model(x[1:2])
+        blocks = [m for m in model.modules() if isinstance(m, ConvNormAct)]
+        assert len(fused_calls) == 2 * (len(blocks) + 1), "every conv + ReLU, the head's included"
+        with monkeypatch.context() as apart_only:
+            apart_only.setattr(layers, "fusable", lambda x: False)
+            apart, apart_alone = model(x), model(x[1:2])
+    tolerance = {"atol": 1e-6, "rtol": 0} if precision == "fp32" else {}  # else bf16's: one rounding
+    torch.testing.assert_close(fused, apart, **tolerance)
+    torch.testing.assert_close(alone, apart_alone, **tolerance)
+    fused_calls.clear()
+    model(x).sum().backward()
+    assert not fused_calls and model.head[0].weight.grad is not None
+
+
+def test_ccm_blend_promotes_mixed_precisions():
+    """A timm encoder's features may stay fp32 under bf16 autocast (e.g. after a layer norm); the blend computes
+    in the wider type, as `a * enc + (1 - a) * dec` would."""
+    from rayad.models.layers import ConvexSkip
+
+    skip = ConvexSkip(4)
+    enc, dec = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5).bfloat16()
+    with torch.no_grad():
+        out = skip(enc, dec)
+        a = torch.sigmoid(skip.gate(torch.cat([enc, dec.float()], 1)))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, a * enc + (1 - a) * dec.float())
+
+
 def test_torch_activations_are_the_classes_timm_gives_those_names():
     from timm.layers import get_act_layer
 
