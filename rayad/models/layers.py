@@ -77,7 +77,7 @@ def conv_relu(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor | None = No
     """relu(conv(x)), with `weight` and `bias` in place of the conv's own where given, as oneDNN's convolution with
     a ReLU post-op: with the BN fold and one-op blend, 1.07x (fp32) and 1.13x (bf16) faster inference on a Xeon
     with AMX; the same bits as the two ops at the default network's shapes there, within 1e-8 at other shapes
-    (docs/benchmarks.md, "Precision on a CPU with AMX")."""
+    (docs/benchmarks.md, "Precision on a CPU with AMX, 2026-12-07")."""
     weight = conv.weight if weight is None else weight
     bias = conv.bias if bias is None else bias
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
