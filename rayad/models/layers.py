@@ -66,21 +66,30 @@ class ConvNormAct(nn.Sequential):
 
 
 def fusable(x: torch.Tensor) -> bool:
-    """Whether oneDNN can run a conv and its activation on `x` as one op: an eager CPU pass without autograd.
-    Traces (exports, torch.compile) keep torch's own ops, which ONNX and inductor know."""
-    return (x.device.type == "cpu" and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+    """Whether oneDNN can run a conv and its activation on `x` as one op: an eager CPU pass without autograd, in
+    fp32, or in bf16 where oneDNN has bf16 kernels (a CPU without them runs torch's fallback). Traces
+    (exports, torch.compile) keep torch's own ops, which ONNX and inductor know."""
+    if (x.device.type != "cpu" or torch.is_grad_enabled() or not torch.backends.mkldnn.is_available()
+            or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        return False
+    dtype = compute_dtype(x)
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a CPU convolution of `x` computes in: autocast's, where it is on."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
 def conv_relu(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor | None = None,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """relu(conv(x)), with `weight` and `bias` in place of the conv's own where given, as oneDNN's convolution with
-    a ReLU post-op: with the BN fold and one-op blend, 1.07x (fp32) and 1.13x (bf16) faster inference on a Xeon
-    with AMX; the same bits as the two ops at the default network's shapes there, within 1e-8 at other shapes
-    (docs/benchmarks.md, "Precision on a CPU with AMX, 2026-12-07")."""
+    a ReLU post-op: with the BN fold and one-op blend, 1.09x (fp32) and 1.16x (bf16) faster inference at batch
+    16 on a Xeon with AMX; the same bits as the two ops at the default network's shapes there, within 1e-8 at
+    other shapes (docs/benchmarks.md, "Precision on a CPU with AMX, 2026-12-07")."""
     weight = conv.weight if weight is None else weight
     bias = conv.bias if bias is None else bias
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    dtype = compute_dtype(x)
     bias = None if bias is None else bias.to(dtype)
     return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), weight.to(dtype), bias, conv.padding,
                                                    conv.stride, conv.dilation, conv.groups, "relu", [], "")

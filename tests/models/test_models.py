@@ -137,6 +137,8 @@ def test_eval_pass_fuses_conv_and_relu_with_the_same_outputs(monkeypatch, precis
     from rayad.models import layers
     from rayad.precision import autocast
 
+    if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bf16 kernels (tested by the next test)")
     torch.manual_seed(0)
     model = create_model(ModelConfig(**TINY))
     with torch.no_grad():
@@ -160,6 +162,24 @@ def test_eval_pass_fuses_conv_and_relu_with_the_same_outputs(monkeypatch, precis
     fused_calls.clear()
     model(x).sum().backward()
     assert not fused_calls and model.head[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("case", ["float64", "bf16 without oneDNN's bf16 kernels"])
+def test_eval_pass_keeps_the_ops_apart_where_onednn_cannot_fuse(monkeypatch, case):
+    """A dtype oneDNN has no fused kernel for runs torch's own ops: a float64 network, or bf16 on a CPU without
+    bf16 instructions (AVX2 only), where torch falls back to its reference convolution."""
+    from rayad.models import layers
+    from rayad.precision import autocast
+
+    torch.manual_seed(0)
+    model, x = create_model(ModelConfig(**TINY)).eval(), torch.rand(2, 3, 32, 32)
+    if case == "float64":
+        model, x = model.double(), x.double()
+    else:
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(layers, "conv_relu", lambda *args: pytest.fail("fused"))
+    with torch.no_grad(), autocast("fp32" if case == "float64" else "bf16", "cpu"):
+        assert torch.isfinite(model(x)).all()
 
 
 def test_ccm_blend_promotes_mixed_precisions():
