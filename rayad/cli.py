@@ -237,9 +237,9 @@ def cmd_data_demo(args) -> None:
 def cmd_train(args) -> None:
     cfg = _config(args)
     if args.mlflow:
-        from rayad.tracking import check_tracking_uri
+        from rayad.tracking import check_tracking_uri, experiment_name
 
-        check_tracking_uri(args.mlflow)
+        check_tracking_uri(args.mlflow, experiment_name(args.out))
     if args.workers is None:
         import torch
 
@@ -261,9 +261,9 @@ def cmd_train(args) -> None:
     meta = json.loads((run / "model.json").read_text())
     print(f"model written to {run} (threshold {meta['threshold']:.6g})")
     if args.mlflow:
-        from rayad.tracking import log_training
+        from rayad.tracking import experiment_name, log_training
 
-        run_id = log_training(args.mlflow, run.name, run, cfg.to_dict())
+        run_id = log_training(args.mlflow, experiment_name(run), run)
         print(f"logged to MLflow at {args.mlflow} (run {run_id})")
 
 
@@ -507,13 +507,16 @@ def check_outputs(args) -> None:
 
 
 def overwritten_input(args, path: Path) -> str | None:
-    """What an existing output file is among the command's inputs: a file of the model (--run), or an image
-    it scores (a PATH or --input given, or an image below a folder given); None when it is neither."""
+    """What an existing output file is among the command's inputs: a file of the model (--run), an image of
+    the dataset (--data), or an image it scores (a PATH or --input given, or an image below a folder given);
+    None when it is neither."""
     if not path.is_file():
         return None
-    target, run = path.resolve(), getattr(args, "run", None)
+    target, run, data = path.resolve(), getattr(args, "run", None), getattr(args, "data", None)
     if run is not None and target.is_relative_to(run.resolve()):
         return f"a file of the model --run {run}"
+    if data is not None and target.is_relative_to(Path(data).resolve()) and target.suffix.lower() in IMAGE_SUFFIXES:
+        return f"an image of the dataset --data {data}"
     for given in [*getattr(args, "paths", []), *getattr(args, "inputs", [])]:
         source = Path(given).resolve()
         if "://" not in given and (target == source or (source.is_dir() and target.is_relative_to(source)

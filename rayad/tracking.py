@@ -9,9 +9,11 @@ and the artifact. rayad's own results store stays the source of truth.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import socket
+import sqlite3
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -29,16 +31,37 @@ def require_mlflow():
     return mlflow
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Fail before any training when MLflow cannot use `uri` (an unknown scheme, a folder it cannot create, a
-    server that does not answer): it would only fail once the work is done."""
+def experiment_name(folder: str | Path) -> str:
+    """The MLflow experiment that a run or search logs to: the name of its folder (`--out .` included)."""
+    return Path(folder).resolve().name
+
+
+def check_tracking_uri(uri: str, experiment: str | None = None) -> None:
+    """Fail before any training when MLflow cannot use `uri` (an unknown scheme, a database or folder it cannot
+    open, a server that does not answer) or `experiment` is deleted there: it would only fail once the work
+    is done."""
     mlflow = require_mlflow()
     try:
         _check_server_answers(uri)  # MLflow retries a server that is down for minutes
-        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        _check_sqlite_opens(uri)  # and a database it cannot open for 100 s
+        found = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment or "Default")
     except Exception as e:  # noqa: BLE001 - MLflow raises its own and its stores' errors
         raise RayadError(f"mlflow {uri!r} (--mlflow): MLflow cannot use it ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if experiment and found is not None and found.lifecycle_stage == "deleted":
+        raise RayadError(f"mlflow {uri!r} (--mlflow): its experiment {experiment!r} (named after --out) is deleted; "
+                         "restore it (mlflow experiments restore) or give --out another name")
+
+
+def _check_sqlite_opens(uri: str) -> None:
+    """A sqlite store's database must open (or be created) and be one."""
+    scheme, _, rest = uri.partition("://")
+    path = rest.split("?")[0].removeprefix("/")  # sqlite:///relative.db, sqlite:////absolute.db
+    if scheme.split("+")[0] != "sqlite" or path in ("", ":memory:"):
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA schema_version")
 
 
 def _check_server_answers(uri: str) -> None:
@@ -127,13 +150,25 @@ def log_best(uri: str, experiment: str, exp_dir: Path, record: dict[str, Any]) -
     return run.info.run_id
 
 
-def log_training(uri: str, experiment: str, run_dir: Path, config: dict[str, Any]) -> str:
-    """One run for `rayad train`: the config, the loss at every logged step (RUN_DIR/train_log.jsonl), the
-    artifact."""
+def log_training(uri: str, experiment: str, run_dir: Path) -> str:
+    """One run for `rayad train`: the config as the model uses it (model.json: `auto` settled), the precisions
+    chosen, the loss at every logged step (RUN_DIR/train_log.jsonl), the artifact. A failure here, after the
+    training, is one RayadError that says the model is written."""
+    metadata = json.loads((run_dir / METADATA).read_text())
+    try:
+        return _log_training(uri, experiment, run_dir, metadata)
+    except Exception as e:  # noqa: BLE001 - MLflow raises its own, its stores' and the file system's errors
+        raise RayadError(f"mlflow {uri!r} (--mlflow): the model is written to {run_dir}, but logging it to MLflow "
+                         f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _log_training(uri: str, experiment: str, run_dir: Path, metadata: dict[str, Any]) -> str:
     mlflow = _client_for(uri, experiment)
-    with mlflow.start_run(run_name=run_dir.name, tags={"rayad": "train"}) as run:
-        mlflow.log_params({f"{section}.{key}": value for section, values in config.items()
+    with mlflow.start_run(run_name=run_dir.resolve().name, tags={"rayad": "train"}) as run:
+        mlflow.log_params({f"{section}.{key}": value for section, values in metadata["config"].items()
                            for key, value in values.items()})
+        mlflow.log_params({f"precision.{use}": choice["precision"]
+                           for use, choice in (metadata.get("precision") or {}).items()})
         log_file = run_dir / TRAIN_LOG
         if log_file.is_file():
             for line in log_file.read_text().splitlines():
@@ -141,7 +176,6 @@ def log_training(uri: str, experiment: str, run_dir: Path, config: dict[str, Any
                 logged_at = entry.get("logged_at")  # in logs from before rayad recorded it: the upload's time
                 mlflow.log_metrics(_numbers(entry, skip=("step", "logged_at")), step=int(entry.get("step", 0)),
                                    timestamp=int(logged_at * 1000) if logged_at else None)
-        metadata = json.loads((run_dir / METADATA).read_text())
         mlflow.log_metrics({k: metadata[k] for k in ("threshold", "pixel_threshold")})
         for name in (METADATA, WEIGHTS):
             mlflow.log_artifact(str(run_dir / name), artifact_path="model")

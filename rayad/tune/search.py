@@ -58,7 +58,7 @@ from rayad.layout import (
 )
 from rayad.precision import driver_device
 from rayad.settings import SearchSettings
-from rayad.tracking import TrialRuns, check_tracking_uri, log_best
+from rayad.tracking import TrialRuns, check_tracking_uri, experiment_name, log_best
 from rayad.train.checkpoint import load_checkpoint
 from rayad.train.loop import LoopConfig, load_train_data
 from rayad.train.ray_train import build_trainer, check_buildable_on
@@ -85,11 +85,12 @@ class Plan:
     max_iterations: int
 
 
-def plan_search(settings: SearchSettings) -> Plan:
-    """Check the space, objective and settings; fails before any trial starts, naming what is wrong."""
+def plan_search(settings: SearchSettings, experiment: str | None = None) -> Plan:
+    """Check the space, objective and settings (and the MLflow `experiment`); fails before any trial starts,
+    naming what is wrong."""
     s = settings
     if s.mlflow:
-        check_tracking_uri(s.mlflow)
+        check_tracking_uri(s.mlflow, experiment)
     for name, ok, need in [
         ("trials", s.trials >= 1, ">= 1"),
         ("workers_per_trial", s.workers_per_trial >= 1, ">= 1"),
@@ -133,7 +134,7 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
     if not isinstance(settings, SearchSettings):
         raise TypeError(f"settings: a rayad.tune.SearchSettings, not a {type(settings).__name__}")
     exp_dir = Path(exp_dir).absolute()
-    plan = plan_search(settings)
+    plan = plan_search(settings, experiment_name(exp_dir))
     with writing(exp_dir):  # one search, or resume, at a time: a second would mix its trials into the store
         return _search(plan, exp_dir, address, resume, verbose)
 
@@ -183,7 +184,7 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
             write_json(exp_dir / EXPERIMENT, experiment | {"status": "interrupted" if stopped else "failed",
                                                            "stopped_at": time.time(), "error": None if stopped else
                                                            f"{type(e).__name__}: {e}"})
-            mark_interrupted(exp_dir, TrialRuns(s.mlflow, exp_dir.name) if s.mlflow else None)
+            mark_interrupted(exp_dir, TrialRuns(s.mlflow, experiment_name(exp_dir)) if s.mlflow else None)
         if stopped and not isinstance(e, Interrupted):  # a second Ctrl-C, or one while Ray Tune starts or exports
             raise Interrupted("stopped", resume_with) from None
         raise
@@ -242,7 +243,7 @@ def _tuner(plan: Plan, exp_dir: Path, concurrent: int, resume: bool, verbose: in
         scheduler = FIFOScheduler()
     store = ResultsStore(exp_dir, plan.metrics[0], plan.modes[0], plan.max_iterations,
                          [p.key for p in plan.space.searched], default_point, trials_storage,
-                         TrialRuns(s.mlflow, exp_dir.name) if s.mlflow else None)
+                         TrialRuns(s.mlflow, experiment_name(exp_dir)) if s.mlflow else None)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.trials,
@@ -362,7 +363,7 @@ def _finish(plan: Plan, exp_dir: Path, experiment: dict[str, Any], rows: list[di
         "test": {k: test[k] for k in METRIC_NAMES}})
     write_json(exp_dir / EXPERIMENT, experiment)
     if plan.settings.mlflow:
-        log_best(plan.settings.mlflow, exp_dir.name, exp_dir, experiment)
+        log_best(plan.settings.mlflow, experiment_name(exp_dir), exp_dir, experiment)
     return experiment
 
 

@@ -106,6 +106,8 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (TRAIN + ["--mlflow", "ftp://x"], "mlflow 'ftp://x' (--mlflow): MLflow cannot use it"),  # before training
     (TRAIN + ["--mlflow", "http://127.0.0.1:1"],  # at once: MLflow retried for minutes
      "MLflow cannot use it (ConnectionError: nothing answers at 127.0.0.1:1: Connection refused)"),
+    (TRAIN + ["--mlflow", "sqlite:///{tmp}/empty"],  # a folder: MLflow retried for 100 s
+     "MLflow cannot use it (OperationalError: unable to open database file)"),
     (TRAIN + ["--gpu"], "--gpu: this process sees no CUDA GPU"),  # the suite hides GPUs
     (TRAIN + ["--steps", "5", "--set", "train.steps=abc"], "--steps and --set train.steps: give one of them"),
     (["train", "--data", "{demo}", "--category", "", "--out", "{tmp}/o"], "category '': must name a folder"),
@@ -161,6 +163,8 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, tra
     (["predict", "--run", "{run}", "{image}", "--out", "{run}/model.json"], "is a file of the model --run {run}"),
     (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "brick", "--json", "{run}/model.json"],
      "is a file of the model"),
+    (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "brick", "--json", "{image}"],
+     "is an image of the dataset --data {demo}"),
 ])
 def test_an_output_file_never_overwrites_what_the_command_reads(args, needle, demo_root, trained_run, capsys):
     good = demo_root / "brick" / "test" / "good"
@@ -193,6 +197,50 @@ def test_train_logs_to_mlflow(tmp_path, demo_root, capsys, monkeypatch):
     assert [m.timestamp for m in history] == [int(s["logged_at"] * 1000) for s in logged_steps]  # not the upload's
     assert "logged_at" not in logged.data.metrics
     assert logged.data.metrics["threshold"] == pytest.approx(json.loads((run / "model.json").read_text())["threshold"])
+
+
+def test_train_into_out_dot_logs_to_the_experiment_named_after_the_folder(tmp_path, demo_root, monkeypatch):
+    from mlflow import MlflowClient
+
+    run = tmp_path / "dot-run"
+    run.mkdir()
+    monkeypatch.chdir(run)  # MLflow's experiment was '' (a traceback after training)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["train", "--data", str(demo_root), "--category", "brick", "--out", ".", "--mlflow", uri,
+                 *TINY_ARGS]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    (logged,) = client.search_runs([client.get_experiment_by_name("dot-run").experiment_id])
+    assert logged.info.run_name == "dot-run"
+    chosen = json.loads((run / "model.json").read_text())
+    assert logged.data.params["scoring.tta"] == chosen["config"]["scoring"]["tta"] != "auto"  # as the model scores
+    assert logged.data.params["precision.scoring"] == chosen["precision"]["scoring"]["precision"]
+
+
+def test_a_deleted_mlflow_experiment_fails_before_training(tmp_path, demo_root, capsys, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    client.delete_experiment(client.create_experiment("deleted-run"))
+    capsys.readouterr()  # MLflow's own logs as it made the store
+    assert main(["train", "--data", str(demo_root), "--category", "brick", "--out", str(tmp_path / "deleted-run"),
+                 "--mlflow", uri, *TINY_ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "its experiment 'deleted-run' (named after --out) is deleted" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "deleted-run").exists()
+
+
+def test_mlflow_failing_after_training_says_the_model_is_written(tmp_path, demo_root, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlruns").write_text("")  # where a sqlite store puts a new experiment's artifacts
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(demo_root), "--category", "brick", "--out", str(run), "--mlflow",
+                 f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY_ARGS]) == 2
+    err = capsys.readouterr().err.strip()  # the training's progress, then the error
+    assert f"the model is written to {run}, but logging it to MLflow failed" in err.splitlines()[-1]
+    assert "Traceback" not in err
+    assert (run / "model.json").is_file()
 
 
 def test_mlflow_missing_is_one_line_naming_the_extra(tmp_path, demo_root, capsys, monkeypatch):
