@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import logging
 import math
 import shutil
@@ -301,7 +302,8 @@ class Predictor:
     @classmethod
     def load(cls, run_dir: str | Path, device: str | None = None, precision: str | None = None) -> Predictor:
         model, config, metadata = load_model(run_dir)
-        return cls(model, config, metadata, str(checked_device(device) if device else default_device()), precision)
+        device = default_device() if device is None else checked_device(device)  # device=0 is cuda:0
+        return cls(model, config, metadata, str(device), precision)
 
     @property
     def image_size(self) -> int:
@@ -339,8 +341,8 @@ class Predictor:
                 else type(images).__name__
             raise DataError(f"images: expected a uint8 array of shape (N, {size}, {size}, 3), the model's input "
                             f"(load_image decodes and resizes a file to it), got {shape}")
-        if batch_size < 1:
-            raise ConfigError(f"batch_size {batch_size}: must be >= 1")
+        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ConfigError(f"batch_size {batch_size!r}: must be an integer >= 1")
 
     def _score(self, batch: torch.Tensor) -> InferenceBatch:
         """The model's outputs for `batch`. A compiled network sees the batch padded with blank images to a
@@ -368,7 +370,7 @@ class Predictor:
         """Decode and score image files (paths or encoded bytes, named by `names` in messages). Unreadable
         ones do not stop the run: predictions cover the readable ones, in order, and the second value holds,
         per source, None or the error message."""
-        if isinstance(sources, str | bytes | Path):
+        if isinstance(sources, str | bytes | Path) or not hasattr(sources, "__iter__"):
             raise TypeError(f"sources: a list of paths or encoded images, not one {type(sources).__name__}")
         sources = list(sources)
         if names is not None and len(names) != len(sources):

@@ -42,15 +42,25 @@ def test_predict_files_names_wrong_arguments_and_scores_the_rest(predictor, demo
     image = demo_root / "brick" / "test" / "good" / "000.png"
     with pytest.raises(TypeError, match="a list of paths or encoded images, not one str"):
         predictor.predict_files(str(image))  # it scored each character as a file name
+    with pytest.raises(TypeError, match="not one NoneType"):  # "'NoneType' object is not iterable" before
+        predictor.predict_files(None)
     with pytest.raises(ValueError, match="names: 1 for 2 sources"):
         predictor.predict_files([image, image.read_bytes()], names=["a"])
-    with pytest.raises(ConfigError, match="batch_size 0: must be >= 1"):
+    with pytest.raises(ConfigError, match="batch_size 0: must be an integer >= 1"):
         predictor.predict_files([image], batch_size=0)
+    with pytest.raises(ConfigError, match="batch_size '8': must be an integer"):  # "'<' not supported" before
+        predictor.predict_arrays(np.zeros((1, 32, 32, 3), np.uint8), "8")
     with pytest.raises(ConfigError, match="batch_size -1"):  # it returned no score and no error
         predictor.predict_files([image], batch_size=-1)
     preds, errors = predictor.predict_files([None, bytearray(image.read_bytes()), image])
     assert errors[0] == "a NoneType: not an image path, encoded bytes or a binary file" and errors[1:] == [None, None]
     assert preds.scores[0] == preds.scores[1]
+
+
+def test_device_0_is_cuda_0_not_the_default(trained_run):
+    """`device=0` is torch's cuda:0; it scored on the CPU, as if no device had been given."""
+    with pytest.raises(ConfigError, match="device 'cuda:0': this process sees no CUDA GPU"):  # the suite hides GPUs
+        Predictor.load(trained_run, device=0)
 
 
 def test_evaluate_names_a_category_that_is_no_folder_name(predictor, demo_root):
