@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 import logging
 import math
+import numbers
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
