@@ -254,6 +254,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Parse `["train.steps=100", "model.skip=add"]`; values are YAML scalars or lists."""
     out = {}
     for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"overrides: 'key=value' strings or a dict of dotted keys, not a {type(item).__name__} "
+                            f"({item!r})")
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set '{item}': expected key=value, e.g. train.steps=500")

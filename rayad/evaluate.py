@@ -60,6 +60,9 @@ def format_table(metrics: dict[str, Any]) -> str:
     if intervals:
         lines.append(", ".join(intervals) + " (bootstrap over images)")
     lines.append(f"threshold {metrics['threshold']:.6g}, accuracy at threshold {metrics['accuracy']:.3f}")
+    if metrics.get("image_auroc") is None:
+        lines.append("no metric where '-': they rank anomalous images against good ones, and the test split lacks one "
+                     "of the two")
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 The exported graph takes float images (B, 3, H, W) in [0, 1] (RGB, resized as `preprocessing` says) and
 returns the raw image scores (B,) and anomaly maps (B, H, W); label = score >= threshold, mask = map >=
-pixel_threshold. Every export is checked against the PyTorch model on real inputs before it is written out.
+pixel_threshold. Every export is checked against the PyTorch model before it is written out, on the images
+given (`check_images`) or else seeded noise.
 """
 
 from __future__ import annotations

@@ -57,6 +57,11 @@ def test_predict_files_names_wrong_arguments_and_scores_the_rest(predictor, demo
     assert preds.scores[0] == preds.scores[1]
 
 
+def test_overrides_that_are_not_strings_are_named():
+    with pytest.raises(TypeError, match=r"overrides: 'key=value' strings or a dict of dotted keys, not a tuple"):
+        load_config(overrides=[("train.steps", 5)])  # "'tuple' object has no attribute 'partition'" before
+
+
 def test_device_0_is_cuda_0_not_the_default(trained_run):
     """`device=0` is torch's cuda:0; it scored on the CPU, as if no device had been given."""
     with pytest.raises(ConfigError, match="device 'cuda:0': this process sees no CUDA GPU"):  # the suite hides GPUs

@@ -199,6 +199,17 @@ def test_train_logs_to_mlflow(tmp_path, demo_root, capsys, monkeypatch):
     assert logged.data.metrics["threshold"] == pytest.approx(json.loads((run / "model.json").read_text())["threshold"])
 
 
+def test_evaluate_says_why_a_split_of_good_images_has_no_metrics(tmp_path, demo_root, trained_run, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / "brick", data / "brick", ignore=shutil.ignore_patterns("ground_truth"))
+    for folder in (data / "brick" / "test").iterdir():
+        if folder.name != "good":
+            shutil.rmtree(folder)
+    assert main(["evaluate", "--run", str(trained_run), "--data", str(data), "--category", "brick"]) == 0
+    out = capsys.readouterr().out
+    assert "image_auroc" in out and "the test split lacks one of the two" in out  # a table of '-' alone before
+
+
 def test_train_into_out_dot_logs_to_the_experiment_named_after_the_folder(tmp_path, demo_root, monkeypatch):
     from mlflow import MlflowClient
 
