@@ -66,7 +66,7 @@ from rayad.train.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from rayad.validation import load_validation, validation_metrics
+from rayad.validation import ValidationSet, load_validation, validation_metrics
 
 log = logging.getLogger(__name__)
 RANK_SEED_STRIDE = 7_919  # separates the corruption streams of different ranks
@@ -297,7 +297,25 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
                 metrics |= validation_metrics(network, cfg, validation, session.device)
                 metrics[EVALUATION] = evaluations(done, tc.checkpoint_every)
             session.report(metrics, network, optimizer, scaler, save)
+    if loop.validate and start >= tc.steps:
+        metrics = report_again(loop, session, network, optimizer, scaler, validation, metrics | {"nodes": nodes})
     return network, metrics
+
+
+def report_again(loop: LoopConfig, session: Session, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler | None, validation: ValidationSet | None, metrics: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """A search's trial resumed at its last checkpoint (stopped after it, before the trial ended) trains no step,
+    yet Tune's scheduler needs a score from every attempt, and the results store the checkpoint of its best: report
+    that evaluation again, with its checkpoint (the store replaces the evaluation's row; Ray Train keeps the
+    later of two equal checkpoints)."""
+    cfg = loop.config
+    metrics |= {"world_size": session.world_size, "logged_at": time.time(),
+                EVALUATION: evaluations(metrics["step"], cfg.train.checkpoint_every)}
+    if validation is not None:  # rank 0
+        metrics |= validation_metrics(network, cfg, validation, session.device)
+    session.report(metrics, network, optimizer, scaler, True)
+    return metrics
 
 
 def check_converging(loss: float, step: int, cfg: TrainConfig, scaler: torch.amp.GradScaler | None) -> None:
@@ -346,7 +364,7 @@ class LocalSession:
                scaler: torch.amp.GradScaler | None, checkpoint: bool) -> None:
         with self.log_file.open("a") as history:
             history.write(json.dumps(metrics) + "\n")
-        if self.bar is not None:
+        if self.bar is not None and metrics.get("loss") is not None:
             self.bar.set_postfix(loss=f"{metrics['loss']:.5f}", img_s=f"{metrics['interval_images_per_s'] or 0:.1f}")
         if checkpoint:
             save_checkpoint(self.checkpoints / checkpoint_name(metrics["step"]), network, optimizer,

@@ -231,3 +231,18 @@ def test_a_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
     fresh = torch.amp.GradScaler("cpu")
     load_checkpoint(tmp_path / "fp32", network, optimizer, fresh)  # switched to fp16: a new scale
     assert fresh.get_scale() == 2.0**16
+
+
+def test_a_trial_resumed_at_its_last_checkpoint_reports_that_evaluation_again(tmp_path, demo_root, tiny_config):
+    """Stopped after its last checkpoint, a search's trial trains no step when it resumes: its attempt reported
+    nothing, and ASHA failed the search ("did not include the specified metric(s)")."""
+    from rayad.layout import EVALUATION
+    from rayad.train.loop import LocalSession, LoopConfig, train_loop
+
+    loop = LoopConfig(tiny_config, str(demo_root), "brick", validate=True)
+    session = LocalSession(tiny_config, tmp_path, torch.device("cpu"), progress=False)
+    _, first = train_loop(loop, session)
+    _, again = train_loop(loop, LocalSession(tiny_config, tmp_path, torch.device("cpu"), progress=False))
+    reports = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert again["step"] == first["step"] == tiny_config.train.steps and reports[-1] == again
+    assert again[EVALUATION] == first[EVALUATION] and again["val_image_auroc"] == first["val_image_auroc"]
