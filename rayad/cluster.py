@@ -82,17 +82,39 @@ def _join(address: str, log_to_driver: bool) -> None:
 
 
 def _check_reachable(address: str) -> None:
-    """A HOST:PORT address must answer within seconds: ray.init retries a silent one for ever."""
-    if "://" in address or address == "auto":
+    """A HOST:PORT (or ray://HOST:PORT) address must answer within seconds, and as Ray does (gRPC): ray.init retries
+    a silent address, or another server (the dashboard's port, say), for ever."""
+    if address == "auto":
         return
-    host, _, port = address.rpartition(":")
+    scheme, _, rest = address.rpartition("://")
+    if scheme not in ("", "ray"):
+        raise RayadError(f"address {address!r} (--address): give the head node's HOST:PORT (e.g. 10.0.0.1:6379), or "
+                         "ray://HOST:PORT for a Ray Client server; not an http:// URL (that is the dashboard's)")
+    host, _, port = rest.rpartition(":")
     if not host or not port.isdigit():
         raise RayadError(f"address {address!r} (--address): expected HOST:PORT, the head node's (e.g. 10.0.0.1:6379)")
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            speaks_grpc = os.environ.get("RAY_USE_TLS") in ("1", "true") or _answers_http2(conn)
     except OSError as e:
         raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); is `ray start --head` "
                          "running there?") from None
+    if not speaks_grpc:
+        raise RayadError(f"address {address!r} (--address): something answers there, but not Ray; give the head node's "
+                         "GCS port (6379 by default; `ray start --head` prints it), not the dashboard's (8265)")
+
+
+def _answers_http2(conn: socket.socket) -> bool:
+    """Whether the server on `conn` answers HTTP/2's opening, as Ray's gRPC servers do (its SETTINGS frame). With
+    TLS (RAY_USE_TLS) a server would not: the caller skips this check then."""
+    conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))  # preface, empty SETTINGS
+    reply = b""
+    try:
+        while len(reply) < 9 and (chunk := conn.recv(9 - len(reply))):
+            reply += chunk
+    except TimeoutError:
+        return False
+    return len(reply) == 9 and reply[3] == 0x04  # a frame header whose type is SETTINGS
 
 
 def _start_local(log_to_driver: bool) -> None:

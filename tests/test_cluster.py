@@ -4,6 +4,7 @@ every thread of theirs allocates from one heap (rayad.cpu.ONE_ARENA_ENV)."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import shlex
 import signal
@@ -64,13 +65,25 @@ def test_workers_of_a_local_ray_ask_its_own_state_api_not_the_last_ray_start():
 @pytest.mark.parametrize("address, message", [
     ("garbage", "expected HOST:PORT"),
     ("127.0.0.1:1", "cannot reach the Ray cluster at '127.0.0.1:1'"),  # ray.init retried it for ever
+    ("ray://127.0.0.1:1", "cannot reach the Ray cluster at 'ray://127.0.0.1:1'"),  # 4 lines after 32 s
+    ("http://127.0.0.1:8265", "not an http:// URL"),  # Ray's multi-line advice, in 4 lines
+    ("127.0.0.1:{http}", "something answers there, but not Ray"),  # a dashboard's port: ray.init hung for ever
 ])
-def test_an_address_nothing_answers_at_fails_at_once(address, message):
+def test_an_address_that_is_no_ray_fails_at_once(address, message):
     from rayad.cluster import _check_reachable
     from rayad.errors import RayadError
 
-    with pytest.raises(RayadError, match=message):
-        _check_reachable(address)
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        with pytest.raises(RayadError, match=message):
+            _check_reachable(address.format(http=server.server_address[1]))
+        server.shutdown()
+
+
+def test_a_ray_clusters_address_passes_the_check(ray_cluster):
+    from rayad.cluster import _check_reachable
+
+    _check_reachable(ray_cluster.address)  # the GCS answers HTTP/2's opening
 
 
 def test_a_run_the_cluster_refuses_leaves_no_folder_behind(demo_root, tmp_path):
