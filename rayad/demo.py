@@ -65,6 +65,9 @@ def _previous(exp: Path, settings: SearchSettings) -> dict[str, Any] | None:
     record = read_experiment_file(exp)
     before = settings_of(record, exp)
     changed = [f.name for f in dataclasses.fields(settings) if getattr(before, f.name) != getattr(settings, f.name)]
+    if changed == ["data_root"]:  # not a flag: the folder moved
+        raise RayadError(f"{exp}: an earlier demo searched it on {before.data_root}; a demo folder cannot move (its "
+                         "experiments record where their data was): give a new --out")
     if changed:
         raise RayadError(f"{exp}: an earlier demo searched it with other {', '.join(changed)}; run the demo with "
                          "the flags it used, or give a new --out")

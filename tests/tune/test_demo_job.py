@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -39,6 +40,10 @@ def test_demo_searches_keeps_the_best_model_and_summarises(ray_cluster, tiny_spa
     with pytest.raises(RayadError, match="an earlier demo searched it with other trials; run the demo with"):
         run_demo(tmp_path, space=str(tiny_space), trials=3, overrides=TINY_BASE, categories=("brick",))
     assert _snapshot(exp) == before  # its results used to be shown as those of the new flags
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.move(tmp_path, moved)
+    with pytest.raises(RayadError, match=f"searched it on {tmp_path / 'data'}; a demo folder cannot move"):
+        run_demo(moved, space=str(tiny_space), trials=2, overrides=TINY_BASE, categories=("brick",))
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
