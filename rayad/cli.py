@@ -304,6 +304,9 @@ def cmd_predict(args) -> None:
 
         if args.out is None:
             raise RayadError("--ray writes its rows to --out FOLDER_OR_URI (a Parquet dataset)")
+        if args.out.lower().endswith(".csv"):  # it made a folder of that name, holding Parquet files
+            raise RayadError(f"--out {args.out}: --ray writes a Parquet dataset, a folder; give a folder name, or "
+                             "score without --ray for a CSV file")
         cpus = args.cpus_per_actor
         if (cpus is not None and cpus < 0) or args.gpus_per_actor < 0 or cpus == args.gpus_per_actor == 0:
             raise RayadError("--cpus-per-actor and --gpus-per-actor must be >= 0, and not both 0")

@@ -102,6 +102,8 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     # inf passed as a float and overflowed later (a 500 on every upload; a traceback from --replica-cpus inf)
     (["serve", "--run", "{run}", "--max-upload-mb", "inf"], "argument --max-upload-mb: 'inf' is not a finite number"),
     (["predict", "--run", "{run}", "--ray", "{tmp}", "--cpus-per-actor", "nan"], "'nan' is not a finite number"),
+    (["predict", "--run", "{run}", "--ray", "{tmp}/empty", "--out", "{tmp}/rows.csv"],  # a Parquet folder of that name
+     "--out {tmp}/rows.csv: --ray writes a Parquet dataset, a folder"),
     (TRAIN + ["--workers", "1", "--storage", "{tmp}/file/ckpt"], "--storage {tmp}/file/ckpt: {tmp}/file is a file"),
     (TRAIN + ["--mlflow", "ftp://x"], "mlflow 'ftp://x' (--mlflow): MLflow cannot use it"),  # before training
     (TRAIN + ["--mlflow", "http://127.0.0.1:1"],  # at once: MLflow retried for minutes
