@@ -46,11 +46,15 @@ def check_tracking_uri(uri: str, experiment: str | None = None) -> None:
         _check_sqlite_opens(uri)  # and a database it cannot open for 100 s
         found = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment or "Default")
     except Exception as e:  # noqa: BLE001 - MLflow raises its own and its stores' errors
-        raise RayadError(f"mlflow {uri!r} (--mlflow): MLflow cannot use it ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise RayadError(f"mlflow {uri!r} (--mlflow): MLflow cannot use it ({_problem(e)})") from None
     if experiment and found is not None and found.lifecycle_stage == "deleted":
         raise RayadError(f"mlflow {uri!r} (--mlflow): its experiment {experiment!r} (named after --out) is deleted; "
                          "restore it (mlflow experiments restore) or give --out another name")
+
+
+def _problem(e: Exception) -> str:
+    """An MLflow error in one line: its type and its message's first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _check_sqlite_opens(uri: str) -> None:
@@ -159,12 +163,12 @@ def log_training(uri: str, experiment: str, run_dir: Path) -> str:
         return _log_training(uri, experiment, run_dir, metadata)
     except Exception as e:  # noqa: BLE001 - MLflow raises its own, its stores' and the file system's errors
         raise RayadError(f"mlflow {uri!r} (--mlflow): the model is written to {run_dir}, but logging it to MLflow "
-                         f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                         f"failed ({_problem(e)})") from None
 
 
 def _log_training(uri: str, experiment: str, run_dir: Path, metadata: dict[str, Any]) -> str:
     mlflow = _client_for(uri, experiment)
-    with mlflow.start_run(run_name=run_dir.resolve().name, tags={"rayad": "train"}) as run:
+    with mlflow.start_run(run_name=experiment_name(run_dir), tags={"rayad": "train"}) as run:
         mlflow.log_params({f"{section}.{key}": value for section, values in metadata["config"].items()
                            for key, value in values.items()})
         mlflow.log_params({f"precision.{use}": choice["precision"]
