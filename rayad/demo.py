@@ -21,7 +21,8 @@ from rayad.tune.search import plan_search, read_experiment_file, settings_of
 def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS,
              overrides: dict[str, Any] | None = None, address: str | None = None, config_file: str | Path | None = None,
              categories: tuple[str, ...] = CATEGORIES) -> dict[str, Any]:
-    """Search each category (reusing finished experiments, resuming interrupted ones) and print a summary."""
+    """Search each category (reusing finished experiments, resuming interrupted ones) and print a summary: of
+    every category the folder holds, as `summary.json` records it."""
     out = Path(out).absolute()
     data_root = out / "data"
 
@@ -34,12 +35,13 @@ def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS
     if not all((data_root / c).is_dir() for c in categories):
         make_demo_dataset(data_root, categories=categories)
     connect(address, log_to_driver=False)  # the store prints one line per trial; Tune's tables stay off
-    summary = {}
+    summary = _earlier_summary(out)
     for category in categories:
         start = time.perf_counter()
         exp = out / category
         settings = settings_for(category)
         experiment = _previous(exp, settings)
+        reused = experiment is not None and experiment["status"] == "finished" and category in summary
         if experiment is None or experiment["status"] != "finished":
             try:
                 experiment = run_search(settings, exp, address, resume=experiment is not None, verbose=0)
@@ -50,11 +52,24 @@ def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS
         summary[category] = {"trials": sum(experiment["trials"].values()),
                              "validation": next(iter(best["validation"].values())), **best["test"],
                              "nn_image_auroc": nearest_neighbour_image_auroc(data_root, category),
-                             "seconds": time.perf_counter() - start}
+                             "seconds": summary[category]["seconds"] if reused else time.perf_counter() - start}
     atomic_write(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     print(_summary_table(summary))
     print(_next_commands(out, categories[0]))
     return summary
+
+
+def _earlier_summary(out: Path) -> dict[str, Any]:
+    """The summary an earlier demo left in `out`, of the categories whose experiments are still there: this run
+    keeps them beside its own (a run with --categories adds to the folder's table)."""
+    try:
+        summary = json.loads((out / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
+    keys = {"trials", "validation", *METRIC_NAMES, "nn_image_auroc", "seconds"}
+    if not isinstance(summary, dict) or not all(isinstance(m, dict) and keys <= m.keys() for m in summary.values()):
+        return {}
+    return {category: m for category, m in summary.items() if (out / category / EXPERIMENT).is_file()}
 
 
 def _previous(exp: Path, settings: SearchSettings) -> dict[str, Any] | None:

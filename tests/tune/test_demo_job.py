@@ -36,7 +36,16 @@ def test_demo_searches_keeps_the_best_model_and_summarises(ray_cluster, tiny_spa
     again = run_demo(tmp_path, space=str(tiny_space), trials=2, overrides=TINY_BASE, categories=("brick",))
     assert _snapshot(exp) == before, "a finished experiment is reused: no file of it is rewritten"
     assert pq.read_table(exp / "trials.parquet").to_pylist() == rows
-    assert again["brick"]["image_auroc"] == summary["brick"]["image_auroc"]
+    assert again == summary, "the reused category keeps its row, the search's seconds included"
+    shutil.copytree(exp, tmp_path / "gravel")  # as if an earlier `rayad demo --categories gravel` had run
+    summary_file = tmp_path / "summary.json"
+    summary_file.write_text(json.dumps({"gravel": summary["brick"], **summary}))
+    assert run_demo(tmp_path, space=str(tiny_space), trials=2, overrides=TINY_BASE, categories=("brick",)) == {
+        "gravel": summary["brick"], **summary}, "a run with --categories adds to the folder's summary"
+    assert "\ngravel " in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "gravel")
+    assert run_demo(tmp_path, space=str(tiny_space), trials=2, overrides=TINY_BASE, categories=("brick",)) == summary
+    assert json.loads(summary_file.read_text()) == summary, "a category whose experiment is gone leaves the table"
     with pytest.raises(RayadError, match="an earlier demo searched it with other trials; run the demo with"):
         run_demo(tmp_path, space=str(tiny_space), trials=3, overrides=TINY_BASE, categories=("brick",))
     assert _snapshot(exp) == before  # its results used to be shown as those of the new flags
