@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from rayad.data.images import IMAGE_SUFFIXES
@@ -505,8 +506,22 @@ def check_outputs(args) -> None:
         if overwritten is not None:
             raise RayadError(f"--{flag} {path}: is {overwritten}, which the command reads; give another file name")
         existing = next(part for part in [path, *path.parents] if part.exists())
-        if not os.access(existing, os.W_OK):
+        if not writable(existing):
             raise RayadError(f"--{flag} {path}: {existing} is not writable")
+
+
+def writable(existing: Path) -> bool:
+    """Whether an output can be written at `existing`, the output path or its nearest existing folder. A file is
+    written beside its final name, then renamed (`layout.atomic_write`), so its folder must take a new file:
+    tried with a nameless temporary one, as permissions do not tell for root, nor on read-only mounts or
+    /proc and /sys. What is neither file nor folder (/dev/stdout, a pipe) is written in place."""
+    if not existing.is_dir() and not existing.is_file():
+        return os.access(existing, os.W_OK)
+    try:
+        with tempfile.TemporaryFile(dir=existing if existing.is_dir() else existing.parent):
+            return True
+    except OSError:
+        return False
 
 
 def overwritten_input(args, path: Path) -> str | None:

@@ -167,19 +167,19 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     a file, and a file written before stays whole until the new one is complete. A symbolic link stays: its
     target is replaced; a target that is no regular file (/dev/stdout, a pipe) is written in place."""
     path = Path(os.path.realpath(path))
-    if path.exists() and not path.is_file():
-        write(path)
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    in_place = path.exists() and not path.is_file()
+    tmp = path if in_place else path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if not in_place:
+            os.replace(tmp, path)
     except OSError as e:
         if e.errno is None:
             raise
         raise OSError(e.errno, e.strerror, str(path)) from e  # the file asked for, not the temporary one
     finally:
-        tmp.unlink(missing_ok=True)  # left only when the write failed
+        if not in_place:
+            tmp.unlink(missing_ok=True)  # left only when the write failed
 
 
 def make_folder(path: Path) -> Path:

@@ -131,9 +131,14 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
      "{tmp}/dangling is a symbolic link to {tmp}/nowhere, which does not exist"),
     (["predict", "--run", "{run}", "{demo}/brick/test/good", "--out", "{tmp}/dangling/p.parquet"], "nowhere, which"),
     (["data", "demo", "--out", "{tmp}/dangling"], "is a symbolic link"),
-    # an OSError past the checks (here: /proc takes no new files) is one line too, naming the file asked for
+    # /proc and /sys take no new files, even from root: refused before the evaluation, not after it
     (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "brick", "--json", "/proc/rayad.json"],
-     "rayad evaluate: error: /proc/rayad.json: No such file or directory"),
+     "--json /proc/rayad.json: /proc is not writable"),
+    (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "brick", "--json", "/sys/rayad.json"],
+     "--json /sys/rayad.json: /sys is not writable"),
+    # an OSError past the checks (here: a full disk) is one line too, naming the file asked for
+    (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "brick", "--json", "/dev/full"],
+     "rayad evaluate: error: /dev/full: No space left on device"),
 ])
 def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, trained_run, capsys):
     blocker = tmp_path / "file"
