@@ -74,8 +74,11 @@ def read_state(directory: str | Path, text: str | bytes | None = None, fix: str 
     caller read state.json itself, as from a storage URI). `fix`: what to do when it is damaged."""
     with damage_reported(directory, fix):
         meta = json.loads((Path(directory) / "state.json").read_text() if text is None else text)
-        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "config" not in meta:
+        if not isinstance(meta, dict) or "config" not in meta:
             raise ValueError("state.json lacks the step or the config")
+        step = meta.get("step")
+        if type(step) is not int or step < 0:  # bool is an int to isinstance
+            raise ValueError(f"state.json's step is {step!r}, not a step count")
     return meta
 
 

@@ -167,9 +167,13 @@ def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, demo_root, tiny_confi
     (latest / "model.safetensors").write_bytes(b"")
     with pytest.raises(ArtifactError, match=f"{latest}: damaged checkpoint .*delete it to resume from the one before"):
         fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", run, resume=True, progress=False)
-    (latest / "state.json").write_text("{")
-    with pytest.raises(ArtifactError, match="damaged checkpoint"):
-        fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", run, resume=True, progress=False)
+    log = (run / "train_log.jsonl").read_bytes()
+    for state, damage in [("{", "JSONDecodeError"), ('{"step": -2, "config": {}}', "step is -2, not a step count"),
+                          ('{"step": true, "config": {}}', "step is True, not a step count")]:
+        (latest / "state.json").write_text(state)
+        with pytest.raises(ArtifactError, match=f"damaged checkpoint .*{damage}"):
+            fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", run, resume=True, progress=False)
+        assert (run / "train_log.jsonl").read_bytes() == log  # a step of -2 cut the log, then failed in numpy
     shutil.rmtree(latest)
     (run / "manifest.parquet").write_text("x")
     with pytest.raises(DataError, match="manifest.parquet: damaged .*it lists the images the run was trained on"):
