@@ -114,6 +114,7 @@ def plan_search(settings: SearchSettings, experiment: str | None = None) -> Plan
     # --config and --set win over the space's fixed values; every trial then sees the values they chose.
     base = load_config(s.config_file, s.overrides, defaults=space.fixed)
     space = space.fixed_from(base)
+    space.check_on(base)
     base = base.replace({"train.log_every": base.train.checkpoint_every})  # every report carries the metrics
     metrics = s.metric or (space.metric or DEFAULT_METRIC,)
     for m in metrics:
@@ -148,6 +149,11 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
         raise RayadError(f"{exp_dir}: already holds an experiment; resume it (--resume, or resume=True), or give "
                          "a new folder")
     check_buildable_on(plan.cluster, plan.base)
+    for config, where in plan.space.choice_configs(plan.base):
+        try:
+            check_buildable_on(plan.cluster, config)
+        except RayadError as e:
+            raise ConfigError(f"{where}: {e}") from None
     _check_data(plan)
     connect(address)
     check_resources(plan.cluster)

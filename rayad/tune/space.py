@@ -19,8 +19,10 @@ mappings (e.g. widths); Optuna records those as JSON strings.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "fixed")
 TOP_LEVEL = ("description", "metric", "mode", "params")
 SPACES_DIR = bundled("tune_spaces")
 BUDGET_KEYS = ("train.steps", "train.checkpoint_every")  # the trial budget and ASHA's unit: fixed
+MAX_INT_VALUES = 1000  # an int range checked value by value (SearchSpace.check_on); a longer one at its ends
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,16 @@ class Param:
 
     def decode(self, value: Any) -> Any:
         return json.loads(value) if self.encoded and isinstance(value, str) else value
+
+    def ends(self) -> tuple:
+        """The range's ends, or the choices."""
+        return self.args
+
+    def values(self) -> tuple:
+        """The values to check: every value of a small int range, else `ends`."""
+        if self.kind == "int" and self.args[1] - self.args[0] < MAX_INT_VALUES:
+            return tuple(range(self.args[0], self.args[1] + 1))
+        return self.args
 
     def contains(self, value: Any) -> bool:
         if self.kind in ("uniform", "loguniform", "int"):
@@ -116,6 +129,31 @@ class SearchSpace:
             if self._active(p, {**self.fixed, **point}) and p.contains(value):
                 point[p.key] = value
         return {k: self._param(k).encode(v) for k, v in point.items()}
+
+    def check_on(self, base: Config) -> None:
+        """Every value of a searched parameter, and every pair of two, makes a valid config on top of `base` (the
+        file, --set and the fixed values): a trial never fails on its config. Ranges are tried at their ends
+        (the rules between keys, such as area_min <= area_max, are monotone), int ranges of up to
+        MAX_INT_VALUES values at every value (an image size must be a multiple of the network's reduction)."""
+        searched = self.searched
+        for p in searched:
+            for value in p.values():
+                base.replace({p.key: value}, f"{self.source}: params.{p.key} = {value!r}")
+        for i, p in enumerate(searched):
+            for q in searched[i + 1:]:
+                for a, b in itertools.product(p.ends(), q.ends()):
+                    if _together(p, a, q, b):
+                        base.replace({p.key: a, q.key: b},
+                                     f"{self.source}: params.{p.key} = {a!r} with params.{q.key} = {b!r}")
+
+    def choice_configs(self, base: Config) -> Iterator[tuple[Config, str]]:
+        """`base` with each choice of each searched choice parameter (its conditions met), and where it comes
+        from: what only building the run checks (model and corruption names, fp16 off CUDA) is checked on each."""
+        for p in self.searched:
+            if p.kind == "choice":
+                parents = {key: values[0] for key, values in p.when.items()}
+                for value in p.args:
+                    yield base.replace({**parents, p.key: value}), f"{self.source}: params.{p.key} = {value!r}"
 
     def _param(self, key: str) -> Param:
         return next(p for p in self.params if p.key == key)
@@ -229,6 +267,13 @@ def _check_values(p: Param, base: Config, source: str) -> None:
             raise ConfigError(f"{where}: bounds must be finite")
     for value in p.args:
         base.replace({p.key: value}, where)
+
+
+def _together(p: Param, a: Any, q: Param, b: Any) -> bool:
+    """Whether a trial can give p the value a and q the value b, as far as their `when:` conditions tell."""
+    if (p.key in q.when and a not in q.when[p.key]) or (q.key in p.when and b not in p.when[q.key]):
+        return False
+    return all(set(p.when[key]) & set(q.when[key]) for key in p.when.keys() & q.when.keys())
 
 
 def _check_conditions(p: Param, params: dict[str, Param], source: str) -> None:

@@ -129,6 +129,45 @@ def test_cli_rejects_a_bad_space_before_any_trial(tmp_path, demo_root, capsys):
     assert not (tmp_path / "exp" / "tune").exists()
 
 
+@pytest.mark.parametrize(("space", "overrides", "message"), [
+    # checked against the file alone: --set made the space's lower area bounds invalid, and every trial failed
+    ("quick", ["--set", "corruption.area_min=0.04"],
+     "quick.yaml: params.corruption.area_max = 0.03: corruption.area_max = 0.03 is out of range [0.04, 1.0]"),
+    ("paper", ["--image-size", "40"], "params.model.widths = [32, 64, 128, 256]: data.image_size = 40 must be a"),
+    # each bound was valid alone; a sampled 33, or two bounds that cross, failed in a trial
+    ({"data.image_size": {"int": [32, 64]}}, [], "params.data.image_size = 33: data.image_size = 33 must be a"),
+    ({"corruption.area_min": {"uniform": [0.01, 0.06]}, "corruption.area_max": {"uniform": [0.02, 0.5]}}, [],
+     "params.corruption.area_min = 0.06 with params.corruption.area_max = 0.02: corruption.area_max = 0.02 is out"),
+    # only building the model, the corruption or the autocast checks these: the trials failed, with tracebacks
+    ({"model.act": {"choice": ["relu", "foo"]}}, [], "params.model.act = 'foo': model.act = 'foo' is not an"),
+    ({"corruption.shapes": {"choice": [["ellipse"], ["bogus"]]}}, [], "params.corruption.shapes = ['bogus']: "),
+    ({"train.precision": {"choice": ["bf16", "fp16"]}}, [], "params.train.precision = 'fp16': precision fp16 needs"),
+])
+def test_cli_rejects_values_a_trial_would_fail_on_before_ray_starts(space, overrides, message, tmp_path, demo_root,
+                                                                    capsys):
+    if isinstance(space, dict):
+        (tmp_path / "space.yaml").write_text(json.dumps({"params": space}))
+        space = str(tmp_path / "space.yaml")
+    budget = ["--trials", "1", "--steps", "2", "--set", "train.checkpoint_every=2"]  # short, should a check miss
+    code = main(["tune", "--data", str(demo_root), "--category", "brick", "--space", space,
+                 "--out", str(tmp_path / "exp"), *budget, *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "exp").exists()
+
+
+def test_conditions_keep_pairs_that_no_trial_samples_out_of_the_check():
+    """A parameter of one encoder is never combined with a parameter of the other: 4 levels of widths need an
+    image size that is a multiple of 16, which the resnet branch's 40 is not."""
+    params = {"model.encoder": {"choice": ["sdc", "resnet18"]},
+              "model.widths": {"choice": [[8, 16, 32, 64]], "when": {"model.encoder": "sdc"}},
+              "data.image_size": {"choice": [40], "when": {"model.encoder": "resnet18"}}}
+    parse_space({"params": params}, Config()).check_on(Config())
+    del params["data.image_size"]["when"]
+    with pytest.raises(ConfigError, match=r"params.model.widths = \[8, 16, 32, 64\] with params.data.image_size = 40"):
+        parse_space({"params": params}, Config()).check_on(Config())
+
+
 def test_cli_rejects_a_test_metric(tmp_path, demo_root, capsys):
     code = main(["tune", "--data", str(demo_root), "--category", "brick", "--space", "quick",
                  "--metric", "image_auroc", "--out", str(tmp_path / "exp")])
