@@ -207,10 +207,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="= --set train.seed=N")
 
 
+# The flags that are shorthands of one --set key each
+SHORTCUTS = {"train.steps": "--steps", "data.image_size": "--image-size", "train.seed": "--seed",
+             "data.layout": "--layout"}
+
+
 def _config(args):
+    """The config file with --set and the shortcut flags applied; a bad value names the flags given."""
     from rayad.config import load_config
 
-    return load_config(args.config, _overrides(args))
+    overrides = _overrides(args)
+    flags = ["--set"] * bool(args.overrides) + [SHORTCUTS[key] for key in _shortcuts(args, {})]
+    return load_config(args.config, overrides, source=f"overrides ({', '.join(flags)})")
 
 
 def _overrides(args) -> dict:
@@ -218,14 +226,17 @@ def _overrides(args) -> dict:
     from rayad.config import parse_overrides
 
     overrides = parse_overrides(args.overrides)
-    flags = {"train.steps": "--steps", "data.image_size": "--image-size", "train.seed": "--seed",
-             "data.layout": "--layout"}
-    shortcuts = {key: value for key, flag in flags.items()
+    return overrides | _shortcuts(args, overrides)
+
+
+def _shortcuts(args, overrides: dict) -> dict:
+    """The shortcut flags given, as dotted config keys; refused beside a --set of the same key."""
+    shortcuts = {key: value for key, flag in SHORTCUTS.items()
                  if (value := getattr(args, flag[2:].replace("-", "_"), None)) is not None}
     both = sorted(set(shortcuts) & set(overrides))
     if both:
-        raise RayadError(f"{flags[both[0]]} and --set {both[0]}: give one of them")
-    return overrides | shortcuts
+        raise RayadError(f"{SHORTCUTS[both[0]]} and --set {both[0]}: give one of them")
+    return shortcuts
 
 
 def cmd_data_demo(args) -> None:

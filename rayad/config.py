@@ -224,9 +224,10 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
-                defaults: dict[str, Any] | None = None) -> Config:
-    """Load a YAML config (or the defaults) and apply `key=value` overrides. `defaults` (dotted keys, such
-    as a search space's fixed values) replace rayad's own defaults: the file and the overrides win over them."""
+                defaults: dict[str, Any] | None = None, source: str = "overrides (--set)") -> Config:
+    """Load a YAML config (or the defaults) and apply `key=value` overrides (`source` names them in errors).
+    `defaults` (dotted keys, such as a search space's fixed values) replace rayad's own defaults: the file and
+    the overrides win over them."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -246,7 +247,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     if overrides:
         if isinstance(overrides, list | tuple):
             overrides = parse_overrides(list(overrides))
-        config = config.replace(overrides)
+        config = config.replace(overrides, source)
     return config
 
 

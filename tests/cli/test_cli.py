@@ -112,6 +112,9 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
      "MLflow cannot use it (OperationalError: unable to open database file)"),
     (TRAIN + ["--gpu"], "--gpu: this process sees no CUDA GPU"),  # the suite hides GPUs
     (TRAIN + ["--steps", "5", "--set", "train.steps=abc"], "--steps and --set train.steps: give one of them"),
+    (TRAIN + ["--steps", "-5"], "overrides (--steps): train.steps = -5 is out of range"),  # it said --set
+    (TRAIN + ["--set", "model.widths=[8,16,32,64]", "--image-size", "40"],
+     "overrides (--set, --image-size): data.image_size = 40 must be a multiple of 16"),
     (["train", "--data", "{demo}", "--category", "", "--out", "{tmp}/o"], "category '': must name a folder"),
     (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", ".."], "category '..': must name a folder"),
     (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "grass2"], "category 'grass2' not found"),
