@@ -203,7 +203,9 @@ class Config:
         unknown = set(raw) - set(sections)
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {sorted(map(str, unknown))}; valid: {sorted(sections)}")
-        built = {name: _build_section(tp, raw.get(name) or {}, name, source) for name, tp in sections.items()}
+        # an empty section (`train:`) reads as YAML's null; `train: 0` is a mistake, named
+        built = {name: _build_section(tp, {} if raw.get(name) is None else raw[name], name, source)
+                 for name, tp in sections.items()}
         try:
             return cls(**built)
         except ConfigError as e:  # a rule across sections

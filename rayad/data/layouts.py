@@ -131,7 +131,7 @@ def detect_layout(root: Path, category: str) -> str:
 
 def _category_dir(root: Path, category: str, required: tuple[str, ...]) -> Path:
     if not root.is_dir():
-        raise DataError(f"{root}: data root not found")
+        raise DataError(f"{root}: data root " + ("is a file, not a folder" if root.exists() else "not found"))
     base = root / category
     if not base.is_dir():
         existing = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))

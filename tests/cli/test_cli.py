@@ -112,6 +112,9 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
      "MLflow cannot use it (OperationalError: unable to open database file)"),
     (TRAIN + ["--gpu"], "--gpu: this process sees no CUDA GPU"),  # the suite hides GPUs
     (TRAIN + ["--steps", "5", "--set", "train.steps=abc"], "--steps and --set train.steps: give one of them"),
+    (TRAIN + ["--config", "{tmp}/zero_section.yaml"], "section 'train' must be a mapping, got 0"),  # read as {}
+    (["train", "--data", "{tmp}/file", "--category", "brick", "--out", "{tmp}/o"],
+     "{tmp}/file: data root is a file, not a folder"),
     (TRAIN + ["--steps", "-5"], "overrides (--steps): train.steps = -5 is out of range"),  # it said --set
     (TRAIN + ["--set", "model.widths=[8,16,32,64]", "--image-size", "40"],
      "overrides (--set, --image-size): data.image_size = 40 must be a multiple of 16"),
@@ -148,6 +151,7 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, tra
     blocker.write_text("results already written")
     (tmp_path / "latin1.yaml").write_bytes("train: {steps: 5}  # é\n".encode("latin-1"))
     (tmp_path / "int_keys.yaml").write_text("1: a\nfoo: b\n")
+    (tmp_path / "zero_section.yaml").write_text("train: 0\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     (tmp_path / "latin").mkdir()
