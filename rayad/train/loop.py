@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
@@ -242,8 +243,13 @@ def load_train_data(cfg: Config, data_root: str | Path, category: str) -> TrainD
     if len(data.train.images) == 0:
         raise RayadError(f"{data_root}/{category}: no usable training images")
     if len(data.val.images) == 0:
-        advice = ("set data.val_fraction > 0" if cfg.data.val_fraction == 0 else
-                  "carving them from the training images needs at least 2; add images or a validation/good folder")
+        listed = pc.sum(pc.equal(manifest["split"], "val")).as_py() or 0
+        if listed:
+            advice = f"all {listed} listed could not be read and were skipped (data.on_bad_image=skip)"
+        elif cfg.data.val_fraction == 0:
+            advice = "set data.val_fraction > 0"
+        else:
+            advice = "carving them from the training images needs at least 2; add images or a validation/good folder"
         raise RayadError(f"{data_root}/{category}: no validation images to calibrate the threshold on ({advice})")
     return data
 
