@@ -63,6 +63,11 @@ def format_table(metrics: dict[str, Any]) -> str:
     if metrics.get("image_auroc") is None:
         lines.append("no metric where '-': they rank anomalous images against good ones, and the test split lacks one "
                      "of the two")
+    elif metrics.get("pixel_auroc") is None:
+        why = ("the masks of its anomalous images mark no pixel, or every pixel, as a defect (any non-zero pixel "
+               "does; Pillow reads a 16-bit colour PNG by its high bytes)" if any(metrics["mask_paths"]) else
+               "its anomalous images have no ground-truth masks")
+        lines.append(f"no pixel metric where '-': {why}")
     return "\n".join(lines)
 
 

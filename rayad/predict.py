@@ -38,12 +38,14 @@ SCHEMA = pa.schema([("path", pa.string()), ("score", pa.float64()), ("normalized
 
 
 def expand_paths(paths: list[Path]) -> list[Path]:
-    """Files as given; folders expand to the images below them (recursively, sorted). A folder without any
-    image is an error: among several inputs it would otherwise pass unnoticed (a mistyped path)."""
+    """Files as given; folders expand to the images below them (recursively, sorted), hidden files and folders
+    left out, as in datasets (macOS's `._000.png`, `.ipynb_checkpoints/`). A folder without any image is an
+    error: among several inputs it would otherwise pass unnoticed (a mistyped path)."""
     out = []
     for p in paths:
         if p.is_dir():
-            images = sorted(utf8_path(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            images = sorted(utf8_path(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not images:
                 raise DataError(f"no images in {p} (looked for {', '.join(IMAGE_SUFFIXES)})")
             out += images

@@ -102,8 +102,11 @@ def load_mask(path: str | Path, size: int, expected_hw: tuple[int, int] | None =
                         f"{expected_hw[1]}x{expected_hw[0]}")
     if image.mode == "P":  # palette indices, not their colours: a dark defect colour is still a defect
         image = Image.fromarray(np.asarray(image))
-    mask = image.convert("L").resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(mask) > 0
+    try:
+        mask = image.convert("L")
+    except ValueError as e:  # a mode Pillow cannot bring to grayscale (LAB)
+        raise DataError(f"{path}: a {image.mode} image, which has no grayscale for a mask ({e})") from None
+    return np.asarray(mask.resize((size, size), Image.Resampling.NEAREST)) > 0
 
 
 def list_images(directory: Path) -> list[Path]:

@@ -7,6 +7,7 @@ validation split and checks the result.
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,10 @@ def read_mvtec(root: Path, category: str, cfg: DataConfig) -> list[Row]:
     rows = [Row(str(p), "train", 0, "good") for p in list_images(base / "train" / "good")]
     validation = base / "validation" / "good"
     rows += [Row(str(p), "val", 0, "good") for p in list_images(validation)] if validation.is_dir() else []
-    for defect_dir in sorted(d for d in (base / "test").iterdir() if d.is_dir()):
-        defect = defect_dir.name
-        for p in list_images(defect_dir):
-            mask = None if defect == "good" else _find_mask(base / "ground_truth" / defect, p.stem)
-            rows.append(Row(str(p), "test", int(defect != "good"), defect, mask))
+    for defect_dir in sorted(d for d in (base / "test").iterdir() if d.is_dir() and not d.name.startswith(".")):
+        defect, images = defect_dir.name, list_images(defect_dir)
+        masks = [None] * len(images) if defect == "good" else _find_masks(base / "ground_truth" / defect, images)
+        rows += [Row(str(p), "test", int(defect != "good"), defect, m) for p, m in zip(images, masks, strict=True)]
     return rows
 
 
@@ -51,9 +51,9 @@ def read_mvtec2(root: Path, category: str, cfg: DataConfig) -> list[Row]:
     rows += [Row(str(p), "val", 0, "good") for p in list_images(base / "validation" / "good")]
     test = base / "test_public"
     rows += [Row(str(p), "test", 0, "good") for p in list_images(test / "good")] if (test / "good").is_dir() else []
-    for p in list_images(test / "bad") if (test / "bad").is_dir() else []:
-        rows.append(Row(str(p), "test", 1, "bad", _find_mask(test / "ground_truth" / "bad", p.stem)))
-    return rows
+    bad = list_images(test / "bad") if (test / "bad").is_dir() else []
+    masks = _find_masks(test / "ground_truth" / "bad", bad)
+    return rows + [Row(str(p), "test", 1, "bad", m) for p, m in zip(bad, masks, strict=True)]
 
 
 def read_visa(root: Path, category: str, cfg: DataConfig) -> list[Row]:
@@ -64,7 +64,7 @@ def read_visa(root: Path, category: str, cfg: DataConfig) -> list[Row]:
     try:
         with split_csv.open(newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as Excel writes
             reader = csv.DictReader(f)
-            records = list(reader)
+            records = [(reader.line_num, record) for record in reader]  # the line a record ends on
     except UnicodeDecodeError:
         raise DataError(f"{split_csv}: not UTF-8 text") from None
     except csv.Error as e:  # a stray quote can make one field swallow the rest of the file
@@ -72,17 +72,24 @@ def read_visa(root: Path, category: str, cfg: DataConfig) -> list[Row]:
     missing = {"object", "split", "label", "image", "mask"} - set(reader.fieldnames or ())
     if missing:
         raise DataError(f"{split_csv}: missing column(s) {sorted(missing)}")
-    for line, r in enumerate(records, start=2):
+    first_line = {}
+    for line, r in records:
         if any(r[k] is None for k in ("object", "split", "label", "image", "mask")):
             raise DataError(f"{split_csv}, line {line}: fewer fields than the header")
         if r["split"] not in VISA_SPLITS or r["label"].strip().lower() not in VISA_LABELS:
             raise DataError(f"{split_csv}, line {line}: split {r['split']!r} and label {r['label']!r} must be "
                             f"one of {VISA_SPLITS} and one of {VISA_LABELS}")
-    categories = sorted({r["object"] for r in records})
+        if r["split"] == "train" and r["label"].strip().lower() == "anomaly":
+            raise DataError(f"{split_csv}, line {line}: an anomaly in split train; rayad trains on normal images "
+                            "only (put it in split test)")
+        if first_line.setdefault(r["image"], line) != line:  # trained on twice, or scored as well as trained on
+            raise DataError(f"{split_csv}, line {line}: image {r['image']} is listed on line {first_line[r['image']]} "
+                            "too; list each image once")
+    categories = sorted({r["object"] for _, r in records})
     if category not in categories:
         raise DataError(f"category '{category}' not in {split_csv}; categories: {', '.join(categories)}")
     rows = []
-    for r in (r for r in records if r["object"] == category):
+    for r in (r for _, r in records if r["object"] == category):
         label = int(r["label"].strip().lower() == "anomaly")
         mask = str(root / r["mask"]) if label and r["mask"] else None
         split = "test" if r["split"] == "test" else "train"
@@ -96,6 +103,10 @@ VISA_SPLITS, VISA_LABELS = ("train", "test"), ("normal", "anomaly")
 def read_folder(root: Path, category: str, cfg: DataConfig) -> list[Row]:
     """ROOT/<category>/{normal_dir, abnormal_dir, [mask_dir]}; a seeded share of normal images goes to test."""
     base = _category_dir(root, category, required=(cfg.normal_dir,))
+    folders = {"data.normal_dir": cfg.normal_dir, "data.abnormal_dir": cfg.abnormal_dir, "data.mask_dir": cfg.mask_dir}
+    for (key, folder), (other, other_folder) in itertools.combinations(folders.items(), 2):
+        if folder and other_folder and (base / folder).resolve() == (base / other_folder).resolve():
+            raise DataError(f"{key} and {other} are the same folder ({base / folder}); each needs its own")
     normal = list_images(base / cfg.normal_dir)
     n_test = int(round(cfg.test_fraction * len(normal)))
     order = np.random.default_rng(cfg.split_seed).permutation(len(normal))
@@ -108,10 +119,8 @@ def read_folder(root: Path, category: str, cfg: DataConfig) -> list[Row]:
                     "cannot be computed", abnormal_dir)
     if cfg.mask_dir and not (base / cfg.mask_dir).is_dir():
         raise DataError(f"{base / cfg.mask_dir}: mask folder (data.mask_dir) not found")
-    for p in defects:
-        mask = _find_mask(base / cfg.mask_dir, p.stem) if cfg.mask_dir else None
-        rows.append(Row(str(p), "test", 1, cfg.abnormal_dir, mask))
-    return rows
+    masks = _find_masks(base / cfg.mask_dir, defects) if cfg.mask_dir else [None] * len(defects)
+    return rows + [Row(str(p), "test", 1, cfg.abnormal_dir, m) for p, m in zip(defects, masks, strict=True)]
 
 
 READERS = {"mvtec": read_mvtec, "mvtec2": read_mvtec2, "visa": read_visa, "folder": read_folder}
@@ -140,6 +149,17 @@ def _category_dir(root: Path, category: str, required: tuple[str, ...]) -> Path:
         if not (base / sub).is_dir():
             raise DataError(f"{base / sub}: folder not found")
     return base
+
+
+def _find_masks(mask_dir: Path, images: list[Path]) -> list[str | None]:
+    """Each image's mask in `mask_dir` (`_find_mask`), or None. A folder of masks none of which is named after
+    its images is refused: its pixel metrics would be dropped without a word."""
+    masks = [_find_mask(mask_dir, p.stem) for p in images]
+    if images and not any(masks) and mask_dir.is_dir() and list_images(mask_dir):
+        stem = images[0].stem
+        raise DataError(f"{mask_dir}: none of its masks is named after an image of {images[0].parent} (the mask of "
+                        f"{images[0].name} is {stem}_mask.png or {stem}.png)")
+    return masks
 
 
 def _find_mask(mask_dir: Path, stem: str) -> str | None:

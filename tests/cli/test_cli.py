@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from tiny import TINY, TINY_ARGS, sigterm_after_first_checkpoint
 
 from rayad.cli import main
@@ -222,6 +223,35 @@ def test_evaluate_says_why_a_split_of_good_images_has_no_metrics(tmp_path, demo_
     assert main(["evaluate", "--run", str(trained_run), "--data", str(data), "--category", "brick"]) == 0
     out = capsys.readouterr().out
     assert "image_auroc" in out and "the test split lacks one of the two" in out  # a table of '-' alone before
+
+
+@pytest.mark.parametrize("masks", ["none", "empty"])
+def test_evaluate_says_why_it_has_no_pixel_metrics(masks, tmp_path, demo_root, trained_run, capsys):
+    """A '-' under pixel AUROC went unexplained: no masks, or masks that mark nothing (a 16-bit colour PNG)."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / "brick", data / "brick")
+    for mask in (data / "brick" / "ground_truth").rglob("*.png"):
+        if masks == "none":
+            mask.unlink()
+        else:
+            Image.new("L", Image.open(mask).size).save(mask)
+    assert main(["evaluate", "--run", str(trained_run), "--data", str(data), "--category", "brick"]) == 0
+    said = {"none": "no pixel metric where '-': its anomalous images have no ground-truth masks",
+            "empty": "no pixel metric where '-': the masks of its anomalous images mark no pixel, or every pixel"}
+    assert said[masks] in capsys.readouterr().out
+
+
+def test_predict_of_a_folder_leaves_hidden_files_and_folders_out(trained_run, demo_root, tmp_path):
+    """As datasets do: macOS's `._000.png` failed as a bad image, a notebook's checkpoint copy was scored."""
+    folder = tmp_path / "images"
+    shutil.copytree(demo_root / "brick" / "test" / "good", folder)
+    (folder / "._000.png").write_bytes(b"\x00\x05\x16\x07")
+    shutil.copytree(folder, folder / ".ipynb_checkpoints", ignore=shutil.ignore_patterns(".*"))
+    out = tmp_path / "p.parquet"
+    assert main(["predict", "--run", str(trained_run), str(folder), "--out", str(out)]) == 0
+    rows = pq.read_table(out).to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in folder.glob("[!.]*.png"))
+    assert all(r["error"] is None for r in rows)
 
 
 def test_train_into_out_dot_logs_to_the_experiment_named_after_the_folder(tmp_path, demo_root, monkeypatch):

@@ -287,6 +287,13 @@ def test_error_visa_unknown_object(tmp_path):
     (lambda text: text + "candle,train\n", "fewer fields than the header"),
     (lambda text: text.encode("latin-1").replace(b"candle", "cändle".encode("latin-1"), 1), "not UTF-8 text"),
     (lambda text: text + 'candle,test,"' + "x" * 200_000 + "\n", "not a readable CSV file"),
+    # these were read: an anomaly trained on as good; an image trained on twice, or scored and trained on
+    (lambda text: text.replace("test,anomaly,candle/Data/Images/Anomaly/004", "train,anomaly,candle/Data/Images/"
+                               "Anomaly/004"), r"line 6: an anomaly in split train; rayad trains on normal images"),
+    (lambda text: text + "candle,test,normal,candle/Data/Images/Normal/000.JPG,\n",
+     r"line 14: image candle/Data/Images/Normal/000.JPG is listed on line 2 too"),
+    # the line, not the record: a blank line before it said line 6
+    (lambda text: text.replace("\n", "\n\n", 2).replace(",test,anomaly,", ",Test,anomaly,", 1), "line 8: split 'Test'"),
 ])
 def test_visa_rows_a_reader_would_misread_are_refused(tmp_path, edit, message):
     make_visa(tmp_path)
@@ -333,3 +340,45 @@ def test_hidden_files_are_no_images_and_a_link_to_nothing_is_kept_to_be_named(tm
     (tmp_path / "002.png").symlink_to(tmp_path / "gone.png")
     (tmp_path / "003.png").mkdir()
     assert list_images(tmp_path) == [tmp_path / "001.png", tmp_path / "002.png"]
+
+
+def test_hidden_folders_under_test_are_no_defect_types(tmp_path):
+    """`test/.thumbs` (good copies) was read as a defect type: its images scored as defects."""
+    expected = make_mvtec(tmp_path, masks=False)
+    png(tmp_path / "bottle" / "test" / ".thumbs" / "000.png")
+    assert rows_of(build_manifest(tmp_path, "bottle", NO_VAL)) == expected
+
+
+@pytest.mark.parametrize("layout", ["mvtec", "folder"])
+def test_masks_named_after_no_image_are_refused(tmp_path, layout):
+    """Pixel metrics were dropped without a word: masks named 000_gt.png match no image's name."""
+    if layout == "mvtec":
+        make_mvtec(tmp_path, defects={"crack": 2}, masks=False)
+        masks, cfg = tmp_path / "bottle" / "ground_truth" / "crack", NO_VAL
+    else:
+        base = make_folder(tmp_path)
+        masks, cfg = base / "mask", DataConfig(layout="folder", mask_dir="mask", val_fraction=0.0)
+        shutil.rmtree(masks)
+    for stem in ("000", "001") if layout == "mvtec" else ("d00", "d01", "d02"):
+        mask_png(masks / f"{stem}_gt.png")
+    with pytest.raises(DataError, match=f"{masks}: none of its masks is named after an image of .*_mask.png or"):
+        build_manifest(tmp_path, "bottle" if layout == "mvtec" else "widget", cfg)
+
+
+@pytest.mark.parametrize("folders, message", [
+    ({"abnormal_dir": "good"}, "data.normal_dir and data.abnormal_dir are the same folder"),
+    ({"mask_dir": "good"}, "data.normal_dir and data.mask_dir are the same folder"),
+    ({"mask_dir": "defect"}, "data.abnormal_dir and data.mask_dir are the same folder"),  # masks became defects
+])
+def test_folder_layout_refuses_one_folder_in_two_roles(tmp_path, folders, message):
+    make_folder(tmp_path)
+    with pytest.raises(DataError, match=message):
+        build_manifest(tmp_path, "widget", DataConfig(layout="folder", **folders))
+
+
+def test_a_mask_without_a_grayscale_is_one_error(tmp_path):
+    from rayad.data.images import load_mask
+
+    Image.new("LAB", (8, 8)).save(tmp_path / "m.tif")
+    with pytest.raises(DataError, match="m.tif: a LAB image, which has no grayscale for a mask"):
+        load_mask(tmp_path / "m.tif", 8)
