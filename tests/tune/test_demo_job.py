@@ -13,7 +13,7 @@ from tiny import TINY_BASE
 
 from rayad.baselines import nearest_neighbour_metrics
 from rayad.cli import main
-from rayad.demo import run_demo
+from rayad.demo import _earlier_summary, run_demo
 from rayad.errors import Interrupted, RayadError
 
 pytestmark = pytest.mark.slow
@@ -44,8 +44,7 @@ def test_demo_searches_keeps_the_best_model_and_summarises(ray_cluster, tiny_spa
         "gravel": summary["brick"], **summary}, "a run with --categories adds to the folder's summary"
     assert "\ngravel " in capsys.readouterr().out
     shutil.rmtree(tmp_path / "gravel")
-    assert run_demo(tmp_path, space=str(tiny_space), trials=2, overrides=TINY_BASE, categories=("brick",)) == summary
-    assert json.loads(summary_file.read_text()) == summary, "a category whose experiment is gone leaves the table"
+    assert _earlier_summary(tmp_path) == summary, "a category whose experiment is gone leaves the table"
     with pytest.raises(RayadError, match="an earlier demo searched it with other trials; run the demo with"):
         run_demo(tmp_path, space=str(tiny_space), trials=3, overrides=TINY_BASE, categories=("brick",))
     assert _snapshot(exp) == before  # its results used to be shown as those of the new flags
