@@ -280,10 +280,14 @@ def _check_conditions(p: Param, params: dict[str, Param], source: str) -> None:
     """A `when:` value its parent can never take would leave the parameter never sampled."""
     for key, values in p.when.items():
         parent = params[key]
-        never = [v for v in values if parent.kind in ("choice", "fixed") and v not in parent.args]
+        if parent.kind in ("uniform", "loguniform"):
+            raise ConfigError(f"{source}: params.{p.key}: when {key}, which takes any float in a range: a condition "
+                              "needs a choice, an int range or a fixed value")
+        never = [v for v in values if not parent.contains(v)]
         if never:
+            takes = f"{parent.args[0]} to {parent.args[1]}" if parent.kind == "int" else list(parent.args)
             raise ConfigError(f"{source}: params.{p.key}: when {key} is {never[0]!r}, which {key} never takes "
-                              f"(its values: {list(parent.args)})")
+                              f"(its values: {takes})")
 
 
 def _field_type(base: Config, key: str) -> type:

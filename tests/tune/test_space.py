@@ -95,6 +95,12 @@ def test_fixed_values_and_fixed_mappings():
     ({"train.lr": {"uniform": [0.1, 0.2], "loguniform": [0.1, 0.2]}}, r"give exactly one distribution"),
     ({"model.encoder": {"choice": ["sdc"]}, "model.skip": {"choice": ["add"], "when": {"model.encoder": "resnet99"}}},
      r"params.model.skip: when model.encoder is 'resnet99', which model.encoder never takes \(its values: \['sdc'\]"),
+    # a float range takes a given value with probability 0: the parameter was never sampled, unsaid
+    ({"train.lr": {"uniform": [0.001, 0.01]}, "train.w_clean": {"uniform": [0.2, 1.0], "when": {"train.lr": 0.005}}},
+     r"params.train.w_clean: when train.lr, which takes any float in a range: a condition needs a choice"),
+    ({"corruption.max_shapes": {"int": [1, 4]},
+      "model.skip": {"choice": ["add"], "when": {"corruption.max_shapes": 9}}},
+     r"when corruption.max_shapes is 9, which corruption.max_shapes never takes \(its values: 1 to 4\)"),
 ])
 def test_bad_spaces_fail_naming_the_key(params, message):
     with pytest.raises(ConfigError, match=message):
