@@ -45,7 +45,7 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     for p in paths:
         if p.is_dir():
             images = sorted(utf8_path(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+                            and not _hidden(f.relative_to(p)))
             if not images:
                 raise DataError(f"no images in {p} (looked for {', '.join(IMAGE_SUFFIXES)})")
             out += images
@@ -56,6 +56,11 @@ def expand_paths(paths: list[Path]) -> list[Path]:
         else:
             raise DataError(f"{p}: no such file or folder")
     return out
+
+
+def _hidden(relative: Path) -> bool:
+    """Whether a path below a folder given to score is hidden, or lies in a hidden folder."""
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def predict_paths(run: str | Path, paths: list[Path], out: Path | None = None, heatmaps: str | None = None,
@@ -100,7 +105,8 @@ def list_inputs(inputs: list[str]) -> tuple[list[dict[str, object]], list[pafs.F
         info = filesystem.get_file_info(path)
         if info.type == pafs.FileType.Directory:
             keys = sorted(f.path for f in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-                          if f.type == pafs.FileType.File and Path(f.path).suffix.lower() in IMAGE_SUFFIXES)
+                          if f.type == pafs.FileType.File and Path(f.path).suffix.lower() in IMAGE_SUFFIXES
+                          and not _hidden(Path(f.path).relative_to(Path(path))))
             if not keys:
                 raise DataError(f"no images in {given} (looked for {', '.join(IMAGE_SUFFIXES)})")
         elif info.type == pafs.FileType.File:

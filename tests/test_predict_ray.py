@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -103,3 +104,20 @@ def test_an_actor_larger_than_any_node_fails_in_one_line(ray_cluster, trained_ru
 def test_ray_predict_needs_out(trained_run, demo_root, capsys):
     assert main(["predict", "--run", str(trained_run), "--ray", str(demo_root / "brick" / "test")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_a_folder_uri_lists_its_images_below_it_and_leaves_hidden_ones_out(monkeypatch):
+    """As a local folder does (`expand_paths`): an s3:// or gs:// folder through its pyarrow filesystem."""
+    import pyarrow.fs as pafs
+
+    from rayad.predict import list_inputs
+
+    bucket = pafs.FileSystem.from_uri("mock:///")[0]  # an in-memory filesystem, standing in for a bucket's
+    for key in ("imgs/a.png", "imgs/sub/b.PNG", "imgs/._a.png", "imgs/.cache/c.png", "imgs/notes.txt"):
+        bucket.create_dir(key.rsplit("/", 1)[0])
+        with bucket.open_output_stream(key) as f:
+            f.write(b"x")
+    opened = SimpleNamespace(from_uri=lambda uri: (bucket, uri.split("://", 1)[1]))
+    monkeypatch.setattr("rayad.predict.pafs", SimpleNamespace(**{**vars(pafs), "FileSystem": opened}))
+    rows, sources = list_inputs(["s3://imgs"])
+    assert [r["path"] for r in rows] == ["s3://imgs/a.png", "s3://imgs/sub/b.PNG"] and sources[1] is bucket
