@@ -6,7 +6,6 @@ The same `Config` object drives the CLI, training, evaluation and the saved arti
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import re
 import types
@@ -79,9 +78,13 @@ class CorruptionConfig:
         if not self.shapes:
             raise ConfigError("corruption.shapes: needs at least one shape")
         weights = list(self.fill_sources.values())
-        if not weights or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-            raise ConfigError("corruption.fill_sources: weights must be finite, >= 0 and not all 0, got "
-                              f"{self.fill_sources}")
+        # relative weights, sampled in float32: 1e-300 is 0 there, 1e39 infinite
+        if not any(weights) or not all(w == 0 or FILL_WEIGHTS[0] <= w <= FILL_WEIGHTS[1] for w in weights):
+            raise ConfigError(f"corruption.fill_sources: weights must be 0 or from {FILL_WEIGHTS[0]:g} to "
+                              f"{FILL_WEIGHTS[1]:g}, and not all 0, got {self.fill_sources}")
+
+
+FILL_WEIGHTS = (1e-6, 1e6)  # the range of a positive corruption.fill_sources weight
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,14 @@ class Config:
             raise ConfigError(f"data.image_size = {size} must be a multiple of {reduction} (the encoder halves "
                               f"it once per model.widths level, {self.model.depth} levels); "
                               f"try {' or '.join(map(str, near))}")
+        # training normalises the encoder's last level (image_size / reduction on a side) over its batch (batch
+        # norm) or its pixels (instance norm): a 1x1 map has one value to normalise
+        one_value = self.model.norm == "instance" or (self.model.norm == "batch" and self.train.batch_size == 1)
+        if self.model.encoder == "sdc" and self.data.image_size == reduction and one_value:
+            statistics = "one value per channel" if self.model.norm == "instance" else "a batch of one image"
+            raise ConfigError(f"data.image_size = {self.data.image_size} leaves the encoder's last level 1x1, where "
+                              f"model.norm = {self.model.norm} has {statistics} to normalise; give data.image_size "
+                              f">= {2 * reduction} or fewer model.widths levels")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -12,6 +12,7 @@ def gaussian_kernel1d(sigma: float, device=None, dtype=torch.float32) -> torch.T
     """Normalised 1-D Gaussian with radius 4 sigma (as scipy.ndimage.gaussian_filter)."""
     radius = max(1, int(4 * sigma + 0.5))
     x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    sigma = max(sigma, torch.finfo(dtype).tiny)  # a sigma that is 0 in `dtype` gave 0/0 at the centre
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     return kernel / kernel.sum()
 

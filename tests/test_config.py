@@ -44,6 +44,12 @@ def test_an_exponent_without_a_dot_is_a_float_in_files_overrides_and_spaces(tmp_
     ("model: [1, 2]\n", "model"),
     ("model: {skip: [unclosed\n", "not valid YAML"),
     ("train:\n  steps: 6\n  lr: 0.1\n  steps: 8\n", "key 'steps' given twice at line 4"),
+    # accepted, then the first training step failed with a traceback
+    ("data: {image_size: 8}\nmodel: {norm: instance}\n", "leaves the encoder's last level 1x1, where model.norm = "
+     "instance has one value per channel to normalise; give data.image_size >= 16"),
+    ("data: {image_size: 8}\ntrain: {batch_size: 1}\n", "model.norm = batch has a batch of one image"),
+    ("corruption: {fill_sources: {shift: 1.0e-300}}\n", "weights must be 0 or from 1e-06 to 1e+06"),  # 0 in float32
+    ("corruption: {fill_sources: {shift: 1.0e+39, patch: 1}}\n", "weights must be 0 or from"),  # infinite there
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"
@@ -87,3 +93,8 @@ def test_numpy_numbers_are_taken_as_python_ones():
     assert type(cfg.train.steps) is int and type(cfg.train.lr) is float
     with pytest.raises(ConfigError, match="train.steps = np.float64"):
         load_config(overrides={"train.steps": np.float64(5.0)})
+
+
+def test_a_1x1_last_level_trains_where_its_norm_has_values_to_normalise():
+    load_config(overrides={"data.image_size": 8, "train.batch_size": 2})
+    load_config(overrides={"data.image_size": 8, "model.norm": "group", "train.batch_size": 1})

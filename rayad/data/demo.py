@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from rayad.config import MAX_SEED
 from rayad.data.defects import DEFECTS, paint_defect
+from rayad.data.manifest import MIN_VAL_IMAGES
 from rayad.errors import RayadError
 
 CATEGORIES = ("brick", "grass", "gravel")
@@ -45,10 +46,10 @@ def make_demo_dataset(out: str | Path, seed: int = 0, n_train: int = 240, n_test
                       n_per_defect: int = 25, categories: tuple[str, ...] = CATEGORIES, n_val: int | None = None
                       ) -> Path:
     """Write ROOT/<category>/{train/good, validation/good, test/<type>, ground_truth/<type>} and return ROOT;
-    `n_val` good validation images (default: a fifth of `n_train`, at least one)."""
+    `n_val` good validation images (default: a fifth of `n_train`, at least MIN_VAL_IMAGES)."""
     if not 0 <= seed <= MAX_SEED:
         raise RayadError(f"demo seed {seed}: must be from 0 to {MAX_SEED}")
-    n_val = max(1, n_train // 5) if n_val is None else n_val
+    n_val = max(MIN_VAL_IMAGES, n_train // 5) if n_val is None else n_val
     out = Path(out)
     for category in tqdm(categories, desc="demo data", unit="category"):
         rng = np.random.default_rng([seed, zlib.crc32(category.encode())])

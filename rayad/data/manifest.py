@@ -14,6 +14,7 @@ from rayad.data.layouts import READERS, Row, detect_layout
 from rayad.errors import DataError
 from rayad.layout import atomic_write
 
+MIN_VAL_IMAGES = 2  # the calibration's score statistics (a mean and a standard deviation) need two good images
 SCHEMA = pa.schema([
     ("path", pa.string()),
     ("split", pa.string()),
@@ -75,9 +76,11 @@ def same_images(saved: pa.Table, new: pa.Table, data_root: str | Path) -> bool:
 
 
 def _carve_validation(rows: list[Row], fraction: float, seed: int) -> list[Row]:
-    """Move a seeded `fraction` of the training images (at least one when fraction > 0) to "val"."""
+    """Move a seeded `fraction` of the training images to "val": when fraction > 0, at least MIN_VAL_IMAGES (the
+    calibration's score statistics need two) and never every one."""
     train = [i for i, r in enumerate(rows) if r.split == "train"]
-    n_val = max(1, int(round(fraction * len(train)))) if fraction > 0 and len(train) > 1 else 0
+    carved = min(len(train) - 1, max(MIN_VAL_IMAGES, int(round(fraction * len(train)))))
+    n_val = carved if fraction > 0 and len(train) > MIN_VAL_IMAGES else 0
     val = {train[i] for i in np.random.default_rng(seed).permutation(len(train))[:n_val]}
     return [Row(r.path, "val", r.label, r.defect_type, r.mask_path) if i in val else r for i, r in enumerate(rows)]
 

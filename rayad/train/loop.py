@@ -34,7 +34,14 @@ from rayad.config import Config, TrainConfig
 from rayad.corruption import Corruptor
 from rayad.cpu import use_cpus
 from rayad.data.dataset import ImageSet, load_split, to_tensor
-from rayad.data.manifest import build_manifest, check_category, load_manifest, same_images, save_manifest
+from rayad.data.manifest import (
+    MIN_VAL_IMAGES,
+    build_manifest,
+    check_category,
+    load_manifest,
+    same_images,
+    save_manifest,
+)
 from rayad.errors import Interrupted, RayadError
 from rayad.layout import (
     CHECKPOINTS,
@@ -242,16 +249,24 @@ def load_train_data(cfg: Config, data_root: str | Path, category: str) -> TrainD
                        for split in ("train", "val")), manifest)
     if len(data.train.images) == 0:
         raise RayadError(f"{data_root}/{category}: no usable training images")
-    if len(data.val.images) == 0:
-        listed = pc.sum(pc.equal(manifest["split"], "val")).as_py() or 0
-        if listed:
-            advice = f"all {listed} listed could not be read and were skipped (data.on_bad_image=skip)"
-        elif cfg.data.val_fraction == 0:
-            advice = "set data.val_fraction > 0"
-        else:
-            advice = "carving them from the training images needs at least 2; add images or a validation/good folder"
-        raise RayadError(f"{data_root}/{category}: no validation images to calibrate the threshold on ({advice})")
+    if len(data.val.images) < MIN_VAL_IMAGES:
+        raise RayadError(f"{data_root}/{category}: {len(data.val.images) or 'no'} validation image(s) to calibrate "
+                         f"the threshold on, where it needs {MIN_VAL_IMAGES} "
+                         f"({_validation_advice(cfg, manifest, len(data.val.images))})")
     return data
+
+
+def _validation_advice(cfg: Config, manifest: pa.Table, readable: int) -> str:
+    """How to get the validation images calibration needs, for the reason there are too few."""
+    listed = pc.sum(pc.equal(manifest["split"], "val")).as_py() or 0
+    if listed >= MIN_VAL_IMAGES:
+        return f"{listed - readable} of the {listed} listed could not be read and were skipped (data.on_bad_image=skip)"
+    if cfg.data.val_fraction == 0:
+        return "set data.val_fraction > 0"
+    carve = f"carving them from the training images needs at least {MIN_VAL_IMAGES + 1}"
+    if cfg.data.layout == "folder":
+        return f"{carve}; add images to {cfg.data.normal_dir}/ or lower data.test_fraction ({cfg.data.test_fraction})"
+    return f"{carve}; add images or a validation/good folder with {MIN_VAL_IMAGES} or more"
 
 
 def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -143,7 +143,7 @@ def test_demo_masks_nonempty_and_same_size(demo_root):
 def test_demo_same_seed_is_byte_identical(small, tmp_path):
     again = make_demo_dataset(tmp_path, seed=5, categories=("brick",), **SMALL)
     brick = files(again / "brick")
-    assert len(brick) == SMALL["n_train"] + 1 + SMALL["n_test_good"] + 2 * len(DEFECTS)
+    assert len(brick) == SMALL["n_train"] + 2 + SMALL["n_test_good"] + 2 * len(DEFECTS)  # 2 validation images
     assert brick == files(small / "brick")
 
 

@@ -211,6 +211,16 @@ def test_validation_is_carved_from_train(tmp_path):
     assert splits(8)[0] != val
 
 
+@pytest.mark.parametrize("n_train, fraction, n_val", [(3, 0.9, 2), (3, 0.1, 2), (2, 0.5, 0), (10, 0.2, 2),
+                                                      (10, 0.5, 5)])
+def test_carving_takes_two_images_or_none_and_leaves_one_to_train_on(tmp_path, n_train, fraction, n_val):
+    """The calibration's standard deviation needs two images (one gave normalised scores of ~1e9); a fraction
+    of 0.9 of 3 images took all three, and training failed with 'no usable training images'."""
+    make_mvtec(tmp_path, n_train=n_train)
+    splits = build_manifest(tmp_path, "bottle", DataConfig(val_fraction=fraction))["split"].to_pylist()
+    assert splits.count("val") == n_val and splits.count("train") == n_train - n_val
+
+
 def test_single_train_image_gets_no_validation(tmp_path):
     make_mvtec(tmp_path, n_train=1)
     splits = build_manifest(tmp_path, "bottle", DataConfig(val_fraction=0.5))["split"].to_pylist()

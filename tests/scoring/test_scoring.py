@@ -33,6 +33,12 @@ def test_gaussian_blur_matches_scipy():
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
+def test_a_sigma_below_float32_blurs_nothing():
+    """1e-300 is 0 in float32: the kernel's centre was 0/0, every score NaN and the model uncalibrated."""
+    img = torch.rand(1, 1, 8, 8)
+    assert torch.equal(gaussian_blur(img, 1e-300), img)
+
+
 @pytest.mark.parametrize("sigma", [0.75, 4.0])
 def test_gaussian_blur_gives_an_image_the_same_bits_alone_or_in_a_batch(sigma):
     """The batch's channels are blurred together (one depthwise convolution): an image's map must not depend

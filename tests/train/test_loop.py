@@ -148,15 +148,22 @@ def test_a_run_refused_for_its_data_leaves_no_folder(tmp_path, demo_root, tiny_c
     """The data is checked before the run's first write (it left manifest.parquet behind)."""
     data = tmp_path / "data"
     shutil.copytree(demo_root / "brick", data / "brick", ignore=shutil.ignore_patterns("validation"))
-    with pytest.raises(RayadError, match=r"no validation images .*\(set data.val_fraction > 0\)"):
+    with pytest.raises(RayadError, match=r"no validation image\(s\) .*needs 2 \(set data.val_fraction > 0\)"):
         fit(tiny_config.replace({"data.val_fraction": 0.0}), data, "brick", tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     shutil.copytree(demo_root / "brick" / "validation", data / "brick" / "validation")
     unreadable = list((data / "brick" / "validation" / "good").iterdir())
     for image in unreadable:
         image.write_bytes(b"not an image")
-    with pytest.raises(RayadError, match=f"no validation images .*all {len(unreadable)} listed could not be read"):
+    n = len(unreadable)
+    with pytest.raises(RayadError, match=f"no validation image.* \\({n} of the {n} listed could not be read"):
         fit(tiny_config.replace({"data.on_bad_image": "skip"}), data, "brick", tmp_path / "run", progress=False)
+    for image in unreadable[1:]:  # one image: its scores' standard deviation is 0, normalised scores were ~1e9
+        image.unlink()
+    shutil.copy(demo_root / "brick" / "validation" / "good" / unreadable[0].name, unreadable[0])
+    with pytest.raises(RayadError, match="1 validation image.* needs 2 .*a validation/good folder with 2 or more"):
+        fit(tiny_config, data, "brick", tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_whose_loss_turns_nan_stops_and_writes_no_model(tmp_path, demo_root, tiny_config, monkeypatch):
