@@ -164,6 +164,10 @@ def test_a_run_refused_for_its_data_leaves_no_folder(tmp_path, demo_root, tiny_c
     with pytest.raises(RayadError, match="1 validation image.* needs 2 .*a validation/good folder with 2 or more"):
         fit(tiny_config, data, "brick", tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+    shutil.copytree(demo_root / "brick" / "train" / "good", data / "plain" / "good")  # a folder layout has no
+    with pytest.raises(RayadError, match=r"add images to good/ or lower data.test_fraction \(0.9\)"):  # validation/
+        fit(tiny_config.replace({"data.layout": "folder", "data.test_fraction": 0.9}), data, "plain", tmp_path / "run",
+            progress=False)
 
 
 def test_a_run_whose_loss_turns_nan_stops_and_writes_no_model(tmp_path, demo_root, tiny_config, monkeypatch):
