@@ -526,6 +526,7 @@ def writable(existing: Path) -> bool:
     written beside its final name, then renamed (`layout.atomic_write`), so its folder must take a new file:
     tried with a nameless temporary one, as permissions do not tell for root, nor on read-only mounts or
     /proc and /sys. What is neither file nor folder (/dev/stdout, a pipe) is written in place."""
+    existing = Path(os.path.realpath(existing))  # a link's target is what gets written, beside it
     if not existing.is_dir() and not existing.is_file():
         return os.access(existing, os.W_OK)
     try:

@@ -84,7 +84,7 @@ class CorruptionConfig:
                               f"{FILL_WEIGHTS[1]:g}, and not all 0, got {self.fill_sources}")
 
 
-FILL_WEIGHTS = (1e-6, 1e6)  # the range of a positive corruption.fill_sources weight
+FILL_WEIGHTS = (1e-30, 1e30)  # the range of a positive corruption.fill_sources weight: normal floats in float32
 
 
 @dataclass(frozen=True)

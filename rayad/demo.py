@@ -67,9 +67,18 @@ def _earlier_summary(out: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     keys = {"trials", "validation", *METRIC_NAMES, "nn_image_auroc", "seconds"}
-    if not isinstance(summary, dict) or not all(isinstance(m, dict) and keys <= m.keys() for m in summary.values()):
+    if not isinstance(summary, dict) or not all(isinstance(m, dict) and keys <= m.keys() and all(
+            m[k] is None or type(m[k]) in (int, float) for k in keys) for m in summary.values()):
         return {}
-    return {category: m for category, m in summary.items() if (out / category / EXPERIMENT).is_file()}
+    return {category: m for category, m in summary.items() if _finished(out / category)}
+
+
+def _finished(exp: Path) -> bool:
+    """Whether `exp` holds a finished experiment (a search begun again there since may have stopped)."""
+    try:
+        return read_experiment_file(exp).get("status") == "finished"
+    except RayadError:
+        return False
 
 
 def _previous(exp: Path, settings: SearchSettings) -> dict[str, Any] | None:

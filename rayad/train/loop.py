@@ -261,11 +261,16 @@ def _validation_advice(cfg: Config, manifest: pa.Table, readable: int) -> str:
     listed = pc.sum(pc.equal(manifest["split"], "val")).as_py() or 0
     if listed >= MIN_VAL_IMAGES:
         return f"{listed - readable} of the {listed} listed could not be read and were skipped (data.on_bad_image=skip)"
+    if listed:  # carving gives none or MIN_VAL_IMAGES: these are the dataset's own held-out good images
+        return f"the dataset's validation folder holds {listed}; add images to it"
     if cfg.data.val_fraction == 0:
         return "set data.val_fraction > 0"
     carve = f"carving them from the training images needs at least {MIN_VAL_IMAGES + 1}"
     if cfg.data.layout == "folder":
-        return f"{carve}; add images to {cfg.data.normal_dir}/ or lower data.test_fraction ({cfg.data.test_fraction})"
+        lower = f" or lower data.test_fraction ({cfg.data.test_fraction})" if cfg.data.test_fraction else ""
+        return f"{carve}; add images to {cfg.data.normal_dir}/{lower}"
+    if cfg.data.layout == "visa":
+        return f"{carve}; add normal images to split train"
     return f"{carve}; add images or a validation/good folder with {MIN_VAL_IMAGES} or more"
 
 
@@ -405,7 +410,12 @@ def check_resumable(checkpoint: str, state: dict[str, Any], cfg: Config, data_ro
                    for key, value in now[section].items() if then[section][key] != value]
         raise RayadError(f"{checkpoint}: was trained with a different configuration ({'; '.join(changed)}); only "
                          "train.steps may change on --resume")
-    if saved_manifest.is_file() and not same_images(load_manifest(saved_manifest), manifest, data_root):
+    if saved_manifest.is_file() and not same_images(saved_images := load_manifest(saved_manifest), manifest, data_root):
+        validation = [pc.sum(pc.equal(m["split"], "val")).as_py() for m in (saved_images, manifest)]
+        if validation == [1, MIN_VAL_IMAGES] and saved_images.num_rows == manifest.num_rows:
+            raise RayadError(f"{saved_manifest}: the run calibrates on 1 validation image, carved by an earlier rayad; "
+                             f"rayad now carves at least {MIN_VAL_IMAGES} (one gives no standard deviation): train it "
+                             "again in a new --out")
         raise RayadError(f"{saved_manifest}: the run was trained on other images; resume with the --data, "
                          "--category and data.* settings it began with")
     if state["step"] > cfg.train.steps or (state["step"] == cfg.train.steps == model_steps):

@@ -79,6 +79,8 @@ class Param:
         return self.args
 
     def contains(self, value: Any) -> bool:
+        if self.kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
+            return False
         if self.kind in ("uniform", "loguniform", "int"):
             return isinstance(value, int | float) and self.args[0] <= value <= self.args[1]
         return value in self.args
@@ -132,9 +134,10 @@ class SearchSpace:
 
     def check_on(self, base: Config) -> None:
         """Every value of a searched parameter, and every pair of two, makes a valid config on top of `base` (the
-        file, --set and the fixed values): a trial never fails on its config. Ranges are tried at their ends
-        (the rules between keys, such as area_min <= area_max, are monotone), int ranges of up to
-        MAX_INT_VALUES values at every value (an image size must be a multiple of the network's reduction)."""
+        file, --set and the fixed values), so that a trial does not fail on its config: ranges at their ends (the
+        rules between two keys, such as area_min <= area_max, are monotone), int ranges of up to MAX_INT_VALUES
+        values at every value (an image size must be a multiple of the network's reduction). Rules among three
+        keys are not tried."""
         searched = self.searched
         for p in searched:
             for value in p.values():
@@ -273,7 +276,7 @@ def _together(p: Param, a: Any, q: Param, b: Any) -> bool:
     """Whether a trial can give p the value a and q the value b, as far as their `when:` conditions tell."""
     if (p.key in q.when and a not in q.when[p.key]) or (q.key in p.when and b not in p.when[q.key]):
         return False
-    return all(set(p.when[key]) & set(q.when[key]) for key in p.when.keys() & q.when.keys())
+    return all(any(v in q.when[key] for v in p.when[key]) for key in p.when.keys() & q.when.keys())
 
 
 def _check_conditions(p: Param, params: dict[str, Param], source: str) -> None:

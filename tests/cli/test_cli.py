@@ -85,7 +85,7 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["demo", "--out", "{tmp}/demo", "--trials", "0"], "trials = 0 (--trials): must be >= 1"),  # before data, Ray
     (TRAIN + ["--seed", "-1"], "train.seed = -1 is out of range"),
     (["data", "demo", "--out", "{tmp}/d", "--seed", "-1"], "demo seed -1: must be from 0 to 4294967295"),
-    (TRAIN + ["--set", "corruption.fill_sources={{patch: .nan}}"], "weights must be finite"),
+    (TRAIN + ["--set", "corruption.fill_sources={{patch: .nan}}"], "weights must be 0 or from 1e-30 to 1e+30"),
     (TRAIN + ["--set", "model.in_chans=1"], "model.in_chans = 1: must be 3"),
     (TRAIN + ["--config", "{tmp}/int_keys.yaml"], "unknown section(s) ['1', 'foo']"),
     (["predict", "--run", "{run}", "{demo}/brick/test/good", "--batch-size", "0"], "--batch-size and --actors"),
@@ -143,6 +143,9 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
      "--json /proc/rayad.json: /proc is not writable"),
     (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "brick", "--json", "/sys/rayad.json"],
      "--json /sys/rayad.json: /sys is not writable"),
+    # a link is written through: its target's folder must take a file, not the link's
+    (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "brick", "--json", "{tmp}/link.json"],
+     "--json {tmp}/link.json: {tmp}/link.json is not writable"),
     # an OSError past the checks (here: a full disk) is one line too, naming the file asked for
     (["evaluate", "--run", "{run}", "--data", "{demo}", "--category", "brick", "--json", "/dev/full"],
      "rayad evaluate: error: /dev/full: No space left on device"),
@@ -153,6 +156,7 @@ def test_user_errors_exit_2_with_one_line(args, needle, tmp_path, demo_root, tra
     (tmp_path / "latin1.yaml").write_bytes("train: {steps: 5}  # é\n".encode("latin-1"))
     (tmp_path / "int_keys.yaml").write_text("1: a\nfoo: b\n")
     (tmp_path / "zero_section.yaml").write_text("train: 0\n")
+    (tmp_path / "link.json").symlink_to("/proc/version")
     (tmp_path / "empty").mkdir()
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     (tmp_path / "latin").mkdir()

@@ -2,6 +2,8 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -161,7 +163,7 @@ def test_a_run_refused_for_its_data_leaves_no_folder(tmp_path, demo_root, tiny_c
     for image in unreadable[1:]:  # one image: its scores' standard deviation is 0, normalised scores were ~1e9
         image.unlink()
     shutil.copy(demo_root / "brick" / "validation" / "good" / unreadable[0].name, unreadable[0])
-    with pytest.raises(RayadError, match="1 validation image.* needs 2 .*a validation/good folder with 2 or more"):
+    with pytest.raises(RayadError, match="1 validation image.* needs 2 .*validation folder holds 1; add images to it"):
         fit(tiny_config, data, "brick", tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     shutil.copytree(demo_root / "brick" / "train" / "good", data / "plain" / "good")  # a folder layout has no
@@ -267,3 +269,18 @@ def test_a_trial_resumed_at_its_last_checkpoint_reports_that_evaluation_again(tm
     reports = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert again["step"] == first["step"] == tiny_config.train.steps and reports[-1] == again
     assert again[EVALUATION] == first[EVALUATION] and again["val_image_auroc"] == first["val_image_auroc"]
+
+
+def test_a_run_that_calibrated_on_one_carved_image_says_why_it_cannot_resume(tmp_path, demo_root, tiny_config):
+    """Earlier versions carved one validation image from a small training set; rayad now carves two, so the
+    manifest differs, and 'trained on other images' sent the user to look for a change they had not made."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / "brick", data / "brick", ignore=shutil.ignore_patterns("validation"))
+    run = fit(tiny_config, data, "brick", tmp_path / "run", progress=False)
+    manifest = pq.read_table(run / "manifest.parquet")
+    splits = manifest["split"].to_pylist()
+    splits[splits.index("val")] = "train"  # as an earlier rayad carved it
+    pq.write_table(manifest.set_column(manifest.schema.get_field_index("split"), "split", pa.array(splits)),
+                   run / "manifest.parquet")
+    with pytest.raises(RayadError, match="calibrates on 1 validation image, carved by an earlier rayad; rayad now"):
+        fit(tiny_config.replace({"train.steps": 9}), data, "brick", run, resume=True, progress=False)

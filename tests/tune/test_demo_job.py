@@ -43,6 +43,9 @@ def test_demo_searches_keeps_the_best_model_and_summarises(ray_cluster, tiny_spa
     assert run_demo(tmp_path, space=str(tiny_space), trials=2, overrides=TINY_BASE, categories=("brick",)) == {
         "gravel": summary["brick"], **summary}, "a run with --categories adds to the folder's summary"
     assert "\ngravel " in capsys.readouterr().out
+    record = tmp_path / "gravel" / "experiment.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "status": "interrupted"}))
+    assert _earlier_summary(tmp_path) == summary, "a search begun again there and stopped leaves the table"
     shutil.rmtree(tmp_path / "gravel")
     assert _earlier_summary(tmp_path) == summary, "a category whose experiment is gone leaves the table"
     with pytest.raises(RayadError, match="an earlier demo searched it with other trials; run the demo with"):

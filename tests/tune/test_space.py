@@ -101,6 +101,8 @@ def test_fixed_values_and_fixed_mappings():
     ({"corruption.max_shapes": {"int": [1, 4]},
       "model.skip": {"choice": ["add"], "when": {"corruption.max_shapes": 9}}},
      r"when corruption.max_shapes is 9, which corruption.max_shapes never takes \(its values: 1 to 4\)"),
+    ({"corruption.max_shapes": {"int": [1, 4]},
+      "model.skip": {"choice": ["add"], "when": {"corruption.max_shapes": 2.5}}}, r"max_shapes is 2.5, which"),
 ])
 def test_bad_spaces_fail_naming_the_key(params, message):
     with pytest.raises(ConfigError, match=message):
@@ -169,6 +171,10 @@ def test_conditions_keep_pairs_that_no_trial_samples_out_of_the_check():
               "model.widths": {"choice": [[8, 16, 32, 64]], "when": {"model.encoder": "sdc"}},
               "data.image_size": {"choice": [40], "when": {"model.encoder": "resnet18"}}}
     parse_space({"params": params}, Config()).check_on(Config())
+    narrow = {"model.widths": [[8, 16]]}  # two conditions on a list-valued choice: lists are no set members
+    parse_space({"params": {"model.widths": {"choice": [[8, 16], [8, 16, 32]]},
+                            "model.norm": {"choice": ["group"], "when": narrow},
+                            "model.act": {"choice": ["silu"], "when": narrow}}}, Config()).check_on(Config())
     del params["data.image_size"]["when"]
     with pytest.raises(ConfigError, match=r"params.model.widths = \[8, 16, 32, 64\] with params.data.image_size = 40"):
         parse_space({"params": params}, Config()).check_on(Config())
