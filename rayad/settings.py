@@ -190,6 +190,10 @@ class ServeSettings:
         check(1 <= self.max_pixels <= PILLOW_MAX_PIXELS, "max_pixels",
               f"from 1 to {PILLOW_MAX_PIXELS:,} (Pillow's limit)")
         check(self.max_batch_images >= 1, "max_batch_images", ">= 1")
+        key = self.api_key or ""
+        if key != key.strip(" \t") or any(ord(c) < 32 or ord(c) == 127 for c in key):  # the key is not shown
+            raise ConfigError("serve setting api_key (RAYAD_API_KEY): has whitespace at an end or a control "
+                              "character (a key file's final newline?), which no HTTP header can carry")
 
     @property
     def batch_images_in_flight(self) -> int:

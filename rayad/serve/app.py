@@ -120,7 +120,21 @@ def _boundary(request: Request) -> bytes:
 
 
 def _is_multipart(request: Request) -> bool:
-    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")  # case-blind (RFC 9110)
+    """Whether the body is multipart/form-data, by the Content-Type's media type (case-blind, RFC 9110). One that
+    only begins so (`multipart/form-data,boundary=x`) is refused: Starlette would find no part in it."""
+    content_type = request.headers.get("content-type", "")
+    media_type = parse_options_header(content_type)[0]
+    if media_type != b"multipart/form-data" and media_type.startswith(b"multipart/form-data"):
+        raise HTTPException(400, f"Content-Type {content_type[:100]!r} is not multipart/form-data (give "
+                                 "'multipart/form-data; boundary=...')")
+    return media_type == b"multipart/form-data"
+
+
+def _given_once(request: Request, *names: str) -> None:
+    """A query parameter given twice (`?model=a&model=b`) is refused: FastAPI would take the last one unsaid."""
+    for name in names:
+        if (count := len(request.query_params.getlist(name))) > 1:
+            raise HTTPException(400, f"query parameter {name} given {count} times; give it once")
 
 
 @asynccontextmanager
@@ -290,7 +304,7 @@ def authorize(request: Request, key: str | None) -> None:
     given = request.headers.get(API_KEY_HEADER)
     if given is None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip() if scheme.lower() == "bearer" else ""
+        given = token.strip(" \t") if scheme.lower() == "bearer" else ""  # not str.strip(): 0xa0 ends 'à' in UTF-8
     # Starlette decodes header values as Latin-1: encoding them back gives the bytes that were sent.
     if not hmac.compare_digest(given.encode("latin-1", "replace"), key.encode()):
         raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header, or as "
@@ -386,6 +400,7 @@ class Api:
     @app.post("/v1/predict", dependencies=KEY_REQUIRED, openapi_extra=IMAGE_BODY)
     async def predict(self, request: Request, model: str | None = None, heatmap: bool = False) -> dict[str, Any]:
         """One image: the raw request body, or a multipart upload (field `file`)."""
+        _given_once(request, "model", "heatmap")
         name = self._model(model)
         async with self._accepted():
             if _is_multipart(request):
@@ -402,6 +417,7 @@ class Api:
     async def predict_batch(self, request: Request, model: str | None = None, heatmap: bool = False
                             ) -> dict[str, Any]:
         """Several images as a multipart upload (any field names); bad images get an error entry each."""
+        _given_once(request, "model", "heatmap")
         name = self._model(model)
         if not _is_multipart(request):
             raise HTTPException(400, "send the images as multipart/form-data")

@@ -149,6 +149,26 @@ def test_media_types_are_case_blind(server, demo_root):
         assert response.status_code == 200, (route, response.text)
 
 
+def test_a_content_type_that_only_begins_as_multipart_is_named(server, demo_root):
+    """Starlette found no part in `multipart/form-data,boundary=x`: the 400 said the body was cut short."""
+    from urllib3 import encode_multipart_formdata
+
+    good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
+    body, content_type = encode_multipart_formdata({"file": ("x.png", good, "image/png")})
+    for route in ("/v1/predict", "/v1/predict/batch"):
+        response = requests.post(f"{server}{route}?model=brick", data=body,
+                                 headers={**KEY, "Content-Type": content_type.replace("; ", ",")})
+        assert response.status_code == 400 and "is not multipart/form-data" in response.json()["error"], route
+
+
+def test_a_query_parameter_given_twice_is_refused(server, demo_root):
+    """`?model=nope&model=brick` was scored by brick, the last one, without a word."""
+    good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
+    for query in ("model=nope&model=brick", "model=brick&heatmap=1&heatmap=0"):
+        response = requests.post(f"{server}/v1/predict?{query}", data=good, headers=KEY)
+        assert response.status_code == 400 and "given 2 times; give it once" in response.json()["error"], query
+
+
 def test_a_file_sent_as_a_text_field_is_told_how_to_send_it(server):
     """`curl -F "file=<image.png"` sends the field as text: the message said to use the field it had used."""
     response = requests.post(f"{server}/v1/predict?model=brick", files={"file": (None, "text")}, headers=KEY)
@@ -260,6 +280,32 @@ def test_api_key(server, demo_root):
         assert refused.status_code == 401 and "API key" in refused.json()["error"], auth
         assert refused.headers["WWW-Authenticate"] == "Bearer"
     assert requests.get(f"{server}/healthz").status_code == 200  # probes need no key
+
+
+def test_a_bearer_token_keeps_the_bytes_of_its_key():
+    """str.strip() took 0xa0 off 'keyà' (C3 A0 in UTF-8), as Starlette decodes headers as Latin-1: only the
+    X-API-Key header worked."""
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    from rayad.serve.app import authorize
+
+    def request(value: str) -> Request:
+        return Request({"type": "http", "headers": [(b"authorization", value.encode())]})
+
+    authorize(request("Bearer keyà  "), "keyà")
+    with pytest.raises(HTTPException):
+        authorize(request("Bearer key"), "keyà")
+
+
+@pytest.mark.parametrize("key", ["s3cr3t\n", " s3cr3t", "s3\x00cr3t"])
+def test_a_key_no_header_can_carry_is_refused_before_serve_starts(key):
+    """A key file's final newline: the server started, and no request could ever authenticate."""
+    from rayad.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="api_key .* no HTTP header can carry") as refused:
+        ServeSettings(models={"m": "/nowhere"}, api_key=key)
+    assert "s3" not in str(refused.value)  # the key itself is not shown
 
 
 def test_docs_and_schema_need_the_key(server):
