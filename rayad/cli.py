@@ -214,11 +214,12 @@ SHORTCUTS = {"train.steps": "--steps", "data.image_size": "--image-size", "train
 
 def _config(args):
     """The config file with --set and the shortcut flags applied; a bad value names the flags given."""
-    from rayad.config import load_config
+    from rayad.config import load_config, parse_overrides
 
-    overrides = _overrides(args)
-    flags = ["--set"] * bool(args.overrides) + [SHORTCUTS[key] for key in _shortcuts(args, {})]
-    return load_config(args.config, overrides, source=f"overrides ({', '.join(flags)})")
+    overrides = parse_overrides(args.overrides)
+    shortcuts = _shortcuts(args, overrides)
+    flags = ["--set"] * bool(overrides) + [SHORTCUTS[key] for key in shortcuts]
+    return load_config(args.config, overrides | shortcuts, source=f"overrides ({', '.join(flags)})")
 
 
 def _overrides(args) -> dict:

@@ -41,8 +41,8 @@ def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS
         exp = out / category
         settings = settings_for(category)
         experiment = _previous(exp, settings)
-        reused = experiment is not None and experiment["status"] == "finished" and category in summary
-        if experiment is None or experiment["status"] != "finished":
+        finished = experiment is not None and experiment["status"] == "finished"
+        if not finished:
             try:
                 experiment = run_search(settings, exp, address, resume=experiment is not None, verbose=0)
             except Interrupted as e:
@@ -52,7 +52,8 @@ def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS
         summary[category] = {"trials": sum(experiment["trials"].values()),
                              "validation": next(iter(best["validation"].values())), **best["test"],
                              "nn_image_auroc": nearest_neighbour_image_auroc(data_root, category),
-                             "seconds": summary[category]["seconds"] if reused else time.perf_counter() - start}
+                             "seconds": summary[category]["seconds"] if finished and category in summary
+                             else time.perf_counter() - start}
     atomic_write(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     print(_summary_table(summary))
     print(_next_commands(out, categories[0]))
@@ -66,11 +67,16 @@ def _earlier_summary(out: Path) -> dict[str, Any]:
         summary = json.loads((out / SUMMARY).read_text())
     except (OSError, ValueError):
         return {}
-    keys = {"trials", "validation", *METRIC_NAMES, "nn_image_auroc", "seconds"}
-    if not isinstance(summary, dict) or not all(isinstance(m, dict) and keys <= m.keys() and all(
-            m[k] is None or type(m[k]) in (int, float) for k in keys) for m in summary.values()):
+    if not isinstance(summary, dict) or not all(map(_summary_row, summary.values())):
         return {}
     return {category: m for category, m in summary.items() if _finished(out / category)}
+
+
+def _summary_row(row: Any) -> bool:
+    """Whether `row` is a category's row as `run_demo` writes it: every column, each a number or null."""
+    keys = {"trials", "validation", *METRIC_NAMES, "nn_image_auroc", "seconds"}
+    return isinstance(row, dict) and keys <= row.keys() and all(row[k] is None or type(row[k]) in (int, float)
+                                                                for k in keys)
 
 
 def _finished(exp: Path) -> bool:

@@ -25,7 +25,6 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
@@ -41,6 +40,7 @@ from rayad.data.manifest import (
     load_manifest,
     same_images,
     save_manifest,
+    split_rows,
 )
 from rayad.errors import Interrupted, RayadError
 from rayad.layout import (
@@ -258,7 +258,7 @@ def load_train_data(cfg: Config, data_root: str | Path, category: str) -> TrainD
 
 def _validation_advice(cfg: Config, manifest: pa.Table, readable: int) -> str:
     """How to get the validation images calibration needs, for the reason there are too few."""
-    listed = pc.sum(pc.equal(manifest["split"], "val")).as_py() or 0
+    listed = len(split_rows(manifest, "val"))
     if listed >= MIN_VAL_IMAGES:
         return f"{listed - readable} of the {listed} listed could not be read and were skipped (data.on_bad_image=skip)"
     if listed:  # carving gives none or MIN_VAL_IMAGES: these are the dataset's own held-out good images
@@ -411,7 +411,7 @@ def check_resumable(checkpoint: str, state: dict[str, Any], cfg: Config, data_ro
         raise RayadError(f"{checkpoint}: was trained with a different configuration ({'; '.join(changed)}); only "
                          "train.steps may change on --resume")
     if saved_manifest.is_file() and not same_images(saved_images := load_manifest(saved_manifest), manifest, data_root):
-        validation = [pc.sum(pc.equal(m["split"], "val")).as_py() for m in (saved_images, manifest)]
+        validation = [len(split_rows(m, "val")) for m in (saved_images, manifest)]
         if validation == [1, MIN_VAL_IMAGES] and saved_images.num_rows == manifest.num_rows:
             raise RayadError(f"{saved_manifest}: the run calibrates on 1 validation image, carved by an earlier rayad; "
                              f"rayad now carves at least {MIN_VAL_IMAGES} (one gives no standard deviation): train it "

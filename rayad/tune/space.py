@@ -68,12 +68,8 @@ class Param:
     def decode(self, value: Any) -> Any:
         return json.loads(value) if self.encoded and isinstance(value, str) else value
 
-    def ends(self) -> tuple:
-        """The range's ends, or the choices."""
-        return self.args
-
     def values(self) -> tuple:
-        """The values to check: every value of a small int range, else `ends`."""
+        """The values to check: every value of a small int range, else `args` (a range's ends, or the choices)."""
         if self.kind == "int" and self.args[1] - self.args[0] < MAX_INT_VALUES:
             return tuple(range(self.args[0], self.args[1] + 1))
         return self.args
@@ -144,7 +140,7 @@ class SearchSpace:
                 base.replace({p.key: value}, f"{self.source}: params.{p.key} = {value!r}")
         for i, p in enumerate(searched):
             for q in searched[i + 1:]:
-                for a, b in itertools.product(p.ends(), q.ends()):
+                for a, b in itertools.product(p.args, q.args):
                     if _together(p, a, q, b):
                         base.replace({p.key: a, q.key: b},
                                      f"{self.source}: params.{p.key} = {a!r} with params.{q.key} = {b!r}")
