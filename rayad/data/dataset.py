@@ -98,8 +98,8 @@ def _decode_all(rows: pa.Table, size: int, max_pixels: int) -> tuple[np.ndarray,
 
 def _cache_key(rows: pa.Table, size: int, max_pixels: int) -> str:
     """Changes when any path, file size or modification time changes, or the image size or pixel limit does
-    (the version changes with the conversion rule of `rayad.data.images.to_rgb_array`)."""
-    h = hashlib.sha1(f"v3:{size}:{max_pixels}".encode())
+    (the version changes with the conversion rules of `rayad.data.images.to_rgb_array` and `load_mask`)."""
+    h = hashlib.sha1(f"v4:{size}:{max_pixels}".encode())
     for p in rows["path"].to_pylist() + [m or "" for m in rows["mask_path"].to_pylist()]:
         stat = os.stat(p) if p and os.path.exists(p) else None
         h.update(f"{p}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}\n".encode())

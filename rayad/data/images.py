@@ -102,11 +102,17 @@ def load_mask(path: str | Path, size: int, expected_hw: tuple[int, int] | None =
                         f"{expected_hw[1]}x{expected_hw[0]}")
     if image.mode == "P":  # palette indices, not their colours: a dark defect colour is still a defect
         image = Image.fromarray(np.asarray(image))
+    if image.mode in ("RGB", "RGBA", "RGBX"):  # any colour channel not 0: grayscale rounds (1, 0, 0) to 0
+        return _resized_mask(np.asarray(image)[..., :3].any(axis=-1), size)
     try:
-        mask = image.convert("L")
+        mask = np.asarray(image.convert("L")) > 0
     except ValueError as e:  # a mode Pillow cannot bring to grayscale (LAB)
         raise DataError(f"{path}: a {image.mode} image, which has no grayscale for a mask ({e})") from None
-    return np.asarray(mask.resize((size, size), Image.Resampling.NEAREST)) > 0
+    return _resized_mask(mask, size)
+
+
+def _resized_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
 
 
 def list_images(directory: Path) -> list[Path]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from rayad.metrics.aupro import aupro
-from rayad.metrics.auroc import auroc, descending_order, roc_curve
+from rayad.metrics.auroc import auroc, check_finite, descending_order, roc_curve
 from rayad.metrics.bootstrap import N_BOOT, auroc_ci, bootstrap_ci, pixel_auroc_ci
 from rayad.metrics.f1 import f1_max, precision_recall_curve
 
@@ -20,14 +20,17 @@ CURVE_POINTS = 400  # stored curves keep at most this many of their exact points
 def compute_metrics(scores: np.ndarray, labels: np.ndarray, defect_types: list[str] | None = None,
                     maps: np.ndarray | None = None, masks: np.ndarray | None = None, n_boot: int = N_BOOT,
                     seed: int = 0, curves: bool = False) -> dict:
-    """Metrics of a test set. Pixel metrics are None without masks that hold both defect and defect-free
-    pixels, image metrics without both good and defective images; scores or maps that are NaN or infinite
-    are a ValueError. `image_auroc_ci` and `pixel_auroc_ci` are 95 % bootstrap intervals [low, high] over
-    `n_boot` stratified resamples of the images (`rayad.metrics.bootstrap`), None where the metric is None
-    or n_boot is 0. With `defect_types`, also the metrics per defect type (without intervals), each scored
-    against all good images, as the MVTec AD benchmark and anomalib do. With `curves`, also `pixel_curves`.
-    The pixels are sorted once: every pixel metric, of all images or of a defect type's, takes its ranking
-    from that sort."""
+    """Metrics of a test set. Pixel metrics are None without masks that hold both defect and defect-free pixels,
+    image metrics without both good and defective images (labels: 0 good, any other value defective); scores or
+    maps that are NaN or infinite are a ValueError, whether or not a metric is computed. `image_auroc_ci` and
+    `pixel_auroc_ci` are 95 % bootstrap intervals [low, high] over `n_boot` stratified resamples of the images
+    (`rayad.metrics.bootstrap`), None where the metric is None or n_boot is 0. With `defect_types`, also the
+    metrics per defect type (without intervals), each scored against all good images, as the MVTec AD benchmark
+    and anomalib do. With `curves`, also `pixel_curves`. The pixels are sorted once: every pixel metric, of all
+    images or of a defect type's, takes its ranking from that sort."""
+    check_finite(scores)
+    if maps is not None:
+        check_finite(maps)
     order = descending_order(maps) if _has_pixel_metrics(maps, masks) else None
     out = _metrics(scores, labels, maps, masks, order)
     pixel = out["pixel_auroc"] is not None
@@ -54,7 +57,7 @@ def _has_pixel_metrics(maps, masks) -> bool:
 
 
 def _metrics(scores, labels, maps, masks, order) -> dict:
-    both = 0 < labels.sum() < len(labels)
+    both = 0 < np.count_nonzero(labels) < len(labels)
     pixel = _has_pixel_metrics(maps, masks)
     return {
         "image_auroc": auroc(scores, labels) if both else None,

@@ -8,10 +8,15 @@ import numpy as np
 def finite(values: np.ndarray) -> np.ndarray:
     """`values` flattened as float64; a ValueError if any is NaN or infinite, as sklearn raises: they have no
     place in a ranking (NaN sorted last, and equal infinities were split into separate thresholds)."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    if not np.isfinite(values).all():
-        raise ValueError(f"{np.count_nonzero(~np.isfinite(values))} of {values.size} scores are NaN or infinite")
-    return values
+    check_finite(values)
+    return np.asarray(values, dtype=np.float64).ravel()
+
+
+def check_finite(values: np.ndarray) -> None:
+    """A ValueError naming how many of `values` are NaN or infinite, if any are."""
+    bad = np.count_nonzero(~np.isfinite(values))
+    if bad:
+        raise ValueError(f"{bad} of {np.size(values)} scores are NaN or infinite")
 
 
 def descending_order(values: np.ndarray) -> np.ndarray:

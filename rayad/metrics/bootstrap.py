@@ -61,7 +61,8 @@ def pixel_auroc_ci(maps: np.ndarray, masks: np.ndarray, n_boot: int = N_BOOT, se
                    bins: int = BINS) -> list[float] | None:
     """Interval of pixel AUROC over maps (N, H, W) and masks (N, H, W); whole images resampled within their
     kind, with defect pixels or without (the good and defective images where every defective image has its
-    mask), so that every resample has both kinds of pixel."""
+    mask), so that every resample has both kinds of pixel where some image has no defect pixel. Without one, a
+    resample of wholly defective images only has none and is left out, as sklearn would refuse it."""
     n = len(maps)
     values = np.asarray(maps).reshape(n, -1)
     positive = np.asarray(masks).astype(bool).reshape(n, -1)

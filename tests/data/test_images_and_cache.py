@@ -199,15 +199,21 @@ def test_load_mask_binarises_and_resizes(tmp_path):
     assert load_mask(path, 8).shape == (8, 8)
 
 
-@pytest.mark.parametrize("mode", ["0/255", "0/1", "bilevel", "palette", "16-bit"])
+@pytest.mark.parametrize("mode", ["0/255", "0/1", "bilevel", "palette", "16-bit", "dim colour",
+                                  "colour+opaque alpha"])
 def test_every_nonzero_mask_pixel_is_a_defect_however_the_mask_is_stored(tmp_path, mode):
-    """VisA's original masks hold 0/1: read as 0/255 masks are (over 127), they were empty, silently."""
+    """VisA's original masks hold 0/1: read as 0/255 masks are (over 127), they were empty, silently. A colour
+    mask's (1, 0, 0) is a defect too (grayscale rounds it to 0); its alpha channel is no defect."""
     defect = square_mask() > 127
+    colour = np.zeros((*defect.shape, 4), np.uint8)
+    colour[defect, 0], colour[..., 3] = 1, 255
     image = {"0/255": lambda: Image.fromarray(defect.astype(np.uint8) * 255),
              "0/1": lambda: Image.fromarray(defect.astype(np.uint8)),
              "bilevel": lambda: Image.fromarray(defect),
              "palette": lambda: _palette(defect),
-             "16-bit": lambda: Image.fromarray(defect.astype(np.uint16) * 300)}[mode]()
+             "16-bit": lambda: Image.fromarray(defect.astype(np.uint16) * 300),
+             "dim colour": lambda: Image.fromarray(colour[..., :3]),
+             "colour+opaque alpha": lambda: Image.fromarray(colour)}[mode]()
     image.save(tmp_path / "m.png")
     assert np.array_equal(load_mask(tmp_path / "m.png", 16), defect)
 

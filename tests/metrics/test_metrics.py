@@ -398,11 +398,21 @@ def test_nan_or_infinite_scores_are_refused_as_sklearn_refuses_them(test_set, ba
     for call in (lambda: auroc(bad_scores, labels), lambda: f1_max(bad_scores, labels),
                  lambda: auroc(bad_maps, masks), lambda: aupro(bad_maps, masks), lambda: pixel_curves(bad_maps, masks),
                  lambda: compute_metrics(bad_scores, labels, types, maps, masks),
-                 lambda: compute_metrics(scores, labels, types, bad_maps, masks)):
+                 lambda: compute_metrics(scores, labels, types, bad_maps, masks),
+                 # no metric would rank them: good images only, no masks
+                 lambda: compute_metrics(bad_scores[:8], labels[:8]),
+                 lambda: compute_metrics(scores, labels, types, bad_maps, None)):
         with pytest.raises(ValueError, match="are NaN or infinite"):
             call()
     with pytest.raises(ValueError):
         skm.roc_auc_score(labels, bad_scores)
+
+
+def test_any_label_not_zero_is_defective_as_sklearn_reads_it(test_set):
+    scores, labels, types, maps, masks = test_set
+    out = compute_metrics(scores, labels * 2, n_boot=50)
+    assert np.isclose(out["image_auroc"], skm.roc_auc_score(labels * 2, scores), rtol=0, atol=1e-12)
+    assert out == compute_metrics(scores, labels, n_boot=50)
 
 
 def test_speed_benchmark_checks_both_ways_agree_and_names_the_machine():
