@@ -15,7 +15,7 @@ from rayad.errors import Interrupted, RayadError
 from rayad.layout import BEST, EXPERIMENT, HISTORY, METRIC_NAMES, STUDY, SUMMARY, TRIALS, atomic_write
 from rayad.settings import DEMO_SPACE, DEMO_TRIALS
 from rayad.tune import SearchSettings, resolve_space, run_search
-from rayad.tune.search import plan_search, read_experiment_file, settings_of
+from rayad.tune.search import check_as_begun, plan_search, read_experiment_file, settings_of
 
 
 def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS,
@@ -32,8 +32,9 @@ def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS
                               config_file=str(config_file) if config_file else None)
 
     plan_search(settings_for(categories[0]))  # the flags, checked before the data is made or Ray starts
-    if not all((data_root / c).is_dir() for c in categories):
-        make_demo_dataset(data_root, categories=categories)
+    missing = tuple(c for c in categories if not (data_root / c).is_dir())
+    if missing:
+        make_demo_dataset(data_root, categories=missing)
     connect(address, log_to_driver=False)  # the store prints one line per trial; Tune's tables stay off
     summary = _earlier_summary(out)
     for category in categories:
@@ -101,6 +102,7 @@ def _previous(exp: Path, settings: SearchSettings) -> dict[str, Any] | None:
     if changed:
         raise RayadError(f"{exp}: an earlier demo searched it with other {', '.join(changed)}; run the demo with "
                          "the flags it used, or give a new --out")
+    check_as_begun(plan_search(settings), exp, record)  # the same files, but what they hold may have changed
     return record
 
 

@@ -84,11 +84,16 @@ def read_experiment(exp_dir: Path) -> dict[str, Any]:
             isinstance(params, dict) and all(isinstance(p, dict) and "kind" in p for p in params.values()),
         "started_at (seconds since 1970, before 2100)": _is_time(experiment.get("started_at")),
         "settings (a mapping)": isinstance(experiment["settings"], dict),
+        "best (null, or a mapping whose test is null or a mapping)": _is_best(experiment.get("best")),
     }
     wrong = [what for what, ok in checks.items() if not ok]
     if wrong:
         raise StoreError(f"{EXPERIMENT}: unexpected {'; '.join(wrong)}")
     return experiment
+
+
+def _is_best(best: Any) -> bool:
+    return best is None or isinstance(best, dict) and isinstance(best.get("test"), dict | None)
 
 
 YEAR_2100 = 4_102_444_800  # seconds since 1970: a later start time is a damaged file, not a date

@@ -113,6 +113,8 @@ def test_a_folder_that_cannot_be_read_hides_no_other_experiment():
     ("experiment.json", "[1, 2]", "not a JSON object"),
     ("experiment.json", json.dumps({"category": "x"}), "lacks objective, settings, space"),
     ("trials.parquet", "PAR1garbage", "trials.parquet is unreadable"),
+    ("experiment.json", json.dumps({**GOOD_EXPERIMENT, "best": 5}), "unexpected best"),  # raised AttributeError
+    ("experiment.json", json.dumps({**GOOD_EXPERIMENT, "best": {"test": 3}}), "unexpected best"),
 ])
 def test_a_broken_file_becomes_the_experiments_problem(tmp_path, name, content, message):
     (tmp_path / "experiment.json").write_text(json.dumps(GOOD_EXPERIMENT))

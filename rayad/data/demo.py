@@ -15,6 +15,7 @@ times.
 from __future__ import annotations
 
 import itertools
+import shutil
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +56,11 @@ def make_demo_dataset(out: str | Path, seed: int = 0, n_train: int = 240, n_test
         rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
         photo = getattr(skimage.data, category)()
         transforms = TRANSFORMS.get(category, ((0, False),))
-        base = out / category
+        # a new category's folder appears whole: a stopped run leaves a hidden one, which the next run writes anew
+        target = out / category
+        base = target if target.is_dir() else out / f".{category}.partial"
+        if base != target:
+            shutil.rmtree(base, ignore_errors=True)
         train, val, test = (tile_crops(photo, split, transforms, rng) for split in ("train", "val", "test"))
         for i in range(n_train):
             _save(base / "train" / "good" / f"{i:03d}.png", next(train))
@@ -68,6 +73,8 @@ def make_demo_dataset(out: str | Path, seed: int = 0, n_train: int = 240, n_test
                 image, mask = paint_defect(next(test), kind, rng)
                 _save(base / "test" / kind / f"{i:03d}.png", image)
                 _save(base / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
+        if base != target:
+            base.rename(target)
     return out
 
 

@@ -6,6 +6,7 @@ trial's model is evaluated on test, once, after the search.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -14,6 +15,7 @@ import platform
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from rayad import __version__
 from rayad.artifact import Predictor, build_anomaly_model, calibrate_and_save
 from rayad.cluster import Cluster, autoscaled, check_resources, check_shared_paths, connect, fitting_groups
 from rayad.config import Config, load_config
-from rayad.data.manifest import build_manifest, save_manifest
+from rayad.data.manifest import build_manifest, load_manifest, same_images, save_manifest
 from rayad.errors import ConfigError, Interrupted, RayadError, sigint_restored
 from rayad.evaluate import evaluate
 from rayad.layout import (
@@ -61,7 +63,7 @@ from rayad.settings import SearchSettings
 from rayad.tracking import TrialRuns, check_tracking_uri, experiment_name, log_best
 from rayad.train.checkpoint import load_checkpoint
 from rayad.train.loop import LoopConfig, load_train_data
-from rayad.train.ray_train import build_trainer, check_buildable_on
+from rayad.train.ray_train import build_trainer, check_buildable_on, worker_error
 from rayad.tune.space import SearchSpace, load_space
 from rayad.tune.store import ResultsStore, mark_interrupted, read_rows, trial_run_name, write_json
 from rayad.validation import load_validation
@@ -69,6 +71,8 @@ from rayad.validation import load_validation
 log = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "val_image_auroc"
+REPORT_EVERY = "train.log_every"  # a search's trials report at every checkpoint, with the validation metrics
+MAX_SEARCH_SEED = 2**32 - 1
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # rayad prints one line per trial instead
 
 
@@ -101,6 +105,7 @@ def plan_search(settings: SearchSettings, experiment: str | None = None) -> Plan
         ("grace_period", s.grace_period >= 1, ">= 1"),
         ("reduction_factor", s.reduction_factor >= 2, ">= 2"),
         ("max_failures", s.max_failures >= 0, ">= 0"),
+        ("search_seed", 0 <= s.search_seed <= MAX_SEARCH_SEED, f"from 0 to {MAX_SEARCH_SEED}"),  # Optuna's range
     ]:
         if not ok:
             flag = "" if name == "reduction_factor" else f" (--{name.replace('_', '-')})"  # no flag sets it
@@ -110,12 +115,19 @@ def plan_search(settings: SearchSettings, experiment: str | None = None) -> Plan
     space = load_space(s.space, load_config(s.config_file))
     searched = sorted(set(s.overrides) & {p.key for p in space.searched})
     if searched:
-        raise ConfigError(f"{searched}: searched by {s.space}; drop them from --set or from the space")
+        raise ConfigError(f"{searched}: searched by {s.space}; drop them from --set (or its shortcut flag) or from "
+                          "the space")
+    for named, where in ((set(s.overrides), "--set"), ({p.key for p in space.params}, s.space)):
+        if REPORT_EVERY in named:
+            raise ConfigError(f"{REPORT_EVERY} in {where}: a search reports at every checkpoint, so it follows "
+                              "train.checkpoint_every; set that instead")
     # --config and --set win over the space's fixed values; every trial then sees the values they chose.
     base = load_config(s.config_file, s.overrides, defaults=space.fixed)
     space = space.fixed_from(base)
     space.check_on(base)
-    base = base.replace({"train.log_every": base.train.checkpoint_every})  # every report carries the metrics
+    if s.config_file:
+        space.check_first_trial(base, load_config(None, s.overrides, defaults=space.fixed), s.config_file)
+    base = base.replace({REPORT_EVERY: base.train.checkpoint_every})  # every report carries the metrics
     metrics = s.metric or (space.metric or DEFAULT_METRIC,)
     for m in metrics:
         if m not in VAL_METRICS:
@@ -136,8 +148,22 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
         raise TypeError(f"settings: a rayad.tune.SearchSettings, not a {type(settings).__name__}")
     exp_dir = Path(exp_dir).absolute()
     plan = plan_search(settings, experiment_name(exp_dir))
-    with writing(exp_dir):  # one search, or resume, at a time: a second would mix its trials into the store
+    # one search, or resume, at a time: a second would mix its trials into the store
+    with private_writes(), writing(exp_dir):
         return _search(plan, exp_dir, address, resume, verbose)
+
+
+@contextlib.contextmanager
+def private_writes() -> Iterator[None]:
+    """While a search runs, what this process and a local Ray it starts write is not writable by the group or
+    others, as `check_trusted` requires of the state --resume reads (a umask of 002 made every search
+    unresumable). The process's umask is restored after it; a local Ray keeps its own."""
+    before = os.umask(0o022)
+    os.umask(before | 0o022)
+    try:
+        yield
+    finally:
+        os.umask(before)
 
 
 def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbose: int) -> dict[str, Any]:
@@ -155,11 +181,16 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
         except RayadError as e:
             raise ConfigError(f"{where}: {e}") from None
     _check_data(plan)
+    manifest = build_manifest(s.data_root, s.category, plan.base.data)
+    if resume and (exp_dir / MANIFEST).is_file() and not same_images(load_manifest(exp_dir / MANIFEST), manifest,
+                                                                     s.data_root):
+        raise RayadError(f"{exp_dir / MANIFEST}: the search began on other images than {s.data_root} holds now (its "
+                         f"trials trained on those); put them back, or start a new --out")
     connect(address)
     check_resources(plan.cluster)
     check_shared_paths(s.storage or str(exp_dir), s.data_root)
     # written once every check passed: a search refused before it began leaves no folder behind
-    save_manifest(build_manifest(s.data_root, s.category, plan.base.data), exp_dir / MANIFEST)
+    save_manifest(manifest, exp_dir / MANIFEST)
     fits = fitting_groups(plan.cluster)
     concurrent = s.concurrent or fits
     if not s.concurrent and autoscaled():
@@ -289,7 +320,12 @@ def _storage(plan: Plan, exp_dir: Path) -> str:
     return ray_storage(plan.settings.storage, exp_dir, str(exp_dir))
 
 
-def _check_resumable(plan: Plan, exp_dir: Path, record: dict[str, Any]) -> None:
+def check_as_begun(plan: Plan, exp_dir: Path, record: dict[str, Any]) -> None:
+    """A search goes on only as it began: in its folder, with its space and base config."""
+    began_in = record.get("folder")
+    if began_in is not None and began_in != os.path.realpath(exp_dir):  # Ray Tune's pickled state names it
+        raise RayadError(f"{exp_dir}: the search began in {began_in}, and a search cannot move (Ray Tune's state "
+                         "names its folder): resume it there, or start a new --out")
     planned = json.loads(json.dumps(experiment_record(plan, 0, exp_dir)))  # as the record was written and read
     changed = [key for key in RESUMED_AS_BEGUN if key in record and record[key] != planned[key]]
     if changed:  # the space file or --config, read again: its trials would run another search
@@ -297,6 +333,10 @@ def _check_resumable(plan: Plan, exp_dir: Path, record: dict[str, Any]) -> None:
         files = " or ".join(f for f in (s.space, s.config_file) if f)
         raise RayadError(f"{exp_dir}: its {', '.join(changed)} changed since the search began ({files} changed); "
                          f"put back what it began with, or start a new --out")
+
+
+def _check_resumable(plan: Plan, exp_dir: Path, record: dict[str, Any]) -> None:
+    check_as_begun(plan, exp_dir, record)
     versions = record.get("versions") if isinstance(record.get("versions"), dict) else {}
     now = {"rayad": __version__, "ray": ray.__version__, "optuna": optuna.__version__}
     started = {name: versions.get(name) for name in now}
@@ -327,15 +367,20 @@ def check_trusted(tune_dir: Path) -> None:
     """Ray Tune's restore unpickles the files under `tune_dir` (the tuner, the searcher, the trials), and
     unpickling runs code: refuse when any of them, or a folder holding them, is not owned by this user or
     is writable by others (docs/design.md, "The results store")."""
-    for path in [tune_dir.parent, tune_dir, *tune_dir.rglob("*")]:
+    paths = [tune_dir.parent, tune_dir, *tune_dir.rglob("*")]
+    for path in paths:
         if path.is_symlink():
             raise RayadError(f"{path}: a symbolic link in the Tune state; --resume unpickles that state, so "
                              "it only accepts plain files")
-        info = path.stat()
-        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise RayadError(f"{path}: {'not owned by you' if info.st_uid != os.getuid() else 'writable by others'}"
-                             "; --resume unpickles Ray Tune's state, which runs code, so it refuses state it "
-                             "cannot trust (check it, then chown or chmod go-w, or start a new experiment)")
+    foreign = [p for p in paths if p.stat().st_uid != os.getuid()]
+    writable = [p for p in paths if p.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)]
+    for found, what, fix in ((foreign, "not owned by you", "chown -R"), (writable, "writable by its group or others",
+                                                                         "chmod -R go-w")):
+        if found:
+            more = f" (and {len(found) - 1} more there)" if len(found) > 1 else ""
+            raise RayadError(f"{found[0]}{more}: {what}; --resume unpickles Ray Tune's state, which runs code, so it "
+                             f"refuses state it cannot trust (check it, then {fix} {tune_dir.parent}, or start a new "
+                             "experiment)")
 
 
 def trial_config(plan: Plan, params: dict[str, Any]) -> Config:
@@ -351,7 +396,11 @@ def run_trial(params: dict[str, Any], plan: Plan, storage: str) -> None:
     checkpoints = CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=plan.metrics[0],
                                    checkpoint_score_order=plan.modes[0])
     trial_id = tune.get_context().get_trial_id()
-    build_trainer(loop, plan.cluster, trial_run_name(trial_id), storage, checkpoints, [TuneReportCallback()]).fit()
+    trainer = build_trainer(loop, plan.cluster, trial_run_name(trial_id), storage, checkpoints, [TuneReportCallback()])
+    try:
+        trainer.fit()
+    except ray.train.WorkerGroupError as e:
+        raise worker_error(e) from None  # a rayad error whole, not its end in Ray's cut-down worker traceback
 
 
 def _finish(plan: Plan, exp_dir: Path, experiment: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -418,7 +467,8 @@ RESUMED_AS_BEGUN = ("space", "base_config", "max_iterations", "objective")  # in
 def experiment_record(plan: Plan, concurrent: int, exp_dir: Path) -> dict[str, Any]:
     s = plan.settings
     return {
-        "name": exp_dir.name, "data_root": str(Path(s.data_root).absolute()), "category": s.category,
+        "name": exp_dir.name, "folder": os.path.realpath(exp_dir), "data_root": str(Path(s.data_root).absolute()),
+        "category": s.category,
         "space": {"file": str(s.space), "params": {p.key: {"kind": p.kind, "args": list(p.args),
                                                              "when": {k: list(v) for k, v in p.when.items()}}
                                                     for p in plan.space.params}},

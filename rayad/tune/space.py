@@ -120,13 +120,32 @@ class SearchSpace:
     def default_point(self, base: Config) -> dict[str, Any]:
         """The base config's values of the searched parameters: enqueued as the first trial, so the search
         always measures the default too. Values outside a parameter's range are left to the sampler."""
+        point, _ = self._base_point(base)
+        return {k: self._param(k).encode(v) for k, v in point.items()}
+
+    def check_first_trial(self, base: Config, default: Config, source: str) -> None:
+        """The first trial is the base config: a searched value that `source` (a --config file) set apart from
+        `default` must lie in the space; a default outside it is left to the sampler."""
+        _, outside = self._base_point(base)
+        given, defaults = _flatten(base.to_dict()), _flatten(default.to_dict())
+        changed = [p for p in outside if given[p.key] != defaults[p.key]]
+        if changed:
+            p = changed[0]
+            raise ConfigError(f"{p.key} = {given[p.key]!r} in {source}: outside what the space searches ({p.kind} "
+                              f"{list(p.args)}), and {source} sets the first trial; change one of them")
+
+    def _base_point(self, base: Config) -> tuple[dict[str, Any], list[Param]]:
+        """The active searched parameters' values in `base` that lie in their ranges, and those whose do not."""
         flat = _flatten(base.to_dict())
         point: dict[str, Any] = {}
+        outside = []
         for p in self.searched:
-            value = flat[p.key]
-            if self._active(p, {**self.fixed, **point}) and p.contains(value):
-                point[p.key] = value
-        return {k: self._param(k).encode(v) for k, v in point.items()}
+            if self._active(p, {**self.fixed, **point}):
+                if p.contains(flat[p.key]):
+                    point[p.key] = flat[p.key]
+                else:
+                    outside.append(p)
+        return point, outside
 
     def check_on(self, base: Config) -> None:
         """Every value of a searched parameter, and every pair of two, makes a valid config on top of `base` (the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -201,14 +202,25 @@ def trial_run_name(trial_id: str) -> str:
     return f"trial_{trial_id}"
 
 
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Z]\w*): ")  # "rayad.errors.DataError: ..."
+ERROR_CHARS = 500  # of a trial's error in its row (Tune's error file keeps the whole traceback)
+
+
 def _error_message(trial) -> str:
-    """The last line of the trial's traceback (Tune keeps the full one in the trial's error file)."""
+    """The exception that ended the trial, from the last one in its traceback on, in one line: its class and
+    every line of its message (a rayad error names the file and what to do on its last line)."""
     path = getattr(trial, "error_file", None)
     try:
         lines = [line for line in Path(path).read_text().splitlines() if line.strip()] if path else []
     except OSError:
         lines = []
-    return lines[-1] if lines else "the trial failed (see the Tune log)"
+    starts = [i for i, line in enumerate(lines) if EXCEPTION_LINE.match(line)]
+    if not lines:
+        return "the trial failed (see the Tune log)"
+    message = lines[starts[-1]:] if starts else lines[-1:]
+    text = " ".join(line.strip() for line in message)
+    text = EXCEPTION_LINE.sub(r"\1: ", text, count=1)  # the class without its module
+    return text if len(text) <= ERROR_CHARS else f"{text[:ERROR_CHARS - 1]}…"
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -147,6 +147,27 @@ def test_demo_same_seed_is_byte_identical(small, tmp_path):
     assert brick == files(small / "brick")
 
 
+def test_a_stopped_category_is_not_left_half_written_and_is_made_anew(small, tmp_path, monkeypatch):
+    """A `rayad demo` stopped while it made its data had left a half category, which the next run took as made."""
+    import rayad.data.demo as demo
+
+    saved, save = [], demo._save
+
+    def stopped_after_three(path: Path, array: np.ndarray) -> None:
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+        saved.append(path)
+        save(path, array)
+
+    monkeypatch.setattr(demo, "_save", stopped_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        make_demo_dataset(tmp_path, seed=5, categories=("brick",), **SMALL)
+    assert not (tmp_path / "brick").exists() and (tmp_path / ".brick.partial").is_dir()  # hidden: no reader lists it
+    monkeypatch.undo()
+    make_demo_dataset(tmp_path, seed=5, categories=("brick",), **SMALL)
+    assert [p.name for p in tmp_path.iterdir()] == ["brick"] and files(tmp_path / "brick") == files(small / "brick")
+
+
 def test_demo_different_seed_differs(small, demo_root):
     for category in CATEGORIES:
         for name in pngs(small / category / "train" / "good"):

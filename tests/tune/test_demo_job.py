@@ -51,6 +51,13 @@ def test_demo_searches_keeps_the_best_model_and_summarises(ray_cluster, tiny_spa
     with pytest.raises(RayadError, match="an earlier demo searched it with other trials; run the demo with"):
         run_demo(tmp_path, space=str(tiny_space), trials=3, overrides=TINY_BASE, categories=("brick",))
     assert _snapshot(exp) == before  # its results used to be shown as those of the new flags
+    record, saved = exp / "experiment.json", (exp / "experiment.json").read_text()
+    searched = json.loads(saved)  # as if the same --config file had held another value then: the rows were mixed
+    searched["base_config"]["train"]["lr"] = 0.5
+    record.write_text(json.dumps(searched))
+    with pytest.raises(RayadError, match="its base_config changed since the search began"):
+        run_demo(tmp_path, space=str(tiny_space), trials=2, overrides=TINY_BASE, categories=("brick",))
+    record.write_text(saved)
     moved = tmp_path.parent / f"{tmp_path.name}-moved"
     shutil.move(tmp_path, moved)
     with pytest.raises(RayadError, match=f"searched it on {tmp_path / 'data'}; a demo folder cannot move"):

@@ -162,7 +162,7 @@ def test_sigterm_stops_the_search_as_ctrl_c_does_and_resume_finishes_it(ray_clus
     before_bytes, record_bytes = state.read_bytes(), (exp / "experiment.json").read_bytes()
     assert main(resume) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rayad tune:")]
-    assert len(err) == 1 and "tuner.pkl: writable by others; --resume unpickles" in err[0]
+    assert len(err) == 1 and "tuner.pkl: writable by its group or others; --resume unpickles" in err[0]
     assert state.read_bytes() == before_bytes and (exp / "experiment.json").read_bytes() == record_bytes
     state.chmod(0o644)
 
@@ -284,6 +284,11 @@ def _mlflow_runs_equal_the_store(exp, uri):
     return client, runs
 
 
+def _as_if_begun_there(exp: Path) -> None:
+    record = json.loads((exp / "experiment.json").read_text())
+    (exp / "experiment.json").write_text(json.dumps({**record, "folder": os.path.realpath(exp)}))
+
+
 def test_a_search_never_overwrites_or_merges_with_an_experiment_and_damage_is_named(tiny_experiment, demo_root,
                                                                                      tiny_space, tmp_path, capsys):
     exp = tmp_path / "exp"
@@ -291,15 +296,21 @@ def test_a_search_never_overwrites_or_merges_with_an_experiment_and_damage_is_na
     before = {name: (exp / name).read_bytes() for name in ("experiment.json", "trials.parquet")}
     new = ["tune", "--data", str(demo_root), "--category", "grass", "--space", str(tiny_space), "--out", str(exp)]
     damaged_json, damaged_rows, lost_rows = tmp_path / "damaged_json", tmp_path / "damaged_rows", tmp_path / "lost"
-    older, other_space = tmp_path / "older", tmp_path / "other_space"
-    for copy in (damaged_json, damaged_rows, lost_rows, older, other_space):
+    older, other_space, fewer = tmp_path / "older", tmp_path / "other_space", tmp_path / "fewer"
+    for copy in (damaged_json, damaged_rows, lost_rows, older, other_space, fewer):
         shutil.copytree(exp, copy)
-    record = json.loads(before["experiment.json"])
+        _as_if_begun_there(copy)
+    record = json.loads((older / "experiment.json").read_text())
     record["versions"]["rayad"] = "0.0.9"
     (older / "experiment.json").write_text(json.dumps(record))
-    record = json.loads(before["experiment.json"])  # as if the space file had changed since: a trial crashed
-    record["space"]["params"][next(iter(record["space"]["params"]))]["args"] = [0.5, 0.6]
+    record = json.loads((other_space / "experiment.json").read_text())  # as if the space file had changed since
+    record["space"]["params"][next(iter(record["space"]["params"]))]["args"] = [0.5, 0.6]  # a trial crashed
     (other_space / "experiment.json").write_text(json.dumps(record))
+    shutil.copytree(demo_root, tmp_path / "data")  # as if an image had gone since: a resumed trial trained without it
+    next((tmp_path / "data" / "brick" / "train" / "good").iterdir()).unlink()
+    moved = json.loads((fewer / "experiment.json").read_text())
+    (fewer / "experiment.json").write_text(json.dumps({**moved, "data_root": str(tmp_path / "data"), "settings": {
+        **moved["settings"], "data_root": str(tmp_path / "data")}}))
     (damaged_json / "experiment.json").write_text("[]")
     (damaged_rows / "trials.parquet").write_bytes(before["trials.parquet"][:100])
     (lost_rows / "trials.parquet").unlink()  # resuming used to end "interrupted" again, every time
@@ -316,6 +327,10 @@ def test_a_search_never_overwrites_or_merges_with_an_experiment_and_damage_is_na
         (["tune", "--out", str(lost_rows), "--resume"], "trials.parquet: lacks 4 of the 4 trials Ray Tune has"),
         (["tune", "--out", str(older), "--resume"], f"started with rayad 0.0.9, ray {ray.__version__}, optuna "
                                                    f"{optuna.__version__}, and only those versions can resume it"),
+        # Ray Tune's state names the folder: a copy wrote into the original, a moved search crashed in SQLite
+        (["tune", "--out", str(exp), "--resume"], f"the search began in {os.path.realpath(tiny_experiment[0])}, "
+                                                  "and a search cannot move"),
+        (["tune", "--out", str(fewer), "--resume"], "manifest.parquet: the search began on other images than"),
     ]:
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import optuna
 import pytest
@@ -194,6 +195,40 @@ def test_cli_rejects_setting_a_searched_parameter(tmp_path, demo_root, capsys):
     assert "['train.lr']: searched by" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("where", "message"), [
+    ("space", "train.log_every in SPACE: a search reports at every checkpoint"),  # trials crashed in ASHA
+    ("--set", "train.log_every in --set: a search reports at every checkpoint"),  # silently overridden
+    ("seed", "search setting search_seed = -1 (--search-seed): must be from 0 to 4294967295"),  # Optuna's traceback
+    ("config", "train.lr = 0.05 in CONFIG: outside what the space searches (loguniform [0.001, 0.008]), and "
+               "CONFIG sets the first trial"),  # the first trial was silently another
+])
+def test_a_search_the_trials_could_not_run_as_asked_is_refused_before_it_starts(tiny_space, tmp_path, where,
+                                                                                 message):
+    from rayad.tune.search import plan_search
+
+    space, config = tmp_path / "space.yaml", tmp_path / "config.yaml"
+    space.write_text(tiny_space.read_text() + ("  train.log_every: 2\n" if where == "space" else ""))
+    config.write_text("train:\n  lr: 0.05\n")
+    settings = SearchSettings(data_root="d", category="c", space=str(space), search_seed=-1 if where == "seed" else 0,
+                              overrides={"train.log_every": 2} if where == "--set" else {},
+                              config_file=str(config) if where == "config" else None)
+    with pytest.raises(ConfigError) as error:
+        plan_search(settings)
+    assert message.replace("SPACE", str(space)).replace("CONFIG", str(config)) in str(error.value)
+
+
+def test_a_default_outside_the_space_is_left_to_the_sampler_and_a_config_inside_it_is_the_first_trial(tmp_path):
+    from rayad.tune.search import plan_search
+
+    narrow, config = tmp_path / "narrow.yaml", tmp_path / "config.yaml"
+    narrow.write_text("params:\n  train.lr: {loguniform: [1.0e-4, 1.0e-3]}\n")  # the default is 0.002
+    config.write_text("train:\n  lr: 0.0005\n")
+    assert plan_search(SearchSettings(data_root="d", category="c", space=str(narrow))).space.default_point(
+        Config()) == {}
+    plan = plan_search(SearchSettings(data_root="d", category="c", space=str(narrow), config_file=str(config)))
+    assert plan.space.default_point(plan.base) == {"train.lr": 0.0005}
+
+
 def test_resume_trusts_only_state_of_this_user_not_writable_by_others(tmp_path):
     from rayad.tune.search import check_trusted
 
@@ -202,12 +237,32 @@ def test_resume_trusts_only_state_of_this_user_not_writable_by_others(tmp_path):
     (tune_dir / "tuner.pkl").write_bytes(b"state")
     check_trusted(tune_dir)
     (tune_dir / "trial_1").chmod(0o777)
-    with pytest.raises(RayadError, match="trial_1: writable by others"):
+    with pytest.raises(RayadError, match="trial_1: writable by its group or others"):
         check_trusted(tune_dir)
+    (tune_dir / "trial_1").chmod(0o775)  # a umask of 002: every path is named at once, with one command for all
+    (tune_dir / "tuner.pkl").chmod(0o664)
+    with pytest.raises(RayadError, match=rf"trial_1 \(and 1 more there\): .* chmod -R go-w {tmp_path / 'exp'},"):
+        check_trusted(tune_dir)
+    (tune_dir / "tuner.pkl").chmod(0o644)
     (tune_dir / "trial_1").chmod(0o755)
     (tune_dir / "searcher-state.pkl").symlink_to(tmp_path / "elsewhere.pkl")
     with pytest.raises(RayadError, match="searcher-state.pkl: a symbolic link"):
         check_trusted(tune_dir)
+
+
+def test_a_search_writes_nothing_its_group_may_change_under_a_umask_of_002(tmp_path):
+    from rayad.tune.search import private_writes
+
+    before = os.umask(0o002)
+    try:
+        with private_writes():
+            (tmp_path / "state").mkdir()
+            (tmp_path / "state" / "tuner.pkl").write_bytes(b"state")
+        assert os.umask(0o002) == 0o002, "the caller's umask comes back"
+    finally:
+        os.umask(before)
+    assert [oct(p.stat().st_mode & 0o777) for p in (tmp_path / "state", tmp_path / "state" / "tuner.pkl")] == [
+        "0o755", "0o644"]
 
 
 @pytest.mark.parametrize("trials, startup, expected", [(1, None, 1), (8, None, 2), (60, None, 10), (8, 5, 5)])

@@ -185,3 +185,20 @@ def test_a_stopped_search_ends_the_mlflow_runs_of_its_running_trials_even_when_r
     assert (run.info.status, run.data.tags["status"], run.data.params) == ("KILLED", "interrupted",
                                                                            {"train.lr": "0.001"})
     assert pq.read_table(exp / "trials.parquet").to_pylist()[0]["status"] == "interrupted"
+
+
+def test_a_failed_trial_keeps_its_whole_error_not_the_last_line_of_it(tmp_path, capsys):
+    """A rayad error's last line is what to do; alone ("(set data.on_bad_image=skip to skip them)") it said nothing."""
+    error_file = tmp_path / "error.txt"
+    error_file.write_text('Traceback (most recent call last):\n  File "search.py", line 1, in run_trial\n'
+                          "    trainer.fit()\nrayad.errors.DataError: 1 bad image(s) in the train split:\n"
+                          "  /data/brick/train/good/000.png: 128x128 pixels is over the limit of 100\n"
+                          "(set data.on_bad_image=skip to skip them)\n")
+    (tmp_path / "exp").mkdir()
+    store = _store(tmp_path / "exp", tmp_path / "trials")
+    store.on_trial_error(0, [], SimpleNamespace(**{**vars(TRIAL), "error_file": str(error_file)}))
+    row = pq.read_table(tmp_path / "exp" / "trials.parquet").to_pylist()[0]
+    assert row["status"] == "error" and row["error"] == (
+        "DataError: 1 bad image(s) in the train split: /data/brick/train/good/000.png: 128x128 pixels is over the "
+        "limit of 100 (set data.on_bad_image=skip to skip them)")
+    assert row["error"] in capsys.readouterr().out
