@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 from rayad.data.images import IMAGE_SUFFIXES
@@ -260,6 +261,13 @@ def cmd_train(args) -> None:
 
         if args.gpu and not torch.cuda.is_available():
             raise RayadError("--gpu: this process sees no CUDA GPU (without --workers it trains here)")
+        ignored = [flag for flag, given in (("--address", args.address), ("--storage", args.storage),
+                                            ("--spread", args.spread),
+                                            ("--cpus-per-worker", args.cpus_per_worker != Cluster.cpus_per_worker),
+                                            ("--max-failures", args.max_failures != Cluster.max_failures)) if given]
+        if ignored:
+            raise RayadError(f"{', '.join(ignored)}: options of training on Ray Train; add --workers N (without it "
+                             "the run trains in this process)")
         run = fit(cfg, args.data, args.category, args.out, resume=args.resume)
     else:
         from rayad.train.ray_train import fit_distributed
@@ -469,6 +477,25 @@ def number(text: str) -> float:
     return value
 
 
+def count(text: str) -> int:
+    """argparse type of a count (of images, trials, rounds): a whole number, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count (at least 1)")
+    return value
+
+
+def duration(text: str) -> float:
+    """argparse type of a measuring time in seconds: a finite number above 0."""
+    value = number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} s is no time to measure in (more than 0)")
+    return value
+
+
 def port(text: str) -> int:
     """argparse type of --port: a TCP port a server can listen on."""
     number = int(text)
@@ -483,7 +510,9 @@ def output_paths(args) -> list[tuple[str, Path, bool]]:
     if getattr(args, "ray", False) and args.out:
         outputs = {**outputs, "out": True}  # predict --ray writes a Parquet dataset: a folder
     given = {flag: getattr(args, flag, None) for flag in outputs}
-    return [(flag, Path(path), outputs[flag]) for flag, path in given.items() if path and "://" not in str(path)]
+    local = {flag: urllib.parse.urlsplit(str(path)).path if str(path).startswith("file://") else path
+             for flag, path in given.items()}  # a file:// URI is a local path too
+    return [(flag, Path(path), outputs[flag]) for flag, path in local.items() if path and "://" not in str(path)]
 
 
 def ray_job_copy() -> Path | None:

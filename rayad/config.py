@@ -360,6 +360,14 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               list("-+0123456789."))
 
 
+# Integers as YAML 1.2 reads them: decimal only. YAML 1.1 read --set train.seed=010 as octal 8 (and 0x10, 1_0 as
+# 16, 10), where --seed 010 gives 10.
+for _first, _resolvers in _Loader.yaml_implicit_resolvers.items():
+    _resolvers[:] = [(tag, regexp) for tag, regexp in _resolvers if tag != "tag:yaml.org,2002:int"]
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
+
+
 def load_yaml(text: str) -> Any:
     """Parse a config, a search space or a `--set` value."""
     return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only

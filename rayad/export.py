@@ -23,10 +23,10 @@ from rayad.artifact import PREPROCESSING, Predictor
 from rayad.data.dataset import to_tensor
 from rayad.errors import RayadError
 from rayad.inference import AnomalyModel
-from rayad.layout import atomic_write, writing
+from rayad.layout import EXPORTED, atomic_write, writing
 
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}
-METADATA = "rayad_export.json"
+METADATA = EXPORTED
 TOLERANCE = {"torchscript": 1e-6, "onnx": 1e-5}  # max |exported - PyTorch| on scores and maps
 
 

@@ -38,10 +38,12 @@ from rayad.metrics import METRIC_NAMES
 WEIGHTS, METADATA, MANIFEST = "model.safetensors", "model.json", "manifest.parquet"
 TRAIN_LOG = "train_log.jsonl"  # in RUN_DIR, one JSON line per logged step
 CHECKPOINTS, RAY_STATE = "checkpoints", "ray"  # in RUN_DIR: a single-process run's checkpoints, Ray Train's state
+WORKERS_RUN = "workers_run.json"  # in RUN_DIR of a --workers run: its --storage, where Ray Train keeps its state
 EXPERIMENT, TRIALS, HISTORY, STUDY, BEST = "experiment.json", "trials.parquet", "history.parquet", "study.db", "best"
 TEST_METRICS = "test_metrics.json"  # in BEST, beside the model artifact
 TUNE_DIR, TRIALS_DIR = "tune", "trials"  # Ray's state for --resume, and the trials' Train runs
 SUMMARY = "summary.json"  # `rayad demo`'s table of the best model per category
+EXPORTED = "rayad_export.json"  # in an export folder, beside model.pt or model.onnx
 PARAM_PREFIX = "config/"  # trials.parquet names a parameter's column config/<key>
 TRIAL_ENDED = ("completed", "stopped_early", "error")
 # interrupted: a trial that a stopped search left running (until the search resumes it)
@@ -58,10 +60,11 @@ def evaluations(steps: int, checkpoint_every: int) -> int:
 VAL_METRICS = tuple(f"val_{name}" for name in METRIC_NAMES)  # what trials report and searches optimise
 PIXEL_METRICS = ("val_pixel_auroc", "val_aupro")  # need masks in the validation set
 
-__all__ = ["BEST", "CHECKPOINTS", "EVALUATION", "EXPERIMENT", "HISTORY", "MANIFEST", "METADATA", "METRIC_NAMES",
-           "PARAM_PREFIX", "PIXEL_METRICS", "RAY_STATE", "STUDY", "SUMMARY", "TEST_METRICS", "TRAIN_LOG", "TRIALS",
-           "TRIALS_DIR", "TRIAL_ENDED", "TRIAL_STATUSES", "TUNE_DIR", "VAL_METRICS", "WEIGHTS", "discover_models",
-           "evaluations", "find_experiments", "is_experiment", "is_model", "scan_experiments"]
+__all__ = ["BEST", "CHECKPOINTS", "EVALUATION", "EXPERIMENT", "EXPORTED", "HISTORY", "MANIFEST", "METADATA",
+           "METRIC_NAMES", "PARAM_PREFIX", "PIXEL_METRICS", "RAY_STATE", "STUDY", "SUMMARY", "TEST_METRICS",
+           "TRAIN_LOG", "TRIALS", "TRIALS_DIR", "TRIAL_ENDED", "TRIAL_STATUSES", "TUNE_DIR", "VAL_METRICS", "WEIGHTS",
+           "WORKERS_RUN", "discover_models", "evaluations", "find_experiments", "is_experiment", "is_model",
+           "scan_experiments"]
 
 log = logging.getLogger(__name__)
 

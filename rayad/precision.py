@@ -131,6 +131,14 @@ def check_precision(requested: str, device: torch.device | str) -> None:
                           "or fp32")
 
 
+def as_begun(requested: str, recorded: str | None, device: torch.device) -> Choice | None:
+    """`auto`'s choice for a resumed run: the precision its checkpoint recorded, so that it goes on as it began
+    (a probe now may decide otherwise: another cache, machine or torch); None to decide anew."""
+    if requested != "auto" or recorded not in ("fp32", "bf16", "fp16") or recorded == "fp16" and device.type != "cuda":
+        return None
+    return Choice(recorded, "as the run began (auto chose it then)")
+
+
 def resolve(requested: str, device: torch.device | str, probe: Callable[[], dict[str, float]],
             cpu_flags: frozenset[str] | None = None, cuda_native: bool | None = None) -> Choice:
     """The precision to run `requested` (auto | fp32 | bf16 | fp16) in on `device`. `probe` returns the

@@ -34,6 +34,16 @@ def test_an_exponent_without_a_dot_is_a_float_in_files_overrides_and_spaces(tmp_
     assert load_space(space).searched[0].args == (0.001, 0.004)
 
 
+def test_an_integer_is_decimal_as_in_yaml_1_2_and_as_the_shortcut_flags_read_it(tmp_path):
+    # YAML 1.1 read --set train.seed=010 as octal 8 (--seed 010 gave 10), and 0x10 as 16
+    assert parse_overrides(["train.seed=010", "train.steps=+08"]) == {"train.seed": 10, "train.steps": 8}
+    with pytest.raises(ConfigError, match="train.steps = '0x10'"):
+        load_config(overrides=["train.steps=0x10"])
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  seed: 010\n")
+    assert load_config(path).train.seed == 10
+
+
 @pytest.mark.parametrize("text, needle", [
     ("modle: {}\n", "modle"),
     ("model:\n  skpi: add\n", "model.skpi"),

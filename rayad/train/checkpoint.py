@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rayad.config import Config
-from rayad.errors import ArtifactError
+from rayad.errors import ArtifactError, RayadError
 from rayad.layout import follow_umask, storage_path
 
 KEEP_LAST = 2
@@ -28,8 +28,9 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the check
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    config: Config, scaler: torch.amp.GradScaler | None = None) -> Path:
-    """Write `directory` atomically (a temp dir renamed into place); with fp16's loss `scaler`, its state too."""
+                    config: Config, scaler: torch.amp.GradScaler | None = None, precision: str | None = None) -> Path:
+    """Write `directory` atomically (a temp dir renamed into place); with fp16's loss `scaler`, its state too, and
+    the `precision` the run trains in (a resumed run goes on in it)."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -43,7 +44,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     follow_umask(tmp / "optimizer.safetensors")
     meta = {"step": step, "config": config.to_dict(), "param_groups": opt_state["param_groups"],
-            **({"grad_scaler": scaler.state_dict()} if scaler is not None else {})}
+            **({"grad_scaler": scaler.state_dict()} if scaler is not None else {}),
+            **({"precision": precision} if precision else {})}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
@@ -162,5 +164,8 @@ def read_snapshot(fs: pyarrow.fs.FileSystem, run: str, fix: str) -> dict[str, An
 
 
 def _run_folder(storage: str, name: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage)  # an absolute path, or a URI
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage)  # an absolute path, or a URI
+    except ValueError as e:  # pyarrow's ArrowInvalid: an unknown scheme, a query it does not take
+        raise RayadError(f"{storage}: not a path or storage URI that pyarrow opens ({e}); check --storage") from None
     return fs, f"{root}/{name}"

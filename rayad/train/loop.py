@@ -46,16 +46,21 @@ from rayad.errors import Interrupted, RayadError
 from rayad.layout import (
     CHECKPOINTS,
     EVALUATION,
+    EXPERIMENT,
+    EXPORTED,
     MANIFEST,
     METADATA,
     RAY_STATE,
     TRAIN_LOG,
+    TRIALS,
+    WORKERS_RUN,
     atomic_write,
     evaluations,
     writing,
 )
 from rayad.models.loss import reconstruction_loss
 from rayad.precision import (
+    as_begun,
     autocast,
     check_precision,
     checked_device,
@@ -104,8 +109,7 @@ class Session(Protocol):
 
     def steps(self, start: int, total: int) -> Iterable[int]: ...
 
-    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler | None) -> int: ...
+    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None: ...
 
     def broadcast(self, make: Callable[[], T]) -> T: ...
 
@@ -291,18 +295,23 @@ def train_loop(loop: LoopConfig, session: Session) -> tuple[torch.nn.Module, dic
         exact_cuda_math(deterministic=tc.deterministic)
     network = build_anomaly_model(cfg).network.to(session.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(network, tc)
-    precision = session.broadcast(lambda: resolve(tc.precision, session.device, probe_network(
-        network, cfg.data.image_size, training=True, device=session.device, batch_size=tc.batch_size)))
+    resumed = session.restore(network, optimizer)  # the checkpoint's state, None for a new run
+    start = resumed["step"] if resumed else 0
+    precision = as_begun(tc.precision, (resumed or {}).get("precision"), session.device) or session.broadcast(
+        lambda: resolve(tc.precision, session.device, probe_network(
+            network, cfg.data.image_size, training=True, device=session.device, batch_size=tc.batch_size)))
     if rank == 0:
         log.info("training in %s (%s)", precision.precision, precision.reason)
     scaler = torch.amp.GradScaler(session.device.type) if precision.precision == "fp16" else None
-    start = session.restore(network, optimizer, scaler)  # a resumed fp16 run keeps its loss scale
+    if scaler is not None and (resumed or {}).get("grad_scaler"):  # a resumed fp16 run keeps its loss scale
+        scaler.load_state_dict(resumed["grad_scaler"])
     model = session.prepare(network)
     nodes = session.count_nodes()
     corruptor = Corruptor(cfg.corruption)
     model.train()
     n, meter = len(data.train.images), Throughput(tc.batch_size * world, loop.started)
-    metrics: dict[str, Any] = {"step": start, "loss": None, "start_step": start}
+    metrics: dict[str, Any] = {"step": start, "loss": None, "start_step": start, "precision": precision.precision,
+                               "precision_reason": precision.reason}
     for step in session.steps(start, tc.steps):
         global_batch = batch_indices(n, tc.batch_size * world, step, tc.seed)
         batch = global_batch[rank * tc.batch_size:(rank + 1) * tc.batch_size]
@@ -367,15 +376,14 @@ class LocalSession:
                         disable=not self.progress, dynamic_ncols=True)
         return self.bar
 
-    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler | None) -> int:
-        """Continue from the latest checkpoint, if any (`check_resumable` has checked it)."""
+    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """Continue from the latest checkpoint, if any (`check_resumable` has checked it): its state.json."""
         latest = latest_checkpoint(self.checkpoints)
         if latest is None:
-            return 0
-        step = int(load_checkpoint(latest, network, optimizer, scaler)["step"])
-        log.info("resuming from %s (step %d)", latest, step)
-        return step
+            return None
+        state = load_checkpoint(latest, network, optimizer)
+        log.info("resuming from %s (step %d)", latest, state["step"])
+        return state
 
     def broadcast(self, make: Callable[[], T]) -> T:
         return make()
@@ -394,7 +402,7 @@ class LocalSession:
             self.bar.set_postfix(loss=f"{metrics['loss']:.5f}", img_s=f"{metrics['interval_images_per_s'] or 0:.1f}")
         if checkpoint:
             save_checkpoint(self.checkpoints / checkpoint_name(metrics["step"]), network, optimizer,
-                            metrics["step"], self.cfg, scaler)
+                            metrics["step"], self.cfg, scaler, metrics.get("precision"))
             prune_checkpoints(self.checkpoints)
 
 
@@ -478,9 +486,19 @@ def stopped(checkpoint: str | None, resume: bool) -> KeyboardInterrupt:
 
 
 def check_run_folder(cfg: Config, data_root: str | Path, category: str, out_dir: Path, resume: bool,
-                     latest: tuple[str, dict[str, Any]] | None, distributed: bool = False) -> int | None:
+                     latest: tuple[str, dict[str, Any]] | None, distributed: bool = False,
+                     storage: str | None = None) -> int | None:
     """What a training run may do in `out_dir`, given its latest checkpoint (where, and its state): start in a
-    new folder, or resume the run it holds as it began. Returns the step it resumes from (None for a new run)."""
+    new folder, or resume the run it holds as it began (a --workers run, in the `storage` it began with). Returns
+    the step it resumes from (None for a new run)."""
+    began = workers_run(out_dir)
+    if began is not None and (not distributed or began["storage"] != storage):
+        where = f" and --storage {began['storage']}" if began["storage"] else " (and no --storage)"
+        raise RayadError(f"{out_dir} holds a --workers run ({WORKERS_RUN}); resume it with --workers{where}, or "
+                         "train into a new folder")
+    for record, kind in ((EXPERIMENT, "a search"), (TRIALS, "a search"), (EXPORTED, "an export")):
+        if (out_dir / record).is_file():  # a run's files beside its own would change what it serves
+            raise RayadError(f"{out_dir} holds {kind} ({record}); train into a new folder")
     other = out_dir / (CHECKPOINTS if distributed else RAY_STATE)  # the other kind of run's checkpoints
     if (latest_checkpoint(other) if distributed else latest_recorded(str(other.absolute()))) is not None:
         raise RayadError(f"{out_dir} holds a {'single-process' if distributed else '--workers'} run ({other}); "
@@ -488,10 +506,11 @@ def check_run_folder(cfg: Config, data_root: str | Path, category: str, out_dir:
     if latest is not None and not resume:
         raise RayadError(f"{out_dir}: its run has checkpoints ({latest[0]}); resume them (--resume, or "
                          "resume=True), or train into a new folder")
+    if latest is None and (out_dir / METADATA).exists():
+        raise RayadError(f"{out_dir} already holds a model{' and no checkpoint to resume' if resume else ''}; train "
+                         "into a new folder")
     if latest is None and resume:  # a mistyped --out would otherwise start a new run
         raise RayadError(f"{out_dir}: no checkpoint to resume; train without --resume to start a run there")
-    if latest is None and (out_dir / METADATA).exists():
-        raise RayadError(f"{out_dir} already holds a model; train into a new folder")
     if latest is None:
         return None
     return check_resumable(*latest, cfg, data_root, build_manifest(data_root, category, cfg.data),
@@ -508,11 +527,30 @@ def trained_steps(out_dir: Path) -> int | None:
     return steps if isinstance(steps, int) else None
 
 
-def begin_run_files(out_dir: Path, resumed: int | None, manifest: pa.Table) -> dict[str, Any] | None:
+def workers_run(out_dir: Path) -> dict[str, Any] | None:
+    """The record of the --workers run in `out_dir` ({"storage": its --storage or None}); None where there is none.
+    A damaged one is named."""
+    try:
+        record = json.loads((out_dir / WORKERS_RUN).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise RayadError(f"{out_dir / WORKERS_RUN}: unreadable ({e}); it says where the run keeps its checkpoints"
+                         ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("storage"), str | None):
+        raise RayadError(f"{out_dir / WORKERS_RUN}: not a record of a --workers run")
+    return record
+
+
+def begin_run_files(out_dir: Path, resumed: int | None, manifest: pa.Table, storage: str | None = None,
+                    distributed: bool = False) -> dict[str, Any] | None:
     """The run's first writes, once every check has passed (a run refused leaves its folder as it was): its
-    manifest, and its log as it goes on: a new run (or one stopped before its first checkpoint) starts
-    train_log.jsonl again, a resumed one keeps what it logged up to its checkpoint. Returns the last report kept."""
+    manifest, for a --workers run where its checkpoints are (its `storage`), and its log as it goes on: a new run
+    (or one stopped before its first checkpoint) starts train_log.jsonl again, a resumed one keeps what it logged
+    up to its checkpoint. Returns the last report kept."""
     save_manifest(manifest, out_dir / MANIFEST)
+    if distributed:
+        atomic_write(out_dir / WORKERS_RUN, lambda tmp: tmp.write_text(json.dumps({"storage": storage})))
     if resumed is None:
         (out_dir / TRAIN_LOG).unlink(missing_ok=True)
         return None

@@ -7,6 +7,7 @@ Each worker runs `rayad.train.loop.train_loop` with a `RaySession`; `build_train
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -26,7 +27,14 @@ from rayad.data.manifest import check_category
 from rayad.errors import RayadError, sigint_restored
 from rayad.layout import RAY_STATE, TRAIN_LOG, ray_storage, storage_path, writing
 from rayad.precision import driver_device
-from rayad.train.checkpoint import RUN_NAME, latest_recorded, load_checkpoint, save_checkpoint
+from rayad.train.checkpoint import (
+    RUN_NAME,
+    delete_unrecorded,
+    latest_recorded,
+    load_checkpoint,
+    recorded_reports,
+    save_checkpoint,
+)
 from rayad.train.loop import (
     LoopConfig,
     begin_run_files,
@@ -38,6 +46,7 @@ from rayad.train.loop import (
     train_loop,
 )
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -53,13 +62,12 @@ class RaySession:
     def steps(self, start: int, total: int) -> Iterable[int]:
         return range(start, total)
 
-    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler | None) -> int:
+    def restore(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         checkpoint = ray.train.get_checkpoint()  # (3) set after a restart: resume from it
         if not checkpoint:
-            return 0
+            return None
         with checkpoint.as_directory() as directory:
-            return int(load_checkpoint(directory, network, optimizer, scaler)["step"])
+            return load_checkpoint(directory, network, optimizer)
 
     def broadcast(self, make: Callable[[], T]) -> T:
         """Rank 0's `make()`, on every rank (so that all ranks run in the precision rank 0 measured)."""
@@ -89,7 +97,8 @@ class RaySession:
             ray.train.report(metrics)  # (5)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp) / "ckpt", network, optimizer, metrics["step"], self.cfg, scaler)
+            save_checkpoint(Path(tmp) / "ckpt", network, optimizer, metrics["step"], self.cfg, scaler,
+                            metrics.get("precision"))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(Path(tmp) / "ckpt")))
 
 
@@ -166,14 +175,15 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
                      progress: bool, started: float, resume: bool) -> Path:
     root = cluster.storage or str(out_dir / RAY_STATE)  # checked on every node; the run keeps its own folder there
     storage = ray_storage(cluster.storage, out_dir, root)
-    resumed = check_run_folder(cfg, data_root, category, out_dir, resume, latest_recorded(storage), distributed=True)
+    resumed = check_run_folder(cfg, data_root, category, out_dir, resume, latest_recorded(storage), distributed=True,
+                               storage=cluster.storage)
     check_buildable_on(cluster, cfg)
     data = load_train_data(cfg, data_root, category)  # validates data and fills the cache once
     connect(cluster.address)
     cluster = with_worker_cpus(cluster)
     check_resources(cluster)
     check_shared_paths(root, str(data_root))
-    begin_run_files(out_dir, resumed, data.manifest)
+    begin_run_files(out_dir, resumed, data.manifest, cluster.storage, distributed=True)
     loop = LoopConfig(cfg, str(Path(data_root).absolute()), category, threads=cluster.worker_threads,
                       started=started)
     trainer = build_trainer(loop, cluster, RUN_NAME, storage,
@@ -189,6 +199,10 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
         raise worker_error(e) from None
     if result.checkpoint is None:
         raise RayadError("training finished without a checkpoint")
+    # what a stop wrote after Ray Train's last record: nothing resumes from it, and Ray Train's pruning skips it
+    deleted = delete_unrecorded(storage, RUN_NAME, recorded_reports(storage, RUN_NAME))
+    if deleted:
+        log.info("deleted %d checkpoint(s) a stop left and Ray Train never recorded", len(deleted))
     network = build_anomaly_model(cfg).network
     with result.checkpoint.as_directory() as directory:
         meta = load_checkpoint(directory, network)

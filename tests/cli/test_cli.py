@@ -112,6 +112,11 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (TRAIN + ["--mlflow", "sqlite:///{tmp}/empty"],  # a folder: MLflow retried for 100 s
      "MLflow cannot use it (OperationalError: unable to open database file)"),
     (TRAIN + ["--gpu"], "--gpu: this process sees no CUDA GPU"),  # the suite hides GPUs
+    # trained here without a word: the cluster, its storage and its settings were never used
+    (TRAIN + ["--address", "10.255.255.1:6379", "--storage", "{tmp}/st", "--spread", "--max-failures", "3"],
+     "--address, --storage, --spread, --max-failures: options of training on Ray Train; add --workers N"),
+    (TRAIN + ["--workers", "1", "--storage", "foo://bar"], "not a path or storage URI that pyarrow opens"),  # traceback
+    (TRAIN + ["--workers", "1", "--storage", "file:///proc/rayad"], "--storage /proc/rayad: /proc is not writable"),
     (TRAIN + ["--steps", "5", "--set", "train.steps=abc"], "--steps and --set train.steps: give one of them"),
     (TRAIN + ["--config", "{tmp}/zero_section.yaml"], "section 'train' must be a mapping, got 0"),  # read as {}
     (["train", "--data", "{tmp}/file", "--category", "brick", "--out", "{tmp}/o"],

@@ -63,7 +63,15 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, demo_root
     monkeypatch.setattr(loop_module, "train_step", real_step)
     with pytest.raises(RayadError, match="--resume"):
         fit(tiny_config, demo_root, "brick", tmp_path / "cut", progress=False)
+    began_in = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000003" / "state.json").read_text())["precision"]
+
+    def decided_otherwise(*args, **kwargs):  # as a probe of another cache, machine or torch would
+        raise AssertionError("auto decided anew on --resume; the run began in " + began_in)
+
+    monkeypatch.setattr(loop_module, "resolve", decided_otherwise)
     resumed = fit(tiny_config, demo_root, "brick", tmp_path / "cut", resume=True, progress=False)
+    assert {json.loads(line)["precision"] for line in (resumed / "train_log.jsonl").read_text().splitlines()} == {
+        began_in}
     wa, wb = _weights(full), _weights(resumed)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     # step 4, logged before the stop and again after the resume from step 3, is logged once
@@ -134,6 +142,8 @@ def test_a_run_without_checkpoints_is_neither_resumed_nor_overwritten(tmp_path, 
     files = {path: path.read_bytes() for path in run.iterdir()}
     with pytest.raises(RayadError, match="already holds a model; train into a new folder"):
         fit(tiny_config.replace({"train.lr": 1e-2}), demo_root, "brick", run, progress=False)
+    with pytest.raises(RayadError, match="already holds a model and no checkpoint to resume; train into a new"):
+        fit(tiny_config, demo_root, "brick", run, resume=True, progress=False)  # "train without --resume" said
     with pytest.raises(RayadError, match="no checkpoint to resume; train without --resume"):  # a mistyped --out
         fit(tiny_config, demo_root, "brick", tmp_path / "typo", resume=True, progress=False)
     assert {path: path.read_bytes() for path in run.iterdir()} == files and not (tmp_path / "typo").exists()
@@ -284,3 +294,12 @@ def test_a_run_that_calibrated_on_one_carved_image_says_why_it_cannot_resume(tmp
                    run / "manifest.parquet")
     with pytest.raises(RayadError, match="calibrates on 1 validation image, carved by an earlier rayad; rayad now"):
         fit(tiny_config.replace({"train.steps": 9}), data, "brick", run, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("record", ["experiment.json", "trials.parquet", "rayad_export.json"])
+def test_a_search_or_an_export_folder_is_no_place_for_a_run(tmp_path, demo_root, tiny_config, record):
+    """A run trained into a search's folder replaced its manifest and became the model `serve` found there."""
+    (tmp_path / record).write_text("{}")
+    with pytest.raises(RayadError, match=rf"holds an? (search|export) \({record}\); train into a new folder"):
+        fit(tiny_config, demo_root, "brick", tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == [record]

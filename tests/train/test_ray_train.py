@@ -18,7 +18,7 @@ from rayad.cli import main
 from rayad.cluster import Cluster
 from rayad.errors import ArtifactError, RayadError
 from rayad.train import fit
-from rayad.train.checkpoint import latest_recorded
+from rayad.train.checkpoint import latest_recorded, recorded_reports
 from rayad.train.ray_train import fit_distributed
 
 pytestmark = pytest.mark.slow
@@ -205,13 +205,18 @@ def test_sigterm_stops_a_ray_train_run_as_ctrl_c_does_and_resume_continues_it(ra
     alone = train[:7] + train[11:]  # without --workers and --address: it would start again, ignoring the run
     for args, message in [(train, f"{run}: its run has checkpoints ({run / 'ray' / 'train'}/checkpoint_"),
                           (changed, "was trained with a different configuration (model.skip: 'ccm' then, 'add' now)"),
-                          (alone, f"{run} holds a --workers run ({run / 'ray'}); resume it with --workers")]:
+                          (alone, f"{run} holds a --workers run (workers_run.json); resume it with --workers"),
+                          # in other storage it started anew, and deleted the run's log
+                          ([*train, "--resume", "--storage", str(tmp_path / "elsewhere")],
+                           "holds a --workers run (workers_run.json); resume it with --workers (and no --storage)")]:
         assert main(args) == 2
         assert message in capsys.readouterr().err
     assert main([*train, "--resume", "--set", f"train.steps={step + 2}"]) == 0
     logged = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert logged == sorted(set(logged)) and logged[-1] == step + 2  # each step logged once
     assert Predictor.load(run).metadata["train"]["resumed_from_step"] == step
+    kept = {p.name for p in (run / "ray" / "train").glob("checkpoint_*") if p.is_dir()}
+    assert kept == set(recorded_reports(str(run / "ray"), "train"))  # what the stop wrote unrecorded is deleted
     (run / "model.json").unlink()  # stopped after its last checkpoint, before its model: resumed, it trains no step
     assert main([*train, "--resume", "--set", f"train.steps={step + 2}"]) == 0
     assert Predictor.load(run).metadata["train"]["resumed_from_step"] == step + 2
