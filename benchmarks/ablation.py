@@ -7,7 +7,7 @@ Variants (all SDC-CCM-sized networks, same steps, batch, schedule and seed):
   plain_ae  the same network, no corruption (a plain autoencoder)
   dae       the same network, i.i.d. Gaussian noise on the input (a classic denoising autoencoder)
   sdc_ae    no skips (skip=none) + structured corruption
-Finished runs in --out are reused, so an interrupted ablation continues where it stopped.
+Finished runs in --out (per step count) are reused, so an interrupted ablation continues where it stopped.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from rayad.artifact import METADATA, Predictor
+from rayad.cli import count
 from rayad.config import load_config
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.evaluate import evaluate
@@ -35,7 +36,7 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
 def run_variant(name: str, category: str, steps: int, data_root: Path, out: Path) -> dict:
-    run = out / name / category
+    run = out / f"steps_{steps}" / name / category  # a finished run is reused only for the same budget
     start = time.perf_counter()
     if not (run / METADATA).is_file():
         cfg = load_config(overrides={**VARIANTS[name], "train.steps": steps})
@@ -47,14 +48,15 @@ def run_variant(name: str, category: str, steps: int, data_root: Path, out: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=load_config().train.steps)
-    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--steps", type=count, default=load_config().train.steps)
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     args = parser.parse_args()
     data_root = args.out / "data"
-    if not all((data_root / c).is_dir() for c in args.categories):
-        make_demo_dataset(data_root)
+    missing = tuple(c for c in args.categories if not (data_root / c).is_dir())
+    if missing:
+        make_demo_dataset(data_root, categories=missing)
     results = {v: {c: run_variant(v, c, args.steps, data_root, args.out) for c in args.categories}
                for v in args.variants}
     (args.out / f"results_{args.steps}.json").write_text(json.dumps(results, indent=2))

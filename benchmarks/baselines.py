@@ -12,23 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
 from rayad.baselines import SIZE, format_table, nearest_neighbour_metrics
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from rayad.precision import cpu_summary
 
 
 def categories_of(root: Path) -> list[str]:
@@ -53,7 +43,7 @@ def main() -> None:
              for k in ("image_auroc", "pixel_auroc", "aupro")}
     print("mean over categories: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
     cores = len(os.sched_getaffinity(0))
-    print(f"machine: {cpu_model()}, {cores} cores; wall time {time.perf_counter() - start:.1f} s")
+    print(f"machine: {cpu_summary()}, {cores} cores; wall time {time.perf_counter() - start:.1f} s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import io
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -40,10 +39,12 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from rayad.artifact import build_anomaly_model, save_artifact
+from rayad.cli import count
 from rayad.data.defects import DEFECTS
 from rayad.data.demo import make_demo_dataset
 from rayad.evaluate import METRIC_NAMES, evaluate
 from rayad.layout import BEST, EVALUATION, EXPERIMENT, STUDY, TEST_METRICS, TRIALS, TRIALS_DIR, VAL_METRICS
+from rayad.precision import cpu_summary
 from rayad.tune import SearchSettings, resolve_space
 from rayad.tune.search import experiment_record, plan_search
 from rayad.tune.store import ResultsStore, read_rows, write_json
@@ -172,19 +173,11 @@ def _dashboard(runs: Path):
         process.wait(timeout=30)
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=500)
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3, help="fresh servers / cleared caches per measurement")
+    parser.add_argument("--trials", type=count, default=500)
+    parser.add_argument("--images", type=count, default=1000)
+    parser.add_argument("--repeats", type=count, default=3, help="fresh servers / cleared caches per measurement")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("RAYAD_CACHE_DIR", str(Path(tmp) / "cache"))
@@ -194,7 +187,7 @@ def main() -> None:
               f"{time.perf_counter() - start:.0f} s")
         script = {name: [apptest_seconds(exp.parent, name) for _ in range(args.repeats)] for name in PAGES}
         browser = [browser_seconds(exp.parent) for _ in range(args.repeats)] if shutil.which("chromium") else []
-    print(f"\nmachine: {_cpu_name()}, {os.cpu_count()} CPUs; median of "
+    print(f"\nmachine: {cpu_summary()}, {os.cpu_count()} CPUs; median of "
           f"{args.repeats}; target: warm full render under {TARGET_WARM_S:g} s")
     print(f"{'page':<9}{'measure':<26}{'cold s':>8}{'warm s':>8}{'warm/cold':>11}")
     for name in PAGES:

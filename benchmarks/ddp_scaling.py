@@ -40,6 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2: images/s leave out the first step (warm-up)")
+    if args.workers < 2:
+        parser.error(f"--workers {args.workers}: must be at least 2 (the table compares them with 1 worker)")
     cpus = os.cpu_count() or 1
     threads = max(1, cpus // args.workers)  # each worker gets its share of the cores
     cfg = load_config(overrides={"train.steps": args.steps, "train.log_every": 10,

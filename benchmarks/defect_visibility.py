@@ -38,6 +38,7 @@ import skimage.data
 from scipy import ndimage
 
 from rayad.artifact import Predictor
+from rayad.cli import count
 from rayad.data.dataset import load_split
 from rayad.data.defects import DEFECTS, paint_defect_alpha
 from rayad.data.demo import CATEGORIES, TRANSFORMS, tile_crops
@@ -133,7 +134,7 @@ def model_view(run: Path, data_root: Path, category: str) -> dict[str, dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=300, help="crops per kind (and training crops)")
+    parser.add_argument("--images", type=count, default=300, help="crops per kind (and training crops)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES)
     parser.add_argument("--kinds", nargs="+", default=list(DEFECTS), choices=list(DEFECTS))

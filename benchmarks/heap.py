@@ -29,6 +29,7 @@ import torch
 from throughput import Bench, print_table, timed_rate
 
 from rayad.artifact import AnomalyModel, Predictor, trained_category
+from rayad.cli import count, duration
 from rayad.cpu import keep_freed_memory
 from rayad.data.demo import make_demo_dataset
 from rayad.evaluate import evaluate
@@ -75,15 +76,17 @@ def child(heap: str, precision: str, threads: int, seconds: float, data_root: Pa
           run: Path | None = None) -> dict[str, float]:
     argv = [sys.executable, __file__, "--child", heap, "--precision", precision, "--threads", str(threads),
             "--seconds", str(seconds), "--data", str(data_root), *(["--evaluate", str(run)] if run else [])]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode:  # its own error, not "returned non-zero exit status 1"
+        sys.exit(f"heap.py: error: a measuring process failed: {(done.stderr.strip().splitlines() or ['-'])[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=6.0, help="measuring time per figure")
-    parser.add_argument("--rounds", type=int, default=2, help="turns of each heap")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--seconds", type=duration, default=6.0, help="measuring time per figure")
+    parser.add_argument("--rounds", type=count, default=2, help="turns of each heap")
+    parser.add_argument("--threads", type=count, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--evaluate", type=Path, metavar="RUN", help="a trained run to evaluate as well")
     parser.add_argument("--data", type=Path, help="the dataset root of --evaluate's category")
     parser.add_argument("--child", choices=HEAPS, help=argparse.SUPPRESS)  # internal: one measuring process

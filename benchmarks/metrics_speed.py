@@ -19,6 +19,7 @@ from functools import partial
 
 import numpy as np
 
+from rayad.cli import count
 from rayad.metrics import aupro, auroc, auroc_ci, compute_metrics, f1_max, pixel_auroc_ci, pixel_curves
 from rayad.precision import cpu_summary
 
@@ -67,10 +68,10 @@ def best_time(fn, split: tuple, repeats: int) -> tuple[float, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=310, help="test images (the demo's brick split has 310)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
-    parser.add_argument("--defect-types", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=count, default=310, help="test images (the demo's brick split has 310)")
+    parser.add_argument("--sizes", type=count, nargs="+", default=[128, 256])
+    parser.add_argument("--defect-types", type=count, default=5)
+    parser.add_argument("--repeats", type=count, default=3)
     args = parser.parse_args()
     print("| size | pixels | one sort s | a sort per metric s | speed-up |")
     print("|---|---|---|---|---|")

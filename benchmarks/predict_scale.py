@@ -12,9 +12,11 @@ the default SDC-CCM at 128², calibrated but untrained (throughput depends on it
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,9 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from rayad.cli import count
 from rayad.cpu import use_cpus
 from rayad.precision import cpu_summary
-from rayad.settings import PREDICT_BATCH, threads_for
+from rayad.settings import PREDICT_BATCH, cpu_count, threads_for
 
 
 def make_images(folder: Path, n: int) -> Path:
@@ -52,7 +55,7 @@ def measure(mode: str, run: str, images: str, out: str, cpus_per_actor: str) -> 
         start = time.perf_counter()  # Ray's start-up is not scoring
         rows = predict_with_ray(run, [images], out, cpus_per_actor=cpus).num_rows
     else:
-        use_cpus(2)  # as `rayad predict` on 2 cores
+        use_cpus(cpu_count())  # as `rayad predict`
         rows = predict_paths(run, [Path(images)], Path(out)).num_rows
     seconds = time.perf_counter() - start
     assert rows == n
@@ -62,7 +65,7 @@ def measure(mode: str, run: str, images: str, out: str, cpus_per_actor: str) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--counts", type=int, nargs="+", default=[500, 2000])
+    parser.add_argument("--counts", type=count, nargs="+", default=[500, 2000])
     parser.add_argument("--tta", choices=["flips", "none"], default="flips",
                         help="scoring.tta of the model (flips: what `auto` settles on for textures; 4x the network)")
     parser.add_argument("--cpus-per-actor", default="default", help="as `rayad predict --ray`'s (default: its default)")
@@ -74,15 +77,18 @@ def main() -> None:
     from serve_load import make_model
 
     work = Path(tempfile.mkdtemp(prefix="rayad-predict-scale-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     run = make_model(work / "model", args.tta)
     results = {}
     for n in args.counts:
         images = make_images(work / f"images-{n}", n)
         for mode, out in (("single", work / f"single-{n}.parquet"), ("ray", work / f"ray-{n}")):
-            line = subprocess.run([sys.executable, __file__, "--child", mode, str(run), str(images), str(out),
-                                   str(args.cpus_per_actor)],
-                                  capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            results[(mode, n)] = json.loads(line)
+            done = subprocess.run([sys.executable, __file__, "--child", mode, str(run), str(images), str(out),
+                                   str(args.cpus_per_actor)], capture_output=True, text=True)
+            if done.returncode:  # its own error, not "returned non-zero exit status 1"
+                sys.exit(f"predict_scale.py: error: the {mode} scoring of {n} files failed: "
+                         f"{(done.stderr.strip().splitlines() or ['-'])[-1]}")
+            results[(mode, n)] = json.loads(done.stdout.strip().splitlines()[-1])
     pool = results[("ray", args.counts[0])]
     print(f"machine: {cpu_summary()}, {os.cpu_count()} cores; default SDC-CCM at 128², scoring.tta {args.tta}; "
           f"Ray Data: {pool['actors']} actors x {pool['cpus_per_actor']} CPU, "

@@ -18,8 +18,10 @@ size, not on its weights.
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -32,6 +34,7 @@ import torch
 from PIL import Image
 
 from rayad.artifact import Predictor, build_anomaly_model, save_artifact
+from rayad.cli import count, duration
 from rayad.cluster import connect
 from rayad.config import Config
 from rayad.cpu import use_cpus
@@ -179,15 +182,16 @@ def batch_scoring(run: Path, paths: list[Path], out: Path) -> tuple[float, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=400, help="per load level")
-    parser.add_argument("--seconds", type=float, default=30, help="per load level")
-    parser.add_argument("--images", type=int, default=256, help="for batch scoring")
+    parser.add_argument("--requests", type=count, default=400, help="per load level")
+    parser.add_argument("--seconds", type=duration, default=30, help="per load level")
+    parser.add_argument("--images", type=count, default=256, help="for batch scoring")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--ingress", choices=["python", "haproxy"], default="python")
     parser.add_argument("--tta", choices=["flips", "none"], default="flips",
                         help="scoring.tta of the model (flips: what `auto` settles on for textures; 4x the network)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rayad-serve-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     run = make_model(work / "model", args.tta)
     paths = make_images(work / "images", args.images)
     images = np.stack([np.asarray(Image.open(p)) for p in paths[:32]])

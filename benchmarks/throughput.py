@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from rayad.artifact import compile_network
+from rayad.cli import count, duration
 from rayad.config import load_config
 from rayad.corruption import Corruptor
 from rayad.cpu import keep_freed_memory, use_cpus
@@ -185,8 +187,8 @@ def print_table(header: tuple[str, ...], rows: list[tuple]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per figure")
+    parser.add_argument("--batch-size", type=count, default=16)
+    parser.add_argument("--seconds", type=duration, default=10.0, help="measuring time per figure")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
     parser.add_argument("--train-worker", type=int, help=argparse.SUPPRESS)  # internal: one training process
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -228,8 +230,9 @@ def main() -> None:
                   f"{gflops * infer['fp32'] / peak['fp32']:.0%} of the fp32 one")
     if threads:
         both = threads["two_1_thread_each"]
-        print(f"\ntraining 128² fp32, 2 cores: one process with 2 threads {threads['one_2_threads']:.1f} img/s; "
-              f"two at once with 1 thread each {both[0]:.1f} + {both[1]:.1f} = {sum(both):.1f} img/s")
+        print(f"\ntraining 128² fp32 on {os.cpu_count()} cores: one process with 2 threads "
+              f"{threads['one_2_threads']:.1f} img/s; two at once with 1 thread each {both[0]:.1f} + {both[1]:.1f} "
+              f"= {sum(both):.1f} img/s")
 
 
 if __name__ == "__main__":

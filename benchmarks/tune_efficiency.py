@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from rayad.cli import count
 from rayad.cluster import connect
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.layout import METRIC_NAMES, TRIALS
@@ -80,7 +81,7 @@ def _cpus() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-tune"))
-    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--trials", type=count, default=6)
     parser.add_argument("--space", default="quick")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))

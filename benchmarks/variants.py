@@ -36,6 +36,7 @@ from rayad.artifact import Predictor
 from rayad.baselines import nearest_neighbour_metrics
 from rayad.config import load_config, parse_overrides
 from rayad.data.demo import CATEGORIES, make_demo_dataset
+from rayad.data.manifest import MIN_VAL_IMAGES
 from rayad.evaluate import evaluate
 from rayad.layout import METADATA
 from rayad.metrics import compute_metrics
@@ -122,6 +123,8 @@ def main() -> None:
     parser.add_argument("--val-images", type=int, metavar="N",
                         help="validate on N held-out good images of a second build (and their painted copies)")
     args = parser.parse_args()
+    if args.val_images is not None and args.val_images < MIN_VAL_IMAGES:  # none: validation was carved from train
+        parser.error(f"--val-images {args.val_images}: must be >= {MIN_VAL_IMAGES}")
     data_root = args.out / "data"
     val_root = data_root if args.val_images is None else args.out / f"data-val{args.val_images}"
     for root, n_val in ((data_root, None), (val_root, args.val_images)):
