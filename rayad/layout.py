@@ -206,6 +206,18 @@ def ray_storage(storage: str | None, folder: Path, default: str) -> str:
     return storage_path(storage, f"{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}")
 
 
+def same_storage(a: str | None, b: str | None) -> bool:
+    """Whether two --storage values name one place: a file:// URI as its path, a path with or without its
+    trailing slash."""
+    def key(storage: str | None) -> str | None:
+        if storage is not None and storage.startswith("file://"):
+            storage = urllib.parse.urlsplit(storage).path
+        if storage is None or "://" in storage:
+            return storage and storage.rstrip("/")
+        return os.path.normpath(os.path.abspath(storage))
+    return key(a) == key(b)
+
+
 def storage_path(storage: str, *names: str) -> str:
     """`names` inside `storage`, a path or a URI; a URI's query (s3://b/p?endpoint_override=...) stays last."""
     url = urllib.parse.urlsplit(storage)

@@ -23,6 +23,7 @@ from rayad.layout import follow_umask, storage_path
 
 KEEP_LAST = 2
 RESUME_EARLIER = "delete it to resume from the one before, or train into a new --out"  # a damaged checkpoint
+RECORDED_ONLY = "Ray Train resumes only from the checkpoint it recorded: train into a new --out"  # of a --workers run
 RUN_NAME = "train"  # Ray Train's run in its storage: STORAGE/train/checkpoint_*, and SNAPSHOT
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it restores from
 
@@ -53,12 +54,13 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
 
 
 def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+                    scaler: torch.amp.GradScaler | None = None, fix: str = RESUME_EARLIER) -> dict[str, Any]:
     """Restore weights (and the optimiser's and fp16 loss scaler's state) in place; returns the JSON metadata
-    (step, config). A scaler the checkpoint has no state for (it trained in another precision) starts afresh."""
+    (step, config). A scaler the checkpoint has no state for (it trained in another precision) starts afresh.
+    `fix`: what to do when it is damaged."""
     directory = Path(directory)
-    meta = read_state(directory)
-    with damage_reported(directory):
+    meta = read_state(directory, fix=fix)
+    with damage_reported(directory, fix):
         model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
         if optimizer is not None:
             state: dict[int, dict[str, torch.Tensor]] = {}
@@ -116,11 +118,10 @@ def latest_recorded(storage: str) -> tuple[str, dict[str, Any]] | None:
               ).get("checkpoint_dir_name")
     if not latest:
         return None
-    fix = "Ray Train resumes only from the checkpoint it recorded: train into a new --out"
     where = storage_path(storage, RUN_NAME, latest)
-    with damage_reported(where, fix), fs.open_input_stream(f"{run}/{latest}/state.json") as state:
+    with damage_reported(where, RECORDED_ONLY), fs.open_input_stream(f"{run}/{latest}/state.json") as state:
         text = state.read()
-    return where, read_state(where, text, fix)
+    return where, read_state(where, text, RECORDED_ONLY)
 
 
 def recorded_reports(storage: str, name: str) -> dict[str, dict[str, Any]]:

@@ -56,6 +56,8 @@ from rayad.layout import (
     WORKERS_RUN,
     atomic_write,
     evaluations,
+    ray_storage,
+    same_storage,
     writing,
 )
 from rayad.models.loss import reconstruction_loss
@@ -491,8 +493,9 @@ def check_run_folder(cfg: Config, data_root: str | Path, category: str, out_dir:
     """What a training run may do in `out_dir`, given its latest checkpoint (where, and its state): start in a
     new folder, or resume the run it holds as it began (a --workers run, in the `storage` it began with). Returns
     the step it resumes from (None for a new run)."""
-    began = workers_run(out_dir)
-    if began is not None and (not distributed or began["storage"] != storage):
+    began = workers_run(out_dir)  # a --workers run, whose checkpoints are in its --storage
+    if began is not None and not (distributed and same_storage(began["storage"], storage)) and latest_recorded(
+            ray_storage(began["storage"], out_dir, str((out_dir / RAY_STATE).absolute()))) is not None:
         where = f" and --storage {began['storage']}" if began["storage"] else " (and no --storage)"
         raise RayadError(f"{out_dir} holds a --workers run ({WORKERS_RUN}); resume it with --workers{where}, or "
                          "train into a new folder")
@@ -551,6 +554,8 @@ def begin_run_files(out_dir: Path, resumed: int | None, manifest: pa.Table, stor
     save_manifest(manifest, out_dir / MANIFEST)
     if distributed:
         atomic_write(out_dir / WORKERS_RUN, lambda tmp: tmp.write_text(json.dumps({"storage": storage})))
+    else:  # of a --workers run stopped before its first checkpoint
+        (out_dir / WORKERS_RUN).unlink(missing_ok=True)
     if resumed is None:
         (out_dir / TRAIN_LOG).unlink(missing_ok=True)
         return None

@@ -28,6 +28,7 @@ from rayad.errors import RayadError, sigint_restored
 from rayad.layout import RAY_STATE, TRAIN_LOG, ray_storage, storage_path, writing
 from rayad.precision import driver_device
 from rayad.train.checkpoint import (
+    RECORDED_ONLY,
     RUN_NAME,
     delete_unrecorded,
     latest_recorded,
@@ -67,7 +68,7 @@ class RaySession:
         if not checkpoint:
             return None
         with checkpoint.as_directory() as directory:
-            return load_checkpoint(directory, network, optimizer)
+            return load_checkpoint(directory, network, optimizer, fix=RECORDED_ONLY)
 
     def broadcast(self, make: Callable[[], T]) -> T:
         """Rank 0's `make()`, on every rank (so that all ranks run in the precision rank 0 measured)."""

@@ -303,3 +303,10 @@ def test_a_search_or_an_export_folder_is_no_place_for_a_run(tmp_path, demo_root,
     with pytest.raises(RayadError, match=rf"holds an? (search|export) \({record}\); train into a new folder"):
         fit(tiny_config, demo_root, "brick", tmp_path, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == [record]
+
+
+def test_a_workers_run_stopped_before_its_first_checkpoint_leaves_the_folder_free(tmp_path, demo_root, tiny_config):
+    """Its workers_run.json refused a new run, advising a resume that was then refused: nothing to resume."""
+    (tmp_path / "workers_run.json").write_text('{"storage": null}')
+    fit(tiny_config, demo_root, "brick", tmp_path, progress=False)
+    assert not (tmp_path / "workers_run.json").exists() and (tmp_path / "model.json").is_file()
