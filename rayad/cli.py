@@ -431,11 +431,15 @@ def cmd_tune(args) -> None:
 
 
 def _given_with_resume(args) -> list[str]:
-    """The flags of `rayad tune` set besides --out, --resume, --address and -v (which a resume takes)."""
-    defaults = vars(build_parser().parse_args(["tune", "--out", str(args.out)]))
-    kept = {"out", "resume", "address", "verbose"}
-    return [{"overrides": "--set"}.get(dest, "--" + dest.replace("_", "-")) for dest, value in vars(args).items()
-            if dest not in kept and value != defaults[dest]]
+    """The flags of `rayad tune` given besides --out, --resume, --address and -v (which a resume takes), even at
+    their default values: the command line parsed again without defaults."""
+    parser = build_parser()
+    tune = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["tune"]
+    for action in tune._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(args.argv))
+    kept = {"out", "resume", "address", "verbose", "command", "func"}
+    return [{"overrides": "--set"}.get(dest, "--" + dest.replace("_", "-")) for dest in given if dest not in kept]
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -594,6 +598,7 @@ def new_output_folders(args) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # what was given, not defaulted (`_given_with_resume`)
     # rayad's own messages from INFO; other libraries' (the ONNX exporter logs dozens of lines) from WARNING
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)

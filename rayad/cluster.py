@@ -144,7 +144,7 @@ def check_resources(cluster: Cluster) -> None:
         raise RayadError(f"{cluster.workers} DDP workers with {cluster.gpus_per_worker:g} GPU each would put "
                          "several ranks on one GPU, which NCCL refuses (\"Duplicate GPU detected\"); give each "
                          "worker a whole GPU, or train with one worker")
-    if not check_fits("a worker (--cpus-per-worker, --gpu)", cluster.cpus_per_worker,
+    if not check_fits("a worker (--cpus-per-worker, and --gpu or --gpus-per-worker)", cluster.cpus_per_worker,
                       cluster.gpus_per_worker if cluster.use_gpu else 0):
         return  # waits for the autoscaler, as it said
     total = ray.cluster_resources()

@@ -65,6 +65,9 @@ def absolute_path(value: str | os.PathLike | None) -> str | None:
     return value if value is None or "://" in str(value) else str(Path(value).absolute())
 
 
+RAY_DECIMALS = 4  # of a fractional resource request
+
+
 @dataclass(frozen=True)
 class Cluster:
     """How to run on Ray Train: worker count and resources, where Ray is, where checkpoints go."""
@@ -79,8 +82,13 @@ class Cluster:
     placement: str = "PACK"  # or SPREAD: one worker per node where possible
     threads_per_worker: int | None = None
 
-    def __post_init__(self) -> None:  # Ray reads a relative storage path as a URI
-        object.__setattr__(self, "storage", absolute_path(self.storage))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "storage", absolute_path(self.storage))  # Ray reads a relative path as a URI
+        for name in ("cpus_per_worker", "gpus_per_worker"):  # Ray's ControllerError, after the search began
+            value = getattr(self, name)
+            if value is not None and value != round(value, RAY_DECIMALS):
+                raise ConfigError(f"{name} = {value!r} (--{name.replace('_', '-')}): Ray counts resources to "
+                                  f"{RAY_DECIMALS} decimal places")
 
     def describe(self) -> str:
         gpu = f" + {self.gpus_per_worker:g} GPU" if self.use_gpu else ""

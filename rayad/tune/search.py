@@ -14,6 +14,7 @@ import os
 import platform
 import stat
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -153,17 +154,27 @@ def run_search(settings: SearchSettings, exp_dir: str | Path, address: str | Non
         return _search(plan, exp_dir, address, resume, verbose)
 
 
+_PRIVATE_WRITES = {"searches": 0, "umask": 0}  # searches running in this process, and the umask before the first
+_PRIVATE_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def private_writes() -> Iterator[None]:
     """While a search runs, what this process and a local Ray it starts write is not writable by the group or
     others, as `check_trusted` requires of the state --resume reads (a umask of 002 made every search
-    unresumable). The process's umask is restored after it; a local Ray keeps its own."""
-    before = os.umask(0o022)
-    os.umask(before | 0o022)
+    unresumable). The process's umask comes back when its last search ends; a local Ray keeps its own."""
+    with _PRIVATE_LOCK:
+        if _PRIVATE_WRITES["searches"] == 0:
+            _PRIVATE_WRITES["umask"] = os.umask(0o022)
+            os.umask(_PRIVATE_WRITES["umask"] | 0o022)
+        _PRIVATE_WRITES["searches"] += 1
     try:
         yield
     finally:
-        os.umask(before)
+        with _PRIVATE_LOCK:
+            _PRIVATE_WRITES["searches"] -= 1
+            if _PRIVATE_WRITES["searches"] == 0:
+                os.umask(_PRIVATE_WRITES["umask"])
 
 
 def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbose: int) -> dict[str, Any]:
@@ -368,7 +379,7 @@ def check_trusted(tune_dir: Path) -> None:
     unpickling runs code: refuse when any of them, or a folder holding them, is not owned by this user or
     is writable by others (docs/design.md, "The results store")."""
     paths = [tune_dir.parent, tune_dir, *tune_dir.rglob("*")]
-    for path in paths:
+    for path in paths[1:]:  # the experiment's folder may be a link (--out given as one): its target is checked
         if path.is_symlink():
             raise RayadError(f"{path}: a symbolic link in the Tune state; --resume unpickles that state, so "
                              "it only accepts plain files")

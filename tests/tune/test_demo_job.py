@@ -37,6 +37,9 @@ def test_demo_searches_keeps_the_best_model_and_summarises(ray_cluster, tiny_spa
     assert _snapshot(exp) == before, "a finished experiment is reused: no file of it is rewritten"
     assert pq.read_table(exp / "trials.parquet").to_pylist() == rows
     assert again == summary, "the reused category keeps its row, the search's seconds included"
+    link = tmp_path.parent / f"{tmp_path.name}-link"
+    link.symlink_to(tmp_path)  # the same folder: it was refused as moved
+    assert run_demo(link, space=str(tiny_space), trials=2, overrides=TINY_BASE, categories=("brick",)) == summary
     shutil.copytree(exp, tmp_path / "gravel")  # as if an earlier `rayad demo --categories gravel` had run
     summary_file = tmp_path / "summary.json"
     summary_file.write_text(json.dumps({"gravel": summary["brick"], **summary}))

@@ -317,6 +317,9 @@ def test_a_search_never_overwrites_or_merges_with_an_experiment_and_damage_is_na
     for args, message in [
         (new, "already holds an experiment; resume it"),  # it used to merge the two searches
         (["tune", "--out", str(exp), "--resume", "--category", "grass"], "--category with --resume"),
+        (["tune", "--out", str(exp), "--resume", "--scheduler", "asha"], "--scheduler with --resume"),  # the default
+        (new[:-1] + [str(tmp_path / "other"), "--cpus-per-worker", "0.00001"],  # Ray's error, after it began
+         "cpus_per_worker = 1e-05 (--cpus-per-worker): Ray counts resources to 4 decimal places"),
         (["tune", "--out", str(exp), "--resume", "--trials", "5", "--set", "train.lr=0.5"],  # silently ignored
          "--trials, --set with --resume: a search resumes as it began"),
         (["tune", "--out", str(other_space), "--resume"], f"{other_space}: its space changed since the search began "

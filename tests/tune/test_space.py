@@ -245,6 +245,8 @@ def test_resume_trusts_only_state_of_this_user_not_writable_by_others(tmp_path):
         check_trusted(tune_dir)
     (tune_dir / "tuner.pkl").chmod(0o644)
     (tune_dir / "trial_1").chmod(0o755)
+    (tmp_path / "link").symlink_to(tmp_path / "exp")  # --out given as a link: its target is the experiment
+    check_trusted(tmp_path / "link" / "tune")
     (tune_dir / "searcher-state.pkl").symlink_to(tmp_path / "elsewhere.pkl")
     with pytest.raises(RayadError, match="searcher-state.pkl: a symbolic link"):
         check_trusted(tune_dir)
@@ -255,9 +257,13 @@ def test_a_search_writes_nothing_its_group_may_change_under_a_umask_of_002(tmp_p
 
     before = os.umask(0o002)
     try:
-        with private_writes():
-            (tmp_path / "state").mkdir()
-            (tmp_path / "state" / "tuner.pkl").write_bytes(b"state")
+        first, second = private_writes(), private_writes()  # two searches in threads of one process
+        first.__enter__()
+        (tmp_path / "state").mkdir()
+        second.__enter__()
+        first.__exit__(None, None, None)  # the first ends while the second still writes
+        (tmp_path / "state" / "tuner.pkl").write_bytes(b"state")
+        second.__exit__(None, None, None)
         assert os.umask(0o002) == 0o002, "the caller's umask comes back"
     finally:
         os.umask(before)
