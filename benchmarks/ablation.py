@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from rayad.artifact import METADATA, Predictor
-from rayad.cli import count
+from rayad.cli import count, run_script
 from rayad.config import load_config
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.evaluate import evaluate
@@ -77,4 +77,4 @@ def print_table(results: dict, categories: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

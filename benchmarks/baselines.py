@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rayad.baselines import SIZE, format_table, nearest_neighbour_metrics
+from rayad.cli import run_script
 from rayad.precision import cpu_summary
 
 
@@ -49,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -39,7 +39,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from rayad.artifact import build_anomaly_model, save_artifact
-from rayad.cli import count
+from rayad.cli import count, run_script
 from rayad.data.defects import DEFECTS
 from rayad.data.demo import make_demo_dataset
 from rayad.evaluate import METRIC_NAMES, evaluate
@@ -199,4 +199,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

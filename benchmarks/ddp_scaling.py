@@ -17,6 +17,7 @@ from pathlib import Path
 import ray
 import torch
 
+from rayad.cli import run_script
 from rayad.cluster import Cluster
 from rayad.config import load_config
 from rayad.cpu import use_cpus
@@ -72,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -38,7 +38,7 @@ import skimage.data
 from scipy import ndimage
 
 from rayad.artifact import Predictor
-from rayad.cli import count
+from rayad.cli import count, run_script
 from rayad.data.dataset import load_split
 from rayad.data.defects import DEFECTS, paint_defect_alpha
 from rayad.data.demo import CATEGORIES, TRANSFORMS, tile_crops
@@ -165,4 +165,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

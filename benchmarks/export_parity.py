@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rayad.artifact import Predictor
+from rayad.cli import run_script
 from rayad.data.dataset import load_split, to_tensor
 from rayad.data.manifest import build_manifest
 from rayad.export import FORMATS, export_model, run_exported
@@ -63,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from rayad.artifact import Predictor
-from rayad.cli import count
+from rayad.cli import count, run_script
 from rayad.data.dataset import load_split, to_tensor
 from rayad.data.demo import CATEGORIES
 from rayad.data.manifest import build_manifest
@@ -172,4 +172,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

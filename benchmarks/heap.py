@@ -29,7 +29,7 @@ import torch
 from throughput import Bench, print_table, timed_rate
 
 from rayad.artifact import AnomalyModel, Predictor, trained_category
-from rayad.cli import count, duration
+from rayad.cli import count, duration, run_script
 from rayad.cpu import keep_freed_memory
 from rayad.data.demo import make_demo_dataset
 from rayad.evaluate import evaluate
@@ -129,4 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

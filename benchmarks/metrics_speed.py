@@ -19,7 +19,7 @@ from functools import partial
 
 import numpy as np
 
-from rayad.cli import count
+from rayad.cli import count, run_script
 from rayad.metrics import aupro, auroc, auroc_ci, compute_metrics, f1_max, pixel_auroc_ci, pixel_curves
 from rayad.precision import cpu_summary
 
@@ -88,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from rayad.artifact import Predictor
+from rayad.cli import run_script
 from rayad.evaluate import evaluate
 from rayad.precision import cpu_summary
 
@@ -56,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rayad.cli import count
+from rayad.cli import count, run_script
 from rayad.cpu import use_cpus
 from rayad.precision import cpu_summary
 from rayad.settings import PREDICT_BATCH, cpu_count, threads_for
@@ -104,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

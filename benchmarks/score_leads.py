@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from rayad.artifact import Predictor
+from rayad.cli import run_script
 from rayad.data.dataset import load_split, to_tensor
 from rayad.data.demo import CATEGORIES
 from rayad.data.manifest import build_manifest
@@ -133,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

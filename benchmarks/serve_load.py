@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from rayad.artifact import Predictor, build_anomaly_model, save_artifact
-from rayad.cli import count, duration
+from rayad.cli import count, duration, run_script
 from rayad.cluster import connect
 from rayad.config import Config
 from rayad.cpu import use_cpus
@@ -225,4 +225,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from rayad.artifact import compile_network
-from rayad.cli import count, duration
+from rayad.cli import count, duration, run_script
 from rayad.config import load_config
 from rayad.corruption import Corruptor
 from rayad.cpu import keep_freed_memory, use_cpus
@@ -236,4 +236,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from rayad.cli import count
+from rayad.cli import count, run_script
 from rayad.cluster import connect
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.layout import METRIC_NAMES, TRIALS
@@ -97,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

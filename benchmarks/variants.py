@@ -34,6 +34,7 @@ import numpy as np
 
 from rayad.artifact import Predictor
 from rayad.baselines import nearest_neighbour_metrics
+from rayad.cli import run_script
 from rayad.config import load_config, parse_overrides
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.data.manifest import MIN_VAL_IMAGES
@@ -170,4 +171,4 @@ def print_per_defect(results: dict, baseline: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 from rayad.data.images import IMAGE_SUFFIXES
@@ -498,6 +499,21 @@ def duration(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{value:g} s is no time to measure in (more than 0)")
     return value
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """A benchmark script's entry point: rayad's own errors (a bad --data, --runs or category) and the system's (a
+    missing folder) in one line with exit code 2, as `rayad` says them."""
+    name = Path(sys.argv[0]).name
+    try:
+        main()
+    except RayadError as e:
+        print(f"{name}: error: {_one_line(str(e))}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{name}: error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def port(text: str) -> int:
