@@ -170,8 +170,13 @@ async def _uploads(request: Request, limit_mb: float, max_files: int) -> AsyncIt
     if not closed:  # Starlette drops the part that was cut short, and its file would be missing from the answer
         await form.close()
         raise HTTPException(400, "malformed multipart body (cut short: its closing boundary never came)")
+    files = [(item.filename or key, item) for key, item in form.multi_items() if isinstance(item, UploadFile)]
+    fields = [key for key, item in form.multi_items() if not isinstance(item, UploadFile)]
+    if files and fields:  # it was dropped without a word (a form of text alone is told how to send a file)
+        await form.close()
+        raise HTTPException(400, _client_message(f"the form's field {fields[0]!r} is no file; send only images"))
     try:
-        yield [(item.filename or key, item) for key, item in form.multi_items() if isinstance(item, UploadFile)]
+        yield files
     finally:
         await form.close()
 

@@ -265,6 +265,16 @@ def test_a_multipart_body_cut_short_is_refused_not_answered_without_its_last_fil
         assert whole.status_code == 200 and len(whole.json().get("results", [None])) == files
 
 
+def test_a_text_field_beside_the_files_is_refused_not_dropped(server, demo_root):
+    """README: the one file of the form and no other field. A field beside the file was dropped without a word."""
+    good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
+    for path in ("/v1/predict", "/v1/predict/batch"):
+        with_text = requests.post(f"{server}{path}?model=brick", headers=KEY, files=[("file", ("0.png", good))],
+                                  data={"threshold": "0.9"})
+        assert with_text.status_code == 400 and with_text.json()["error"] == (
+            "the form's field 'threshold' is no file; send only images"), with_text.text
+
+
 def test_api_key(server, demo_root):
     good = next((demo_root / "brick" / "test" / "good").glob("*.png")).read_bytes()
     assert requests.post(f"{server}/v1/predict?model=brick", data=good).status_code == 401
