@@ -85,6 +85,10 @@ def read_experiment(exp_dir: Path) -> dict[str, Any]:
         "started_at (seconds since 1970, before 2100)": _is_time(experiment.get("started_at")),
         "settings (a mapping)": isinstance(experiment["settings"], dict),
         "best (null, or a mapping whose test is null or a mapping)": _is_best(experiment.get("best")),
+        "status (text)": isinstance(experiment.get("status"), str | None),
+        "category (text)": isinstance(experiment["category"], str),
+        "objective's metric names (text) and modes (max or min)": isinstance(goal, dict) and all(
+            isinstance(m, str) for m in goal.get("metrics") or []) and set(goal.get("modes") or []) <= {"max", "min"},
     }
     wrong = [what for what, ok in checks.items() if not ok]
     if wrong:
@@ -254,11 +258,30 @@ def read_test_results(exp_dir: Path) -> TestResults:
         raise StoreError(f"{BEST}/{TEST_METRICS}: {(~np.isfinite(scores)).sum()} of {n} scores are NaN or infinite")
     if not np.isfinite(thresholds).all():
         raise StoreError(f"{BEST}/{TEST_METRICS}: a threshold is NaN or infinite")
+    wrong = [what for what, ok in _summary_checks(metrics).items() if not ok]
+    if wrong:
+        raise StoreError(f"{BEST}/{TEST_METRICS}: unexpected {'; '.join(wrong)}")
     images = pd.DataFrame({
         "path": metrics["paths"], "label": labels,
         "defect_type": metrics.get("defect_types") or ["good" if y == 0 else "defect" for y in labels],
         "mask_path": metrics.get("mask_paths") or [None] * n, "score": scores})
     return TestResults(metrics, images, *thresholds)
+
+
+def _summary_checks(metrics: dict[str, Any]) -> dict[str, bool]:
+    """The shape of what the Model page shows of test_metrics.json besides the per-image lists."""
+    def number(value: Any) -> bool:
+        return value is None or isinstance(value, int | float) and not isinstance(value, bool)
+
+    per_defect, curves = metrics.get("per_defect", {}), metrics.get("pixel_curves")
+    return {
+        f"{', '.join(METRIC_NAMES)} (numbers or null)": all(number(metrics.get(m)) for m in METRIC_NAMES),
+        "per_defect (a mapping of each defect type's metrics)": isinstance(per_defect, dict) and all(
+            isinstance(m, dict) and all(number(m.get(k)) for k in METRIC_NAMES) for m in per_defect.values()),
+        "pixel_curves (null, or roc and pr as mappings of lists)": curves is None or isinstance(curves, dict) and all(
+            isinstance(curves.get(k), dict) and all(isinstance(v, list) for v in curves[k].values())
+            for k in ("roc", "pr")),
+    }
 
 
 def interval(value: Any) -> tuple[float, float] | None:

@@ -115,6 +115,13 @@ def test_a_folder_that_cannot_be_read_hides_no_other_experiment():
     ("trials.parquet", "PAR1garbage", "trials.parquet is unreadable"),
     ("experiment.json", json.dumps({**GOOD_EXPERIMENT, "best": 5}), "unexpected best"),  # raised AttributeError
     ("experiment.json", json.dumps({**GOOD_EXPERIMENT, "best": {"test": 3}}), "unexpected best"),
+    # pages crashed (an unhashable status, a number as a chart title) or showed the worse trial as the best
+    ("experiment.json", json.dumps({**GOOD_EXPERIMENT, "status": ["x"]}), "unexpected status"),
+    ("experiment.json", json.dumps({**GOOD_EXPERIMENT, "category": 7}), "unexpected category"),
+    ("experiment.json", json.dumps({**GOOD_EXPERIMENT, "objective": {"metrics": [5], "modes": ["max"]}}),
+     "unexpected objective's metric names"),
+    ("experiment.json", json.dumps({**GOOD_EXPERIMENT, "objective": {"metrics": ["m"], "modes": ["bogus"]}}),
+     "unexpected objective's metric names"),
 ])
 def test_a_broken_file_becomes_the_experiments_problem(tmp_path, name, content, message):
     (tmp_path / "experiment.json").write_text(json.dumps(GOOD_EXPERIMENT))
@@ -145,6 +152,10 @@ def test_test_results_need_per_image_scores(tmp_path):
     ({"scores": [0.1, "high", 0.3]}, "must be numbers"),
     ({"threshold": None}, "must be numbers"),
     ({"pixel_threshold": float("inf")}, "a threshold is NaN or infinite"),
+    # the Model page crashed on each: a format code, .items() of a list, a DataFrame of a number
+    ({"image_auroc": "x"}, "unexpected image_auroc, pixel_auroc, aupro, f1_max \\(numbers or null\\)"),
+    ({"per_defect": [1, 2]}, "unexpected per_defect"),
+    ({"pixel_curves": {"roc": 5}}, "unexpected pixel_curves"),
 ])
 def test_test_results_with_scores_that_are_no_numbers_are_corrupt(tmp_path, change, message):
     good = {"scores": [0.1, 0.2, 0.3], "labels": [0, 1, 1], "paths": ["a", "b", "c"], "threshold": 0.15}

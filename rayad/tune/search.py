@@ -41,9 +41,12 @@ from rayad.errors import ConfigError, Interrupted, RayadError, sigint_restored
 from rayad.evaluate import evaluate
 from rayad.layout import (
     BEST,
+    CHECKPOINTS,
     EVALUATION,
     EXPERIMENT,
+    EXPORTED,
     MANIFEST,
+    METADATA,
     METRIC_NAMES,
     PIXEL_METRICS,
     STUDY,
@@ -54,6 +57,7 @@ from rayad.layout import (
     TRIALS_DIR,
     TUNE_DIR,
     VAL_METRICS,
+    WORKERS_RUN,
     evaluations,
     ray_storage,
     storage_path,
@@ -185,6 +189,8 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
     elif (exp_dir / EXPERIMENT).exists():
         raise RayadError(f"{exp_dir}: already holds an experiment; resume it (--resume, or resume=True), or give "
                          "a new folder")
+    else:
+        _check_no_run(exp_dir)
     check_buildable_on(plan.cluster, plan.base)
     for config, where in plan.space.choice_configs(plan.base):
         try:
@@ -236,6 +242,15 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
         if stopped and not isinstance(e, Interrupted):  # a second Ctrl-C, or one while Ray Tune starts or exports
             raise Interrupted("stopped", resume_with) from None
         raise
+
+
+def _check_no_run(exp_dir: Path) -> None:
+    """A training run's or an export's folder is no place for a search: its manifest would be replaced, and
+    `serve` would find the run's model, not the search's best."""
+    for record, kind in ((METADATA, "a model"), (CHECKPOINTS, "a run's checkpoints"), (WORKERS_RUN, "a --workers run"),
+                         (EXPORTED, "an export")):
+        if (exp_dir / record).exists():
+            raise RayadError(f"{exp_dir} holds {kind} ({record}); give the search a new folder")
 
 
 def _print_start(plan: Plan, concurrent: int, fits: int) -> None:
