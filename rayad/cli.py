@@ -10,12 +10,12 @@ import math
 import os
 import sys
 import tempfile
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
 from rayad.data.images import IMAGE_SUFFIXES
 from rayad.errors import DataError, RayadError, stop_on_sigterm
+from rayad.layout import local_path
 from rayad.settings import (
     DASHBOARD_PORT,
     DEMO_SPACE,
@@ -530,9 +530,8 @@ def output_paths(args) -> list[tuple[str, Path, bool]]:
     if getattr(args, "ray", False) and args.out:
         outputs = {**outputs, "out": True}  # predict --ray writes a Parquet dataset: a folder
     given = {flag: getattr(args, flag, None) for flag in outputs}
-    local = {flag: urllib.parse.urlsplit(str(path)).path if str(path).startswith("file://") else path
-             for flag, path in given.items()}  # a file:// URI is a local path too
-    return [(flag, Path(path), outputs[flag]) for flag, path in local.items() if path and "://" not in str(path)]
+    local = {flag: local_path(str(path)) for flag, path in given.items() if path}  # a file:// URI is local too
+    return [(flag, Path(path), outputs[flag]) for flag, path in local.items() if "://" not in path]
 
 
 def ray_job_copy() -> Path | None:

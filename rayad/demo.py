@@ -96,9 +96,9 @@ def _previous(exp: Path, settings: SearchSettings) -> dict[str, Any] | None:
         return None
     record = read_experiment_file(exp)
     before = settings_of(record, exp)
-    changed = [f.name for f in dataclasses.fields(settings) if getattr(before, f.name) != getattr(settings, f.name)
-               and not (f.name == "data_root" and os.path.realpath(before.data_root) == os.path.realpath(
-                   settings.data_root))]  # the same folder, reached through a link
+    if os.path.realpath(before.data_root) == os.path.realpath(settings.data_root):  # the same, or through a link
+        before = dataclasses.replace(before, data_root=settings.data_root)
+    changed = [f.name for f in dataclasses.fields(settings) if getattr(before, f.name) != getattr(settings, f.name)]
     if changed == ["data_root"]:  # not a flag: the folder moved
         raise RayadError(f"{exp}: an earlier demo searched it on {before.data_root}; a demo folder cannot move (its "
                          "experiments record where their data was): give a new --out")

@@ -206,16 +206,32 @@ def ray_storage(storage: str | None, folder: Path, default: str) -> str:
     return storage_path(storage, f"{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}")
 
 
+def local_path(value: str) -> str:
+    """A file:// URI as its path; a path or another URI as given."""
+    return urllib.parse.urlsplit(value).path if value.startswith("file://") else value
+
+
 def same_storage(a: str | None, b: str | None) -> bool:
     """Whether two --storage values name one place: a file:// URI as its path, a path with or without its
     trailing slash."""
     def key(storage: str | None) -> str | None:
-        if storage is not None and storage.startswith("file://"):
-            storage = urllib.parse.urlsplit(storage).path
+        storage = storage and local_path(storage)
         if storage is None or "://" in storage:
             return storage and storage.rstrip("/")
         return os.path.normpath(os.path.abspath(storage))
     return key(a) == key(b)
+
+
+FOLDER_KINDS = {EXPERIMENT: "a search", TRIALS: "a search", EXPORTED: "an export", METADATA: "a model",
+                CHECKPOINTS: "a run's checkpoints", WORKERS_RUN: "a --workers run"}  # what each record marks
+
+
+def refuse_other_kinds(folder: Path, records: tuple[str, ...], instead: str) -> None:
+    """Refuse `folder` when it holds one of `records`: another command's files, which this one's would mix with
+    (a run's manifest replacing a search's, and `serve` finding the wrong model)."""
+    for record in records:
+        if (folder / record).exists():
+            raise RayadError(f"{folder} holds {FOLDER_KINDS[record]} ({record}); {instead}")
 
 
 def storage_path(storage: str, *names: str) -> str:

@@ -57,6 +57,7 @@ from rayad.layout import (
     atomic_write,
     evaluations,
     ray_storage,
+    refuse_other_kinds,
     same_storage,
     writing,
 )
@@ -499,9 +500,7 @@ def check_run_folder(cfg: Config, data_root: str | Path, category: str, out_dir:
         where = f" and --storage {began['storage']}" if began["storage"] else " (and no --storage)"
         raise RayadError(f"{out_dir} holds a --workers run ({WORKERS_RUN}); resume it with --workers{where}, or "
                          "train into a new folder")
-    for record, kind in ((EXPERIMENT, "a search"), (TRIALS, "a search"), (EXPORTED, "an export")):
-        if (out_dir / record).is_file():  # a run's files beside its own would change what it serves
-            raise RayadError(f"{out_dir} holds {kind} ({record}); train into a new folder")
+    refuse_other_kinds(out_dir, (EXPERIMENT, TRIALS, EXPORTED), "train into a new folder")
     other = out_dir / (CHECKPOINTS if distributed else RAY_STATE)  # the other kind of run's checkpoints
     if (latest_checkpoint(other) if distributed else latest_recorded(str(other.absolute()))) is not None:
         raise RayadError(f"{out_dir} holds a {'single-process' if distributed else '--workers'} run ({other}); "

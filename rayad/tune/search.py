@@ -60,6 +60,7 @@ from rayad.layout import (
     WORKERS_RUN,
     evaluations,
     ray_storage,
+    refuse_other_kinds,
     storage_path,
     writing,
 )
@@ -190,7 +191,7 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
         raise RayadError(f"{exp_dir}: already holds an experiment; resume it (--resume, or resume=True), or give "
                          "a new folder")
     else:
-        _check_no_run(exp_dir)
+        refuse_other_kinds(exp_dir, (METADATA, CHECKPOINTS, WORKERS_RUN, EXPORTED), "give the search a new folder")
     check_buildable_on(plan.cluster, plan.base)
     for config, where in plan.space.choice_configs(plan.base):
         try:
@@ -242,15 +243,6 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
         if stopped and not isinstance(e, Interrupted):  # a second Ctrl-C, or one while Ray Tune starts or exports
             raise Interrupted("stopped", resume_with) from None
         raise
-
-
-def _check_no_run(exp_dir: Path) -> None:
-    """A training run's or an export's folder is no place for a search: its manifest would be replaced, and
-    `serve` would find the run's model, not the search's best."""
-    for record, kind in ((METADATA, "a model"), (CHECKPOINTS, "a run's checkpoints"), (WORKERS_RUN, "a --workers run"),
-                         (EXPORTED, "an export")):
-        if (exp_dir / record).exists():
-            raise RayadError(f"{exp_dir} holds {kind} ({record}); give the search a new folder")
 
 
 def _print_start(plan: Plan, concurrent: int, fits: int) -> None:
