@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from rayad.config import TrainConfig
 from rayad.errors import ArtifactError, DataError, RayadError
@@ -204,6 +204,14 @@ def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, demo_root, tiny_confi
             fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", run, resume=True, progress=False)
         assert (run / "train_log.jsonl").read_bytes() == log  # a step of -2 cut the log, then failed in numpy
     shutil.rmtree(latest)
+    earlier = sorted((run / "checkpoints").glob("step_*"))[-1]
+    moments = load_file(str(earlier / "optimizer.safetensors"))
+    for key, damage in [("0/exp_avg", r"0/exp_avg has shape \(1,\), its parameter \("),
+                        ("999/exp_avg", "parameter 999")]:
+        save_file({**moments, key: torch.zeros(1)}, str(earlier / "optimizer.safetensors"))
+        with pytest.raises(ArtifactError, match=f"{earlier}: damaged checkpoint .*{damage}"):  # not the first step's
+            fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", run, resume=True, progress=False)
+    save_file(moments, str(earlier / "optimizer.safetensors"))
     (run / "manifest.parquet").write_text("x")
     with pytest.raises(DataError, match="manifest.parquet: damaged .*it lists the images the run was trained on"):
         fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", run, resume=True, progress=False)
