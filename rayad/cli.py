@@ -100,16 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve models over HTTP with Ray Serve (batched, multiplexed)")
     srv.add_argument("--run", required=True, type=Path,
                      help="a run, an experiment (serves best/), or a folder of them (e.g. rayad demo's output)")
-    srv.add_argument("--host", default=LOCAL_HOST, help="bind address (default: loopback only)")
+    srv.add_argument("--host", type=host, default=LOCAL_HOST, help="bind address (default: loopback only)")
     srv.add_argument("--port", type=port, default=SERVE_PORT)
-    srv.add_argument("--replicas", type=int, help="fixed number of scorer replicas (= --min/--max-replicas)")
+    srv.add_argument("--replicas", type=count, help="fixed number of scorer replicas (= --min/--max-replicas)")
     defaults = ServeSettings()
-    srv.add_argument("--min-replicas", type=int, default=defaults.min_replicas)
-    srv.add_argument("--max-replicas", type=int, default=defaults.max_replicas, help="autoscaling upper bound")
+    srv.add_argument("--min-replicas", type=count, default=defaults.min_replicas)
+    srv.add_argument("--max-replicas", type=count, default=defaults.max_replicas, help="autoscaling upper bound")
     srv.add_argument("--target-ongoing", type=number, default=defaults.target_ongoing_requests,
                      help="autoscaling target per replica")
     srv.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
-    srv.add_argument("--batch-wait-ms", type=number, default=defaults.batch_wait_s * 1000)
+    srv.add_argument("--batch-wait-ms", type=milliseconds, default=defaults.batch_wait_s * 1000)
     srv.add_argument("--max-queued", type=int, default=defaults.max_queued_requests,
                      help="queued requests per replica before 503")
     srv.add_argument("--max-upload-mb", type=number, default=defaults.max_upload_mb, help="one image")
@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dash = sub.add_parser("dashboard", help="browse experiments, trials, metrics and heatmaps (Streamlit)")
     dash.add_argument("--runs", type=Path, default=Path("runs"), help="folder of experiments (default: runs)")
-    dash.add_argument("--host", default=LOCAL_HOST, help=f"address to bind (default: {LOCAL_HOST}, local only)")
+    dash.add_argument("--host", type=host, default=LOCAL_HOST,
+                      help=f"address to bind (default: {LOCAL_HOST}, local only)")
     dash.add_argument("--port", type=port, default=DASHBOARD_PORT)
     dash.add_argument("--serve-url", help="score uploads on the Try-it page with this Serve endpoint, e.g. "
                       "http://127.0.0.1:8000 (default: a model loaded in the dashboard)")
@@ -516,6 +517,22 @@ def run_script(main: Callable[[], object]) -> None:
         sys.exit(2)
 
 
+def milliseconds(text: str) -> float:
+    """argparse type of a wait in milliseconds: a finite number, at least 0."""
+    value = number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} ms is no wait (at least 0)")
+    return value
+
+
+def host(text: str) -> str:
+    """argparse type of --host: an address to listen on; an empty one (an unset shell variable) would listen on
+    every interface."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty host listens on every interface: give 0.0.0.0 for that")
+    return text
+
+
 def port(text: str) -> int:
     """argparse type of --port: a TCP port a server can listen on."""
     number = int(text)
@@ -651,14 +668,14 @@ def _ray_connected() -> bool:
 
 def _one_line(message: str) -> str:
     """The first line with the first item listed below it (indented) and a count of the others, then any
-    note after the list; the full message is logged."""
+    note after the list; the full message is logged for --verbose."""
     lines = message.splitlines()
     if len(lines) == 1:
         return message
-    log.error("%s", message)
+    log.debug("%s", message)
     items = [line.strip() for line in lines[1:] if line[:1].isspace() and line.strip() != "..."]
     notes = [line.strip() for line in lines[1:] if not line[:1].isspace()]
-    more = f" (+{len(items) - 1} more in the log)" if len(items) > 1 else ""
+    more = f" (+{len(items) - 1} more: rayad -v lists them)" if len(items) > 1 else ""
     return " ".join([f"{lines[0].rstrip(':')} — {items[0]}{more}" if items else lines[0], *notes])
 
 

@@ -20,10 +20,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayad.cpu import ONE_ARENA_ENV
 from rayad.errors import RayadError, stop_on_sigterm
-from rayad.settings import Cluster
+from rayad.settings import Cluster, cpu_count
 
-__all__ = ["Cluster", "check_resources", "check_shared_paths", "connect", "leave_ray", "fitting_groups",
-           "node_share", "smallest_node_cpus", "with_worker_cpus"]
+__all__ = ["Cluster", "check_group_fits", "check_resources", "check_shared_paths", "connect", "leave_ray",
+           "fitting_groups", "node_share", "smallest_node_cpus", "with_worker_cpus"]
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +144,19 @@ def check_resources(cluster: Cluster) -> None:
         raise RayadError(f"{cluster.workers} DDP workers with {cluster.gpus_per_worker:g} GPU each would put "
                          "several ranks on one GPU, which NCCL refuses (\"Duplicate GPU detected\"); give each "
                          "worker a whole GPU, or train with one worker")
-    if not check_fits("a worker (--cpus-per-worker, and --gpu or --gpus-per-worker)", cluster.cpus_per_worker,
-                      cluster.gpus_per_worker if cluster.use_gpu else 0):
+    check_group_fits("a worker (--cpus-per-worker, and --gpu or --gpus-per-worker)", cluster.describe(),
+                     cluster.workers, cluster.cpus_per_worker, cluster.gpus_per_worker if cluster.use_gpu else 0)
+
+
+def check_group_fits(one: str, group: str, count: int, cpus: float, gpus: float) -> None:
+    """Fail within seconds when no node holds `one` process of `cpus` CPUs and `gpus` GPUs, or the cluster does not
+    hold the `group` of `count` of them: Ray would wait forever for the rest."""
+    if not check_fits(one, cpus, gpus):
         return  # waits for the autoscaler, as it said
     total = ray.cluster_resources()
-    need_cpu = cluster.workers * cluster.cpus_per_worker
-    need_gpu = cluster.workers * cluster.gpus_per_worker if cluster.use_gpu else 0
     have_cpu, have_gpu = total.get("CPU", 0), total.get("GPU", 0)
-    if need_cpu > have_cpu or need_gpu > have_gpu:
-        _refuse(f"asked for {cluster.describe()} = {need_cpu:g} CPU, {need_gpu:g} GPU; the cluster has "
+    if count * cpus > have_cpu + 1e-9 or count * gpus > have_gpu + 1e-9:  # 3 x 0.1 is 0.30000000000000004
+        _refuse(f"asked for {group} = {count * cpus:g} CPU, {count * gpus:g} GPU; the cluster has "
                 f"{have_cpu:g} CPU, {have_gpu:g} GPU")
 
 
@@ -204,9 +208,11 @@ def autoscaled() -> bool:
 
 
 def smallest_node_cpus() -> float:
-    """The CPUs of the smallest live node that has any (a head started with 0 CPUs runs no work), or 1. The
-    default CPUs of Ray Train workers, Ray Data's scoring actors and Serve's scorer replicas fill a node of this
-    size."""
+    """The CPUs of the smallest live node that has any (a head started with 0 CPUs runs no work), or 1; this
+    machine's where Ray is not connected yet (`serve run` builds its application first). The default CPUs of Ray
+    Train workers, Ray Data's scoring actors and Serve's scorer replicas fill a node of this size."""
+    if not ray.is_initialized():
+        return cpu_count()
     return min((node["Resources"]["CPU"] for node in ray.nodes()
                 if node["Alive"] and node["Resources"].get("CPU", 0) >= 1), default=1)
 

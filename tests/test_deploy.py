@@ -7,8 +7,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import itertools
+import os
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -187,9 +190,32 @@ def test_a_serve_config_refuses_an_infinite_setting(key):
 
 @pytest.mark.parametrize(("args", "message"), [
     ({"run": "/models", "max_replica": 4}, r"serve config args: unknown \['max_replica'\]; valid: run and the fields"),
-    ({"max_batch_size": "16"}, "serve setting max_batch_size = '16': expected int"),
+    ({"max_batch_size": "sixteen"}, "serve setting max_batch_size = 'sixteen': expected int"),
+    ({"max_batch_size": "[16"}, r"serve setting max_batch_size = '\[16': expected int"),  # no YAML
 ])
 def test_a_serve_config_with_a_wrong_arg_names_it(args, message):
     """Before: a TypeError of the dataclass's constructor, or of a comparison inside it."""
     with pytest.raises(ConfigError, match=message):
         app_builder(args)
+
+
+BUILD_WITHOUT_RAY = """
+import os, sys, ray
+from rayad.serve import app_builder
+api = app_builder({"run": sys.argv[1], "max_batch_size": "4", "api_key": "007"})._bound_deployment
+scorer = api.init_args[0]._bound_deployment
+print(api.init_args[1]["max_batch_size"], api.init_args[1]["api_key"], scorer.ray_actor_options["num_cpus"],
+      len(os.sched_getaffinity(0)), ray.is_initialized())
+"""
+
+
+def test_serve_run_s_text_args_build_the_app_before_ray_is_connected(trained_run):
+    """`serve run rayad.serve:app_builder run=DIR max_batch_size=4` gives every value as text, and builds the app
+    before it connects to Ray: it failed with "Ray has not been started yet", then with "'4': expected int"."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", BUILD_WITHOUT_RAY, str(trained_run)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    batch, key, cpus, machine_cpus, connected = done.stdout.split()
+    assert (batch, key, connected) == ("4", "007", "False")  # the key stays text
+    assert float(cpus) == int(machine_cpus)  # this machine's cores, for the one replica

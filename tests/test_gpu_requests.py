@@ -169,13 +169,17 @@ def test_ray_s_own_monitor_is_not_taken_for_an_autoscaler(ray_cluster):
     assert _internal_kv_get("__autoscaling_status") and not autoscaled()
 
 
-def test_serve_refuses_a_replica_no_node_can_hold_before_it_starts(ray_cluster, trained_run):
+def test_serve_refuses_replicas_the_cluster_cannot_hold_before_it_starts(ray_cluster, trained_run):
     """It waited forever ("No available node types can fulfill"), and deferred Ctrl-C until the models were up."""
     from rayad.serve import start
 
     settings = ServeSettings(models={"brick": str(trained_run)}, replica_cpus=1.5)  # the test nodes have 1 CPU
     with pytest.raises(RayadError, match=r"a scorer replica \(--replica-cpus, --replica-gpus\) asks for 1.5 CPU"):
         start(settings, port=1)  # before Serve starts: port 1 is never bound
+    settings = ServeSettings(models={"brick": str(trained_run)}, min_replicas=3, max_replicas=3)  # 1 CPU each
+    with pytest.raises(RayadError, match=r"asked for 3 scorer replica\(s\) \(--replicas or --min-replicas\) x 1 CPU "
+                                         "= 3 CPU, 0 GPU; the cluster has 2 CPU"):
+        start(settings, port=1)  # waited forever for the third replica's CPU
 
 
 @pytest.mark.parametrize("workers, gpus", [(2, 0.5), (4, 0.25)])

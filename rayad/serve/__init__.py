@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ray import serve
 from ray.serve.context import _get_global_client
 
-from rayad.cluster import check_fits
+from rayad.cluster import check_group_fits
 from rayad.errors import RayadError
 from rayad.serve.app import app_builder, build_app, discover_models, scorer_cpus
 from rayad.settings import LOCAL_HOST, SERVE_PORT, ServeSettings
@@ -66,7 +66,11 @@ def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_POR
     """Deploy the application on the connected Ray cluster, serving HTTP on host:port, or where the cluster's
     Serve already listens; returns that URL. One HTTP proxy, on the head node, by default (`serve deploy
     serve/config.yaml` runs one per node)."""
-    check_fits("a scorer replica (--replica-cpus, --replica-gpus)", scorer_cpus(settings), settings.replica_gpus)
+    cpus, gpus = scorer_cpus(settings), settings.replica_gpus
+    check_group_fits("a scorer replica (--replica-cpus, --replica-gpus)",
+                     f"{settings.min_replicas} scorer replica(s) (--replicas or --min-replicas) x {cpus:g} CPU"
+                     + (f" + {gpus:g} GPU" if gpus else ""),
+                     settings.min_replicas, cpus, gpus)
     if APP_NAME in serve.status().applications:  # serve.run would replace it, and keep its HTTP address
         raise RayadError(f"the cluster already serves an application named {APP_NAME!r} (another rayad serve); stop "
                          f"that one first (if its process is gone, serve.delete({APP_NAME!r}) on the cluster removes "

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import re
+import typing
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import yaml
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -42,6 +44,7 @@ from starlette.requests import Request as StarletteRequest
 from rayad import __version__, layout
 from rayad.artifact import Predictor, load_model, model_version, read_metadata, trained_category
 from rayad.cluster import node_share
+from rayad.config import load_yaml
 from rayad.cpu import use_cpus
 from rayad.data.images import MAX_IMAGE_PIXELS, ImageTooLarge, load_image
 from rayad.errors import ArtifactError, ConfigError, DataError, RayadError
@@ -558,5 +561,18 @@ def app_builder(args: dict[str, Any]):
                           f"{sorted(f.name for f in fields(ServeSettings))}")
     if "run" in args:
         args["models"] = discover_models(args.pop("run"))
+    hints = typing.get_type_hints(ServeSettings)
+    text_fields = {name for name, tp in hints.items() if str in (tp, *typing.get_args(tp))}
+    args = {name: _scalar(value) if isinstance(value, str) and name not in text_fields else value
+            for name, value in args.items()}
     return build_app(ServeSettings(**args))
+
+
+def _scalar(text: str) -> Any:
+    """A value `serve run IMPORT_PATH key=value` gave as text, read as YAML reads it ("16" is 16); text that is no
+    YAML stays text, for ServeSettings to name."""
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError:
+        return text
 

@@ -97,7 +97,11 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["serve", "--run", "{run}", "--max-queued", "0"], "max_queued_requests = 0 (rayad serve --max-queued): "
                                                         "must be >= 1, or -1 for no limit"),
     (["serve", "--run", "{run}", "--max-batch-size", "0"], "--max-batch-size): must be >= 1"),
-    (["serve", "--run", "{run}", "--replicas", "0"], "min_replicas = 0"),
+    (["serve", "--run", "{run}", "--replicas", "0"], "argument --replicas: 0 is not a count (at least 1)"),
+    (["serve", "--run", "{run}", "--batch-wait-ms", "-1"], "argument --batch-wait-ms: -1 ms is no wait (at least 0)"),
+    # listened on every interface, printing http://:8000
+    (["serve", "--run", "{run}", "--host", ""], "argument --host: an empty host listens on every interface"),
+    (["dashboard", "--runs", "{tmp}", "--host", " "], "argument --host: an empty host listens on every interface"),
     (["serve", "--run", "{run}", "--max-upload-mb", "-1"], "must be > 0"),
     (["serve", "--run", "{run}", "--port", "70000"], "--port: 70000 is not a port (1 to 65535)"),
     # inf passed as a float and overflowed later (a 500 on every upload; a traceback from --replica-cpus inf)
@@ -317,16 +321,20 @@ def test_mlflow_missing_is_one_line_naming_the_extra(tmp_path, demo_root, capsys
     assert not (tmp_path / "r").exists()  # failed before any work
 
 
-def test_a_listed_error_is_one_line_with_its_first_item_a_count_and_the_hint(tmp_path, demo_root, capsys):
+def test_a_listed_error_is_one_line_with_its_first_item_a_count_and_the_hint(tmp_path, demo_root, capsys, caplog):
     shutil.copytree(demo_root / "brick", tmp_path / "brick")
     bad = sorted((tmp_path / "brick" / "train" / "good").glob("*.png"))[:2]
     for path in bad:
         path.write_bytes(b"not an image")
-    code = main(["train", "--data", str(tmp_path), "--category", "brick", "--out", str(tmp_path / "run"), *TINY_ARGS])
+    args = ["train", "--data", str(tmp_path), "--category", "brick", "--out", str(tmp_path / "run"), *TINY_ARGS]
+    code = main(args)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"rayad train: error: 2 bad image(s) in the train split — {bad[0]}: not a readable image")
-    assert err.endswith("(+1 more in the log) (set data.on_bad_image=skip to skip them)"), err
+    assert err.endswith("(+1 more: rayad -v lists them) (set data.on_bad_image=skip to skip them)"), err
+    with caplog.at_level("DEBUG", logger="rayad.cli"):
+        assert main(["-v", *args]) == 2
+    assert f"{bad[1]}: not a readable image" in caplog.text
 
 
 def test_a_folder_that_a_running_command_writes_is_refused_to_a_second(demo_root, tiny_space, tmp_path, capsys):
