@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -153,11 +154,20 @@ def check_group_fits(one: str, group: str, count: int, cpus: float, gpus: float)
     hold the `group` of `count` of them: Ray would wait forever for the rest."""
     if not check_fits(one, cpus, gpus):
         return  # waits for the autoscaler, as it said
-    total = ray.cluster_resources()
-    have_cpu, have_gpu = total.get("CPU", 0), total.get("GPU", 0)
-    if count * cpus > have_cpu + 1e-9 or count * gpus > have_gpu + 1e-9:  # 3 x 0.1 is 0.30000000000000004
-        _refuse(f"asked for {group} = {count * cpus:g} CPU, {count * gpus:g} GPU; the cluster has "
-                f"{have_cpu:g} CPU, {have_gpu:g} GPU")
+    held = places(cpus, gpus)
+    if held < count:  # two nodes of 3 CPUs have 6, but hold two processes of 2 CPUs, not three
+        total = ray.cluster_resources()
+        _refuse(f"asked for {group} = {count * cpus:g} CPU, {count * gpus:g} GPU; the cluster's nodes hold {held:g} "
+                f"of them at once, each on one node (the cluster has {total.get('CPU', 0):g} CPU, "
+                f"{total.get('GPU', 0):g} GPU)")
+
+
+def places(cpus: float, gpus: float) -> float:
+    """How many processes of `cpus` CPUs and `gpus` GPUs the live nodes hold at once (inf when they ask for none)."""
+    def share(have: float, need: float) -> float:
+        return math.floor(have / need + 1e-9) if need else math.inf  # 1 // 0.1 is 9.0
+    return sum(min(share(r.get("CPU", 0), cpus), share(r.get("GPU", 0), gpus))
+               for r in (node["Resources"] for node in ray.nodes() if node["Alive"]))
 
 
 def check_fits(what: str, cpus: float, gpus: float) -> bool:
@@ -233,11 +243,8 @@ def with_worker_cpus(cluster: Cluster) -> Cluster:
 
 def fitting_groups(cluster: Cluster) -> int:
     """How many worker groups of `cluster`'s shape the cluster holds at once (at least 1)."""
-    total = ray.cluster_resources()
-    fits = total.get("CPU", 0) // (cluster.workers * cluster.cpus_per_worker)
-    if cluster.use_gpu:
-        fits = min(fits, total.get("GPU", 0) // (cluster.workers * cluster.gpus_per_worker))
-    return max(1, int(fits))
+    held = places(cluster.cpus_per_worker, cluster.gpus_per_worker if cluster.use_gpu else 0)
+    return max(1, int(min(held, 10**6) // cluster.workers))
 
 
 def check_shared_paths(storage: str, data: str) -> None:

@@ -10,7 +10,7 @@ import ray
 import torch
 
 from rayad import predict
-from rayad.cluster import Cluster, check_fits, check_resources, check_shared_paths, with_worker_cpus
+from rayad.cluster import Cluster, check_fits, check_resources, check_shared_paths, fitting_groups, with_worker_cpus
 from rayad.errors import RayadError
 from rayad.precision import default_device
 from rayad.serve.app import build_app
@@ -31,6 +31,7 @@ def _nodes(monkeypatch, node_cpus: list[float]) -> None:
     nodes = [{"Alive": True, "Resources": {"CPU": c}} for c in node_cpus] + [dead]
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": sum(node_cpus)})
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # as if connected to that cluster
 
 
 @pytest.mark.parametrize("node_cpus, max_replicas, asked, expected", [
@@ -61,6 +62,28 @@ def test_ray_train_workers_fill_the_smallest_node_by_default(monkeypatch, node_c
     _nodes(monkeypatch, node_cpus)
     cluster = with_worker_cpus(Cluster(workers=workers, cpus_per_worker=asked))
     assert cluster.cpus_per_worker == expected and cluster.worker_threads == max(1, int(expected))
+
+
+@pytest.mark.parametrize("workers, cpus, held", [(2, 2.0, True), (3, 2.0, False), (4, 1.5, True), (5, 1.5, False),
+                                                  (20, 0.3, True), (21, 0.3, False)])
+def test_a_group_the_nodes_cannot_hold_each_on_one_node_is_refused(monkeypatch, workers, cpus, held):
+    """Two nodes of 3 CPUs have 6 but hold two workers of 2 CPUs: a third waited forever, and Ctrl-C did not stop
+    Ray Train's retries."""
+    _nodes(monkeypatch, [3.0, 3.0])
+    cluster = Cluster(workers=workers, cpus_per_worker=cpus)
+    if held:
+        check_resources(cluster)
+        assert fitting_groups(cluster) == 1
+        return
+    with pytest.raises(RayadError, match=rf"asked for {workers} worker\(s\) x {cpus:g} CPU = .*; the cluster's "
+                                         r"nodes hold \d+ of them at once, each on one node \(the cluster has 6 CPU"):
+        check_resources(cluster)
+
+
+def test_a_search_runs_as_many_trials_at_once_as_the_nodes_hold(monkeypatch):
+    _nodes(monkeypatch, [3.0, 3.0, 1.0])
+    assert fitting_groups(Cluster(workers=1, cpus_per_worker=2.0)) == 2  # 7 CPUs, but one 2-CPU worker a node
+    assert fitting_groups(Cluster(workers=2, cpus_per_worker=1.0)) == 3
 
 
 @pytest.mark.parametrize("resources, cpus, gpus, expected", [
@@ -178,7 +201,7 @@ def test_serve_refuses_replicas_the_cluster_cannot_hold_before_it_starts(ray_clu
         start(settings, port=1)  # before Serve starts: port 1 is never bound
     settings = ServeSettings(models={"brick": str(trained_run)}, min_replicas=3, max_replicas=3)  # 1 CPU each
     with pytest.raises(RayadError, match=r"asked for 3 scorer replica\(s\) \(--replicas or --min-replicas\) x 1 CPU "
-                                         "= 3 CPU, 0 GPU; the cluster has 2 CPU"):
+                                         "= 3 CPU, 0 GPU; the cluster's nodes hold 2 of them at once"):
         start(settings, port=1)  # waited forever for the third replica's CPU
 
 
