@@ -23,7 +23,17 @@ from rayad.artifact import PREPROCESSING, Predictor
 from rayad.data.dataset import to_tensor
 from rayad.errors import RayadError
 from rayad.inference import AnomalyModel
-from rayad.layout import EXPORTED, atomic_write, writing
+from rayad.layout import (
+    CHECKPOINTS,
+    EXPERIMENT,
+    EXPORTED,
+    TRIALS,
+    WORKERS_RUN,
+    atomic_write,
+    refuse_other_kinds,
+    writing,
+)
+from rayad.layout import METADATA as MODEL
 
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}
 METADATA = EXPORTED
@@ -56,7 +66,12 @@ def export_model(run_dir: str | Path, fmt: str, out_dir: str | Path, check_image
         _check_export_folder(out_dir, fmt)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             path = Path(tmp) / FORMATS[fmt]
-            (_export_torchscript if fmt == "torchscript" else _export_onnx)(graph, inputs, path)
+            try:
+                (_export_torchscript if fmt == "torchscript" else _export_onnx)(graph, inputs, path)
+            except Exception as e:  # the exporter's own limits, in torch's words; nothing is written
+                first = str(e).strip().splitlines()[:1]
+                raise RayadError(f"the {fmt} exporter failed on this model ({type(e).__name__}: "
+                                 f"{first[0] if first else 'no message'}); the other format may work") from e
             diff = _max_difference(graph, inputs, path, fmt)
             if diff > TOLERANCE[fmt]:
                 raise RayadError(f"the {fmt} export differs from the PyTorch model by {diff:.3g} "
@@ -70,8 +85,10 @@ def export_model(run_dir: str | Path, fmt: str, out_dir: str | Path, check_image
 
 
 def _check_export_folder(out_dir: Path, fmt: str) -> None:
-    """An export folder holds one model file and the METADATA that describes it: no folder where they go, and
-    no other format's file, which the new METADATA would describe wrongly."""
+    """An export folder holds one model file and the METADATA that describes it: no run's or search's files (a
+    run's folder could no longer be resumed), no folder where they go, no other format's file, which the new
+    METADATA would describe wrongly, and no model file that no export wrote."""
+    refuse_other_kinds(out_dir, (MODEL, CHECKPOINTS, WORKERS_RUN, EXPERIMENT, TRIALS), "export into a new folder")
     blocking = [p for p in (out_dir / FORMATS[fmt], out_dir / METADATA) if p.is_dir()]
     if blocking:
         raise RayadError(f"{out_dir}: {blocking[0]} is a folder; the export writes a file there")
@@ -79,6 +96,9 @@ def _check_export_folder(out_dir: Path, fmt: str) -> None:
     if other is not None:
         raise RayadError(f"{out_dir}: holds {other}, another format's export, which {METADATA} describes; export "
                          f"{fmt} into another folder")
+    if (out_dir / FORMATS[fmt]).exists() and not (out_dir / METADATA).exists():
+        raise RayadError(f"{out_dir}: holds {FORMATS[fmt]}, which no rayad export wrote (no {METADATA}); export "
+                         "into another folder")
 
 
 def _check_inputs(images: np.ndarray | None, size: int) -> torch.Tensor:

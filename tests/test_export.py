@@ -27,18 +27,31 @@ def test_images(trained_run, demo_root):
     return load_split(manifest, "test", predictor.image_size).images
 
 
+def _scoring(trained_run: Path, tmp_path: Path, **scoring) -> Path:
+    """A copy of `trained_run` whose config scores as `scoring` says."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    meta = json.loads((run / "model.json").read_text())
+    meta["config"]["scoring"].update(scoring)
+    (run / "model.json").write_text(json.dumps(meta))
+    return run
+
+
+@pytest.mark.parametrize("image_score", ["mean", "topk"])  # topk's k was round() of a traced size: a traceback
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
-def test_export_matches_pytorch_on_test_images(fmt, trained_run, test_images, tmp_path):
-    meta = export_model(trained_run, fmt, tmp_path, check_images=test_images[:4])
-    predictor = Predictor.load(trained_run, device="cpu", precision="fp32")  # exports are fp32 graphs
+def test_export_matches_pytorch_on_test_images(fmt, image_score, trained_run, test_images, tmp_path):
+    run = _scoring(trained_run, tmp_path, image_score=image_score)
+    out = tmp_path / "exp"
+    meta = export_model(run, fmt, out, check_images=test_images[:4])
+    predictor = Predictor.load(run, device="cpu", precision="fp32")  # exports are fp32 graphs
     expected = predictor.predict_arrays(test_images)
     batch = test_images.transpose(0, 3, 1, 2).astype(np.float32) / 255
-    scores, maps = run_exported(tmp_path / FORMATS[fmt], fmt, batch)  # a batch size never traced with
+    scores, maps = run_exported(out / FORMATS[fmt], fmt, batch)  # a batch size never traced with
     assert np.abs(scores - expected.scores).max() <= TOLERANCE[fmt]
     assert np.abs(maps - expected.maps).max() <= TOLERANCE[fmt]
     assert np.array_equal(scores >= meta["threshold"], expected.labels)
-    written = json.loads((tmp_path / METADATA).read_text())
-    model_json = json.loads((trained_run / "model.json").read_text())
+    written = json.loads((out / METADATA).read_text())
+    model_json = json.loads((run / "model.json").read_text())
     assert written["threshold"] == model_json["threshold"] == predictor.threshold
     assert written["normalization"] == model_json["normalization"]
     assert written["preprocessing"] == model_json["preprocessing"] == PREPROCESSING
@@ -69,11 +82,7 @@ def test_cli_export_and_errors(trained_run, tmp_path, capsys):
 def test_an_export_of_a_model_that_scores_in_bf16_says_its_labels_can_differ(trained_run, tmp_path, capsys):
     """The parity figure compares with the fp32 model, while predict and Serve score in bf16: the export said
     nothing of it (4 of 310 labels differed on a tiny model)."""
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    meta = json.loads((run / "model.json").read_text())
-    meta["config"]["scoring"]["precision"] = "bf16"
-    (run / "model.json").write_text(json.dumps(meta))
+    run = _scoring(trained_run, tmp_path, precision="bf16")
     assert main(["export", "--run", str(run), "--format", "torchscript", "--out", str(tmp_path / "exp")]) == 0
     assert "the model scores in bf16 (predict, evaluate, Serve) and this export in fp32" in capsys.readouterr().err
     assert json.loads((tmp_path / "exp" / METADATA).read_text())["model_precision"] == "bf16"
@@ -94,6 +103,30 @@ def test_an_export_folder_holds_one_format_written_by_one_command(trained_run, t
     assert capsys.readouterr().err == (f"rayad export: error: {out}: another rayad command is writing there; wait "
                                        "for it to end, or give another folder\n")
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_an_export_into_a_run_or_over_a_model_file_it_did_not_write_is_refused(trained_run, tmp_path, capsys,
+                                                                               monkeypatch):
+    """An export into a run's own folder was written there, and the run could no longer be resumed; a user's own
+    model.pt was replaced without a word."""
+    run = _scoring(trained_run, tmp_path)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model.pt").write_text("my own checkpoint")
+    before = {path.name for path in run.iterdir()}
+    for out, message in [(run, f"{run} holds a model (model.json); export into a new folder"),
+                         (theirs, f"{theirs}: holds model.pt, which no rayad export wrote (no {METADATA}); export")]:
+        assert main(["export", "--run", str(run), "--format", "torchscript", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"rayad export: error: {message}")
+    assert {path.name for path in run.iterdir()} == before
+    assert (theirs / "model.pt").read_text() == "my own checkpoint"
+
+    def fails(*args):
+        raise TypeError("type Tensor doesn't define __round__ method\nmore lines")
+    monkeypatch.setattr("rayad.export._export_torchscript", fails)
+    assert main(["export", "--run", str(run), "--format", "torchscript", "--out", str(tmp_path / "exp")]) == 2
+    assert capsys.readouterr().err == ("rayad export: error: the torchscript exporter failed on this model (TypeError: "
+                                       "type Tensor doesn't define __round__ method); the other format may work\n")
 
 
 def test_parity_benchmark_prints_both_formats_and_the_machine(trained_run, demo_root, tmp_path):

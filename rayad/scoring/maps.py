@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -55,5 +57,5 @@ def image_score(maps: torch.Tensor, mode: str = "mean", topk: float = 0.01) -> t
         return flat.mean(dim=1)
     if mode == "max":
         return flat.amax(dim=1)
-    k = max(1, int(round(topk * flat.shape[1])))
+    k = max(1, round(topk * math.prod(int(size) for size in maps.shape[1:])))  # int(): a traced size is a tensor
     return flat.topk(k, dim=1).values.mean(dim=1)
