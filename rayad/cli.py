@@ -263,13 +263,10 @@ def cmd_train(args) -> None:
 
         if args.gpu and not torch.cuda.is_available():
             raise RayadError("--gpu: this process sees no CUDA GPU (without --workers it trains here)")
-        ignored = [flag for flag, given in (("--address", args.address), ("--storage", args.storage),
-                                            ("--spread", args.spread),
-                                            ("--cpus-per-worker", args.cpus_per_worker != Cluster.cpus_per_worker),
-                                            ("--max-failures", args.max_failures != Cluster.max_failures)) if given]
-        if ignored:
-            raise RayadError(f"{', '.join(ignored)}: options of training on Ray Train; add --workers N (without it "
-                             "the run trains in this process)")
+        _refuse_ignored((("--address", args.address), ("--storage", args.storage), ("--spread", args.spread),
+                         ("--cpus-per-worker", args.cpus_per_worker != Cluster.cpus_per_worker),
+                         ("--max-failures", args.max_failures != Cluster.max_failures)),
+                        "training on Ray Train; add --workers N (without it the run trains in this process)")
         run = fit(cfg, args.data, args.category, args.out, resume=args.resume)
     else:
         from rayad.train.ray_train import fit_distributed
@@ -340,6 +337,9 @@ def cmd_predict(args) -> None:
         return
     from rayad.predict import predict_paths
 
+    _refuse_ignored((("--actors", args.actors is not None), ("--cpus-per-actor", args.cpus_per_actor is not None),
+                     ("--gpus-per-actor", args.gpus_per_actor != 0), ("--address", args.address)),
+                    "scoring on Ray Data; add --ray (without it the files are scored in this process)")
     _torch_threads()
     remote = [o for o in (args.out, args.heatmaps, *inputs) if o and "://" in o]
     if remote:
@@ -364,6 +364,14 @@ def _check_scored(errors: list[str | None]) -> None:
     if failed:
         print(f"rayad predict: {len(failed)} of {len(errors)} files could not be scored (see their rows' error)",
               file=sys.stderr)
+
+
+def _refuse_ignored(flags: tuple[tuple[str, object], ...], options_of: str) -> None:
+    """Flags given (a true value) that only another mode of the command uses: refused, not ignored (a GPU asked
+    for, and the job ran on the CPU)."""
+    given = [flag for flag, value in flags if value]
+    if given:
+        raise RayadError(f"{', '.join(given)}: options of {options_of}")
 
 
 def cmd_serve(args) -> None:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from rayad.artifact import Predictor, load_model
 from rayad.cpu import use_cpus
-from rayad.data.images import IMAGE_SUFFIXES, image_size, utf8_path
+from rayad.data.images import IMAGE_SUFFIXES, file_or_broken_link, image_size, utf8_path
 from rayad.errors import DataError
 from rayad.layout import atomic_write
 from rayad.settings import PREDICT_BATCH, threads_for
@@ -38,14 +38,15 @@ SCHEMA = pa.schema([("path", pa.string()), ("score", pa.float64()), ("normalized
 
 
 def expand_paths(paths: list[Path]) -> list[Path]:
-    """Files as given; folders expand to the images below them (recursively, sorted), hidden files and folders
-    left out, as in datasets (macOS's `._000.png`, `.ipynb_checkpoints/`). A folder without any image is an
-    error: among several inputs it would otherwise pass unnoticed (a mistyped path)."""
+    """Files as given; folders expand to the images below them (recursively, sorted; a link to nothing too, for
+    its row to name), hidden files and folders left out, as in datasets (macOS's `._000.png`,
+    `.ipynb_checkpoints/`). A folder without any image is an error: among several inputs it would otherwise pass
+    unnoticed (a mistyped path)."""
     out = []
     for p in paths:
         if p.is_dir():
-            images = sorted(utf8_path(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                            and not _hidden(f.relative_to(p)))
+            images = sorted(utf8_path(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                            and file_or_broken_link(f) and not _hidden(f.relative_to(p)))
             if not images:
                 raise DataError(f"no images in {p} (looked for {', '.join(IMAGE_SUFFIXES)})")
             out += images

@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from rayad.data.defects import DEFECTS
 from rayad.data.images import list_images
 from rayad.errors import ConfigError, RayadError
 from rayad.evaluate import evaluate
+from rayad.predict import predict_paths
 from rayad.scoring import quantile_threshold
 from rayad.train import fit
 from rayad.validation import load_validation
@@ -88,6 +90,13 @@ def test_predict_reports_bad_files_without_failing(trained_run, demo_root, tmp_p
     preds, errors = Predictor.load(trained_run).predict_files([good[0], bad, good[1]])
     assert len(preds.scores) == 2
     assert errors[0] is None and errors[2] is None and "bad.png" in errors[1]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")  # a folder's link to nothing: it had no row
+    shutil.copy(good[0], folder / "good.png")
+    rows = predict_paths(trained_run, [folder], None, None, 8).to_pylist()
+    assert [Path(r["path"]).name for r in rows] == ["gone.png", "good.png"]
+    assert "gone.png" in rows[0]["error"] and rows[1]["error"] is None
 
 
 def test_load_rejects_non_artifacts(tmp_path, trained_run):
@@ -107,9 +116,12 @@ def test_evaluate_names_a_bad_test_image_without_suggesting_a_flag_it_lacks(trai
     shutil.copytree(demo_root / "brick", data / "brick")
     bad = data / "brick" / "test" / "good" / "000.png"
     bad.write_bytes(b"not a png")
-    assert main(["evaluate", "--run", str(trained_run), "--data", str(data), "--category", "brick"]) == 2
-    err = capsys.readouterr().err  # one line; the full list, with the hint, is logged
+    args = ["evaluate", "--run", str(trained_run), "--data", str(data), "--category", "brick"]
+    assert main(args) == 2
+    err = capsys.readouterr().err  # one line; with -v the full list, with the hint, is logged
     assert str(bad) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with caplog.at_level("DEBUG", logger="rayad.cli"):
+        assert main(["-v", *args]) == 2
     assert "fix or remove them" in caplog.text and "on_bad_image" not in caplog.text + err
 
 

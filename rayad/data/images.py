@@ -119,7 +119,12 @@ def list_images(directory: Path) -> list[Path]:
     """Image files directly inside `directory`, sorted. Hidden files are left out (macOS copies `._001.png` beside
     each image, which is no image); a link to nothing is kept, to be named where it is read."""
     return sorted(utf8_path(p) for p in directory.iterdir() if not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink() and not p.exists()))
+                  and p.suffix.lower() in IMAGE_SUFFIXES and file_or_broken_link(p))
+
+
+def file_or_broken_link(path: Path) -> bool:
+    """Whether a listed image is one: a file, or a link to nothing, which the reader names (leaving it out hid it)."""
+    return path.is_file() or path.is_symlink() and not path.exists()
 
 
 def utf8_path(path: Path) -> Path:

@@ -97,6 +97,8 @@ TRAIN = ["train", "--data", "{demo}", "--category", "brick", "--out", "{tmp}/o"]
     (["serve", "--run", "{run}", "--max-queued", "0"], "max_queued_requests = 0 (rayad serve --max-queued): "
                                                         "must be >= 1, or -1 for no limit"),
     (["serve", "--run", "{run}", "--max-batch-size", "0"], "--max-batch-size): must be >= 1"),
+    (["predict", "--run", "{run}", "{demo}/brick/test/good", "--gpus-per-actor", "1", "--actors", "2"],  # on the CPU
+     "--actors, --gpus-per-actor: options of scoring on Ray Data; add --ray (without it the files are scored in"),
     (["serve", "--run", "{run}", "--replicas", "0"], "argument --replicas: 0 is not a count (at least 1)"),
     (["serve", "--run", "{run}", "--batch-wait-ms", "-1"], "argument --batch-wait-ms: -1 ms is no wait (at least 0)"),
     # listened on every interface, printing http://:8000
