@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rayad.data.images import IMAGE_SUFFIXES
 from rayad.errors import DataError, RayadError, stop_on_sigterm
-from rayad.layout import local_path
+from rayad.layout import local_path, written_in_place
 from rayad.settings import (
     DASHBOARD_PORT,
     DEMO_SPACE,
@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="hyperparameter search (Ray Tune + Optuna + ASHA) into an experiment dir")
     tune.add_argument("--data", type=Path, help="dataset root")
     tune.add_argument("--category")
-    tune.add_argument("--layout", choices=["auto", "mvtec", "mvtec2", "visa", "folder"])
+    tune.add_argument("--layout", choices=["auto", "mvtec", "mvtec2", "visa", "folder"],
+                      help="dataset layout (default: detected)")
     tune.add_argument("--space", help="search space YAML, or the name of one in tune_spaces/ "
                                       "(demo, quick, quality, paper, ablation)")
     tune.add_argument("--out", required=True, type=Path, help="experiment directory (the results store)")
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     search = tune.add_argument_group("search")
     search.add_argument("--metric", help="validation metric to optimise; comma-separated for multi-objective "
                                          "(default: the space's, else val_image_auroc)")
-    search.add_argument("--mode", help="max or min (comma-separated like --metric; default max)")
+    search.add_argument("--mode", help="max or min (comma-separated like --metric; default: the space's for its "
+                                       "own metric, else max)")
     search.add_argument("--scheduler", choices=["asha", "fifo"], default=SearchSettings.scheduler)
     search.add_argument("--grace-period", type=int, default=SearchSettings.grace_period,
                         help="evaluations before ASHA may stop a trial")
@@ -599,10 +601,10 @@ def writable(existing: Path) -> bool:
     """Whether an output can be written at `existing`, the output path or its nearest existing folder. A file is
     written beside its final name, then renamed (`layout.atomic_write`), so its folder must take a new file:
     tried with a nameless temporary one, as permissions do not tell for root, nor on read-only mounts or
-    /proc and /sys. What is neither file nor folder (/dev/stdout, a pipe) is written in place."""
-    existing = Path(os.path.realpath(existing))  # a link's target is what gets written, beside it
-    if not existing.is_dir() and not existing.is_file():
+    /proc and /sys. What `layout.written_in_place` names (/dev/stdout, a pipe) is written in place."""
+    if written_in_place(existing):
         return os.access(existing, os.W_OK)
+    existing = Path(os.path.realpath(existing))  # a link's target is what gets written, beside it
     try:
         with tempfile.TemporaryFile(dir=existing if existing.is_dir() else existing.parent):
             return True

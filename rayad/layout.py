@@ -168,9 +168,9 @@ def follow_umask(path: Path) -> None:
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write `path` through a temporary file renamed into place: a reader, or a stop midway, never finds half
     a file, and a file written before stays whole until the new one is complete. A symbolic link stays: its
-    target is replaced; a target that is no regular file (/dev/stdout, a pipe) is written in place."""
-    path = Path(os.path.realpath(path))
-    in_place = path.exists() and not path.is_file()
+    target is replaced; what `written_in_place` names is written in place."""
+    in_place = written_in_place(path)
+    path = path if in_place else Path(os.path.realpath(path))
     tmp = path if in_place else path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -183,6 +183,13 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     finally:
         if not in_place:
             tmp.unlink(missing_ok=True)  # left only when the write failed
+
+
+def written_in_place(path: Path) -> bool:
+    """Whether an output is written where it is, not through a renamed temporary file: what is neither file nor
+    folder (a pipe, a terminal). Decided on the path as given: /dev/stdout of a pipe resolves to
+    /proc/PID/fd/pipe:[N], which names nothing."""
+    return path.exists() and not path.is_file() and not path.is_dir()
 
 
 def make_folder(path: Path) -> Path:

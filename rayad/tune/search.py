@@ -138,7 +138,8 @@ def plan_search(settings: SearchSettings, experiment: str | None = None) -> Plan
     for m in metrics:
         if m not in VAL_METRICS:
             raise ConfigError(f"metric {m!r}: choose from {list(VAL_METRICS)} (validation metrics only)")
-    modes = s.mode or tuple(space.mode or "max" for _ in metrics)
+    own_mode = space.mode if metrics == (space.metric,) else None  # the space's direction is its metric's
+    modes = s.mode or tuple(own_mode or "max" for _ in metrics)
     if len(modes) != len(metrics) or set(modes) - {"max", "min"}:
         raise ConfigError(f"mode {list(modes)}: give max or min for each of {list(metrics)}")
     cluster = Cluster(workers=s.workers_per_trial, use_gpu=s.gpus_per_worker > 0, cpus_per_worker=s.cpus_per_worker,

@@ -379,3 +379,13 @@ def test_sigterm_stops_training_as_ctrl_c_does_even_where_ctrl_c_is_ignored(demo
                                            f"{tmp_path / 'run' / 'checkpoints'}/step_000"), err[-2000:]
     assert said.endswith("; the state is saved: resume with the same command and --resume")
     assert "Traceback" not in err
+
+
+def test_json_to_dev_stdout_is_written_into_a_pipe(trained_run, demo_root):
+    """It was refused as not writable: /dev/stdout resolved to /proc/PID/fd/pipe:[N], which names nothing."""
+    piped = subprocess.run([sys.executable, "-m", "rayad.cli", "evaluate", "--run", str(trained_run), "--data",
+                            str(demo_root), "--category", "brick", "--json", "/dev/stdout"],
+                           capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    table, _, written = piped.stdout.partition("\n{")
+    assert "image_auroc" in table and json.loads("{" + written)["image_auroc"] is not None

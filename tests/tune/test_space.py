@@ -229,6 +229,17 @@ def test_a_default_outside_the_space_is_left_to_the_sampler_and_a_config_inside_
     assert plan.space.default_point(plan.base) == {"train.lr": 0.0005}
 
 
+def test_a_space_s_mode_is_its_own_metric_s_direction(tmp_path):
+    """A space's `mode: min` was applied to another metric given by --metric, which was then minimised."""
+    from rayad.tune.search import plan_search
+
+    space = tmp_path / "space.yaml"
+    space.write_text("metric: val_aupro\nmode: min\nparams:\n  train.lr: {loguniform: [1.0e-4, 1.0e-3]}\n")
+    for metric, modes in [((), ("min",)), (("val_aupro",), ("min",)), (("val_image_auroc",), ("max",))]:
+        plan = plan_search(SearchSettings(data_root="d", category="c", space=str(space), metric=metric))
+        assert plan.modes == modes, metric
+
+
 def test_resume_trusts_only_state_of_this_user_not_writable_by_others(tmp_path):
     from rayad.tune.search import check_trusted
 
