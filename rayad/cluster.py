@@ -44,7 +44,7 @@ def connect(address: str | None, log_to_driver: bool = True) -> bool:
         if local:
             _start_local(log_to_driver)
         else:
-            _join(address or os.environ["RAY_ADDRESS"], log_to_driver)
+            _join(address or os.environ["RAY_ADDRESS"], "--address" if address else "RAY_ADDRESS", log_to_driver)
     except SystemExit as e:  # ray.init's own SIGTERM handler exits: stop as Ctrl-C does, with Ray's processes
         if e.code != signal.SIGTERM:
             raise
@@ -71,8 +71,9 @@ def leave_ray(process_ends: bool) -> None:
                 signal.signal(stop, handler)
 
 
-def _join(address: str, log_to_driver: bool) -> None:
-    _check_reachable(address)
+def _join(address: str, given_as: str, log_to_driver: bool) -> None:
+    """Join the cluster at `address`, which `given_as` (--address or RAY_ADDRESS) gave."""
+    _check_reachable(address, given_as)
     try:
         ray.init(address=address, log_to_driver=log_to_driver)
     except (ConnectionError, ValueError) as e:
@@ -82,18 +83,18 @@ def _join(address: str, log_to_driver: bool) -> None:
         raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e}){hint}") from None
 
 
-def _check_reachable(address: str) -> None:
+def _check_reachable(address: str, given_as: str) -> None:
     """A HOST:PORT (or ray://HOST:PORT) address must answer within seconds, and as Ray does (gRPC): ray.init retries
     a silent address, or another server (the dashboard's port, say), for ever."""
     if address == "auto":
         return
     scheme, _, rest = address.rpartition("://")
     if scheme not in ("", "ray"):
-        raise RayadError(f"address {address!r} (--address): give the head node's HOST:PORT (e.g. 10.0.0.1:6379), or "
+        raise RayadError(f"address {address!r} ({given_as}): give the head node's HOST:PORT (e.g. 10.0.0.1:6379), or "
                          "ray://HOST:PORT for a Ray Client server; not an http:// URL (that is the dashboard's)")
     host, _, port = rest.rpartition(":")
     if not host or not port.isdigit():
-        raise RayadError(f"address {address!r} (--address): expected HOST:PORT, the head node's (e.g. 10.0.0.1:6379)")
+        raise RayadError(f"address {address!r} ({given_as}): expected HOST:PORT, the head node's (e.g. 10.0.0.1:6379)")
     try:
         with socket.create_connection((host, int(port)), timeout=5) as conn:
             speaks_grpc = os.environ.get("RAY_USE_TLS") in ("1", "true") or _answers_http2(conn)
@@ -101,8 +102,8 @@ def _check_reachable(address: str) -> None:
         raise RayadError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); is `ray start --head` "
                          "running there?") from None
     if not speaks_grpc:
-        raise RayadError(f"address {address!r} (--address): something answers there, but not Ray; give the head node's "
-                         "GCS port (6379 by default; `ray start --head` prints it), not the dashboard's (8265)")
+        raise RayadError(f"address {address!r} ({given_as}): something answers there, but not Ray; give the head "
+                         "node's GCS port (6379 by default; `ray start --head` prints it), not the dashboard's (8265)")
 
 
 def _answers_http2(conn: socket.socket) -> bool:
@@ -247,14 +248,16 @@ def fitting_groups(cluster: Cluster) -> int:
     return max(1, int(min(held, 10**6) // cluster.workers))
 
 
-def check_shared_paths(storage: str, data: str) -> None:
+def check_shared_paths(storage: str, data: str, category: str) -> None:
     """On a cluster of several nodes, check up front that every node sees the `--storage` folder (a marker
     written here must be visible there: a node-local folder of the same name fails at the first checkpoint)
-    and the `--data` folder (a worker landing where it is missing fails). URIs are not checked."""
+    and the `--data` folder's `category`, not empty (a worker landing where it is missing fails; an unmounted
+    share leaves an empty mount point). URIs are not checked."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
     if len(nodes) < 2:
         return
-    paths = {flag: str(Path(path).absolute()) for flag, path in (("--storage", storage), ("--data", data))
+    paths = {flag: str(Path(path).absolute()) for flag, path in (("--storage", storage),
+                                                                 ("--data", Path(data) / category))
              if "://" not in str(path)}
     marker = None
     if "--storage" in paths:
@@ -269,8 +272,8 @@ def check_shared_paths(storage: str, data: str) -> None:
         for node, missing in zip(nodes, ray.get(checks, timeout=120), strict=True):
             if missing:
                 flag = missing[0]
-                where = storage if flag == "--storage" else data
-                raise RayadError(f"{flag} {where}: not visible on node {node['NodeManagerAddress']}; on a cluster "
+                where = storage if flag == "--storage" else f"{data} (its {category} folder)"
+                raise RayadError(f"{flag} {where}: missing or empty on node {node['NodeManagerAddress']}; on a cluster "
                                  "it must be a folder every node shares (NFS, a mounted volume) or a URI such as "
                                  "s3://bucket/path")
     finally:
@@ -280,4 +283,5 @@ def check_shared_paths(storage: str, data: str) -> None:
 
 @ray.remote
 def _missing(paths: dict[str, str]) -> list[str]:
-    return [flag for flag, path in paths.items() if not os.path.exists(path)]
+    return [flag for flag, path in paths.items() if not os.path.exists(path) or os.path.isdir(path)
+            and not os.listdir(path)]

@@ -76,14 +76,27 @@ def test_an_address_that_is_no_ray_fails_at_once(address, message):
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         with pytest.raises(RayadError, match=message):
-            _check_reachable(address.format(http=server.server_address[1]))
+            _check_reachable(address.format(http=server.server_address[1]), "--address")
         server.shutdown()
 
 
 def test_a_ray_clusters_address_passes_the_check(ray_cluster):
     from rayad.cluster import _check_reachable
 
-    _check_reachable(ray_cluster.address)  # the GCS answers HTTP/2's opening
+    _check_reachable(ray_cluster.address, "--address")  # the GCS answers HTTP/2's opening
+
+
+def test_an_address_from_ray_address_is_named_as_such(monkeypatch):
+    """An http:// RAY_ADDRESS, as `ray job submit` takes, was named as --address, which was not given."""
+    import ray
+
+    from rayad.cluster import connect
+    from rayad.errors import RayadError
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(RayadError, match=r"^address 'http://127.0.0.1:8265' \(RAY_ADDRESS\): give the head node's"):
+        connect(None)
 
 
 def test_a_run_the_cluster_refuses_leaves_no_folder_behind(demo_root, tmp_path):

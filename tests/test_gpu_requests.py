@@ -215,11 +215,15 @@ def test_fractional_gpus_with_several_ddp_workers_fail_up_front(workers, gpus):
 @pytest.mark.slow
 def test_every_node_must_see_storage_and_data(ray_cluster, tmp_path, demo_root):
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    check_shared_paths(str(tmp_path / "storage"), str(demo_root))  # one machine: both nodes see them
+    check_shared_paths(str(tmp_path / "storage"), str(demo_root), "brick")  # one machine: both nodes see them
     assert not list((tmp_path / "storage").iterdir())  # the marker is gone
-    check_shared_paths("s3://bucket/rayad", str(demo_root))  # URIs are not checked
-    with pytest.raises(RayadError, match=r"--data .*missing: not visible on node [0-9.]+; on a cluster it must"):
-        check_shared_paths(str(tmp_path / "storage"), str(tmp_path / "missing"))
+    check_shared_paths("s3://bucket/rayad", str(demo_root), "brick")  # URIs are not checked
+    with pytest.raises(RayadError, match=r"--data .*missing \(its brick folder\): missing or empty on node [0-9.]+; "
+                                         "on a cluster it must"):
+        check_shared_paths(str(tmp_path / "storage"), str(tmp_path / "missing"), "brick")
+    (tmp_path / "mount" / "brick").mkdir(parents=True)  # a share not mounted there: an empty mount point
+    with pytest.raises(RayadError, match=r"--data .*mount \(its brick folder\): missing or empty on node"):
+        check_shared_paths(str(tmp_path / "storage"), str(tmp_path / "mount"), "brick")
 
 
 @pytest.mark.parametrize("command", [["train", "--workers", "1", "--gpu"],

@@ -183,4 +183,6 @@ def _run_folder(storage: str, name: str) -> tuple[pyarrow.fs.FileSystem, str]:
         fs, root = pyarrow.fs.FileSystem.from_uri(storage)  # an absolute path, or a URI
     except ValueError as e:  # pyarrow's ArrowInvalid: an unknown scheme, a query it does not take
         raise RayadError(f"{storage}: not a path or storage URI that pyarrow opens ({e}); check --storage") from None
+    except OSError as e:  # an S3 bucket whose region cannot be resolved (no network, no such bucket)
+        raise RayadError(f"{storage}: pyarrow cannot open it ({e}); check --storage") from None
     return fs, f"{root}/{name}"

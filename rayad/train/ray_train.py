@@ -183,7 +183,7 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
     connect(cluster.address)
     cluster = with_worker_cpus(cluster)
     check_resources(cluster)
-    check_shared_paths(root, str(data_root))
+    check_shared_paths(root, str(data_root), category)
     begin_run_files(out_dir, resumed, data.manifest, cluster.storage, distributed=True)
     loop = LoopConfig(cfg, str(Path(data_root).absolute()), category, threads=cluster.worker_threads,
                       started=started)

@@ -207,7 +207,7 @@ def _search(plan: Plan, exp_dir: Path, address: str | None, resume: bool, verbos
                          f"trials trained on those); put them back, or start a new --out")
     connect(address)
     check_resources(plan.cluster)
-    check_shared_paths(s.storage or str(exp_dir), s.data_root)
+    check_shared_paths(s.storage or str(exp_dir), s.data_root, s.category)
     # written once every check passed: a search refused before it began leaves no folder behind
     save_manifest(manifest, exp_dir / MANIFEST)
     fits = fitting_groups(plan.cluster)

@@ -175,6 +175,20 @@ def test_a_damaged_record_of_ray_trains_checkpoints_is_one_error_that_says_what_
         latest_recorded(str(tmp_path))
 
 
+def test_a_storage_pyarrow_cannot_open_names_storage(monkeypatch):
+    """An S3 bucket whose region pyarrow could not resolve (no network) ended in pyarrow's words alone."""
+    import pyarrow.fs
+
+    class Unresolved:
+        @staticmethod
+        def from_uri(uri):
+            raise OSError("When resolving region for bucket 'no-such-bucket': AWS Error NETWORK_CONNECTION")
+    monkeypatch.setattr(pyarrow.fs, "FileSystem", Unresolved)
+    with pytest.raises(RayadError, match=r"^s3://no-such-bucket/x: pyarrow cannot open it \(When resolving region "
+                                         r".*\); check --storage$"):
+        latest_recorded("s3://no-such-bucket/x")
+
+
 def test_a_folder_holds_one_kind_of_run(tmp_path, demo_root, tiny_config):
     """A --workers run into a single-process run's folder would start again beside its checkpoints."""
     run = fit(tiny_config, demo_root, "brick", tmp_path / "run", progress=False)
