@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rayad.data.images import IMAGE_SUFFIXES
 from rayad.errors import DataError, RayadError, stop_on_sigterm
-from rayad.layout import local_path, written_in_place
+from rayad.layout import local_path, standard_stream, written_in_place
 from rayad.settings import (
     DASHBOARD_PORT,
     DEMO_SPACE,
@@ -519,7 +519,7 @@ def run_script(main: Callable[[], object]) -> None:
     try:
         main()
     except RayadError as e:
-        print(f"{name}: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"{name}: error: {_one_line(str(e), verbose=False)}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
@@ -601,8 +601,8 @@ def writable(existing: Path) -> bool:
     """Whether an output can be written at `existing`, the output path or its nearest existing folder. A file is
     written beside its final name, then renamed (`layout.atomic_write`), so its folder must take a new file:
     tried with a nameless temporary one, as permissions do not tell for root, nor on read-only mounts or
-    /proc and /sys. What `layout.written_in_place` names (/dev/stdout, a pipe) is written in place."""
-    if written_in_place(existing):
+    /proc and /sys. /dev/stdout, and what `layout.written_in_place` names (a pipe), is written in place."""
+    if standard_stream(existing) or written_in_place(existing):
         return os.access(existing, os.W_OK)
     existing = Path(os.path.realpath(existing))  # a link's target is what gets written, beside it
     try:
@@ -676,16 +676,17 @@ def _ray_connected() -> bool:
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()  # without importing Ray
 
 
-def _one_line(message: str) -> str:
+def _one_line(message: str, verbose: bool = True) -> str:
     """The first line with the first item listed below it (indented) and a count of the others, then any
-    note after the list; the full message is logged for --verbose."""
+    note after the list; the full message is logged, for -v where the command has it (`verbose`)."""
     lines = message.splitlines()
     if len(lines) == 1:
         return message
-    log.debug("%s", message)
+    log.log(logging.DEBUG if verbose else logging.ERROR, "%s", message)
     items = [line.strip() for line in lines[1:] if line[:1].isspace() and line.strip() != "..."]
     notes = [line.strip() for line in lines[1:] if not line[:1].isspace()]
-    more = f" (+{len(items) - 1} more: rayad -v lists them)" if len(items) > 1 else ""
+    listed = "rayad -v lists them" if verbose else "listed above"
+    more = f" (+{len(items) - 1} more: {listed})" if len(items) > 1 else ""
     return " ".join([f"{lines[0].rstrip(':')} — {items[0]}{more}" if items else lines[0], *notes])
 
 

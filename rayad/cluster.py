@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayad.cpu import ONE_ARENA_ENV
 from rayad.errors import RayadError, stop_on_sigterm
-from rayad.settings import Cluster, cpu_count
+from rayad.settings import Cluster
 
 __all__ = ["Cluster", "check_group_fits", "check_resources", "check_shared_paths", "connect", "leave_ray",
            "fitting_groups", "node_share", "smallest_node_cpus", "with_worker_cpus"]
@@ -219,11 +219,12 @@ def autoscaled() -> bool:
 
 
 def smallest_node_cpus() -> float:
-    """The CPUs of the smallest live node that has any (a head started with 0 CPUs runs no work), or 1; this
-    machine's where Ray is not connected yet (`serve run` builds its application first). The default CPUs of Ray
-    Train workers, Ray Data's scoring actors and Serve's scorer replicas fill a node of this size."""
+    """The CPUs of the smallest live node that has any (a head started with 0 CPUs runs no work), or 1; where Ray
+    is not connected yet (`serve run` builds its application first), those of the local Ray it would start (Ray's
+    own count, which a container's CPU limit lowers). The default CPUs of Ray Train workers, Ray Data's scoring
+    actors and Serve's scorer replicas fill a node of this size."""
     if not ray.is_initialized():
-        return cpu_count()
+        return float(ray._private.utils.get_num_cpus())
     return min((node["Resources"]["CPU"] for node in ray.nodes()
                 if node["Alive"] and node["Resources"].get("CPU", 0) >= 1), default=1)
 
@@ -251,13 +252,15 @@ def fitting_groups(cluster: Cluster) -> int:
 def check_shared_paths(storage: str, data: str, category: str) -> None:
     """On a cluster of several nodes, check up front that every node sees the `--storage` folder (a marker
     written here must be visible there: a node-local folder of the same name fails at the first checkpoint)
-    and the `--data` folder's `category`, not empty (a worker landing where it is missing fails; an unmounted
-    share leaves an empty mount point). URIs are not checked."""
+    and the `--data` folder's `category` (where it has one), not empty (a worker landing where it is missing
+    fails; an unmounted share leaves an empty mount point). URIs are not checked."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
     if len(nodes) < 2:
         return
+    own_folder = (Path(data) / category).is_dir()  # not in a VisA root, whose CSV may list images elsewhere
     paths = {flag: str(Path(path).absolute()) for flag, path in (("--storage", storage),
-                                                                 ("--data", Path(data) / category))
+                                                                 ("--data", Path(data) / category if own_folder
+                                                                  else data))
              if "://" not in str(path)}
     marker = None
     if "--storage" in paths:
@@ -272,7 +275,7 @@ def check_shared_paths(storage: str, data: str, category: str) -> None:
         for node, missing in zip(nodes, ray.get(checks, timeout=120), strict=True):
             if missing:
                 flag = missing[0]
-                where = storage if flag == "--storage" else f"{data} (its {category} folder)"
+                where = storage if flag == "--storage" else f"{data}{f' (its {category} folder)' * own_folder}"
                 raise RayadError(f"{flag} {where}: missing or empty on node {node['NodeManagerAddress']}; on a cluster "
                                  "it must be a folder every node shares (NFS, a mounted volume) or a URI such as "
                                  "s3://bucket/path")

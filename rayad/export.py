@@ -29,7 +29,6 @@ from rayad.layout import (
     EXPORTED,
     TRIALS,
     WORKERS_RUN,
-    atomic_write,
     refuse_other_kinds,
     writing,
 )
@@ -79,8 +78,10 @@ def export_model(run_dir: str | Path, fmt: str, out_dir: str | Path, check_image
             metadata = _metadata(predictor, fmt, diff, len(inputs))
             if fmt == "onnx":
                 _embed_onnx_metadata(path, metadata)
+            (Path(tmp) / METADATA).write_text(json.dumps(metadata, indent=2))
+            # both written in full first (a full disk fails there), then renamed: the description before the model
+            os.replace(Path(tmp) / METADATA, out_dir / METADATA)
             os.replace(path, out_dir / FORMATS[fmt])
-        atomic_write(out_dir / METADATA, lambda p: p.write_text(json.dumps(metadata, indent=2)))
     return metadata
 
 

@@ -28,9 +28,13 @@ import json
 import logging
 import math
 import os
+import shutil
+import sys
+import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 from rayad.errors import RayadError
 from rayad.metrics import METRIC_NAMES
@@ -168,7 +172,11 @@ def follow_umask(path: Path) -> None:
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write `path` through a temporary file renamed into place: a reader, or a stop midway, never finds half
     a file, and a file written before stays whole until the new one is complete. A symbolic link stays: its
-    target is replaced; what `written_in_place` names is written in place."""
+    target is replaced; what `written_in_place` names is written in place, and /dev/stdout through sys.stdout."""
+    stream = standard_stream(path)
+    if stream is not None:
+        _write_through(stream, write)
+        return
     in_place = written_in_place(path)
     path = path if in_place else Path(os.path.realpath(path))
     tmp = path if in_place else path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -190,6 +198,28 @@ def written_in_place(path: Path) -> bool:
     folder (a pipe, a terminal). Decided on the path as given: /dev/stdout of a pipe resolves to
     /proc/PID/fd/pipe:[N], which names nothing."""
     return path.exists() and not path.is_file() and not path.is_dir()
+
+
+STANDARD_STREAMS = {"/dev/stdout": "stdout", "/dev/fd/1": "stdout", "/proc/self/fd/1": "stdout",
+                    "/dev/stderr": "stderr", "/dev/fd/2": "stderr", "/proc/self/fd/2": "stderr"}
+
+
+def standard_stream(path: Path) -> TextIO | None:
+    """sys.stdout or sys.stderr where `path` names it: written through it, after what the command printed there,
+    whatever it is (`--json /dev/stdout > f` replaced f, losing the table printed before; opened anew, f would be
+    cut to nothing and `>>` ignored)."""
+    name = STANDARD_STREAMS.get(os.path.abspath(path))
+    return getattr(sys, name) if name else None
+
+
+def _write_through(stream: TextIO, write: Callable[[Path], object]) -> None:
+    with tempfile.TemporaryDirectory(prefix="rayad-") as tmp:
+        staged = Path(tmp) / "output"
+        write(staged)
+        stream.flush()
+        with staged.open("rb") as written:
+            shutil.copyfileobj(written, stream.buffer)
+        stream.buffer.flush()
 
 
 def make_folder(path: Path) -> Path:

@@ -562,7 +562,7 @@ def app_builder(args: dict[str, Any]):
     if "run" in args:
         args["models"] = discover_models(args.pop("run"))
     hints = typing.get_type_hints(ServeSettings)
-    text_fields = {name for name, tp in hints.items() if str in (tp, *typing.get_args(tp))}
+    text_fields = {name for name, tp in hints.items() if tp is str or set(typing.get_args(tp)) == {str, type(None)}}
     args = {name: _scalar(value) if isinstance(value, str) and name not in text_fields else value
             for name, value in args.items()}
     return build_app(ServeSettings(**args))

@@ -76,13 +76,13 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
 
 def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, state: dict[int, dict[str, torch.Tensor]]) -> None:
     """torch loads an optimiser's state without comparing shapes, and the first step would fail: a moment (such as
-    Adam's exp_avg) must have its parameter's shape; the step count is a scalar."""
+    Adam's exp_avg) must have its parameter's shape; only the step count is not one."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, tensors in state.items():
         if not 0 <= index < len(params):
             raise ValueError(f"optimizer.safetensors has state for parameter {index}; the model has {len(params)}")
         for name, value in tensors.items():
-            if value.ndim and value.shape != params[index].shape:
+            if name != "step" and value.shape != params[index].shape:
                 raise ValueError(f"optimizer.safetensors' {index}/{name} has shape {tuple(value.shape)}, "
                                  f"its parameter {tuple(params[index].shape)}")
 

@@ -381,11 +381,31 @@ def test_sigterm_stops_training_as_ctrl_c_does_even_where_ctrl_c_is_ignored(demo
     assert "Traceback" not in err
 
 
-def test_json_to_dev_stdout_is_written_into_a_pipe(trained_run, demo_root):
-    """It was refused as not writable: /dev/stdout resolved to /proc/PID/fd/pipe:[N], which names nothing."""
-    piped = subprocess.run([sys.executable, "-m", "rayad.cli", "evaluate", "--run", str(trained_run), "--data",
-                            str(demo_root), "--category", "brick", "--json", "/dev/stdout"],
-                           capture_output=True, text=True, timeout=120)
+def test_json_to_dev_stdout_follows_the_table_into_a_pipe_or_a_file(trained_run, demo_root, tmp_path):
+    """Into a pipe it was refused as not writable (/dev/stdout resolved to /proc/PID/fd/pipe:[N]); into a file the
+    shell had redirected, the file was replaced, and the metrics table printed before the JSON was lost."""
+    command = [sys.executable, "-m", "rayad.cli", "evaluate", "--run", str(trained_run), "--data", str(demo_root),
+               "--category", "brick", "--json", "/dev/stdout"]
+    piped = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert piped.returncode == 0, piped.stderr
+    (tmp_path / "out.txt").write_text("earlier\n")
+    with open(tmp_path / "out.txt", "a") as appended:  # >>
+        assert subprocess.run(command, stdout=appended, timeout=120).returncode == 0
+    in_file = (tmp_path / "out.txt").read_text()
+    assert in_file.startswith("earlier\n") and in_file.removeprefix("earlier\n") == piped.stdout
     table, _, written = piped.stdout.partition("\n{")
     assert "image_auroc" in table and json.loads("{" + written)["image_auroc"] is not None
+
+
+def test_a_benchmark_script_logs_the_whole_list_it_has_no_v_for(capsys, caplog, monkeypatch):
+    from rayad.cli import run_script
+    from rayad.errors import RayadError
+
+    def fails():
+        raise RayadError("2 bad image(s):\n  a.png: not an image\n  b.png: not an image")
+    monkeypatch.setattr(sys, "argv", ["ablation.py"])
+    with pytest.raises(SystemExit) as stop:
+        run_script(fails)
+    assert stop.value.code == 2 and "b.png: not an image" in caplog.text  # at ERROR: a script has no -v
+    assert capsys.readouterr().err == ("ablation.py: error: 2 bad image(s) — a.png: not an image (+1 more: listed "
+                                       "above)\n")

@@ -206,9 +206,10 @@ def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, demo_root, tiny_confi
     shutil.rmtree(latest)
     earlier = sorted((run / "checkpoints").glob("step_*"))[-1]
     moments = load_file(str(earlier / "optimizer.safetensors"))
-    for key, damage in [("0/exp_avg", r"0/exp_avg has shape \(1,\), its parameter \("),
-                        ("999/exp_avg", "parameter 999")]:
-        save_file({**moments, key: torch.zeros(1)}, str(earlier / "optimizer.safetensors"))
+    for key, value, damage in [("0/exp_avg", torch.zeros(1), r"0/exp_avg has shape \(1,\), its parameter \("),
+                               ("0/exp_avg", torch.tensor(0.0), r"0/exp_avg has shape \(\), its parameter \("),
+                               ("999/exp_avg", torch.zeros(1), "parameter 999")]:
+        save_file({**moments, key: value}, str(earlier / "optimizer.safetensors"))
         with pytest.raises(ArtifactError, match=f"{earlier}: damaged checkpoint .*{damage}"):  # not the first step's
             fit(tiny_config.replace({"train.steps": 9}), demo_root, "brick", run, resume=True, progress=False)
     save_file(moments, str(earlier / "optimizer.safetensors"))
