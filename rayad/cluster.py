@@ -258,9 +258,8 @@ def check_shared_paths(storage: str, data: str, category: str) -> None:
     if len(nodes) < 2:
         return
     own_folder = (Path(data) / category).is_dir()  # not in a VisA root, whose CSV may list images elsewhere
-    paths = {flag: str(Path(path).absolute()) for flag, path in (("--storage", storage),
-                                                                 ("--data", Path(data) / category if own_folder
-                                                                  else data))
+    data_path = Path(data) / category if own_folder else data
+    paths = {flag: str(Path(path).absolute()) for flag, path in (("--storage", storage), ("--data", data_path))
              if "://" not in str(path)}
     marker = None
     if "--storage" in paths:
@@ -275,7 +274,7 @@ def check_shared_paths(storage: str, data: str, category: str) -> None:
         for node, missing in zip(nodes, ray.get(checks, timeout=120), strict=True):
             if missing:
                 flag = missing[0]
-                where = storage if flag == "--storage" else f"{data}{f' (its {category} folder)' * own_folder}"
+                where = storage if flag == "--storage" else data + (f" (its {category} folder)" if own_folder else "")
                 raise RayadError(f"{flag} {where}: missing or empty on node {node['NodeManagerAddress']}; on a cluster "
                                  "it must be a folder every node shares (NFS, a mounted volume) or a URI such as "
                                  "s3://bucket/path")
