@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import os
 import socket
 import sqlite3
 import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +26,14 @@ from rayad.layout import BEST, METADATA, TRAIN_LOG, WEIGHTS
 
 
 def require_mlflow():
-    """The mlflow module, or a one-line error naming the extra."""
+    """The mlflow module, or a one-line error naming the extra. MLflow's own log (its stores' tracebacks, which
+    rayad's one-line errors say) is shown only with -v."""
     try:
         import mlflow
     except ImportError:
         raise RayadError("mlflow (--mlflow) needs MLflow: pip install 'rayad[mlflow]'") from None
+    if not logging.getLogger("rayad").isEnabledFor(logging.DEBUG):
+        logging.getLogger("mlflow").setLevel(logging.CRITICAL)
     return mlflow
 
 
@@ -44,7 +50,8 @@ def check_tracking_uri(uri: str, experiment: str | None = None) -> None:
     try:
         _check_server_answers(uri)  # MLflow retries a server that is down for minutes
         _check_sqlite_opens(uri)  # and a database it cannot open for 100 s
-        found = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment or "Default")
+        with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):  # a 503: 4 min
+            found = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment or "Default")
     except Exception as e:  # noqa: BLE001 - MLflow raises its own and its stores' errors
         raise RayadError(f"mlflow {uri!r} (--mlflow): MLflow cannot use it ({_problem(e)})") from None
     if experiment and found is not None and found.lifecycle_stage == "deleted":
@@ -64,8 +71,26 @@ def _check_sqlite_opens(uri: str) -> None:
     if scheme.split("+")[0] != "sqlite" or path in ("", ":memory:"):
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.closing(sqlite3.connect(path)) as db:
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
         db.execute("PRAGMA schema_version")
+        db.execute("BEGIN IMMEDIATE")  # and be writable: a read-only one failed once the work was done
+        db.execute("CREATE TABLE _rayad_probe (x)")
+        db.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Environment variables set for a while (MLflow reads its HTTP settings from them at each request)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _check_server_answers(uri: str) -> None:
@@ -144,7 +169,13 @@ class TrialRuns:
 
 
 def log_best(uri: str, experiment: str, exp_dir: Path, record: dict[str, Any]) -> str:
-    """A run `best`: the best trial's parameters, its validation score, the test metrics and the artifact."""
+    """A run `best`: the best trial's parameters, its validation score, the test metrics and the artifact. A
+    failure here, after the search, is one RayadError that says the search is finished."""
+    return _after_the_work(uri, f"the search is finished and its best model is in {exp_dir / BEST}",
+                           lambda: _log_best(uri, experiment, exp_dir, record))
+
+
+def _log_best(uri: str, experiment: str, exp_dir: Path, record: dict[str, Any]) -> str:
     mlflow = _client_for(uri, experiment)
     best = record["best"]
     with mlflow.start_run(run_name=BEST, tags={"rayad": "best", "trial_id": best["trial_id"]}) as run:
@@ -155,15 +186,21 @@ def log_best(uri: str, experiment: str, exp_dir: Path, record: dict[str, Any]) -
 
 
 def log_training(uri: str, experiment: str, run_dir: Path) -> str:
-    """One run for `rayad train`: the config as the model uses it (model.json: `auto` settled), the precisions
+    """One run for `rayad train`: the config as model.json holds it (scoring.tta's `auto` settled), the precisions
     chosen, the loss at every logged step (RUN_DIR/train_log.jsonl), the artifact. A failure here, after the
     training, is one RayadError that says the model is written."""
     metadata = json.loads((run_dir / METADATA).read_text())
+    return _after_the_work(uri, f"the model is written to {run_dir}",
+                           lambda: _log_training(uri, experiment, run_dir, metadata))
+
+
+def _after_the_work(uri: str, done: str, log: Callable[[], str]) -> str:
+    """`log()`'s run id; its failure, once the work is `done`, in one RayadError that says so."""
     try:
-        return _log_training(uri, experiment, run_dir, metadata)
+        return log()
     except Exception as e:  # noqa: BLE001 - MLflow raises its own, its stores' and the file system's errors
-        raise RayadError(f"mlflow {uri!r} (--mlflow): the model is written to {run_dir}, but logging it to MLflow "
-                         f"failed ({_problem(e)})") from None
+        raise RayadError(f"mlflow {uri!r} (--mlflow): {done}, but logging it to MLflow failed ({_problem(e)})"
+                         ) from None
 
 
 def _log_training(uri: str, experiment: str, run_dir: Path, metadata: dict[str, Any]) -> str:
@@ -187,6 +224,7 @@ def _log_training(uri: str, experiment: str, run_dir: Path, metadata: dict[str, 
 
 
 def _client_for(uri: str, experiment: str):
+    _check_server_answers(uri)  # one that went down since the start: not minutes of retries
     mlflow = require_mlflow()
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment)

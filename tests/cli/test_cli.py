@@ -1,3 +1,4 @@
+import http.server
 import json
 import logging
 import os
@@ -5,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from PIL import Image
 from tiny import TINY, TINY_ARGS, sigterm_after_first_checkpoint
 
 from rayad.cli import main
+from rayad.errors import RayadError
 from rayad.layout import writing
 
 
@@ -311,6 +314,57 @@ def test_mlflow_failing_after_training_says_the_model_is_written(tmp_path, demo_
     assert f"the model is written to {run}, but logging it to MLflow failed" in err.splitlines()[-1]
     assert "Traceback" not in err
     assert (run / "model.json").is_file()
+
+
+def test_a_read_only_mlflow_database_fails_before_training(tmp_path, demo_root, capsys):
+    """It opened for reading, the training ran, and MLflow's 70-line traceback came before rayad's line."""
+    import sqlite3
+
+    database = tmp_path / "mlflow.db"
+    sqlite3.connect(database).close()
+    if subprocess.run(["chattr", "+i", str(database)], capture_output=True).returncode:
+        pytest.skip("this file system has no immutable files (chattr), which even root cannot write")
+    try:
+        assert main(["train", "--data", str(demo_root), "--category", "brick", "--out", str(tmp_path / "r"),
+                     "--mlflow", f"sqlite:///{database}", *TINY_ARGS]) == 2
+    finally:
+        subprocess.run(["chattr", "-i", str(database)], check=True)
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("MLflow cannot use it (OperationalError: attempt to write a readonly database)"), err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_an_mlflow_server_that_answers_an_error_fails_at_once(tmp_path, demo_root, capsys):
+    """A proxy whose MLflow is down answers 503: MLflow retried for 4 minutes before the check failed."""
+    from servers import free_port
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(503)
+
+        def log_message(self, *args):
+            pass
+    with http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Unavailable) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started = time.monotonic()
+        assert main(["train", "--data", str(demo_root), "--category", "brick", "--out", str(tmp_path / "r"),
+                     "--mlflow", f"http://127.0.0.1:{server.server_address[1]}", *TINY_ARGS]) == 2
+        server.shutdown()
+    assert time.monotonic() - started < 30 and "MLflow cannot use it" in capsys.readouterr().err
+
+
+def test_mlflow_failing_after_a_search_says_the_best_model_is_written(tmp_path, monkeypatch):
+    """An MLflow that failed at the search's `best` run gave a traceback and exit code 1 after the whole search."""
+    from rayad import tracking
+
+    def fails(uri, experiment):
+        raise RuntimeError("Cannot set a deleted experiment 'exp' as the active experiment.\nmore")
+    monkeypatch.setattr(tracking, "_client_for", fails)
+    with pytest.raises(RayadError, match=rf"^mlflow 'sqlite:///x.db' \(--mlflow\): the search is finished and its "
+                                         rf"best model is in {tmp_path}/best, but logging it to MLflow failed "
+                                         r"\(RuntimeError: Cannot set a deleted experiment 'exp' as the active "
+                                         r"experiment.\)$"):
+        tracking.log_best("sqlite:///x.db", "exp", tmp_path, {"best": {}})
 
 
 def test_mlflow_missing_is_one_line_naming_the_extra(tmp_path, demo_root, capsys, monkeypatch):
