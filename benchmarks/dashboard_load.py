@@ -43,11 +43,11 @@ from rayad.cli import count, run_script
 from rayad.data.defects import DEFECTS
 from rayad.data.demo import make_demo_dataset
 from rayad.evaluate import METRIC_NAMES, evaluate
-from rayad.layout import BEST, EVALUATION, EXPERIMENT, STUDY, TEST_METRICS, TRIALS, TRIALS_DIR, VAL_METRICS
+from rayad.layout import BEST, EVALUATION, EXPERIMENT, STUDY, TEST_METRICS, TRIALS, TRIALS_DIR, VAL_METRICS, write_json
 from rayad.precision import cpu_summary
 from rayad.tune import SearchSettings, resolve_space
 from rayad.tune.search import experiment_record, plan_search
-from rayad.tune.store import ResultsStore, read_rows, write_json
+from rayad.tune.store import ResultsStore, read_rows
 
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",

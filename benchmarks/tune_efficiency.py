@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from rayad.cli import count, run_script
 from rayad.cluster import connect
 from rayad.data.demo import CATEGORIES, make_demo_dataset
+from rayad.evaluate import format_metric
 from rayad.layout import METRIC_NAMES, TRIALS
 from rayad.precision import cpu_summary
 from rayad.tune import SearchSettings, resolve_space, run_search
@@ -64,12 +65,9 @@ def report(results: dict, trials: int, space: str) -> str:
     for cat, r in results.items():
         for name, test in (("default config", r["default"]["test"]), ("best (ASHA)", r["asha"]["test"]),
                            ("best (FIFO)", r["fifo"]["test"])):
-            lines.append(f"{cat:<9}{name:<16}" + "".join(f"{_fmt(test[m]):>13}" for m in METRIC_NAMES))
+            lines.append(f"{cat:<9}{name:<16}" + "".join(f"{format_metric(test[m]):>13}" for m in METRIC_NAMES))
     return "\n".join(lines)
 
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def _cpus() -> int:

@@ -1,5 +1,5 @@
 """Cached readers for the pages. Each takes the versions (mtimes) of the files it reads, so the cache
-refreshes when a running search rewrites them; pages call `rayad.results` only through here."""
+refreshes when a running search rewrites them; pages read the store's files only through here."""
 
 from __future__ import annotations
 

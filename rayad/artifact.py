@@ -23,7 +23,7 @@ from rayad.data.dataset import ImageSet, to_tensor
 from rayad.data.images import load_image
 from rayad.errors import ArtifactError, ConfigError, DataError
 from rayad.inference import TTA_TOLERANCE, AnomalyModel, InferenceBatch, mirror_error_ratios
-from rayad.layout import BEST, METADATA, WEIGHTS, atomic_write, follow_umask
+from rayad.layout import BEST, METADATA, WEIGHTS, atomic_write, follow_umask, write_json
 from rayad.models import create_model
 from rayad.precision import (
     Choice,
@@ -186,7 +186,7 @@ def save_artifact(model: AnomalyModel, config: Config, out_dir: str | Path, extr
         **(extra or {}),
     }
     atomic_write(out_dir / WEIGHTS, lambda p: (save_file(state, str(p)), follow_umask(p)))
-    atomic_write(out_dir / METADATA, lambda p: p.write_text(json.dumps(metadata, indent=2)))
+    write_json(out_dir / METADATA, metadata)
     return out_dir
 
 

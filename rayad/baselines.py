@@ -20,6 +20,7 @@ from rayad.config import DataConfig
 from rayad.data.dataset import ImageSet, load_split
 from rayad.data.manifest import build_manifest
 from rayad.errors import DataError
+from rayad.evaluate import metrics_table
 from rayad.metrics import auroc, compute_metrics
 
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL converts RGB to "L"
@@ -83,14 +84,6 @@ def nearest_indices(reference: np.ndarray, queries: np.ndarray, chunk: int = 256
 
 def format_table(category: str, metrics: dict) -> str:
     """A category's image AUROC (with its interval), pixel AUROC and AUPRO, overall and per defect type."""
-    names = ("image_auroc", "pixel_auroc", "aupro")
-    header = f"{'defect':<14}{'images':>7}" + "".join(f"{n:>13}" for n in names)
-    lines = [f"{category}: nearest neighbour, {metrics['size']}x{metrics['size']} grayscale, "
-             f"{metrics['n_train']} training images, {metrics['seconds']:.1f} s", header, "-" * len(header)]
-    for name, m in [("all", metrics), *sorted(metrics.get("per_defect", {}).items())]:
-        cells = "".join(f"{'-' if m[k] is None else format(m[k], '.4f'):>13}" for k in names)
-        lines.append(f"{name:<14}{m['n_images']:>7}{cells}")
-    for key, label in (("image_auroc_ci", "image AUROC"), ("pixel_auroc_ci", "pixel AUROC")):
-        if metrics.get(key):
-            lines.append(f"{label} 95% CI [{metrics[key][0]:.4f}, {metrics[key][1]:.4f}]")
-    return "\n".join(lines)
+    title = (f"{category}: nearest neighbour, {metrics['size']}x{metrics['size']} grayscale, {metrics['n_train']} "
+             f"training images, {metrics['seconds']:.1f} s")
+    return "\n".join([title, *metrics_table(metrics, ("image_auroc", "pixel_auroc", "aupro"))])

@@ -273,9 +273,6 @@ def cmd_train(args) -> None:
     else:
         from rayad.train.ray_train import fit_distributed
 
-        cpus = args.cpus_per_worker
-        if args.workers < 1 or (cpus is not None and cpus <= 0) or args.max_failures < 0:
-            raise RayadError("--workers must be >= 1, --cpus-per-worker > 0 and --max-failures >= 0")
         cluster = Cluster(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
                           address=args.address, storage=args.storage, max_failures=args.max_failures,
                           placement="SPREAD" if args.spread else "PACK")
@@ -301,7 +298,7 @@ def _torch_threads() -> None:
 def cmd_evaluate(args) -> None:
     from rayad.artifact import Predictor
     from rayad.evaluate import evaluate, format_table
-    from rayad.layout import atomic_write
+    from rayad.layout import write_json
 
     _torch_threads()
     predictor = Predictor.load(args.run)
@@ -312,7 +309,7 @@ def cmd_evaluate(args) -> None:
     print(format_table(metrics))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+        write_json(args.json, metrics)
 
 
 def cmd_predict(args) -> None:

@@ -13,7 +13,8 @@ from rayad.baselines import nearest_neighbour_image_auroc
 from rayad.cluster import connect
 from rayad.data.demo import CATEGORIES, make_demo_dataset
 from rayad.errors import Interrupted, RayadError
-from rayad.layout import BEST, EXPERIMENT, HISTORY, METRIC_NAMES, STUDY, SUMMARY, TRIALS, atomic_write
+from rayad.evaluate import format_metric
+from rayad.layout import BEST, EXPERIMENT, HISTORY, METRIC_NAMES, STUDY, SUMMARY, TRIALS, write_json
 from rayad.settings import DEMO_SPACE, DEMO_TRIALS
 from rayad.tune import SearchSettings, resolve_space, run_search
 from rayad.tune.search import check_as_begun, plan_search, read_experiment_file, settings_of
@@ -56,7 +57,7 @@ def run_demo(out: str | Path, space: str = DEMO_SPACE, trials: int = DEMO_TRIALS
                              "nn_image_auroc": nearest_neighbour_image_auroc(data_root, category),
                              "seconds": summary[category]["seconds"] if finished and category in summary
                              else time.perf_counter() - start}
-    atomic_write(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    write_json(out / SUMMARY, summary)
     print(_summary_table(summary))
     print(_next_commands(out, categories[0]))
     return summary
@@ -115,15 +116,12 @@ def _summary_table(summary: dict[str, Any]) -> str:
     lines = ["", "best model per category (validation: the search's objective; the rest: test split; "
              "nn_image_auroc: the raw-pixel nearest-neighbour baseline)", header, "-" * len(header)]
     for category, m in summary.items():
-        lines.append(f"{category:<10}{m['trials']:>7}" + "".join(f"{_fmt(m[c]):>15}" for c in columns)
+        lines.append(f"{category:<10}{m['trials']:>7}" + "".join(f"{format_metric(m[c]):>15}" for c in columns)
                      + f"{m['seconds']:>9.0f}")
     means = {c: sum(m[c] or 0 for m in summary.values()) / len(summary) for c in columns}
     lines.append(f"{'mean':<10}{'':>7}" + "".join(f"{means[c]:>15.4f}" for c in columns))
     return "\n".join(lines)
 
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def _next_commands(out: Path, category: str) -> str:

@@ -48,17 +48,8 @@ def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category:
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """Overall and per-defect metrics as an aligned text table."""
-    rows = [("all", metrics), *sorted(metrics["per_defect"].items())]
-    header = f"{'defect':<14}{'images':>7}" + "".join(f"{name:>13}" for name in METRIC_NAMES)
-    lines = [header, "-" * len(header)]
-    for name, m in rows:
-        cells = "".join(f"{_fmt(m.get(k)):>13}" for k in METRIC_NAMES)
-        lines.append(f"{name:<14}{m['n_images']:>7}{cells}")
-    intervals = [f"{name} 95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" for name, ci in
-                 (("image AUROC", metrics.get("image_auroc_ci")), ("pixel AUROC", metrics.get("pixel_auroc_ci"))) if ci]
-    if intervals:
-        lines.append(", ".join(intervals) + " (bootstrap over images)")
+    """Overall and per-defect metrics as an aligned text table, with the threshold's accuracy."""
+    lines = metrics_table(metrics)
     lines.append(f"threshold {metrics['threshold']:.6g}, accuracy at threshold {metrics['accuracy']:.3f}")
     if metrics.get("image_auroc") is None:
         lines.append("no metric where '-': they rank anomalous images against good ones, and the test split lacks one "
@@ -71,5 +62,20 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value) -> str:
+def metrics_table(metrics: dict[str, Any], names: tuple[str, ...] = METRIC_NAMES) -> list[str]:
+    """The lines of a table of `names`, overall and per defect type, and the bootstrap intervals."""
+    rows = [("all", metrics), *sorted(metrics["per_defect"].items())]
+    header = f"{'defect':<14}{'images':>7}" + "".join(f"{name:>13}" for name in names)
+    lines = [header, "-" * len(header)]
+    for name, m in rows:
+        lines.append(f"{name:<14}{m['n_images']:>7}" + "".join(f"{format_metric(m.get(k)):>13}" for k in names))
+    intervals = [f"{name} 95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" for name, ci in
+                 (("image AUROC", metrics.get("image_auroc_ci")), ("pixel AUROC", metrics.get("pixel_auroc_ci"))) if ci]
+    if intervals:
+        lines.append(", ".join(intervals) + " (bootstrap over images)")
+    return lines
+
+
+def format_metric(value: float | None) -> str:
+    """A metric in a table: 4 decimals, or "-" where it is not defined."""
     return "-" if value is None else f"{value:.4f}"

@@ -15,8 +15,8 @@
 
 The writers (artifact, tune.store), the readers (results, the dashboard), Serve's model discovery, the demo
 and the benchmarks all take names from here (docs/design.md, "The results store"); its writers write
-through `atomic_write`. Only the standard library, rayad.errors and rayad.metrics' names are imported, so
-that light readers stay light.
+through `atomic_write`. Only the standard library and rayad.errors are imported, so that light readers (and
+every command's start) stay light.
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from rayad.errors import RayadError
-from rayad.metrics import METRIC_NAMES
 
 WEIGHTS, METADATA, MANIFEST = "model.safetensors", "model.json", "manifest.parquet"
 TRAIN_LOG = "train_log.jsonl"  # in RUN_DIR, one JSON line per logged step
@@ -56,19 +55,25 @@ TRIAL_STATUSES = ("running", *TRIAL_ENDED, "interrupted")
 EVALUATION = "evaluation"
 
 
+def trial_params(row: dict[str, Any]) -> dict[str, Any]:
+    """A trial's searched parameters by config key: the PARAM_PREFIX columns of its row, without the prefix."""
+    return {k.removeprefix(PARAM_PREFIX): v for k, v in row.items() if k.startswith(PARAM_PREFIX)}
+
+
 def evaluations(steps: int, checkpoint_every: int) -> int:
     """How many evaluations a run has made after `steps` steps: one at each checkpoint, and one at its end."""
     return math.ceil(steps / checkpoint_every)
 
 
+METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "f1_max")  # a test set's (rayad.metrics)
 VAL_METRICS = tuple(f"val_{name}" for name in METRIC_NAMES)  # what trials report and searches optimise
 PIXEL_METRICS = ("val_pixel_auroc", "val_aupro")  # need masks in the validation set
 
 __all__ = ["BEST", "CHECKPOINTS", "EVALUATION", "EXPERIMENT", "EXPORTED", "HISTORY", "MANIFEST", "METADATA",
            "METRIC_NAMES", "PARAM_PREFIX", "PIXEL_METRICS", "RAY_STATE", "STUDY", "SUMMARY", "TEST_METRICS",
            "TRAIN_LOG", "TRIALS", "TRIALS_DIR", "TRIAL_ENDED", "TRIAL_STATUSES", "TUNE_DIR", "VAL_METRICS", "WEIGHTS",
-           "WORKERS_RUN", "discover_models", "evaluations", "find_experiments", "is_experiment", "is_model",
-           "scan_experiments"]
+           "WORKERS_RUN", "discover_models", "evaluations", "is_experiment", "is_model",
+           "scan_experiments", "trial_params", "write_json"]
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +86,10 @@ def is_experiment(path: Path) -> bool:
     return (path / EXPERIMENT).is_file() or (path / TRIALS).is_file()
 
 
-def find_experiments(runs_dir: str | Path) -> list[Path]:
-    """Experiment directories: `runs_dir` itself, or its children and grandchildren (e.g. `rayad demo`'s
-    output, one experiment per category)."""
-    return scan_experiments(runs_dir)[0]
-
-
 def scan_experiments(runs_dir: str | Path) -> tuple[list[Path], dict[Path, str]]:
-    """`find_experiments`, and the folders it could not look into with why (another account's private folder):
-    those are left out, and hide no other."""
+    """Experiment directories: `runs_dir` itself, or its children and grandchildren (e.g. `rayad demo`'s output,
+    one experiment per category); and the folders it could not look into with why (another account's private
+    folder): those are left out, and hide no other."""
     runs_dir = Path(runs_dir)
     unreadable: dict[Path, str] = {}
 
@@ -167,6 +167,11 @@ def follow_umask(path: Path) -> None:
     """Give a file the mode `open()` gives new files. safetensors creates its files readable by their owner
     alone (0600): a model trained by one account could not be served or scored by another."""
     os.chmod(path, 0o666 & ~_UMASK)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """`data` as indented JSON, through `atomic_write` (what JSON cannot hold, such as a Path, as its str)."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from rayad.errors import ConfigError
-from rayad.layout import atomic_write
+from rayad.layout import write_json
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -233,7 +233,7 @@ def _cached(key: dict, measure: Callable[[], dict[str, float]]) -> dict[str, flo
         entries = {**_read_json(path), name: measure()}  # re-read: another process may have written
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(entries, indent=1)))
+            write_json(path, entries)
         except OSError as e:
             log.warning("could not cache the precision probe in %s: %s", path, e)
     return entries[name]

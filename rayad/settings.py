@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rayad.config import coerce
+from rayad.config import MAX_SEED, coerce
 from rayad.data.images import MAX_IMAGE_PIXELS, PILLOW_MAX_PIXELS
 from rayad.errors import ConfigError, RayadError
 
@@ -48,6 +48,20 @@ def coerce_fields(settings: Any, where: str) -> None:
     hints = typing.get_type_hints(type(settings))
     for f in dataclasses.fields(settings):
         object.__setattr__(settings, f.name, coerce(getattr(settings, f.name), hints[f.name], f"{where}{f.name}"))
+
+
+def check_rules(settings: Any, kind: str, rules: list[tuple[str, bool, str]], flag: typing.Callable[[str], str]
+                ) -> None:
+    """Refuse the first of `rules` (name, holds, what it must be) that fails, in one line naming the setting and
+    the flag that sets it (`flag(name)`, "" for none)."""
+    for name, holds, need in rules:
+        if not holds:
+            given = f" ({flag(name)})" if flag(name) else ""
+            raise ConfigError(f"{kind} setting {name} = {getattr(settings, name)!r}{given}: must be {need}")
+
+
+def _cli_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def cpu_count() -> int:
@@ -83,12 +97,21 @@ class Cluster:
     threads_per_worker: int | None = None
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "cluster setting ")
         object.__setattr__(self, "storage", absolute_path(self.storage))  # Ray reads a relative path as a URI
-        for name in ("cpus_per_worker", "gpus_per_worker"):  # Ray's ControllerError, after the search began
-            value = getattr(self, name)
-            if value is not None and value != round(value, RAY_DECIMALS):
-                raise ConfigError(f"{name} = {value!r} (--{name.replace('_', '-')}): Ray counts resources to "
-                                  f"{RAY_DECIMALS} decimal places")
+        cpus = self.cpus_per_worker
+        check_rules(self, "cluster", [
+            ("workers", self.workers >= 1, ">= 1"),
+            ("cpus_per_worker", cpus is None or cpus > 0, "> 0"),
+            ("gpus_per_worker", self.gpus_per_worker > 0 or not self.use_gpu, "> 0 where workers use GPUs"),
+            ("max_failures", self.max_failures >= 0, ">= 0"),
+            ("placement", self.placement in ("PACK", "SPREAD"), "PACK or SPREAD (--spread)"),
+            ("threads_per_worker", self.threads_per_worker is None or self.threads_per_worker >= 1, ">= 1"),
+            # else Ray's ControllerError, after the search began
+            *((name, value is None or value == round(value, RAY_DECIMALS),
+               f"a count to {RAY_DECIMALS} decimal places (Ray's)")
+              for name, value in (("cpus_per_worker", cpus), ("gpus_per_worker", self.gpus_per_worker))),
+        ], lambda name: "" if name in ("placement", "threads_per_worker") else _cli_flag(name))
 
     def describe(self) -> str:
         gpu = f" + {self.gpus_per_worker:g} GPU" if self.use_gpu else ""
@@ -136,6 +159,19 @@ class SearchSettings:
         coerce_fields(self, "SearchSettings.")
         for name in ("data_root", "val_root", "config_file", "space", "storage"):
             object.__setattr__(self, name, absolute_path(getattr(self, name)))
+        check_rules(self, "search", [
+            ("trials", self.trials >= 1, ">= 1"),
+            ("workers_per_trial", self.workers_per_trial >= 1, ">= 1"),
+            ("cpus_per_worker", self.cpus_per_worker > 0, "> 0"),
+            ("gpus_per_worker", self.gpus_per_worker >= 0, ">= 0"),
+            ("startup_trials", self.startup_trials is None or self.startup_trials >= 1, ">= 1"),
+            ("concurrent", self.concurrent is None or self.concurrent >= 1, ">= 1"),
+            ("grace_period", self.grace_period >= 1, ">= 1"),
+            ("reduction_factor", self.reduction_factor >= 2, ">= 2"),
+            ("max_failures", self.max_failures >= 0, ">= 0"),
+            ("search_seed", 0 <= self.search_seed <= MAX_SEED, f"from 0 to {MAX_SEED}"),  # Optuna's range
+            ("scheduler", self.scheduler in ("asha", "fifo"), "asha or fifo"),
+        ], lambda name: "" if name == "reduction_factor" else _cli_flag(name))  # no flag sets it
 
     @property
     def tpe_startup_trials(self) -> int:
@@ -173,31 +209,26 @@ class ServeSettings:
 
     def __post_init__(self):
         """Checked here, so that `rayad serve` and a Serve config file fail alike, before Ray starts."""
-        coerce_fields(self, "serve setting ")  # a Serve config's YAML may give "16" for 16
-
-        def check(ok: bool, name: str, need: str) -> None:
-            if not ok:
-                flag = "--" + SERVE_FLAGS.get(name, name).replace("_", "-")
-                raise ConfigError(f"serve setting {name} = {getattr(self, name)!r} (rayad serve {flag}): "
-                                  f"must be {need}")
-        for name in (f.name for f in dataclasses.fields(self)):  # a Serve config's YAML reads .inf as a float
-            value = getattr(self, name)
-            check(not isinstance(value, float) or math.isfinite(value), name, "a finite number")
-        check(self.max_batch_size >= 1, "max_batch_size", ">= 1")
-        check(self.batch_wait_s >= 0, "batch_wait_s", ">= 0")
-        check(self.min_replicas >= 1, "min_replicas", ">= 1")
-        check(self.max_replicas >= self.min_replicas, "max_replicas", f">= the minimum ({self.min_replicas})")
-        check(self.target_ongoing_requests > 0, "target_ongoing_requests", "> 0")
-        check(self.max_queued_requests >= 1 or self.max_queued_requests == -1, "max_queued_requests",
-              ">= 1, or -1 for no limit")
-        check(self.replica_cpus is None or self.replica_cpus >= 0, "replica_cpus", ">= 0")
-        check(self.replica_gpus >= 0, "replica_gpus", ">= 0")
-        check(self.ingress_cpus >= 0, "ingress_cpus", ">= 0")
-        check(self.max_upload_mb > 0, "max_upload_mb", "> 0")
-        check(self.max_batch_mb > 0, "max_batch_mb", "> 0")
-        check(1 <= self.max_pixels <= PILLOW_MAX_PIXELS, "max_pixels",
-              f"from 1 to {PILLOW_MAX_PIXELS:,} (Pillow's limit)")
-        check(self.max_batch_images >= 1, "max_batch_images", ">= 1")
+        coerce_fields(self, "serve setting ")  # a direct ServeSettings(...) may give "16" for 16
+        check_rules(self, "serve", [
+            *((f.name, not isinstance(getattr(self, f.name), float) or math.isfinite(getattr(self, f.name)),
+               "a finite number") for f in dataclasses.fields(self)),  # a Serve config's YAML reads .inf as a float
+            ("max_batch_size", self.max_batch_size >= 1, ">= 1"),
+            ("batch_wait_s", self.batch_wait_s >= 0, ">= 0"),
+            ("min_replicas", self.min_replicas >= 1, ">= 1"),
+            ("max_replicas", self.max_replicas >= self.min_replicas, f">= the minimum ({self.min_replicas})"),
+            ("target_ongoing_requests", self.target_ongoing_requests > 0, "> 0"),
+            ("max_queued_requests", self.max_queued_requests >= 1 or self.max_queued_requests == -1,
+             ">= 1, or -1 for no limit"),
+            ("replica_cpus", self.replica_cpus is None or self.replica_cpus >= 0, ">= 0"),
+            ("replica_gpus", self.replica_gpus >= 0, ">= 0"),
+            ("ingress_cpus", self.ingress_cpus >= 0, ">= 0"),
+            ("max_upload_mb", self.max_upload_mb > 0, "> 0"),
+            ("max_batch_mb", self.max_batch_mb > 0, "> 0"),
+            ("max_pixels", 1 <= self.max_pixels <= PILLOW_MAX_PIXELS,
+             f"from 1 to {PILLOW_MAX_PIXELS:,} (Pillow's limit)"),
+            ("max_batch_images", self.max_batch_images >= 1, ">= 1"),
+        ], lambda name: "rayad serve " + _cli_flag(SERVE_FLAGS.get(name, name)))
         key = self.api_key or ""
         if key != key.strip(" \t") or any(ord(c) < 32 or ord(c) == 127 for c in key):  # the key is not shown
             raise ConfigError("serve setting api_key (RAYAD_API_KEY): has whitespace at an end or a control "

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rayad.errors import RayadError
-from rayad.layout import BEST, METADATA, TRAIN_LOG, WEIGHTS
+from rayad.layout import BEST, METADATA, TRAIN_LOG, WEIGHTS, trial_params
 
 
 def require_mlflow():
@@ -167,7 +167,7 @@ def _log_best(uri: str, experiment: str, exp_dir: Path, record: dict[str, Any]) 
     mlflow = _client_for(uri, experiment)
     best = record["best"]
     with mlflow.start_run(run_name=BEST, tags={"rayad": "best", "trial_id": best["trial_id"]}) as run:
-        mlflow.log_params({k.removeprefix("config/"): v for k, v in best["params"].items()})
+        mlflow.log_params(trial_params(best["params"]))
         mlflow.log_metrics({**best["validation"], **_numbers(best["test"], prefix="test_")})
         mlflow.log_artifacts(str(exp_dir / BEST), artifact_path="model")
     return run.info.run_id

@@ -3,6 +3,8 @@ pyarrow, or returning a wrong score."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from rayad.artifact import Predictor
 from rayad.config import load_config
 from rayad.errors import ConfigError, DataError, RayadError
 from rayad.evaluate import evaluate
+from rayad.settings import Cluster
 from rayad.train import fit
 from rayad.tune import SearchSettings, run_search
 
@@ -103,3 +106,18 @@ def test_config_fit_and_search_name_arguments_of_the_wrong_kind(demo_root, tmp_p
     assert not (tmp_path / "exp").exists()
     with pytest.raises(TypeError, match="settings: a rayad.tune.SearchSettings, not a dict"):
         run_search({"data_root": str(demo_root)}, tmp_path / "exp")
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: Cluster(workers=0), "cluster setting workers = 0 (--workers): must be >= 1"),
+    (lambda: Cluster(cpus_per_worker=-1.0), "cpus_per_worker = -1.0 (--cpus-per-worker): must be > 0"),
+    (lambda: Cluster(max_failures=-3), "max_failures = -3 (--max-failures): must be >= 0"),
+    (lambda: Cluster(placement="pack"), "placement = 'pack': must be PACK or SPREAD"),
+    (lambda: Cluster(use_gpu=True, gpus_per_worker=0.0), "gpus_per_worker = 0.0 (--gpus-per-worker): must be > 0"),
+    (lambda: SearchSettings(data_root="d", category="c", space="s", trials=0),
+     "search setting trials = 0 (--trials): must be >= 1"),
+])
+def test_settings_built_in_python_are_checked_as_the_command_line_checks_them(make, message):
+    """The Python API's Cluster and SearchSettings refuse what the CLI refuses, when they are built."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make()

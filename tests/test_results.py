@@ -83,15 +83,15 @@ def test_a_failed_write_names_the_file_asked_for_not_the_temporary_one(tmp_path)
     assert err.value.filename == str(tmp_path / "metrics.json") and err.value.strerror == "Permission denied"
 
 
-def test_find_experiments_at_one_or_two_levels(tmp_path):
+def test_scan_experiments_at_one_or_two_levels(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "experiment.json").write_text("{}")
     (tmp_path / "demo" / "brick").mkdir(parents=True)
     (tmp_path / "demo" / "brick" / "trials.parquet").write_bytes(b"")
     (tmp_path / "data" / "x").mkdir(parents=True)
-    assert layout.find_experiments(tmp_path) == [tmp_path / "a", tmp_path / "demo" / "brick"]
-    assert layout.find_experiments(tmp_path / "a") == [tmp_path / "a"]
-    assert layout.find_experiments(tmp_path / "missing") == []
+    assert layout.scan_experiments(tmp_path)[0] == [tmp_path / "a", tmp_path / "demo" / "brick"]
+    assert layout.scan_experiments(tmp_path / "a")[0] == [tmp_path / "a"]
+    assert layout.scan_experiments(tmp_path / "missing")[0] == []
 
 
 def test_a_folder_that_cannot_be_read_hides_no_other_experiment():
@@ -103,7 +103,7 @@ def test_a_folder_that_cannot_be_read_hides_no_other_experiment():
         private(runs / "demo" / "private")
         with unprivileged():
             found, unreadable = layout.scan_experiments(runs)
-            assert layout.find_experiments(runs) == found == [runs / "a", runs / "demo" / "brick"]
+            assert layout.scan_experiments(runs)[0] == found == [runs / "a", runs / "demo" / "brick"]
     assert unreadable == {runs / "private": "Permission denied", runs / "demo" / "private": "Permission denied"}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rayad.layout import METRIC_NAMES
 from rayad.metrics.aupro import aupro
 from rayad.metrics.auroc import auroc, check_finite, descending_order, roc_curve
 from rayad.metrics.bootstrap import N_BOOT, auroc_ci, bootstrap_ci, pixel_auroc_ci
@@ -13,7 +14,6 @@ from rayad.metrics.f1 import f1_max, precision_recall_curve
 __all__ = ["METRIC_NAMES", "aupro", "auroc", "auroc_ci", "bootstrap_ci", "compute_metrics", "f1_max", "pixel_auroc_ci",
            "pixel_curves", "precision_recall_curve", "roc_curve"]
 
-METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 CURVE_POINTS = 400  # stored curves keep at most this many of their exact points
 
 

@@ -61,8 +61,7 @@ def private_haproxy_state() -> dict[str, str]:
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state"}
 
 
-def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_PORT, proxy_location: str = "HeadOnly"
-          ) -> str:
+def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_PORT) -> str:
     """Deploy the application on the connected Ray cluster, serving HTTP on host:port, or where the cluster's
     Serve already listens; returns that URL. One HTTP proxy, on the head node, by default (`serve deploy
     serve/config.yaml` runs one per node)."""
@@ -76,7 +75,7 @@ def start(settings: ServeSettings, host: str = LOCAL_HOST, port: int = SERVE_POR
                          f"that one first (if its process is gone, serve.delete({APP_NAME!r}) on the cluster removes "
                          "it), or serve on another cluster")
     try:
-        serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
+        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
     except RuntimeError as e:  # the proxy of a cluster's head node, where this process cannot check the port
         if "Failed to bind" not in str(e):
             raise

@@ -3,7 +3,7 @@
     client --HTTP--> Api (FastAPI: auth, size limits, decoding, JSON errors)
                       --handle, multiplexed_model_id=<model>--> Scorer (LRU of Predictors, @serve.batch)
 
-Images are decoded with `load_image` and scored with `Predictor.score`, exactly as `rayad predict` and
+Images are decoded with `load_image` and scored with `Predictor.predict_arrays`, exactly as `rayad predict` and
 `rayad evaluate` do, so a served score equals theirs for the same file.
 """
 

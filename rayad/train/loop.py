@@ -59,6 +59,7 @@ from rayad.layout import (
     ray_storage,
     refuse_other_kinds,
     same_storage,
+    write_json,
     writing,
 )
 from rayad.models.loss import reconstruction_loss
@@ -552,7 +553,7 @@ def begin_run_files(out_dir: Path, resumed: int | None, manifest: pa.Table, stor
     up to its checkpoint. Returns the last report kept."""
     save_manifest(manifest, out_dir / MANIFEST)
     if distributed:
-        atomic_write(out_dir / WORKERS_RUN, lambda tmp: tmp.write_text(json.dumps({"storage": storage})))
+        write_json(out_dir / WORKERS_RUN, {"storage": storage})
     else:  # of a --workers run stopped before its first checkpoint
         (out_dir / WORKERS_RUN).unlink(missing_ok=True)
     if resumed is None:

@@ -38,7 +38,7 @@ from rayad.cluster import Cluster, autoscaled, check_resources, check_shared_pat
 from rayad.config import Config, load_config
 from rayad.data.manifest import build_manifest, load_manifest, same_images, save_manifest
 from rayad.errors import ConfigError, Interrupted, RayadError, sigint_restored
-from rayad.evaluate import evaluate
+from rayad.evaluate import evaluate, format_metric
 from rayad.layout import (
     BEST,
     CHECKPOINTS,
@@ -48,6 +48,7 @@ from rayad.layout import (
     MANIFEST,
     METADATA,
     METRIC_NAMES,
+    PARAM_PREFIX,
     PIXEL_METRICS,
     STUDY,
     TEST_METRICS,
@@ -62,6 +63,8 @@ from rayad.layout import (
     ray_storage,
     refuse_other_kinds,
     storage_path,
+    trial_params,
+    write_json,
     writing,
 )
 from rayad.precision import driver_device
@@ -71,14 +74,13 @@ from rayad.train.checkpoint import load_checkpoint
 from rayad.train.loop import LoopConfig, load_train_data
 from rayad.train.ray_train import build_trainer, check_buildable_on, worker_error
 from rayad.tune.space import SearchSpace, load_space
-from rayad.tune.store import ResultsStore, mark_interrupted, read_rows, trial_run_name, write_json
+from rayad.tune.store import ResultsStore, mark_interrupted, read_rows, trial_run_name
 from rayad.validation import load_validation
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "val_image_auroc"
 REPORT_EVERY = "train.log_every"  # a search's trials report at every checkpoint, with the validation metrics
-MAX_SEARCH_SEED = 2**32 - 1
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # rayad prints one line per trial instead
 
 
@@ -101,23 +103,6 @@ def plan_search(settings: SearchSettings, experiment: str | None = None) -> Plan
     s = settings
     if s.mlflow:
         check_tracking_uri(s.mlflow, experiment)
-    for name, ok, need in [
-        ("trials", s.trials >= 1, ">= 1"),
-        ("workers_per_trial", s.workers_per_trial >= 1, ">= 1"),
-        ("cpus_per_worker", s.cpus_per_worker > 0, "> 0"),
-        ("gpus_per_worker", s.gpus_per_worker >= 0, ">= 0"),
-        ("startup_trials", s.startup_trials is None or s.startup_trials >= 1, ">= 1"),
-        ("concurrent", s.concurrent is None or s.concurrent >= 1, ">= 1"),
-        ("grace_period", s.grace_period >= 1, ">= 1"),
-        ("reduction_factor", s.reduction_factor >= 2, ">= 2"),
-        ("max_failures", s.max_failures >= 0, ">= 0"),
-        ("search_seed", 0 <= s.search_seed <= MAX_SEARCH_SEED, f"from 0 to {MAX_SEARCH_SEED}"),  # Optuna's range
-    ]:
-        if not ok:
-            flag = "" if name == "reduction_factor" else f" (--{name.replace('_', '-')})"  # no flag sets it
-            raise ConfigError(f"search setting {name} = {getattr(s, name)!r}{flag}: must be {need}")
-    if s.scheduler not in ("asha", "fifo"):
-        raise ConfigError(f"scheduler {s.scheduler!r}: use asha or fifo")
     space = load_space(s.space, load_config(s.config_file))
     searched = sorted(set(s.overrides) & {p.key for p in space.searched})
     if searched:
@@ -433,7 +418,7 @@ def _finish(plan: Plan, exp_dir: Path, experiment: dict[str, Any], rows: list[di
     test = export_best(plan, best, exp_dir / BEST)
     experiment.update(status="finished", finished_at=time.time(), trials=_count_statuses(rows), best={
         "trial_id": best["trial_id"], "validation": {plan.metrics[0]: best["best_value"]},
-        "step": best["best_step"], "params": {k: v for k, v in best.items() if k.startswith("config/")},
+        "step": best["best_step"], "params": {k: v for k, v in best.items() if k.startswith(PARAM_PREFIX)},
         "test": {k: test[k] for k in METRIC_NAMES}})
     write_json(exp_dir / EXPERIMENT, experiment)
     if plan.settings.mlflow:
@@ -452,13 +437,10 @@ def format_experiment(experiment: dict[str, Any]) -> str:
     lines = [f"experiment {experiment['name']} ({experiment['category']}): "
              + ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in counts.items() if n),
              f"best trial {best['trial_id']}: {metric} {value:.4f} at step {best['step']}"]
-    lines += [f"  {key.removeprefix('config/')} = {v}" for key, v in best["params"].items() if v is not None]
-    lines.append("test split, once: " + "  ".join(f"{k} {_fmt(v)}" for k, v in best["test"].items()))
+    lines += [f"  {key} = {v}" for key, v in trial_params(best["params"]).items() if v is not None]
+    lines.append("test split, once: " + "  ".join(f"{k} {format_metric(v)}" for k, v in best["test"].items()))
     return "\n".join(lines)
 
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 def export_best(plan: Plan, row: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -87,7 +87,6 @@ class SearchSpace:
     params: tuple[Param, ...]
     metric: str | None = None
     mode: str | None = None
-    description: str = ""
     source: str = "space"
 
     @property
@@ -223,7 +222,7 @@ def parse_space(raw: Any, base: Config, source: str = "space") -> SearchSpace:
     for p in params:
         _check_values(p, fixed, source)
         _check_conditions(p, by_key, source)
-    return SearchSpace(tuple(params), raw.get("metric"), raw.get("mode"), str(raw.get("description", "")), source)
+    return SearchSpace(tuple(params), raw.get("metric"), raw.get("mode"), source=source)
 
 
 def _parse_param(key: str, spec: Any, base: Config, earlier: list[str], where: str) -> Param:

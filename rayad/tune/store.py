@@ -8,7 +8,6 @@ Ray Train's record when the trial resumes.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -20,7 +19,17 @@ import pyarrow.parquet as pq
 from ray.tune import Callback
 
 from rayad.errors import ArtifactError
-from rayad.layout import EVALUATION, HISTORY, PARAM_PREFIX, TRIAL_ENDED, TRIALS, VAL_METRICS, atomic_write, storage_path
+from rayad.layout import (
+    EVALUATION,
+    HISTORY,
+    PARAM_PREFIX,
+    TRIAL_ENDED,
+    TRIALS,
+    VAL_METRICS,
+    atomic_write,
+    storage_path,
+    trial_params,
+)
 from rayad.tracking import TrialRuns
 from rayad.train.checkpoint import delete_unrecorded, recorded_reports
 
@@ -46,7 +55,7 @@ class ResultsStore(Callback):
         row = self.trials.get(trial.trial_id) or self._new_row(trial)
         row["status"] = "running"
         self.trials[trial.trial_id] = row
-        self._track("started", trial.trial_id, _params(row))
+        self._track("started", trial.trial_id, trial_params(row))
         self._recover(trial)
         self._write_trials()
 
@@ -106,20 +115,23 @@ class ResultsStore(Callback):
                        checkpoint_path=self._checkpoint_uri(trial.trial_id, result.get("checkpoint_path")))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
-        self._ended(trial)
-        row["status"] = "completed" if (row["iterations"] or 0) >= self.max_iterations else "stopped_early"
-        row["ended_at"] = time.time()
-        self._write_trials()
-        self._track("ended", trial.trial_id, row["status"], _params(row))
-        self._print_progress(row)
+        self._end(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._end(trial, error=_error_message(trial))
+
+    def _end(self, trial, error: str | None = None) -> None:
+        """Record a trial's end in its row (status, error), the files, its MLflow run and the progress line; a
+        trial ended without an error completed, or ASHA stopped it early, by the evaluations it made."""
         row = self.trials.setdefault(trial.trial_id, self._new_row(trial))
-        self._ended(trial)
-        row.update(status="error", error=_error_message(trial), ended_at=time.time())
+        self._ended(trial)  # recovers lost evaluations first
+        if error is not None:
+            row.update(status="error", error=error)
+        else:
+            row["status"] = "completed" if (row["iterations"] or 0) >= self.max_iterations else "stopped_early"
+        row["ended_at"] = time.time()
         self._write_trials()
-        self._track("ended", trial.trial_id, row["status"], _params(row))
+        self._track("ended", trial.trial_id, row["status"], trial_params(row))
         self._print_progress(row)
 
     def _track(self, event: str, *args) -> None:
@@ -168,10 +180,6 @@ class ResultsStore(Callback):
         write_rows(list(self.trials.values()), self.exp_dir / TRIALS)
 
 
-def _params(row: dict[str, Any]) -> dict[str, Any]:
-    return {k.removeprefix(PARAM_PREFIX): v for k, v in row.items() if k.startswith(PARAM_PREFIX)}
-
-
 def mark_interrupted(exp_dir: Path, tracker: TrialRuns | None = None) -> None:
     """Mark the trials that a stopped search left running `interrupted` in trials.parquet and end their MLflow runs
     as KILLED; a resumed search sets them running again as Ray Tune restarts them. The search calls this, not a
@@ -190,7 +198,7 @@ def mark_interrupted(exp_dir: Path, tracker: TrialRuns | None = None) -> None:
         return
     try:
         for row in left:
-            tracker.ended(row["trial_id"], "interrupted", _params(row))
+            tracker.ended(row["trial_id"], "interrupted", trial_params(row))
     except Exception as e:  # noqa: BLE001 - MLflow raises its own and its stores' errors
         log.warning("MLflow (--mlflow) failed (%s: %s); the runs of the stopped trials stay RUNNING there",
                     type(e).__name__, e)
@@ -230,7 +238,3 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))

@@ -463,3 +463,10 @@ def test_a_benchmark_script_logs_the_whole_list_it_has_no_v_for(capsys, caplog, 
     assert stop.value.code == 2 and "b.png: not an image" in caplog.text  # at ERROR: a script has no -v
     assert capsys.readouterr().err == ("ablation.py: error: 2 bad image(s) — a.png: not an image (+1 more: listed "
                                        "above)\n")
+
+
+def test_the_command_line_starts_without_the_metrics_or_torch():
+    """Every command imports rayad.cli first: scipy (through rayad.metrics) and torch took over half a second."""
+    code = ("import sys, rayad.cli; heavy = [m for m in ('rayad.metrics', 'scipy', 'torch') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)

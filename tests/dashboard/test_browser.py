@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import free_port
 
 from rayad.artifact import Predictor
 
@@ -33,12 +33,6 @@ def chromium() -> str:
             pytest.fail("chromium is not installed (.ci/run installs Debian's chromium package)")
         pytest.skip("needs Debian's chromium: apt-get install chromium")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

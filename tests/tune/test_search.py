@@ -321,7 +321,7 @@ def test_a_search_never_overwrites_or_merges_with_an_experiment_and_damage_is_na
         # its manifest was replaced, and serve found the run's model, not the search's best
         (new[:-1] + [str(exp / "best")], f"{exp / 'best'} holds a model (model.json); give the search a new folder"),
         (new[:-1] + [str(tmp_path / "other"), "--cpus-per-worker", "0.00001"],  # Ray's error, after it began
-         "cpus_per_worker = 1e-05 (--cpus-per-worker): Ray counts resources to 4 decimal places"),
+         "cpus_per_worker = 1e-05 (--cpus-per-worker): must be a count to 4 decimal places (Ray's)"),
         (["tune", "--out", str(exp), "--resume", "--trials", "5", "--set", "train.lr=0.5"],  # silently ignored
          "--trials, --set with --resume: a search resumes as it began"),
         (["tune", "--out", str(other_space), "--resume"], f"{other_space}: its space changed since the search began "

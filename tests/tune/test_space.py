@@ -209,11 +209,11 @@ def test_a_search_the_trials_could_not_run_as_asked_is_refused_before_it_starts(
     space, config = tmp_path / "space.yaml", tmp_path / "config.yaml"
     space.write_text(tiny_space.read_text() + ("  train.log_every: 2\n" if where == "space" else ""))
     config.write_text("train:\n  lr: 0.05\n")
-    settings = SearchSettings(data_root="d", category="c", space=str(space), search_seed=-1 if where == "seed" else 0,
-                              overrides={"train.log_every": 2} if where == "--set" else {},
-                              config_file=str(config) if where == "config" else None)
     with pytest.raises(ConfigError) as error:
-        plan_search(settings)
+        plan_search(SearchSettings(data_root="d", category="c", space=str(space),
+                                   search_seed=-1 if where == "seed" else 0,
+                                   overrides={"train.log_every": 2} if where == "--set" else {},
+                                   config_file=str(config) if where == "config" else None))
     assert message.replace("SPACE", str(space)).replace("CONFIG", str(config)) in str(error.value)
 
 
