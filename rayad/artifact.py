@@ -67,7 +67,8 @@ def load_model(run_dir: str | Path) -> tuple[AnomalyModel, Config, dict[str, Any
         config = Config.from_dict(metadata["config"], str(meta_path))
     except ConfigError as e:
         raise ArtifactError(str(e)) from None
-    model = build_anomaly_model(config)
+    # every weight is in the artifact: a timm encoder's pretrained file, read again, might have moved
+    model = build_anomaly_model(config.replace({"model.pretrained_file": None}, str(meta_path)))
     format_1 = metadata["format"] == FORMAT_1
     state = read_weights(weights, {k: v for k, v in model.state_dict().items()
                                    if not (format_1 and k == "pixel_threshold")})

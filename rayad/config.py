@@ -21,6 +21,7 @@ from rayad.data.images import MAX_IMAGE_PIXELS, PILLOW_MAX_PIXELS
 from rayad.errors import ConfigError
 
 MAX_SEED = 2**32 - 1  # the largest seed numpy's generators take
+MAX_WIDTH = 4096  # channels of an encoder level
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,12 @@ class ModelConfig:
     pretrained_file: str | None = None  # timm encoders only: a local weights file, never a download
 
     def __post_init__(self):
-        if not self.widths or min(self.widths) < 1:
-            raise ConfigError(f"model.widths: needs positive widths, got {self.widths}")
+        if not self.widths or min(self.widths) < 1 or max(self.widths) > MAX_WIDTH:
+            raise ConfigError(f"model.widths: needs widths from 1 to {MAX_WIDTH}, got {self.widths}")
+        if self.name == "sdc_ae":  # SDC-AE is the network without skips: say so in what is saved
+            object.__setattr__(self, "skip", "none")
+        if self.pretrained_file:  # read where the run, a trial or a Ray worker runs, maybe in another folder
+            object.__setattr__(self, "pretrained_file", str(Path(self.pretrained_file).absolute()))
         if min(self.dilations, default=1) < 1:
             raise ConfigError(f"model.dilations: must be >= 1, got {self.dilations}")
         if self.in_chans != 3:
@@ -147,6 +152,11 @@ class TrainConfig:
         _check_range("train.w_corrupt", self.w_corrupt, 0.0, 100.0)
         _check_range("train.w_clean", self.w_clean, 0.0, 100.0)
         _check_range("train.seed", self.seed, 0, MAX_SEED)
+        if self.lr == 0:
+            raise ConfigError("train.lr = 0: the network would never change; give a learning rate > 0")
+        if self.w_corrupt == self.w_clean == self.ssim_weight == 0:
+            raise ConfigError("train.w_corrupt, train.w_clean and train.ssim_weight are all 0: the loss would be 0; "
+                              "give one of them a weight")
         if self.num_threads is not None:
             _check_range("train.num_threads", self.num_threads, 1, 4096)
 

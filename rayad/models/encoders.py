@@ -40,15 +40,25 @@ class TimmEncoder(nn.Module):
         if name not in timm.list_models():
             raise ConfigError(f"model.encoder = {name!r} is neither 'sdc' nor a timm model name "
                               "(see timm.list_models())")
-        overlay = {"file": pretrained_file} if pretrained_file else None
+        def create(weights: str | None) -> nn.Module:
+            return timm.create_model(name, features_only=True, out_indices=tuple(range(depth)), in_chans=in_chans,
+                                     pretrained=bool(weights),
+                                     pretrained_cfg_overlay={"file": weights} if weights else None)
+
         try:
-            self.body = timm.create_model(name, features_only=True, out_indices=tuple(range(depth)),
-                                          in_chans=in_chans, pretrained=bool(pretrained_file),
-                                          pretrained_cfg_overlay=overlay)
+            self.body = create(None)
         except (IndexError, AssertionError, RuntimeError) as e:
             raise ConfigError(f"model.encoder = {name!r}: cannot build {depth} feature levels ({e})") from None
+        if pretrained_file:
+            try:
+                self.body = create(pretrained_file)
+            except Exception as e:  # noqa: BLE001 - torch's and timm's loaders raise anything on a file of no weights
+                raise ConfigError(f"model.pretrained_file: {pretrained_file} is not a weights file for {name} "
+                                  f"({type(e).__name__}: {e})") from None
         self.channels = self.body.feature_info.channels()
         self.reductions = self.body.feature_info.reduction()
+        self.channels_last_features = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")  # e.g. Swin
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.body(x)
+        features = self.body(x)
+        return [f.permute(0, 3, 1, 2) for f in features] if self.channels_last_features else features

@@ -42,7 +42,7 @@ def make_act(name: str) -> nn.Module:
 class ConvNormAct(nn.Sequential):
     """3x3 conv, norm, activation. In eval mode a batch norm is folded into the conv, and a ReLU fused into it
     where oneDNN can (`conv_relu`): one pass over the activations instead of three (docs/design.md,
-    "Precision")."""
+    "Precision"). Without autograd the folded weights are kept until a weight or statistic changes."""
 
     def __init__(self, cin: int, cout: int, norm: str, act: str, stride: int = 1, dilation: int = 1):
         super().__init__(
@@ -55,14 +55,32 @@ class ConvNormAct(nn.Sequential):
         conv, norm, act = self
         if self.training or not isinstance(norm, nn.BatchNorm2d):
             return act(norm(conv(x)))
+        weight, bias = self.folded(compute_dtype(x))
+        if isinstance(act, nn.ReLU) and fusable(x):
+            return conv_relu(conv, x, weight, bias)
+        return act(conv._conv_forward(x, weight, bias))
+
+    def folded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv's weight and bias with the batch norm's statistics and affine folded in, in `dtype`; kept while
+        none of the tensors they come from changes (an optimiser step, load_state_dict, `.to`), except where
+        autograd or a trace (exports, torch.compile) records the call."""
+        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self._fold(dtype)
+        conv, norm, _ = self
+        sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        key = (dtype, *((t._version, t.data_ptr()) for t in sources if t is not None))
+        cached = getattr(self, "_folded", None)
+        if cached is None or cached[0] != key:
+            self._folded = cached = key, self._fold(dtype)
+        return cached[1]
+
+    def _fold(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        conv, norm, _ = self
         scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
         bias = norm.bias - norm.running_mean * scale
         if conv.bias is not None:
             bias = bias + conv.bias * scale
-        weight = conv.weight * scale.view(-1, 1, 1, 1)
-        if isinstance(act, nn.ReLU) and fusable(x):
-            return conv_relu(conv, x, weight, bias)
-        return act(conv._conv_forward(x, weight, bias))
+        return (conv.weight * scale.view(-1, 1, 1, 1)).to(dtype), bias.to(dtype)
 
 
 def fusable(x: torch.Tensor) -> bool:

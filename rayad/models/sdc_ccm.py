@@ -62,5 +62,5 @@ def sdc_ccm(cfg: ModelConfig) -> SDCCCM:
 
 @register_model("sdc_ae")
 def sdc_ae(cfg: ModelConfig) -> SDCCCM:
-    """SDC-AE: the same network without skip connections."""
-    return SDCCCM(ModelConfig(**{**cfg.__dict__, "skip": "none"}))
+    """SDC-AE: the same network without skip connections (its config says model.skip = none)."""
+    return SDCCCM(cfg)

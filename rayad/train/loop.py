@@ -42,7 +42,7 @@ from rayad.data.manifest import (
     save_manifest,
     split_rows,
 )
-from rayad.errors import Interrupted, RayadError
+from rayad.errors import ConfigError, Interrupted, RayadError
 from rayad.layout import (
     CHECKPOINTS,
     EVALUATION,
@@ -441,12 +441,32 @@ def check_buildable(cfg: Config, device: torch.device | str, scoring_device: tor
     CUDA, a C++ compiler for scoring.compile), checked before the run writes its first file. The model trains on
     `device` and is calibrated on `scoring_device` (default: the same)."""
     scoring_device = scoring_device or device
-    build_anomaly_model(cfg)
+    if cfg.model.pretrained_file and cfg.model.encoder == "sdc":
+        raise ConfigError("model.pretrained_file: only a timm model.encoder reads one; the sdc encoder trains from "
+                          "scratch")
+    network = build_anomaly_model(cfg).network
+    if cfg.model.encoder != "sdc":
+        check_runs_at_size(network, cfg)
     Corruptor(cfg.corruption)
     check_precision(cfg.train.precision, device)
     check_precision(cfg.scoring.precision, scoring_device)
     if cfg.scoring.compile:
         require_cpp_compiler(scoring_device)
+
+
+def check_runs_at_size(network: torch.nn.Module, cfg: Config) -> None:
+    """A timm encoder may take only the input size it was made for (vision transformers): one image at
+    data.image_size through the network tells."""
+    size = cfg.data.image_size
+    try:
+        with torch.no_grad():
+            network.eval()(torch.zeros(1, cfg.model.in_chans, size, size))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - what timm's models raise for a size they do not take varies
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.encoder = {cfg.model.encoder!r} does not run at data.image_size = {size} "
+                          f"({reason}); pick another encoder or size") from None
 
 
 def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, resume: bool = False,

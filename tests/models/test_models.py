@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -258,3 +259,101 @@ def test_deterministic_blur_pads_as_torch_does(deterministic_algorithms):
     (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
     assert torch.equal(got, expected)
     torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=0)
+
+
+def test_a_timm_encoder_that_gives_channels_last_features_feeds_the_decoder_channels_first():
+    """Swin's features come NHWC from timm; the decoder's convolutions take NCHW."""
+    model = create_model(ModelConfig(encoder="swin_tiny_patch4_window7_224", widths=(1, 1))).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 224, 224)).shape == (1, 3, 224, 224)
+
+
+@pytest.mark.parametrize(("encoder", "size", "needle"), [
+    ("vit_tiny_patch16_224", 32, "model.encoder = 'vit_tiny_patch16_224' does not run at data.image_size = 32"),
+    ("resnet18", 32, None),
+])
+def test_an_encoder_that_does_not_take_the_image_size_is_refused_before_the_run_writes(encoder, size, needle):
+    from rayad.train.loop import check_buildable
+
+    cfg = load_config(overrides={"model.encoder": encoder, "model.widths": [1, 1], "data.image_size": size})
+    if needle is None:
+        check_buildable(cfg, "cpu")
+        return
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        check_buildable(cfg, "cpu")
+
+
+def test_a_pretrained_file_that_holds_no_weights_is_named(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_text("hello")
+    with pytest.raises(ConfigError, match=f"model.pretrained_file: {re.escape(str(junk))} is not a weights file"):
+        create_model(ModelConfig(encoder="resnet18", widths=(1, 1), pretrained_file=str(junk)))
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"model.widths": [8, 200000]}, "model.widths: needs widths from 1 to 4096"),
+    ({"train.lr": 0}, "train.lr = 0: the network would never change"),
+    ({"train.w_corrupt": 0, "train.w_clean": 0}, "the loss would be 0"),
+])
+def test_values_that_would_train_nothing_or_exhaust_memory_are_refused(overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(overrides=overrides)
+
+
+def test_sdc_ae_records_the_skip_it_builds_and_the_sdc_encoder_refuses_a_pretrained_file(tmp_path):
+    from rayad.train.loop import check_buildable
+
+    assert load_config(overrides={"model.name": "sdc_ae", "model.skip": "add"}).model.skip == "none"
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    cfg = load_config(overrides={"model.pretrained_file": str(weights)})
+    with pytest.raises(ConfigError, match="only a timm model.encoder reads one"):
+        check_buildable(cfg, "cpu")
+
+
+def test_a_relative_pretrained_file_is_kept_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ModelConfig(encoder="resnet18", pretrained_file="w/r.safetensors").pretrained_file == str(
+        tmp_path / "w" / "r.safetensors")
+
+
+def test_a_model_trained_from_a_pretrained_file_loads_without_it(tmp_path, demo_root, monkeypatch):
+    """Its artifact holds every weight: the file it began from may be gone, or relative to another folder."""
+    import timm
+    from safetensors.torch import save_file
+    from tiny import TINY
+
+    from rayad.artifact import Predictor
+    from rayad.train import fit
+
+    weights = tmp_path / "weights" / "resnet18.safetensors"
+    weights.parent.mkdir()
+    save_file(timm.create_model("resnet18").state_dict(), str(weights))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(overrides={**TINY, "train.steps": 2, "model.encoder": "resnet18", "model.widths": [1, 1],
+                                 "model.pretrained_file": "weights/resnet18.safetensors"})
+    run = fit(cfg, demo_root, "brick", tmp_path / "run", progress=False)
+    before = Predictor.load(run).predict_files([demo_root / "brick" / "test" / "good" / "000.png"])[0].scores
+    weights.unlink()
+    monkeypatch.chdir(run)
+    after = Predictor.load(run).predict_files([demo_root / "brick" / "test" / "good" / "000.png"])[0].scores
+    assert before.tolist() == after.tolist()
+
+
+def test_folded_weights_are_kept_until_a_weight_or_statistic_changes():
+    torch.manual_seed(0)
+    block = ConvNormAct(4, 6, "batch", "relu").eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        first = block(x)
+        kept = block.folded(torch.float32)[0]
+        assert block.folded(torch.float32)[0] is kept and torch.equal(block(x), first)
+        block[1].running_var.mul_(4.0)  # a statistic changed in place: folded again
+        assert block.folded(torch.float32)[0] is not kept
+        assert torch.allclose(block(x), block[2](block[1](block[0](x))), atol=1e-6)
+    block.load_state_dict(ConvNormAct(4, 6, "batch", "relu").state_dict())
+    with torch.no_grad():
+        assert torch.allclose(block(x), block[2](block[1](block[0](x))), atol=1e-6)
+    out = block(x)  # with autograd: nothing kept, gradients reach the conv
+    out.sum().backward()
+    assert block[0].weight.grad is not None
