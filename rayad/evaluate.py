@@ -30,7 +30,8 @@ def evaluate(predictor: Predictor | str | Path, data_root: str | Path, category:
     trained_on = trained_category(predictor.metadata)
     if trained_on not in (None, category):
         log.warning("the model was trained on %s and is evaluated on %s", trained_on, category)
-    test = load_split(manifest, "test", predictor.image_size, data.on_bad_image, data.max_pixels,
+    # "error" whatever the model trained with: a test split that dropped images would score another test
+    test = load_split(manifest, "test", predictor.image_size, "error", data.max_pixels,
                       skip_hint="every test image is scored: fix or remove them")
     if len(test.images) == 0:
         raise DataError(f"{data_root}/{category}: the test split is empty")

@@ -139,6 +139,11 @@ def as_begun(requested: str, recorded: str | None, device: torch.device) -> Choi
     return Choice(recorded, "as the run began (auto chose it then)")
 
 
+# bf16 is chosen only when it takes at most this share of fp32's time: where the two are near a tie, probes
+# (a new cache, another node's) would pick either, and runs of the same seed would train in different precisions
+BF16_MARGIN = 0.9
+
+
 def resolve(requested: str, device: torch.device | str, probe: Callable[[], dict[str, float]],
             cpu_flags: frozenset[str] | None = None, cuda_native: bool | None = None) -> Choice:
     """The precision to run `requested` (auto | fp32 | bf16 | fp16) in on `device`. `probe` returns the
@@ -153,7 +158,7 @@ def resolve(requested: str, device: torch.device | str, probe: Callable[[], dict
     elif not native("bf16", device, cpu_flags):
         return Choice("fp32", f"CPU without bf16 units ({' / '.join(CPU_BF16_FLAGS)})")
     seconds = probe()
-    faster = seconds["bf16"] < seconds["fp32"]
+    faster = seconds["bf16"] <= BF16_MARGIN * seconds["fp32"]
     where = "GPU" if device.type == "cuda" else "CPU"
     timings = f"bf16 {seconds['bf16'] * 1e3:.1f} ms, fp32 {seconds['fp32'] * 1e3:.1f} ms a step"
     return Choice("bf16" if faster else "fp32", f"probe on this {where}: {timings}")

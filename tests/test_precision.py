@@ -31,7 +31,8 @@ def test_cpu_without_bf16_units_stays_fp32_without_probing():
 
 
 @pytest.mark.parametrize("seconds, expected", [({"fp32": 0.03, "bf16": 0.01}, "bf16"),
-                                               ({"fp32": 0.01, "bf16": 0.03}, "fp32")])
+                                               ({"fp32": 0.01, "bf16": 0.03}, "fp32"),
+                                               ({"fp32": 0.0100, "bf16": 0.0095}, "fp32")])  # a near-tie: fp32
 def test_cpu_with_bf16_units_follows_the_probe(seconds, expected):
     choice = resolve("auto", "cpu", lambda: seconds, cpu_flags=BF16_CPU)
     assert choice.precision == expected and "probe on this CPU" in choice.reason

@@ -121,3 +121,16 @@ def test_settings_built_in_python_are_checked_as_the_command_line_checks_them(ma
     """The Python API's Cluster and SearchSettings refuse what the CLI refuses, when they are built."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         make()
+
+
+def test_evaluate_scores_every_test_image_whatever_the_model_skipped_in_training(trained_run, demo_root, tmp_path):
+    """data.on_bad_image=skip is for training data: a test split that dropped an image would be another test."""
+    import shutil
+
+    from rayad.config import DataConfig
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_root / "brick", root / "brick")
+    (root / "brick" / "test" / "good" / "000.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="every test image is scored"):
+        evaluate(trained_run, root, "brick", data=DataConfig(image_size=32, on_bad_image="skip"))

@@ -103,12 +103,26 @@ def load_mask(path: str | Path, size: int, expected_hw: tuple[int, int] | None =
     if image.mode == "P":  # palette indices, not their colours: a dark defect colour is still a defect
         image = Image.fromarray(np.asarray(image))
     if image.mode in ("RGB", "RGBA", "RGBX"):  # any colour channel not 0: grayscale rounds (1, 0, 0) to 0
-        return _resized_mask(np.asarray(image)[..., :3].any(axis=-1), size)
+        mask = np.asarray(image)[..., :3].any(axis=-1)
+        if not mask.any() and _sixteen_bit_colour_png(path, image):
+            raise DataError(f"{path}: a 16-bit colour PNG, which Pillow reads by its high bytes only: a mask of "
+                            "values under 256 (0/1) reads as empty; store it as grayscale")
+        return _resized_mask(mask, size)
     try:
         mask = np.asarray(image.convert("L")) > 0
     except ValueError as e:  # a mode Pillow cannot bring to grayscale (LAB)
         raise DataError(f"{path}: a {image.mode} image, which has no grayscale for a mask ({e})") from None
     return _resized_mask(mask, size)
+
+
+def _sixteen_bit_colour_png(path: str | Path, image: Image.Image) -> bool:
+    """A PNG of 16-bit RGB(A) or grey + alpha samples, which Pillow opens as 8-bit RGB(A): its header (IHDR's bit
+    depth and colour type, bytes 24 and 25) says so."""
+    if image.format != "PNG" or image.mode not in ("RGB", "RGBA"):
+        return False
+    with open(path, "rb") as f:
+        header = f.read(26)
+    return len(header) == 26 and header[24] == 16 and header[25] in (2, 4, 6)
 
 
 def _resized_mask(mask: np.ndarray, size: int) -> np.ndarray:

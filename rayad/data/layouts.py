@@ -82,6 +82,8 @@ def read_visa(root: Path, category: str, cfg: DataConfig) -> list[Row]:
         if r["split"] == "train" and r["label"].strip().lower() == "anomaly":
             raise DataError(f"{split_csv}, line {line}: an anomaly in split train; rayad trains on normal images "
                             "only (put it in split test)")
+        if not r["image"].strip():  # else the row names the dataset's root, read as an image
+            raise DataError(f"{split_csv}, line {line}: no image path")
         if first_line.setdefault(r["image"], line) != line:  # trained on twice, or scored as well as trained on
             raise DataError(f"{split_csv}, line {line}: image {r['image']} is listed on line {first_line[r['image']]} "
                             "too; list each image once")

@@ -491,7 +491,7 @@ def fit(cfg: Config, data_root: str | Path, category: str, out_dir: str | Path, 
             network, metrics = train_loop(loop, session)
             # a run stopped between its last checkpoint and its model resumes without a step: its loss is the log's
             final_loss = metrics["loss"] if metrics["loss"] is not None else (logged or {}).get("loss")
-            info = {"category": category, "steps": cfg.train.steps, "final_loss": final_loss,
+            info = {"category": category, "steps": cfg.train.steps, "final_loss": final_loss, "threads": loop.threads,
                     **{k: metrics.get(k) for k in ("seconds_to_first_step", "images_per_s", "precision",
                                                    "precision_reason")}}
             return calibrate_and_save(network, cfg, data.val, out_dir, session.device, info)

@@ -209,7 +209,7 @@ def _fit_distributed(cfg: Config, data_root: str | Path, category: str, out_dir:
         meta = load_checkpoint(directory, network)
     # resumed at its last step (stopped before its model), the run trains no step: its metrics are the last report's
     started_at = resumed if resumed == meta["step"] else result.metrics.get("start_step")
-    info = {"category": category, "steps": meta["step"], "workers": cluster.workers,
+    info = {"category": category, "steps": meta["step"], "workers": cluster.workers, "threads": cluster.worker_threads,
             "nodes": result.metrics.get("nodes"), "images_per_s": result.metrics.get("images_per_s"),
             "seconds_to_first_step": result.metrics.get("seconds_to_first_step"),
             "final_loss": result.metrics.get("loss"), "resumed_from_step": started_at,

@@ -454,7 +454,8 @@ def export_best(plan: Plan, row: dict[str, Any], out: Path) -> dict[str, Any]:
         load_checkpoint(directory, network)
     data = load_train_data(cfg, s.data_root, s.category)
     info = {"category": s.category, "steps": state["step"], "search_trial": row["trial_id"],
-            "validation": {plan.metrics[0]: row["best_value"]}}
+            "validation": {plan.metrics[0]: row["best_value"]}, "threads": plan.cluster.worker_threads,
+            "precision": state.get("precision"), "precision_reason": "as the trial trained (its checkpoint)"}
     device = driver_device(plan.cluster.use_gpu)  # calibrated and evaluated on one device
     calibrate_and_save(network, cfg, data.val, out, device, info)
     metrics = evaluate(Predictor.load(out, device=str(device)), s.data_root, s.category)

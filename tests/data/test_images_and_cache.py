@@ -391,3 +391,14 @@ def test_only_the_formats_rayad_reads_are_decoded(kind):
         return
     with pytest.raises(DataError, match=r"^<bytes>: not a readable image \(rayad reads PNG, JPEG, BMP, TIFF and "):
         load_image(buffer.getvalue(), 16)
+
+
+def test_a_16_bit_colour_mask_that_reads_empty_is_named_and_one_of_high_values_reads(tmp_path):
+    """Pillow keeps a 16-bit colour PNG's high bytes: a 0/1 mask stored so would count no defect pixel."""
+    pixels = np.zeros((8, 8, 3), np.uint16)
+    pixels[2:5, 2:5] = 1
+    (tmp_path / "low.png").write_bytes(_png16_rgb(pixels))
+    with pytest.raises(DataError, match="low.png: a 16-bit colour PNG, which Pillow reads by its high bytes only"):
+        load_mask(tmp_path / "low.png", 8)
+    (tmp_path / "high.png").write_bytes(_png16_rgb(pixels * 65535))
+    assert load_mask(tmp_path / "high.png", 8).sum() == 9

@@ -300,6 +300,7 @@ def test_error_visa_unknown_object(tmp_path):
     # these were read: an anomaly trained on as good; an image trained on twice, or scored and trained on
     (lambda text: text.replace("test,anomaly,candle/Data/Images/Anomaly/004", "train,anomaly,candle/Data/Images/"
                                "Anomaly/004"), r"line 6: an anomaly in split train; rayad trains on normal images"),
+    (lambda text: text + "candle,test,normal, ,\n", "line 14: no image path"),  # it named the root, "not an image"
     (lambda text: text + "candle,test,normal,candle/Data/Images/Normal/000.JPG,\n",
      r"line 14: image candle/Data/Images/Normal/000.JPG is listed on line 2 too"),
     # the line, not the record: a blank line before it said line 6

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from rayad.config import TrainConfig
 from rayad.errors import ArtifactError, DataError, RayadError
+from rayad.settings import cpu_count
 from rayad.train import fit
 from rayad.train import loop as loop_module
 from rayad.train.loop import batch_indices, lr_at
@@ -45,6 +46,7 @@ def test_same_seed_same_weights(tmp_path, demo_root, tiny_config):
     logged = [s for s in range(1, tc.steps + 1) if s % tc.log_every == 0 or s % tc.checkpoint_every == 0]
     assert [h["step"] for h in history] == logged  # every log interval and every checkpoint
     assert all(h["world_size"] == 1 and h["loss"] > 0 for h in history)
+    assert json.loads((a / "model.json").read_text())["train"]["threads"] == cpu_count()  # the count used
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, demo_root, tiny_config, monkeypatch):

@@ -97,6 +97,10 @@ def test_best_model_is_the_best_trial_evaluated_once_on_test(tiny_experiment, de
     meta = json.loads((exp / "best" / "model.json").read_text())
     assert meta["train"]["validation"]["val_image_auroc"] == best["best_value"]
     assert meta["train"]["search_trial"] == best["trial_id"] == record["best"]["trial_id"]
+    assert meta["train"]["threads"] == 1  # a 1-CPU worker's
+    # the precision the trial trained in (its checkpoint's), as `rayad train` records it
+    assert meta["precision"]["train"]["precision"] in ("fp32", "bf16")
+    assert meta["precision"]["train"]["reason"] == "as the trial trained (its checkpoint)"
     written = json.loads((exp / "experiment.json").read_text())
     assert written["status"] == "finished" and written["objective"]["split"] == "validation"
     assert written["resources"] == {"concurrent_trials": 2, "per_trial": "1 worker(s) x 1 CPU"}
