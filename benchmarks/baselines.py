@@ -19,6 +19,7 @@ import numpy as np
 
 from rayad.baselines import SIZE, format_table, nearest_neighbour_metrics
 from rayad.cli import run_script
+from rayad.config import LAYOUTS
 from rayad.precision import cpu_summary
 
 
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="dataset root")
     parser.add_argument("--categories", help="comma-separated (default: every folder of ROOT)")
     parser.add_argument("--size", type=int, default=SIZE, help="side of the grayscale copies compared")
-    parser.add_argument("--layout", default="auto", choices=("auto", "mvtec", "mvtec2", "visa", "folder"))
+    parser.add_argument("--layout", default="auto", choices=LAYOUTS)
     parser.add_argument("--json", type=Path, help="also write the metrics here")
     args = parser.parse_args()
     start = time.perf_counter()

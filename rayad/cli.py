@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from rayad.config import LAYOUTS
 from rayad.data.images import IMAGE_SUFFIXES
 from rayad.errors import DataError, RayadError, stop_on_sigterm
 from rayad.layout import local_path, standard_stream, written_in_place
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="hyperparameter search (Ray Tune + Optuna + ASHA) into an experiment dir")
     tune.add_argument("--data", type=Path, help="dataset root")
     tune.add_argument("--category")
-    tune.add_argument("--layout", choices=["auto", "mvtec", "mvtec2", "visa", "folder"],
+    tune.add_argument("--layout", choices=LAYOUTS,
                       help="dataset layout (default: detected)")
     tune.add_argument("--space", help="search space YAML, or the name of one in tune_spaces/ "
                                       "(demo, quick, quality, paper, ablation)")
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="dataset root")
     p.add_argument("--category", required=True)
-    p.add_argument("--layout", choices=["auto", "mvtec", "mvtec2", "visa", "folder"],
+    p.add_argument("--layout", choices=LAYOUTS,
                    help="dataset layout (default: detected)")
 
 

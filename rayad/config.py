@@ -22,13 +22,16 @@ from rayad.errors import ConfigError
 
 MAX_SEED = 2**32 - 1  # the largest seed numpy's generators take
 MAX_WIDTH = 4096  # channels of an encoder level
+Layout = Literal["auto", "mvtec", "mvtec2", "visa", "folder"]  # a reader each in rayad.data.layouts, but auto
+LAYOUTS = typing.get_args(Layout)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # rayad.precision; fp16 on CUDA only
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where images come from and how they are prepared."""
 
-    layout: Literal["auto", "mvtec", "mvtec2", "visa", "folder"] = "auto"
+    layout: Layout = "auto"
     image_size: int = 128
     val_fraction: float = 0.1
     split_seed: int = 0
@@ -132,7 +135,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     log_every: int = 50
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # see rayad.precision; fp16 on CUDA only
+    precision: Precision = "auto"
     num_threads: int | None = None  # torch intra-op threads; None: the CPUs the process may run on
     deterministic: bool = False  # CUDA: deterministic kernels and no TF32 (repeatable runs, slower)
     w_corrupt: float = 1.0
@@ -170,7 +173,7 @@ class ScoringConfig:
     image_score: Literal["mean", "max", "topk"] = "mean"  # mean of the map (chosen on validation)
     topk: float = 0.01  # fraction of pixels averaged when image_score="topk"
     threshold_quantile: float = 0.99  # quantile of validation good scores
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # of the network's forward pass
+    precision: Precision = "auto"  # of the network's forward pass
     # Test-time mirror views: flips averages 4 reconstructions; auto picks flips at calibration when every
     # mirror view reconstructs the good validation images as well as the image (rayad.artifact.Predictor.resolve_tta).
     tta: Literal["auto", "flips", "none"] = "auto"

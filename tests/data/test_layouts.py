@@ -393,3 +393,10 @@ def test_a_mask_without_a_grayscale_is_one_error(tmp_path):
     Image.new("LAB", (8, 8)).save(tmp_path / "m.tif")
     with pytest.raises(DataError, match="m.tif: a LAB image, which has no grayscale for a mask"):
         load_mask(tmp_path / "m.tif", 8)
+
+
+def test_every_layout_the_config_names_has_a_reader():
+    from rayad.config import LAYOUTS
+    from rayad.data.layouts import READERS
+
+    assert {*READERS, "auto"} == set(LAYOUTS)
